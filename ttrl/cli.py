@@ -1,0 +1,82 @@
+"""Shared plumbing of the Hydra console scripts (`ttrl-train`, `ttrl-eval`).
+
+Hydra reports a bad override as a multi-line message with a stack-trace
+hint. Researchers mistype keys all day, so the scripts turn the usual
+config mistakes (unknown key, wrong type, unknown group choice, a failed
+`validate`) into one sentence that names the key, and exit with status 2.
+Anything else is a real bug and keeps its full traceback. This module must
+not import torch, ray, vllm or deepspeed: `--cfg job` must stay instant.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _suggest(err: BaseException, full_key: str) -> str:
+    """', did you mean rollout.n_votes?' when a close key exists."""
+    import difflib
+
+    parent = getattr(err, "parent_node", None) or getattr(err, "object_type", None)
+    keys: list[str] = []
+    if parent is not None and hasattr(parent, "keys"):
+        keys = [str(k) for k in parent.keys()]
+    elif isinstance(parent, type) and hasattr(parent, "__dataclass_fields__"):
+        keys = list(parent.__dataclass_fields__)
+    head, _, leaf = full_key.rpartition(".")
+    close = difflib.get_close_matches(leaf, keys, n=1)
+    return f"; did you mean {head + '.' if head else ''}{close[0]}?" if close else ""
+
+
+def _one_sentence(err: BaseException) -> str | None:
+    """The user-facing sentence for a config mistake, or None for other errors."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    from ttrl.config import ConfigError
+
+    if isinstance(err, ConfigError):
+        return f"config error: {err}"
+    # Hydra wraps the OmegaConf error of an override; the cause holds the key.
+    cause = err.__cause__ if isinstance(err, ConfigCompositionException) and err.__cause__ else err
+    if isinstance(err, MissingConfigException):
+        m = re.search(r"Could not find '([^']+)/([^']+)'", str(err))
+        options = getattr(err, "options", None) or []
+        if m:
+            group, choice = m.groups()
+            valid = ", ".join(sorted(options)) if options else "(none)"
+            return f"config error: {group}={choice} is not a config in conf/{group}/; valid choices: {valid}."
+        return f"config error: {str(err).splitlines()[0]}"
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None) or ""
+        msg = str(cause).splitlines()[0]
+        if isinstance(cause, ConfigKeyError) or "not in" in msg:
+            return f"config error: {key or msg} is not a known key{_suggest(cause, key) or '.'}"
+        if isinstance(cause, ValidationError):
+            return f"config error: {key}: {msg}."
+        return f"config error: {key + ': ' if key else ''}{msg}."
+    if isinstance(err, ConfigCompositionException):
+        return f"config error: {str(err).splitlines()[0]}"
+    return None
+
+
+def run_hydra(entry: Callable[[], None], prog: str) -> None:
+    """Run a @hydra.main function, turning config mistakes into one sentence."""
+    # Let Hydra raise instead of printing, so that we can word the message.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        entry()
+    except SystemExit:
+        raise
+    except BaseException as err:  # noqa: BLE001 - we re-raise what we do not word
+        sentence = _one_sentence(err)
+        if sentence is None:
+            raise
+        print(f"{prog}: {sentence}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,414 @@
+"""Structured configs (the schema behind conf/) and their validation.
+
+Hydra composes YAML from conf/ on top of these dataclasses, so a misspelt key
+or a wrong type fails at composition time with the full key named. What a
+type cannot express (n_train <= n_votes, batch sizes that divide evenly, ...)
+is checked by `validate`, which runs before any actor starts and raises one
+`ConfigError` whose message is a single sentence naming the key.
+
+This module must never import torch, ray, vllm or deepspeed: validating a
+config has to be instant and work on a machine without them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+# ── model ──────────────────────────────────────────────────────────────────
+@dataclass
+class TinyModelConfig:
+    """Shape of the randomly initialised tiny Qwen2 built by `model=tiny`."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    head_dim: int = 64  # vLLM's CPU attention needs head_dim >= 32
+    intermediate_size: int = 512
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # A Hugging Face model id or local dir; "tiny" builds the tiny model.
+    path: str = "tiny"
+    tokenizer_path: Optional[str] = None
+    # How a problem becomes a prompt: "plain" (the template below) or "chat"
+    # (the tokenizer's chat template with `system_prompt`).
+    template: str = "plain"
+    prompt_template: str = "{problem}"
+    system_prompt: Optional[str] = None
+    # "auto" = bfloat16 on GPU, float32 on CPU.
+    dtype: str = "auto"
+    max_model_len: int = 1024
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+# ── data ───────────────────────────────────────────────────────────────────
+@dataclass
+class SyntheticDataConfig:
+    """The built-in arithmetic task (sums of `terms` numbers of `digits` digits)."""
+
+    num_problems: int = 256
+    terms: int = 3
+    digits: int = 2
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    # "synthetic", "jsonl" or a benchmark name (aime24, amc, math500, ...).
+    name: str = "synthetic"
+    hf_name: Optional[str] = None
+    hf_subset: Optional[str] = None
+    hf_split: str = "test"
+    # A local .jsonl/.json/.parquet file that replaces the hub download.
+    local_path: Optional[str] = None
+    id_key: str = "id"
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    limit: Optional[int] = None
+    prompts_per_step: int = 8
+    shuffle: bool = True
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+# ── rollout ────────────────────────────────────────────────────────────────
+@dataclass
+class RolloutConfig:
+    n_votes: int = 64  # samples per prompt for the majority vote
+    n_train: int = 32  # of which this many are kept for the update
+    # "first" keeps the first n_train (the official TTRL code), "random" draws.
+    subsample: str = "first"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 3072
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    # KV cache size for vLLM's CPU backend, in GiB.
+    cpu_kv_cache_gb: float = 1.0
+    enable_prefix_caching: bool = True
+    # null = decide by device (eager on CPU, CUDA graphs on GPU).
+    enforce_eager: Optional[bool] = None
+    # Release the KV cache while training when engines share GPUs with it.
+    sleep_between_steps: bool = False
+    seed: int = 0
+
+
+# ── label ──────────────────────────────────────────────────────────────────
+@dataclass
+class LabelConfig:
+    # How a sample's answer is pulled out of its text.
+    extractor: str = "boxed"
+    # Upper bound on one math-verify equivalence check, in seconds.
+    grade_timeout_s: float = 5.0
+
+
+# ── reward ─────────────────────────────────────────────────────────────────
+@dataclass
+class RewardConfig:
+    # majority_vote (label-free) | ground_truth (oracle) | custom | reward_model
+    name: str = "majority_vote"
+    # For `custom`: "package.module:function", TRL-style reward function.
+    fn: Optional[str] = None
+    # For `custom`: hand the function ground-truth answers (then it is not label-free).
+    needs_ground_truth: bool = False
+    # For `reward_model`: the reward model dir.
+    path: Optional[str] = None
+
+
+# ── algorithm ──────────────────────────────────────────────────────────────
+@dataclass
+class AlgorithmConfig:
+    name: str = "grpo"
+    # grpo | dr_grpo | rloo | reinforce_pp | gae
+    advantage: str = "grpo"
+    use_critic: bool = False
+    gamma: float = 1.0
+    lam: float = 1.0
+    policy_loss: str = "ppo_clip"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: Optional[float] = None
+    # token_mean | seq_mean_token_sum | seq_mean_token_mean
+    loss_agg: str = "token_mean"
+    # KL to the reference policy: as a loss term or as a per-token reward penalty.
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    kl_in_reward: bool = False
+    entropy_coef: float = 0.0
+    # Passes over each batch of rollouts.
+    ppo_epochs: int = 1
+    # Critic (PPO only).
+    value_clip: float = 0.2
+    critic_lr: float = 1e-5
+
+
+# ── trainer ────────────────────────────────────────────────────────────────
+@dataclass
+class TrainerConfig:
+    total_steps: Optional[int] = None
+    # Passes over the data; used when total_steps is null.
+    episodes: int = 1
+    save_every: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    # auto (newest checkpoint in the run dir) | none | a checkpoint path
+    resume: str = "auto"
+    num_workers: int = 1  # DeepSpeed ranks of the policy
+    zero_stage: int = 3
+    lr: float = 5e-7
+    lr_schedule: str = "cosine"  # cosine | constant | linear
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    # Samples per optimizer step (rollouts of a step split into mini-batches);
+    # null = the whole step's batch is one mini-batch.
+    mini_batch_size: Optional[int] = None
+    micro_batch_size: int = 4  # samples per forward/backward, per rank
+    offload: bool = False
+    gradient_checkpointing: bool = False
+    dtype: str = "auto"
+
+
+# ── eval ───────────────────────────────────────────────────────────────────
+@dataclass
+class EvalConfig:
+    every_n_steps: int = 0  # 0 = never during training
+    at_start: bool = False
+    at_end: bool = False
+    n_samples: int = 16
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: Optional[int] = None  # null = rollout.max_new_tokens
+    ks: list[int] = field(default_factory=lambda: [1, 16])
+    greedy: bool = False
+
+
+# ── logger ─────────────────────────────────────────────────────────────────
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "ttrl"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    name: Optional[str] = None
+    mode: str = "offline"  # online | offline | disabled
+
+
+@dataclass
+class LoggerConfig:
+    jsonl: bool = True  # metrics.jsonl in the run dir, always on by default
+    samples_every: int = 10  # a table of prompts/completions/votes every N steps
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+# ── cluster ────────────────────────────────────────────────────────────────
+@dataclass
+class ClusterConfig:
+    # null = start a local Ray cluster; "auto" or "host:port" = join one.
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+    # colocate: engines and trainers share GPUs | split: separate GPUs
+    placement: str = "colocate"
+    nodes: int = 1
+    gpus_per_node: int = 0
+    # Seconds to wait for actors to be placed before naming what is missing.
+    placement_timeout_s: float = 300.0
+
+
+# ── root ───────────────────────────────────────────────────────────────────
+@dataclass
+class TTRLConfig:
+    seed: int = 0
+    experiment: str = "default"
+    device: str = "auto"  # auto | cpu | cuda
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def register_configs() -> None:
+    """Put the schema into Hydra's ConfigStore (conf/config.yaml extends it)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="ttrl_schema", node=TTRLConfig)
+
+
+# ── validation ─────────────────────────────────────────────────────────────
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "rollout.subsample": ("first", "random"),
+    "model.template": ("plain", "chat"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "trainer.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "trainer.lr_schedule": ("cosine", "constant", "linear"),
+    "algorithm.loss_agg": ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"),
+    "algorithm.kl_estimator": ("k1", "k2", "k3", "low_var_kl"),
+    "algorithm.advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"),
+    "reward.name": ("majority_vote", "ground_truth", "custom", "reward_model"),
+    "logger.wandb.mode": ("online", "offline", "disabled"),
+    "cluster.placement": ("colocate", "split"),
+    "device": ("auto", "cpu", "cuda"),
+    "trainer.zero_stage": (0, 1, 2, 3),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: DictConfig | TTRLConfig) -> None:
+    """Check what types cannot; raise ConfigError naming the first bad key."""
+    c = cfg
+
+    def fail(msg: str) -> None:
+        raise ConfigError(msg)
+
+    for key, allowed in _CHOICES.items():
+        value = _get(c, key)
+        if value not in allowed:
+            fail(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
+
+    r = c.rollout
+    if r.n_votes < 1:
+        fail(f"rollout.n_votes={r.n_votes} must be at least 1.")
+    if not 1 <= r.n_train <= r.n_votes:
+        fail(
+            f"rollout.n_train={r.n_train} must be between 1 and rollout.n_votes={r.n_votes}:"
+            " training samples are drawn from the voting samples."
+        )
+    if r.temperature <= 0:
+        fail(f"rollout.temperature={r.temperature} must be > 0 (sampling, not greedy, is needed to vote).")
+    if not 0 < r.top_p <= 1:
+        fail(f"rollout.top_p={r.top_p} must be in (0, 1].")
+    if r.max_new_tokens < 1:
+        fail(f"rollout.max_new_tokens={r.max_new_tokens} must be at least 1.")
+    if r.num_engines < 1 or r.tensor_parallel_size < 1:
+        fail("rollout.num_engines and rollout.tensor_parallel_size must be at least 1.")
+    if not 0 < r.gpu_memory_utilization <= 1:
+        fail(f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must be in (0, 1].")
+
+    if c.model.max_model_len <= r.max_new_tokens:
+        fail(
+            f"model.max_model_len={c.model.max_model_len} must exceed rollout.max_new_tokens="
+            f"{r.max_new_tokens} to leave room for the prompt."
+        )
+    if c.model.template == "plain" and "{problem}" not in c.model.prompt_template:
+        fail("model.prompt_template must contain '{problem}'.")
+
+    d = c.data
+    if d.prompts_per_step < 1:
+        fail(f"data.prompts_per_step={d.prompts_per_step} must be at least 1.")
+    if d.limit is not None and d.limit < 1:
+        fail(f"data.limit={d.limit} must be at least 1 or null.")
+    if d.name != "synthetic" and d.local_path is None and d.hf_name is None:
+        fail(f"data.name={d.name!r} needs data.hf_name (a hub dataset) or data.local_path (a file).")
+
+    rw = c.reward
+    if rw.name == "custom" and not rw.fn:
+        fail("reward.fn must name a function ('package.module:function') when reward.name=custom.")
+    if rw.name == "reward_model" and not rw.path:
+        fail("reward.path must point to a reward model dir when reward.name=reward_model.")
+
+    a = c.algorithm
+    if a.advantage == "gae" and not a.use_critic:
+        fail("algorithm.advantage=gae needs algorithm.use_critic=true (GAE uses the critic's values).")
+    if a.advantage == "rloo" and r.n_train < 2:
+        fail("algorithm.advantage=rloo needs rollout.n_train >= 2 (it subtracts the mean of the other samples).")
+    if a.clip_low < 0 or a.clip_high < 0:
+        fail("algorithm.clip_low and algorithm.clip_high must be >= 0.")
+    if a.dual_clip is not None and a.dual_clip <= 1:
+        fail(f"algorithm.dual_clip={a.dual_clip} must be > 1 or null.")
+    if a.kl_coef < 0:
+        fail(f"algorithm.kl_coef={a.kl_coef} must be >= 0.")
+    if not (0 <= a.gamma <= 1 and 0 <= a.lam <= 1):
+        fail("algorithm.gamma and algorithm.lam must be in [0, 1].")
+    if a.ppo_epochs < 1:
+        fail(f"algorithm.ppo_epochs={a.ppo_epochs} must be at least 1.")
+
+    t = c.trainer
+    if t.total_steps is not None and t.total_steps < 1:
+        fail(f"trainer.total_steps={t.total_steps} must be at least 1 or null.")
+    if t.episodes < 1:
+        fail(f"trainer.episodes={t.episodes} must be at least 1.")
+    if t.lr <= 0:
+        fail(f"trainer.lr={t.lr} must be > 0.")
+    if t.save_every < 0 or t.keep_last < 1:
+        fail("trainer.save_every must be >= 0 and trainer.keep_last >= 1.")
+    if t.num_workers < 1:
+        fail(f"trainer.num_workers={t.num_workers} must be at least 1.")
+    if t.micro_batch_size < 1:
+        fail(f"trainer.micro_batch_size={t.micro_batch_size} must be at least 1.")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        fail(f"trainer.betas={list(t.betas)} must be two numbers in [0, 1).")
+    step_batch = d.prompts_per_step * r.n_train
+    mini = t.mini_batch_size or step_batch
+    if step_batch % mini:
+        fail(
+            f"trainer.mini_batch_size={mini} must divide the step batch "
+            f"data.prompts_per_step*rollout.n_train={step_batch}."
+        )
+    if mini % t.num_workers:
+        fail(
+            f"the mini-batch of {mini} samples must be divisible by trainer.num_workers={t.num_workers}"
+            " (each rank takes an equal share)."
+        )
+    if (mini // t.num_workers) % t.micro_batch_size:
+        fail(
+            f"trainer.micro_batch_size={t.micro_batch_size} must divide the per-rank mini-batch of"
+            f" {mini // t.num_workers} samples."
+        )
+    if t.resume not in ("auto", "none") and not t.resume:
+        fail("trainer.resume must be 'auto', 'none' or a checkpoint path.")
+
+    e = c.eval
+    if e.every_n_steps < 0 or e.n_samples < 1:
+        fail("eval.every_n_steps must be >= 0 and eval.n_samples >= 1.")
+    if any(k < 1 or k > e.n_samples for k in e.ks):
+        fail(f"eval.ks={list(e.ks)} must lie between 1 and eval.n_samples={e.n_samples}.")
+    if not e.greedy and e.temperature <= 0:
+        fail(f"eval.temperature={e.temperature} must be > 0 unless eval.greedy=true.")
+
+    cl = c.cluster
+    if cl.address not in (None, "auto", "local") and ":" not in str(cl.address):
+        fail(f"cluster.address={cl.address!r} must be null, 'auto' or 'host:port'.")
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """A plain, resolved dict of the config (for run dirs and W&B)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+__all__ = [
+    "MISSING",
+    "ConfigError",
+    "TTRLConfig",
+    "register_configs",
+    "validate",
+    "to_container",
+]

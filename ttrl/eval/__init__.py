@@ -1,0 +1,1 @@
+"""Evaluation: pass@k / maj@k metrics and the `ttrl-eval` entry."""

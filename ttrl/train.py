@@ -1,0 +1,54 @@
+"""`ttrl-train`: compose the config with Hydra, validate it, run the loop.
+
+Validation happens before any Ray actor, vLLM engine or DeepSpeed worker
+starts, and the resolved config is written into the run dir first, so a
+bad value costs a second, not a cluster allocation. This module must not
+import the engine at module level: `ttrl-train --cfg job` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ttrl.cli import CONF_DIR, run_hydra
+from ttrl.config import ConfigError, register_configs, validate
+
+register_configs()
+
+
+def write_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
+    """Write the resolved config as `config.yaml` (atomically: a crash leaves no half file)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.replace(path)
+    return path
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _main(cfg: DictConfig) -> float | None:
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        # Exit here rather than raise: Hydra would add its own log line.
+        print(f"ttrl-train: config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    write_resolved_config(cfg, run_dir)
+    from ttrl.loop import run  # heavy imports (torch, ray) only now
+
+    return run(cfg, run_dir)
+
+
+def main() -> None:
+    run_hydra(_main, "ttrl-train")
+
+
+if __name__ == "__main__":
+    main()
