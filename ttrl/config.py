@@ -348,6 +348,11 @@ def validate(cfg: DictConfig | TTRLConfig) -> None:
         fail(f"algorithm.kl_coef={a.kl_coef} must be >= 0.")
     if not (0 <= a.gamma <= 1 and 0 <= a.lam <= 1):
         fail("algorithm.gamma and algorithm.lam must be in [0, 1].")
+    if a.advantage in ("grpo", "dr_grpo", "rloo") and (a.gamma != 1 or a.lam != 1):
+        fail(f"algorithm.advantage={a.advantage} scores whole responses: set algorithm.gamma=1 and algorithm.lam=1"
+             " (they only apply to gae and reinforce_pp).")
+    if a.advantage == "reinforce_pp" and a.lam != 1:
+        fail("algorithm.advantage=reinforce_pp has no lambda: set algorithm.lam=1.")
     if a.ppo_epochs < 1:
         fail(f"algorithm.ppo_epochs={a.ppo_epochs} must be at least 1.")
 

@@ -1,0 +1,1 @@
+"""Benchmarks, synthetic tasks, prompt templates and the prompt sampler (no ray/vllm)."""

@@ -1,0 +1,205 @@
+"""The actors of a run and the verbs the loop uses on them.
+
+`Runtime` starts (or joins) Ray, places the rollout engines and the trainer
+worker groups, and exposes what a step needs: generate, log-probs, values,
+train, sync weights, save and load. It splits batches across ranks and
+engines; it knows nothing of rewards, votes or ground truth.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+import ray
+import torch
+
+from ttrl.algos import aggregation_normalizer
+from ttrl.distributed.group import WorkerGroup
+from ttrl.distributed.ray_setup import Needs, start_ray, stop_ray
+from ttrl.rollout.vllm_engine import EngineArgs, VLLMEngine
+from ttrl.trainer.batch import Batch, batch_size, concat, select, split
+from ttrl.trainer.worker import CriticWorker, PolicyWorker
+
+# Metrics that are sums over ranks (each rank's share of a globally
+# normalised loss); everything else is averaged over ranks.
+_SUMMED = {"pg_loss", "kl_loss", "entropy", "vf_loss"}
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device == "cuda" else "float32"
+
+
+class Runtime:
+    def __init__(self, cfg: Any, model_path: str, total_opt_steps: int):
+        t0 = time.perf_counter()
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.trainer.dtype, self.device)
+        self.engine_dtype = resolve_dtype(cfg.model.dtype, self.device)
+        self.model_path = model_path
+        r, t, a = cfg.rollout, cfg.trainer, cfg.algorithm
+        self.need_ref = a.kl_coef > 0
+        self.need_critic = a.use_critic
+        gpu = self.device == "cuda"
+        W = t.num_workers
+        n_groups = 1 + int(self.need_critic)
+        colocate = cfg.cluster.placement == "colocate"
+        # Colocated on GPU: every trainer rank shares its GPU with an engine
+        # (and the critic), so each takes a fraction. Split: whole GPUs each.
+        share = 1.0 / (n_groups + 1) if colocate else 1.0
+        trainer_gpus = share if gpu else 0
+        engine_gpus = (share if colocate else 1.0) * r.tensor_parallel_size if gpu else 0
+        needs = Needs(cpus=W * n_groups + r.num_engines,
+                      gpus=(max(W, r.num_engines * r.tensor_parallel_size) if colocate
+                            else W * n_groups + r.num_engines * r.tensor_parallel_size) if gpu else 0)
+        self.owns_ray = start_ray(cfg.cluster.address, self.device, needs, cfg.cluster.num_cpus,
+                                  cfg.cluster.num_gpus)
+
+        # ── rollout engines ──────────────────────────────────────────────
+        eargs = EngineArgs(
+            model_path=model_path, dtype=self.engine_dtype, max_model_len=cfg.model.max_model_len,
+            seed=r.seed + cfg.seed, enforce_eager=(not gpu) if r.enforce_eager is None else r.enforce_eager,
+            enable_prefix_caching=r.enable_prefix_caching, gpu_memory_utilization=r.gpu_memory_utilization,
+            tensor_parallel_size=r.tensor_parallel_size, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
+            device=self.device, enable_sleep_mode=gpu and r.sleep_between_steps)
+        engine_cls = ray.remote(VLLMEngine)
+        self.engines = [
+            engine_cls.options(num_cpus=1, num_gpus=engine_gpus, name=f"rollout-{i}", max_restarts=2,
+                               max_task_retries=0).remote(EngineArgs(**{**asdict(eargs), "seed": eargs.seed + i}))
+            for i in range(r.num_engines)
+        ]
+
+        # ── trainer groups ───────────────────────────────────────────────
+        step_batch = cfg.data.prompts_per_step * r.n_train
+        self.mini = t.mini_batch_size or step_batch
+        grad_accum = self.mini // W // t.micro_batch_size
+        spec = dict(device=self.device, dtype=self.dtype, seed=cfg.seed, zero_stage=t.zero_stage,
+                    micro_batch_size=t.micro_batch_size, grad_accum=grad_accum, betas=list(t.betas),
+                    weight_decay=t.weight_decay, grad_clip=t.grad_clip, offload=t.offload, lr=t.lr,
+                    critic_lr=a.critic_lr, lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
+                    min_lr_ratio=t.min_lr_ratio, gradient_checkpointing=t.gradient_checkpointing,
+                    with_ref=self.need_ref)
+        self.policy = WorkerGroup(PolicyWorker, W, spec, name="policy", num_gpus=trainer_gpus)
+        self.critic = WorkerGroup(CriticWorker, W, spec, name="critic", num_gpus=trainer_gpus) \
+            if self.need_critic else None
+        # Start everything at once: engines load while DeepSpeed initialises.
+        setups = self.policy.call_async("setup", self.policy.master_addr, self.policy.master_port,
+                                        model_path, total_opt_steps)
+        if self.critic:
+            setups += self.critic.call_async("setup", self.critic.master_addr, self.critic.master_port,
+                                             model_path, total_opt_steps)
+        infos = ray.get([e.info.remote() for e in self.engines])
+        ray.get(setups)
+        self.startup_s = time.perf_counter() - t0
+        self.engine_startup_s = max(i["startup_s"] for i in infos)
+        self.weights_version = 0
+
+    # ── rollout ───────────────────────────────────────────────────────────
+    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, top_k: int,
+                 max_tokens: int, seed: int | None = None) -> list[list[dict]]:
+        """n samples for every prompt, prompts spread over the engines in contiguous chunks."""
+        E = len(self.engines)
+        chunk = -(-len(prompt_ids) // E)
+        parts = [prompt_ids[i * chunk:(i + 1) * chunk] for i in range(E)]
+        refs = [e.generate.remote(p, n, temperature, top_p, top_k, max_tokens,
+                                  None if seed is None else seed + i)
+                for i, (e, p) in enumerate(zip(self.engines, parts)) if p]
+        out: list[list[dict]] = []
+        for res in ray.get(refs):
+            out.extend(res)
+        return out
+
+    def engine_score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                     engine: int = 0) -> list[list[float]]:
+        return ray.get(self.engines[engine].score.remote(prompt_ids, completion_ids))
+
+    def sleep_engines(self) -> None:
+        ray.get([e.sleep.remote() for e in self.engines])
+
+    def wake_engines(self) -> None:
+        ray.get([e.wake_up.remote() for e in self.engines])
+
+    # ── trainer forward passes ────────────────────────────────────────────
+    def _pad_to_ranks(self, batch: Batch) -> tuple[Batch, int]:
+        """Pad rows so that every rank gets an equal share (extra rows are dropped after)."""
+        W, B = self.policy.world_size, batch_size(batch)
+        extra = (-B) % W
+        if extra:
+            batch = concat([batch, select(batch, slice(0, extra))])
+        return batch, B
+
+    def logprobs(self, batch: Batch, temperature: float, which: str = "policy") -> torch.Tensor:
+        padded, B = self._pad_to_ranks(batch)
+        parts = self.policy.call_sharded("compute_logprobs", split(padded, self.policy.world_size),
+                                         temperature, which)
+        return torch.cat(parts, 0)[:B]
+
+    def values(self, batch: Batch) -> torch.Tensor:
+        assert self.critic is not None
+        padded, B = self._pad_to_ranks(batch)
+        parts = self.critic.call_sharded("compute_values", split(padded, self.critic.world_size))
+        return torch.cat(parts, 0)[:B]
+
+    # ── updates ───────────────────────────────────────────────────────────
+    def _train_group(self, group: WorkerGroup, batch: Batch, algo: dict, mode: str) -> dict[str, float]:
+        """Mini-batch loop over the step batch; one optimizer step per mini-batch."""
+        B = batch_size(batch)
+        stats: list[dict[str, float]] = []
+        for _ in range(algo["ppo_epochs"]):
+            for i in range(0, B, self.mini):
+                mb = select(batch, slice(i, i + self.mini))
+                norm = float(aggregation_normalizer(mb["response_mask"], mode))
+                per_rank = group.call_sharded("train_step", split(mb, group.world_size), norm, algo)
+                merged = {}
+                for k in per_rank[0]:
+                    vals = [r[k] for r in per_rank if k in r]
+                    merged[k] = sum(vals) if k in _SUMMED else sum(vals) / len(vals)
+                stats.append(merged)
+        # Report the mean over optimizer steps.
+        keys = {k for s in stats for k in s}
+        return {k: sum(s.get(k, 0.0) for s in stats) / len(stats) for k in keys}
+
+    def train_policy(self, batch: Batch, algo: dict) -> dict[str, float]:
+        return self._train_group(self.policy, batch, algo, algo["loss_agg"])
+
+    def train_critic(self, batch: Batch, algo: dict) -> dict[str, float]:
+        assert self.critic is not None
+        return self._train_group(self.critic, batch, algo, "token_mean")
+
+    # ── weights ───────────────────────────────────────────────────────────
+    def sync_weights(self) -> dict[str, float]:
+        """Policy -> every rollout engine (all ranks gather, rank 0 sends)."""
+        self.weights_version += 1
+        res = self.policy.call("push_weights", self.engines, self.weights_version, self.engine_dtype)
+        return res[0]
+
+    # ── checkpoints ───────────────────────────────────────────────────────
+    def save(self, path: str, export_hf: bool = True) -> None:
+        self.policy.call("save_state", f"{path}/policy_ds", "ds")
+        if self.critic:
+            self.critic.call("save_state", f"{path}/critic_ds", "ds")
+        if export_hf:
+            self.policy.call("save_hf", f"{path}/policy", self.model_path)
+
+    def load(self, path: str) -> None:
+        self.policy.call("load_state", f"{path}/policy_ds", "ds")
+        if self.critic:
+            self.critic.call("load_state", f"{path}/critic_ds", "ds")
+
+    def shutdown(self) -> None:
+        for e in self.engines:
+            ray.kill(e)
+        self.policy.kill()
+        if self.critic:
+            self.critic.kill()
+        stop_ray(self.owns_ray)

@@ -1,0 +1,286 @@
+"""The training step, readable top to bottom, and the run around it.
+
+One step: sample n_votes completions per prompt on the vLLM engines, vote
+over their answers, reward agreement with the vote, keep n_train samples,
+score them under the policy/reference/critic, compute advantages, update
+the policy on the DeepSpeed workers, push the new weights to every engine,
+and log. Ground truth appears only below the metrics banner, through
+`label_quality`; the reward is computed by `compute_rewards`, which hands a
+label-free reward prompts whose answers are scrubbed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ttrl.algos import compute_advantages, kl, kl_penalty, masked_mean
+from ttrl.data.loader import load_prompts
+from ttrl.data.sampler import PromptSampler
+from ttrl.data.templates import render_prompt
+from ttrl.distributed.runtime import Runtime
+from ttrl.labeling.extract import extract_answer
+from ttrl.labeling.vote import majority_vote
+from ttrl.metrics.label_quality import label_quality
+from ttrl.metrics.logger import JsonlLogger, Loggers
+from ttrl.models import resolve_model_path
+from ttrl.rewards import build_reward, compute_rewards
+from ttrl.trainer.batch import pack_batch
+from ttrl.types import Group, Prompt, Sample
+
+
+@dataclass
+class Ctx:
+    """What a step needs besides its batch of prompts."""
+
+    cfg: Any
+    rt: Runtime
+    reward: Any
+    tokenizer: Any
+    algo: dict
+    rng: random.Random
+
+
+def step(ctx: Ctx, prompts: list[Prompt]) -> dict[str, float]:
+    cfg, rt, r = ctx.cfg, ctx.rt, ctx.cfg.rollout
+    timings: dict[str, float] = {}
+    t_step = time.perf_counter()
+
+    # ── 1. rollout: n_votes samples per prompt on the vLLM engines ────────
+    t = time.perf_counter()
+    prompt_ids = [ctx.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+    outs = rt.generate(prompt_ids, n=r.n_votes, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                       max_tokens=r.max_new_tokens)                              # [P][n_votes]
+    groups = [Group(p, ids, [Sample(text=o["text"], token_ids=o["token_ids"], logprobs=o["logprobs"],
+                                    answer=extract_answer(o["text"]), finish_reason=o["finish_reason"])
+                             for o in out])
+              for p, ids, out in zip(prompts, prompt_ids, outs)]
+    timings["timing/generate"] = time.perf_counter() - t
+    n_tokens = sum(len(s.token_ids) for g in groups for s in g.samples)
+
+    # ── 2+3. label without labels, reward agreement with the vote ─────────
+    t = time.perf_counter()
+    out = compute_rewards(ctx.reward, groups)                    # rewards [P][n_votes]
+    votes = out.votes if out.votes is not None else [majority_vote(g.answers()) for g in groups]
+    timings["timing/label"] = time.perf_counter() - t
+
+    # ── keep n_train of the n_votes samples per prompt ────────────────────
+    keep = [subsample(r.n_votes, r.n_train, r.subsample, ctx.rng) for _ in groups]   # [P][n_train]
+    rewards = torch.tensor([[out.rewards[p][i] for i in rows] for p, rows in enumerate(keep)])  # [P, n_train]
+    kept = [g.samples[i] for g, rows in zip(groups, keep) for i in rows]
+    batch = pack_batch([g.prompt_token_ids for g, rows in zip(groups, keep) for _ in rows],
+                       [s.token_ids for s in kept], pad_id=ctx.tokenizer.pad_token_id,
+                       behavior_logps=[s.logprobs for s in kept])
+    mask = batch["response_mask"]                                                    # [B, R]
+
+    # ── 4. old/ref log-probs, values, advantages ─────────────────────────
+    t = time.perf_counter()
+    a = cfg.algorithm
+    batch["old_logp"] = rt.logprobs(batch, r.temperature)                            # [B, R]
+    token_rewards = None
+    stats: dict[str, float] = {}
+    if rt.need_ref:
+        batch["ref_logp"] = rt.logprobs(batch, r.temperature, which="ref")
+        stats["train/kl"] = float(masked_mean(kl(a.kl_estimator, batch["old_logp"], batch["ref_logp"]), mask))
+        if a.kl_in_reward:
+            token_rewards = kl_penalty(a.kl_estimator, batch["old_logp"], batch["ref_logp"], mask, a.kl_coef)
+    if rt.need_critic:
+        batch["values"] = rt.values(batch)
+    batch["advantages"], batch["returns"] = compute_advantages(
+        a.advantage, rewards, mask, values=batch.get("values"), token_rewards=token_rewards,
+        gamma=a.gamma, lam=a.lam)
+    timings["timing/prepare"] = time.perf_counter() - t
+
+    # ── 5. update the policy (and critic) on the DeepSpeed workers ────────
+    t = time.perf_counter()
+    if r.sleep_between_steps:
+        rt.sleep_engines()
+    train_stats = rt.train_policy(batch, ctx.algo)
+    if rt.need_critic:
+        train_stats |= {f"critic/{k}": v for k, v in rt.train_critic(batch, ctx.algo).items()}
+    timings["timing/train"] = time.perf_counter() - t
+
+    # ── 6. push the new weights into every rollout engine ─────────────────
+    t = time.perf_counter()
+    if r.sleep_between_steps:
+        rt.wake_engines()
+    sync = rt.sync_weights()
+    timings["timing/sync"] = time.perf_counter() - t
+    timings["timing/step"] = time.perf_counter() - t_step
+
+    # ── metrics: the only place that may look at ground truth ────────────
+    stats |= {
+        "reward/mean": float(torch.tensor(out.rewards).float().mean()),
+        "reward/train_mean": float(rewards.mean()),
+        "rollout/tokens_per_s": n_tokens / max(timings["timing/generate"], 1e-9),
+        "rollout/response_length": n_tokens / max(len(groups) * r.n_votes, 1),
+        # Engine vs trainer log-probs of the same tokens, before the update:
+        # near zero when the last weight sync worked.
+        "rollout/logprob_diff": float(masked_mean((batch["behavior_logp"] - batch["old_logp"]).abs(), mask)),
+        "train/entropy": train_stats.pop("entropy", float("nan")),
+        "train/clip_frac": train_stats.pop("clip_frac", float("nan")),
+        "train/pg_loss": train_stats.pop("pg_loss", float("nan")),
+        "train/grad_norm": train_stats.pop("grad_norm", float("nan")),
+        "train/lr": train_stats.pop("lr", float("nan")),
+        "sync/bytes": sync.get("bytes", 0.0),
+    }
+    stats |= {f"train/{k}" if "/" not in k else k: v for k, v in train_stats.items()}
+    stats |= label_quality(groups, votes, [[out.rewards[p][i] for i in rows] for p, rows in enumerate(keep)], keep)
+    return stats | timings
+
+
+def subsample(n_votes: int, n_train: int, how: str, rng: random.Random) -> list[int]:
+    """Which of a prompt's n_votes samples train: the first n_train, or a random draw."""
+    if how == "first" or n_train == n_votes:
+        return list(range(n_train))
+    return sorted(rng.sample(range(n_votes), n_train))
+
+
+# ── the run ───────────────────────────────────────────────────────────────
+def algo_options(cfg: Any) -> dict:
+    a = cfg.algorithm
+    return {
+        "policy_loss": a.policy_loss, "clip_low": a.clip_low, "clip_high": a.clip_high,
+        "dual_clip": a.dual_clip, "loss_agg": a.loss_agg, "kl_coef": a.kl_coef,
+        "kl_estimator": a.kl_estimator, "kl_in_reward": a.kl_in_reward, "entropy_coef": a.entropy_coef,
+        "ppo_epochs": a.ppo_epochs, "value_clip": a.value_clip, "temperature": cfg.rollout.temperature,
+    }
+
+
+def total_steps(cfg: Any, num_prompts: int) -> int:
+    if cfg.trainer.total_steps:
+        return int(cfg.trainer.total_steps)
+    return max(1, num_prompts // cfg.data.prompts_per_step) * cfg.trainer.episodes
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: newest complete one ('auto'), none, or a path."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        p = Path(resume)
+        if not (p / "trainer_state.json").exists():
+            raise FileNotFoundError(f"trainer.resume={resume}: no trainer_state.json there")
+        return p
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    complete = [p for p in ckpts if (p / "trainer_state.json").exists()]
+    return complete[-1] if complete else None
+
+
+def save_checkpoint(rt: Runtime, run_dir: Path, step_no: int, sampler: PromptSampler, rng: random.Random,
+                    keep_last: int) -> Path:
+    """Write checkpoints/step_N atomically (tmp dir, then rename) and prune old ones."""
+    root = run_dir / "checkpoints"
+    final = root / f"step_{step_no}"
+    tmp = root / f".tmp-step_{step_no}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rt.save(str(tmp))
+    state = {"step": step_no, "sampler": sampler.state_dict(), "weights_version": rt.weights_version}
+    (tmp / "trainer_state.json").write_text(json.dumps(state))
+    torch.save({"python": rng.getstate(), "torch": torch.get_rng_state()}, tmp / "rng.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    complete = sorted((p for p in root.glob("step_*") if (p / "trainer_state.json").exists()),
+                      key=lambda p: int(p.name.split("_")[1]))
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _progress(step_no: int, total: int, row: dict[str, float], t_start: float, enabled: bool) -> None:
+    if not enabled:
+        return
+    done = step_no
+    eta = (time.perf_counter() - t_start) / max(done, 1) * (total - done)
+    parts = [f"step {step_no}/{total}"]
+    for key, fmt in (("reward/mean", "reward {:.3f}"), ("train/pass@1", "pass@1 {:.3f}"),
+                     ("label/accuracy", "label_acc {:.3f}"), ("rollout/tokens_per_s", "{:.0f} tok/s"),
+                     ("timing/step", "{:.1f}s/step")):
+        if key in row and row[key] is not None:
+            parts.append(fmt.format(row[key]))
+    parts.append(f"ETA {eta:.0f}s")
+    print(" | ".join(parts), file=sys.stderr, flush=True)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> float | None:
+    """Train for the configured number of steps; return the last mean reward."""
+    t_start = time.perf_counter()
+    model_path = resolve_model_path(cfg.model)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    prompts = [Prompt(p.id, p.problem, p.answer, render_prompt(p.problem, cfg.model, tokenizer))
+               for p in load_prompts(cfg.data)]
+    sampler = PromptSampler(len(prompts), cfg.data.prompts_per_step, cfg.data.shuffle, cfg.seed)
+    steps = total_steps(cfg, len(prompts))
+    step_batch = cfg.data.prompts_per_step * cfg.rollout.n_train
+    opt_steps = steps * cfg.algorithm.ppo_epochs * (step_batch // (cfg.trainer.mini_batch_size or step_batch))
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    reward_opts: dict[str, Any] = {}
+    if cfg.reward.name == "custom":
+        reward_opts = {"fn": cfg.reward.fn, "needs_ground_truth": cfg.reward.needs_ground_truth}
+    reward = build_reward(cfg.reward.name, **reward_opts)
+
+    quiet = not cfg.logger.progress
+    if not quiet:
+        print(f"ttrl: starting Ray, {cfg.rollout.num_engines} vLLM engine(s), {cfg.trainer.num_workers} "
+              f"DeepSpeed ZeRO-{cfg.trainer.zero_stage} rank(s) ...", file=sys.stderr, flush=True)
+    rt = Runtime(cfg, model_path, opt_steps)
+    sinks: list[Any] = []
+    try:
+        jsonl = JsonlLogger(run_dir / "metrics.jsonl")
+        sinks.append(jsonl)
+        if cfg.logger.wandb.enabled and cfg.logger.wandb.mode != "disabled":
+            from ttrl.metrics.logger import WandbLogger
+
+            sinks.append(WandbLogger(cfg, run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.experiment))
+        log = Loggers(sinks)
+
+        start = 0
+        ckpt = find_checkpoint(run_dir, cfg.trainer.resume)
+        if ckpt is not None:
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            rt.load(str(ckpt))
+            sampler.load_state_dict(state["sampler"])
+            rs = torch.load(ckpt / "rng.pt", weights_only=False)
+            rng.setstate(rs["python"])
+            torch.set_rng_state(rs["torch"])
+            start = int(state["step"])
+            rt.sync_weights()
+            jsonl.truncate_from(start + 1)
+            print(f"ttrl: resumed from {ckpt} at step {start}", file=sys.stderr, flush=True)
+        if not quiet:
+            print(f"ttrl: ready in {rt.startup_s:.0f}s; training {steps} steps, run dir {run_dir}",
+                  file=sys.stderr, flush=True)
+
+        ctx = Ctx(cfg, rt, reward, tokenizer, algo_options(cfg), rng)
+        row: dict[str, float] = {}
+        for step_no in range(start + 1, steps + 1):
+            batch = [prompts[i] for i in sampler.next_batch()]
+            row = {"step": step_no, **step(ctx, batch)}
+            log.log(row)
+            _progress(step_no, steps, row, t_start, not quiet)
+            save_every = cfg.trainer.save_every
+            if (save_every and step_no % save_every == 0) or step_no == steps:
+                save_checkpoint(rt, run_dir, step_no, sampler, rng, cfg.trainer.keep_last)
+        if not quiet:
+            print(f"ttrl: done in {time.perf_counter() - t_start:.0f}s; run dir {run_dir}", file=sys.stderr)
+        return row.get("reward/mean")
+    finally:
+        for s in sinks:
+            s.close()
+        rt.shutdown()

@@ -1,0 +1,1 @@
+"""Loggers (JSON lines, W&B) and label-quality metrics."""

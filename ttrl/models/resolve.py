@@ -1,0 +1,47 @@
+"""Turn `cfg.model` into a local directory (building the tiny model if asked).
+
+Checks what would otherwise fail deep inside vLLM or DeepSpeed with an
+obscure message: a missing dir, a missing tokenizer, an unsupported head_dim.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ttrl.models.tiny import ensure_tiny_model, tiny_spec
+
+
+class ModelError(ValueError):
+    """A model dir that cannot be used; the message names the path."""
+
+
+def resolve_model_path(model_cfg: Any, check: bool = True) -> str:
+    """The local dir (or hub id) of the configured model; builds `tiny`."""
+    if model_cfg.path == "tiny":
+        t = model_cfg.tiny
+        spec = tiny_spec(t.hidden_size, t.num_layers, t.num_heads, t.head_dim, t.intermediate_size, t.seed,
+                         max_position_embeddings=max(4096, int(model_cfg.max_model_len)))
+        return str(ensure_tiny_model(spec))
+    path = Path(model_cfg.path).expanduser()
+    if not path.exists():
+        # A hub id: vLLM and transformers fetch it themselves (GPU clusters).
+        return str(model_cfg.path)
+    if check:
+        check_model_dir(path)
+    return str(path)
+
+
+def check_model_dir(path: Path) -> None:
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise ModelError(f"model dir {path} has no config.json")
+    tok_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    if not any((path / f).exists() for f in tok_files):
+        raise ModelError(f"model dir {path} has no tokenizer (none of {', '.join(tok_files)})")
+    cfg = json.loads(cfg_file.read_text())
+    heads = cfg.get("num_attention_heads")
+    head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads else None)
+    if head_dim is not None and head_dim < 32:
+        raise ModelError(f"model dir {path}: head_dim={head_dim} is below 32, which vLLM's attention does not support")

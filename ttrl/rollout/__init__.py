@@ -1,0 +1,1 @@
+"""Rollout: engines that sample completions and receive new weights."""

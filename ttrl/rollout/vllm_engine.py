@@ -1,0 +1,136 @@
+"""The vLLM rollout engine, hosted in a Ray actor.
+
+It samples completions (token ids, text, per-token log-probs), scores fixed
+token sequences (prompt log-probs, used to check weight sync), and receives
+new weights. Weights arrive as packed bytes, are checked against the
+checkpoint's names and shapes first (a failed in-place reload would kill the
+engine), loaded through the worker extension, and then the prefix cache is
+reset: cached KV blocks were computed with the old weights.
+
+It must never import deepspeed or see a ground-truth answer: it returns
+samples and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ttrl.rollout.weights import check_weights, checkpoint_shapes, unpack
+
+
+@dataclass
+class EngineArgs:
+    model_path: str
+    dtype: str = "float32"
+    max_model_len: int = 1024
+    seed: int = 0
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.5
+    tensor_parallel_size: int = 1
+    cpu_kv_cache_gb: float = 1.0
+    device: str = "cpu"
+    enable_sleep_mode: bool = False
+
+
+class VLLMEngine:
+    """One vLLM engine (possibly tensor-parallel). Methods are called over Ray."""
+
+    def __init__(self, args: EngineArgs):
+        self.args = args
+        if args.device == "cpu":
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(args.cpu_kv_cache_gb)))
+        if args.tensor_parallel_size == 1:
+            # Keep the engine core in this process: no extra process to start,
+            # and collective_rpc reaches the single worker directly.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        t0 = time.perf_counter()
+        kwargs: dict[str, Any] = dict(
+            model=args.model_path,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            seed=args.seed,
+            enforce_eager=args.enforce_eager,
+            enable_prefix_caching=args.enable_prefix_caching,
+            tensor_parallel_size=args.tensor_parallel_size,
+            worker_extension_cls="ttrl.rollout.vllm_ext.TTRLWorkerExtension",
+            # Log-probs after temperature: the distribution the tokens were
+            # really drawn from, which is what the trainer recomputes.
+            logprobs_mode="processed_logprobs",
+        )
+        if args.device != "cpu":
+            kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = args.enable_sleep_mode
+        self.llm = LLM(**kwargs)
+        self.startup_s = time.perf_counter() - t0
+        self.expected_shapes = checkpoint_shapes(args.model_path)
+        self.weights_version = 0
+        self.tokenizer = self.llm.get_tokenizer()
+
+    # ── health ────────────────────────────────────────────────────────────
+    def info(self) -> dict[str, Any]:
+        return {"startup_s": self.startup_s, "weights_version": self.weights_version, "pid": os.getpid()}
+
+    # ── sampling ──────────────────────────────────────────────────────────
+    def generate(self, prompt_token_ids: list[list[int]], n: int, temperature: float, top_p: float,
+                 top_k: int, max_tokens: int, seed: int | None = None) -> list[list[dict[str, Any]]]:
+        """n samples per prompt: [prompts][n] dicts of token_ids, logprobs, text, finish_reason."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                                max_tokens=max_tokens, logprobs=0, seed=seed)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False)
+        result = []
+        for req in outs:
+            samples = []
+            for o in req.outputs:
+                ids = list(o.token_ids)
+                # logprobs=0 returns only the sampled token's entry per position.
+                lps = [pos[tok].logprob for pos, tok in zip(o.logprobs, ids)] if o.logprobs else []
+                samples.append({"token_ids": ids, "logprobs": lps, "text": o.text,
+                                "finish_reason": o.finish_reason})
+            result.append(samples)
+        return result
+
+    def score(self, prompt_token_ids: list[list[int]], completion_token_ids: list[list[int]]) -> list[list[float]]:
+        """Log-probs (temperature 1) of each completion token given its prompt."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        seqs = [{"prompt_token_ids": p + c} for p, c in zip(prompt_token_ids, completion_token_ids)]
+        outs = self.llm.generate(seqs, params, use_tqdm=False)
+        result = []
+        for req, p, c in zip(outs, prompt_token_ids, completion_token_ids):
+            full = p + c
+            lps = req.prompt_logprobs  # position i: log p(token i | tokens < i); position 0 is None
+            result.append([lps[i][full[i]].logprob for i in range(len(p), len(full))])
+        return result
+
+    # ── weights ───────────────────────────────────────────────────────────
+    def load_weights(self, blobs: list[bytes], version: int) -> dict[str, float]:
+        """Check, then load a full set of weights in place; reset the prefix cache."""
+        t0 = time.perf_counter()
+        received: dict[str, Any] = {}
+        for blob in blobs:
+            received.update(unpack(blob))
+        # A tied lm_head is not stored separately in the checkpoint.
+        check_weights(received, self.expected_shapes, optional=("lm_head.weight",))
+        del received
+        self.llm.collective_rpc("ttrl_load_weights", args=(blobs,))
+        self.llm.reset_prefix_cache()
+        self.weights_version = version
+        return {"load_s": time.perf_counter() - t0, "bytes": float(sum(len(b) for b in blobs))}
+
+    # ── GPU memory (colocated with training) ──────────────────────────────
+    def sleep(self) -> None:
+        if self.args.enable_sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.args.enable_sleep_mode:
+            self.llm.wake_up()

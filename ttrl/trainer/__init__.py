@@ -1,0 +1,1 @@
+"""Trainer workers: DeepSpeed policy (+ frozen reference) and critic, as Ray actors."""

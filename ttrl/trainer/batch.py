@@ -1,0 +1,86 @@
+"""Pack variable-length (prompt, response) pairs into aligned training tensors.
+
+Layout: prompts left-padded to a common width P, responses right-padded to a
+common width R, so that every per-token quantity of a response (log-probs,
+advantages, values, masks) is a [batch, R] tensor whose column t is the t-th
+response token of every row. Pure torch; no model, no ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+Batch = dict[str, Tensor]
+
+
+def pack_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+               behavior_logps: Sequence[Sequence[float]] | None = None) -> Batch:
+    """Tensors for a list of token sequences.
+
+    Returns input_ids/attention_mask/position_ids [B, P+R], response_mask [B, R]
+    and, when given, behavior_logp [B, R] (the rollout engine's log-probs).
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    R = max(1, max(len(r) for r in responses))
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + R), dtype=torch.long)
+    response_mask = torch.zeros((B, R), dtype=torch.float32)
+    behavior = torch.zeros((B, R), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, P - len(p):P] = torch.as_tensor(list(p), dtype=torch.long)
+        input_ids[i, P:P + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        attention_mask[i, P - len(p):P + len(r)] = 1
+        response_mask[i, :len(r)] = 1.0
+        if behavior_logps is not None and len(r):
+            behavior[i, :len(r)] = torch.as_tensor(list(behavior_logps[i]), dtype=torch.float32)
+    # Positions count real tokens only, so left padding does not shift them.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out: Batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "response_mask": response_mask,
+        "prompt_width": torch.tensor(P),
+    }
+    if behavior_logps is not None:
+        out["behavior_logp"] = behavior
+    return out
+
+
+def response_slice(batch: Batch) -> slice:
+    """Columns of the model's output (logits at t predict token t+1) that predict response tokens."""
+    P = int(batch["prompt_width"])
+    R = batch["response_mask"].shape[1]
+    return slice(P - 1, P - 1 + R)
+
+
+def batch_size(batch: Batch) -> int:
+    return batch["input_ids"].shape[0]
+
+
+def select(batch: Batch, idx: slice | Tensor) -> Batch:
+    """Rows `idx` of every per-row tensor (scalars are shared)."""
+    return {k: (v if v.dim() == 0 else v[idx]) for k, v in batch.items()}
+
+
+def split(batch: Batch, n: int) -> list[Batch]:
+    """n equal consecutive row chunks (the caller ensures divisibility)."""
+    B = batch_size(batch)
+    if B % n:
+        raise ValueError(f"cannot split a batch of {B} rows into {n} equal parts")
+    k = B // n
+    return [select(batch, slice(i * k, (i + 1) * k)) for i in range(n)]
+
+
+def concat(batches: Sequence[Batch]) -> Batch:
+    """Row-concatenate per-row tensors of equal layout."""
+    out: Batch = {}
+    for key, v in batches[0].items():
+        out[key] = v if v.dim() == 0 else torch.cat([b[key] for b in batches], dim=0)
+    return out

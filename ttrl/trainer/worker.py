@@ -1,0 +1,354 @@
+"""DeepSpeed training workers, one per rank, each hosted in a Ray actor.
+
+`PolicyWorker` holds the policy (trained) and, when KL is used, a frozen
+reference copy on the same ranks; `CriticWorker` holds the value model for
+PPO. Each worker group is its own torch.distributed world (gloo on CPU,
+NCCL on GPU). The driver hands each rank its shard of a batch; the ranks
+never talk to the driver about ground truth or rewards, only tensors.
+
+Weights leave the policy through `push_weights`: all ranks take part in
+gathering (ZeRO-3 gathers one layer at a time), rank 0 packs the tensors
+and hands them to every rollout engine.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+WorkerSpec = dict[str, Any]
+
+
+def _setup_env(rank: int, world_size: int, master_addr: str, master_port: int, device: str) -> None:
+    os.environ.update({
+        "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0" if device == "cpu" else os.environ.get("LOCAL_RANK", "0"),
+        "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+    })
+    if device == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+class _DSWorker:
+    """Common plumbing: process group, model loading, forward passes."""
+
+    def __init__(self, rank: int, world_size: int, spec: WorkerSpec):
+        self.rank, self.world_size, self.spec = rank, world_size, spec
+        self.device = spec["device"]
+
+    def node_address(self) -> tuple[str, int]:
+        """This node's IP and a free port (asked of rank 0 for the rendezvous)."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def _init_dist(self, master_addr: str, master_port: int) -> None:
+        _setup_env(self.rank, self.world_size, master_addr, master_port, self.device)
+        import deepspeed
+        import torch
+
+        if self.device == "cpu":
+            # Ray pins OMP threads per actor; keep torch consistent with it.
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        else:
+            torch.cuda.set_device(0)  # Ray exposes one GPU per worker as device 0
+        deepspeed.init_distributed(dist_backend="gloo" if self.device == "cpu" else "nccl", verbose=False)
+        torch.manual_seed(self.spec["seed"] + self.rank)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.spec["dtype"]]
+
+    def _ds_config(self, train: bool, lr: float) -> dict:
+        from ttrl.trainer.ds_config import build_ds_config
+
+        s = self.spec
+        return build_ds_config(
+            zero_stage=s["zero_stage"], micro_batch_size=s["micro_batch_size"], grad_accum=s["grad_accum"],
+            world_size=self.world_size, lr=lr, betas=tuple(s["betas"]), weight_decay=s["weight_decay"],
+            grad_clip=s["grad_clip"], dtype=s["dtype"], device=self.device, offload=s["offload"], train=train)
+
+    def _load(self, loader, ds_config: dict):
+        """Load a HF model; under ZeRO-3, straight into partitions (no full copy per rank)."""
+        keep = None
+        if ds_config["zero_optimization"]["stage"] == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            keep = HfDeepSpeedConfig(ds_config)  # must stay alive during from_pretrained
+        model = loader()
+        del keep
+        return model
+
+    def _wrap(self, model, ds_config: dict, train: bool, total_opt_steps: int = 1):
+        import deepspeed
+        import torch
+
+        if not train:
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            if ds_config["zero_optimization"]["stage"] != 3:
+                # Nothing to shard: a plain module on the device is the fastest reference.
+                dev = "cpu" if self.device == "cpu" else "cuda"
+                return model.to(dev)
+            engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+            return engine
+        from ttrl.trainer.ds_config import lr_lambda
+
+        s = self.spec
+        sched = lr_lambda(s["lr_schedule"], s["warmup_steps"], total_opt_steps, s["min_lr_ratio"])
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched))
+        return engine
+
+    def _to_dev(self, batch: dict):
+        dev = "cpu" if self.device == "cpu" else "cuda"
+        return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+
+    def _micro_batches(self, batch: dict) -> Iterator[dict]:
+        from ttrl.trainer.batch import batch_size, select
+
+        mb = self.spec["micro_batch_size"]
+        B = batch_size(batch)
+        for i in range(0, B, mb):
+            yield select(batch, slice(i, i + mb))
+
+
+class PolicyWorker(_DSWorker):
+    """The policy (actor) on one rank, plus the frozen reference when KL is on."""
+
+    def setup(self, master_addr: str, master_port: int, model_path: str, total_opt_steps: int) -> dict:
+        t0 = time.perf_counter()
+        self._init_dist(master_addr, master_port)
+        from transformers import AutoModelForCausalLM
+
+        s = self.spec
+        ds_train = self._ds_config(train=True, lr=s["lr"])
+
+        def load():
+            return AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=self.torch_dtype)
+
+        model = self._load(load, ds_train)
+        if s["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        self.engine = self._wrap(model, ds_train, train=True, total_opt_steps=total_opt_steps)
+        self.ref = None
+        if s["with_ref"]:
+            ds_ref = self._ds_config(train=False, lr=s["lr"])
+            self.ref = self._wrap(self._load(load, ds_ref), ds_ref, train=False)
+        return {"setup_s": time.perf_counter() - t0}
+
+    # ── forward passes ────────────────────────────────────────────────────
+    def _logp(self, model, batch: dict, temperature: float, with_entropy: bool = False,
+              entropy_grad: bool = False):
+        from ttrl.algos import entropy_from_logits, logprobs_from_logits
+        from ttrl.trainer.batch import response_slice
+
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], use_cache=False)
+        logits = out.logits[:, response_slice(batch)] / temperature  # [b, R, V]
+        R = batch["response_mask"].shape[1]
+        P = int(batch["prompt_width"])
+        targets = batch["input_ids"][:, P:P + R]  # [b, R]
+        logp = logprobs_from_logits(logits, targets)
+        ent = None
+        if with_entropy:
+            # Gradient through the entropy only when it is a loss term (costly).
+            ent = entropy_from_logits(logits if entropy_grad else logits.detach())
+        return logp, ent
+
+    def compute_logprobs(self, batch: dict, temperature: float, which: str = "policy") -> Any:
+        """Log-probs [b, R] of the response tokens under the policy or the reference."""
+        import torch
+
+        model = self.engine if which == "policy" else self.ref
+        if model is None:
+            raise RuntimeError("reference log-probs asked for, but no reference model was loaded")
+        if which == "policy":
+            self.engine.eval()
+        parts = []
+        with torch.no_grad():
+            for mb in self._micro_batches(batch):
+                logp, _ = self._logp(model, self._to_dev(mb), temperature)
+                parts.append(logp.float().cpu())
+        return torch.cat(parts, 0)
+
+    # ── update ────────────────────────────────────────────────────────────
+    def train_step(self, batch: dict, normalizer: float, algo: dict) -> dict[str, float]:
+        """One optimizer step on this rank's share of a mini-batch (micro-batched)."""
+        import torch
+
+        from ttrl.algos import aggregate, kl, policy_loss
+
+        self.engine.train()
+        n_micro = 0
+        sums: dict[str, float] = {}
+        grad_accum = self.spec["grad_accum"]
+        # DeepSpeed divides by the accumulation steps and averages over ranks;
+        # the losses are already normalised by the global count, so undo both.
+        scale = grad_accum * self.world_size
+        for mb in self._micro_batches(batch):
+            mb = self._to_dev(mb)
+            mask = mb["response_mask"]
+            logp, ent = self._logp(self.engine, mb, algo["temperature"], with_entropy=True,
+                                   entropy_grad=algo["entropy_coef"] > 0)
+            loss, stats = policy_loss(
+                algo["policy_loss"], logp, mb["old_logp"], mb["advantages"], mask,
+                clip_low=algo["clip_low"], clip_high=algo["clip_high"], dual_clip=algo["dual_clip"],
+                agg_mode=algo["loss_agg"], normalizer=normalizer)
+            if algo["kl_coef"] > 0 and not algo["kl_in_reward"]:
+                kl_tok = kl(algo["kl_estimator"], logp, mb["ref_logp"])
+                kl_loss = aggregate(kl_tok, mask, algo["loss_agg"], normalizer=normalizer)
+                loss = loss + algo["kl_coef"] * kl_loss
+                stats["kl_loss"] = kl_loss.detach()
+            ent_mean = aggregate(ent, mask, algo["loss_agg"], normalizer=normalizer)
+            stats["pg_loss"] = loss.detach()
+            if algo["entropy_coef"] > 0:
+                loss = loss - algo["entropy_coef"] * ent_mean
+            stats["entropy"] = ent_mean.detach()
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            n_micro += 1
+            for k, v in stats.items():
+                # Losses aggregated with the global normaliser add up across
+                # micro-batches; ratio-like stats are averaged.
+                val = float(v)
+                sums[k] = sums.get(k, 0.0) + val
+        out = {k: (v if k in ("pg_loss", "kl_loss", "entropy") else v / n_micro) for k, v in sums.items()}
+        gn = self.engine.get_global_grad_norm()
+        out["grad_norm"] = float(gn) if gn is not None else float("nan")
+        out["lr"] = float(self.engine.get_lr()[0])
+        if not torch.isfinite(torch.tensor(out["pg_loss"])):
+            out["nonfinite"] = 1.0
+        return out
+
+    # ── weights out ───────────────────────────────────────────────────────
+    def _full_named_params(self, dtype=None) -> Iterator[tuple[str, Any]]:
+        """Full (gathered) parameters one at a time; every rank must iterate."""
+        import deepspeed
+
+        module = self.engine.module
+        zero3 = self.spec["zero_stage"] == 3
+        for name, p in module.named_parameters():
+            if zero3:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    t = p.data.detach().to("cpu", dtype=dtype).clone() if self.rank == 0 else None
+            else:
+                t = p.data.detach().to("cpu", dtype=dtype) if self.rank == 0 else None
+            yield name, t
+
+    def push_weights(self, engines: list, version: int, dtype: str, bucket_mb: int = 256) -> dict[str, float]:
+        """Gather the policy and load it into every rollout engine (rank 0 sends)."""
+        import ray
+
+        from ttrl.rollout.weights import iter_buckets
+
+        t0 = time.perf_counter()
+        td = {"float32": None, "bfloat16": __import__("torch").bfloat16, "float16": __import__("torch").float16}
+        named = ((n, t) for n, t in self._full_named_params(dtype=td.get(dtype)) if t is not None)
+        if self.rank != 0:
+            for _ in named:  # take part in every gather
+                pass
+            return {}
+        blobs = [ray.put(b) for b in iter_buckets(named, bucket_mb << 20)]
+        gather_s = time.perf_counter() - t0
+        # One copy in the object store, read by every engine.
+        results = ray.get([e.load_weights.remote(ray.get(blobs), version) for e in engines])
+        total = time.perf_counter() - t0
+        return {"gather_s": gather_s, "total_s": total, "bytes": results[0]["bytes"],
+                "engine_load_s": max(r["load_s"] for r in results)}
+
+    def save_hf(self, path: str, tokenizer_path: str) -> str | None:
+        """Export the policy as a Hugging Face model dir (rank 0 writes)."""
+        sd = {n: t for n, t in self._full_named_params() if t is not None}
+        if self.rank != 0:
+            return None
+        from transformers import AutoTokenizer
+
+        module = self.engine.module
+        module.save_pretrained(path, state_dict=sd, safe_serialization=True)
+        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
+        return path
+
+    def save_state(self, path: str, tag: str) -> None:
+        """Optimizer, scheduler and sharded weights (collective) for resuming."""
+        self.engine.save_checkpoint(path, tag=tag)
+
+    def load_state(self, path: str, tag: str) -> None:
+        self.engine.load_checkpoint(path, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+
+
+class CriticWorker(_DSWorker):
+    """The PPO value model on one rank: the policy's backbone with a scalar head."""
+
+    def setup(self, master_addr: str, master_port: int, model_path: str, total_opt_steps: int) -> dict:
+        t0 = time.perf_counter()
+        self._init_dist(master_addr, master_port)
+        from transformers import AutoModelForTokenClassification
+
+        s = self.spec
+        ds = self._ds_config(train=True, lr=s["critic_lr"])
+
+        def load():
+            # num_labels=1: one value per token; the head starts random.
+            return AutoModelForTokenClassification.from_pretrained(model_path, num_labels=1,
+                                                                   torch_dtype=self.torch_dtype)
+
+        model = self._load(load, ds)
+        model.config.use_cache = False
+        self.engine = self._wrap(model, ds, train=True, total_opt_steps=total_opt_steps)
+        return {"setup_s": time.perf_counter() - t0}
+
+    def _values(self, batch: dict):
+        from ttrl.trainer.batch import response_slice
+
+        out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          position_ids=batch["position_ids"])
+        # The value of the state before response token t sits where token t is predicted.
+        return out.logits[:, response_slice(batch), 0].float()
+
+    def compute_values(self, batch: dict) -> Any:
+        import torch
+
+        self.engine.eval()
+        parts = []
+        with torch.no_grad():
+            for mb in self._micro_batches(batch):
+                parts.append(self._values(self._to_dev(mb)).cpu())
+        return torch.cat(parts, 0)
+
+    def train_step(self, batch: dict, normalizer: float, algo: dict) -> dict[str, float]:
+        from ttrl.algos import value_loss
+
+        self.engine.train()
+        scale = self.spec["grad_accum"] * self.world_size
+        total, clip, n = 0.0, 0.0, 0
+        for mb in self._micro_batches(batch):
+            mb = self._to_dev(mb)
+            v = self._values(mb)
+            loss, stats = value_loss(v, mb["values"], mb["returns"], mb["response_mask"],
+                                     clip_eps=algo["value_clip"], agg_mode="token_mean", normalizer=normalizer)
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            total += float(loss)
+            clip += float(stats["vf_clip_frac"])
+            n += 1
+        gn = self.engine.get_global_grad_norm()
+        return {"vf_loss": total, "vf_clip_frac": clip / max(n, 1),
+                "critic_grad_norm": float(gn) if gn is not None else float("nan")}
+
+    def save_state(self, path: str, tag: str) -> None:
+        self.engine.save_checkpoint(path, tag=tag)
+
+    def load_state(self, path: str, tag: str) -> None:
+        self.engine.load_checkpoint(path, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
