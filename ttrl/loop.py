@@ -212,9 +212,18 @@ def _progress(step_no: int, total: int, row: dict[str, float], t_start: float, e
     print(" | ".join(parts), file=sys.stderr, flush=True)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> float | None:
-    """Train for the configured number of steps; return the last mean reward."""
-    t_start = time.perf_counter()
+@dataclass
+class Setup:
+    """Everything a run needs before any actor starts."""
+
+    model_path: str
+    tokenizer: Any
+    prompts: list[Prompt]
+    reward: Any
+
+
+def prepare(cfg: Any) -> Setup:
+    """Resolve the model, load and template the prompts, build the reward."""
     model_path = resolve_model_path(cfg.model)
     from transformers import AutoTokenizer
 
@@ -223,17 +232,23 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         tokenizer.pad_token = tokenizer.eos_token
     prompts = [Prompt(p.id, p.problem, p.answer, render_prompt(p.problem, cfg.model, tokenizer))
                for p in load_prompts(cfg.data)]
+    reward_opts: dict[str, Any] = {}
+    if cfg.reward.name == "custom":
+        reward_opts = {"fn": cfg.reward.fn, "needs_ground_truth": cfg.reward.needs_ground_truth}
+    return Setup(model_path, tokenizer, prompts, build_reward(cfg.reward.name, **reward_opts))
+
+
+def run(cfg: DictConfig, run_dir: Path) -> float | None:
+    """Train for the configured number of steps; return the last mean reward."""
+    t_start = time.perf_counter()
+    setup = prepare(cfg)
+    prompts, tokenizer, reward, model_path = setup.prompts, setup.tokenizer, setup.reward, setup.model_path
     sampler = PromptSampler(len(prompts), cfg.data.prompts_per_step, cfg.data.shuffle, cfg.seed)
     steps = total_steps(cfg, len(prompts))
     step_batch = cfg.data.prompts_per_step * cfg.rollout.n_train
     opt_steps = steps * cfg.algorithm.ppo_epochs * (step_batch // (cfg.trainer.mini_batch_size or step_batch))
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
-
-    reward_opts: dict[str, Any] = {}
-    if cfg.reward.name == "custom":
-        reward_opts = {"fn": cfg.reward.fn, "needs_ground_truth": cfg.reward.needs_ground_truth}
-    reward = build_reward(cfg.reward.name, **reward_opts)
 
     quiet = not cfg.logger.progress
     if not quiet:

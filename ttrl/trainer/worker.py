@@ -30,6 +30,14 @@ def _setup_env(rank: int, world_size: int, master_addr: str, master_port: int, d
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def _check_rows(rows: int, grad_accum: int, micro: int) -> None:
+    # DeepSpeed steps the optimizer after exactly `grad_accum` micro-batches;
+    # any other count would silently carry gradients into the next call.
+    if rows != grad_accum * micro:
+        raise ValueError(f"a rank got {rows} rows for one optimizer step, expected "
+                         f"{grad_accum} micro-batches of {micro}")
+
+
 class _DSWorker:
     """Common plumbing: process group, model loading, forward passes."""
 
@@ -190,10 +198,14 @@ class PolicyWorker(_DSWorker):
 
         from ttrl.algos import aggregate, kl, policy_loss
 
+        from ttrl.trainer.batch import batch_size
+
         self.engine.train()
+        lr_used = float(self.engine.get_lr()[0])  # the scheduler moves on after the step
         n_micro = 0
         sums: dict[str, float] = {}
         grad_accum = self.spec["grad_accum"]
+        _check_rows(batch_size(batch), grad_accum, self.spec["micro_batch_size"])
         # DeepSpeed divides by the accumulation steps and averages over ranks;
         # the losses are already normalised by the global count, so undo both.
         scale = grad_accum * self.world_size
@@ -227,7 +239,7 @@ class PolicyWorker(_DSWorker):
         out = {k: (v if k in ("pg_loss", "kl_loss", "entropy") else v / n_micro) for k, v in sums.items()}
         gn = self.engine.get_global_grad_norm()
         out["grad_norm"] = float(gn) if gn is not None else float("nan")
-        out["lr"] = float(self.engine.get_lr()[0])
+        out["lr"] = lr_used
         if not torch.isfinite(torch.tensor(out["pg_loss"])):
             out["nonfinite"] = 1.0
         return out
@@ -267,6 +279,14 @@ class PolicyWorker(_DSWorker):
         total = time.perf_counter() - t0
         return {"gather_s": gather_s, "total_s": total, "bytes": results[0]["bytes"],
                 "engine_load_s": max(r["load_s"] for r in results)}
+
+    def fingerprint(self) -> float | None:
+        """Sum of |w| over all (gathered) parameters: a cheap "did the weights move" check."""
+        total = 0.0
+        for _, t in self._full_named_params():
+            if t is not None:
+                total += float(t.double().abs().sum())
+        return total if self.rank == 0 else None
 
     def save_hf(self, path: str, tokenizer_path: str) -> str | None:
         """Export the policy as a Hugging Face model dir (rank 0 writes)."""
@@ -330,7 +350,10 @@ class CriticWorker(_DSWorker):
     def train_step(self, batch: dict, normalizer: float, algo: dict) -> dict[str, float]:
         from ttrl.algos import value_loss
 
+        from ttrl.trainer.batch import batch_size
+
         self.engine.train()
+        _check_rows(batch_size(batch), self.spec["grad_accum"], self.spec["micro_batch_size"])
         scale = self.spec["grad_accum"] * self.world_size
         total, clip, n = 0.0, 0.0, 0
         for mb in self._micro_batches(batch):

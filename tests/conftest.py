@@ -1,0 +1,46 @@
+"""Shared test plumbing: paths, config composition, markers by folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Quiet, offline, CPU: what every test expects.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "unit" in parts:
+            item.add_marker(pytest.mark.unit)
+        elif "integration" in parts or "e2e" in parts:
+            item.add_marker(pytest.mark.integration)
+
+
+def compose_config(*overrides: str):
+    """The config `ttrl-train` would build from these overrides, validated."""
+    from hydra import compose, initialize_config_dir
+
+    from ttrl.cli import CONF_DIR
+    from ttrl.config import register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    validate(cfg)
+    return cfg
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip(f"no benchmark data: {SHARED_DATA} is missing (clone with ../shared beside the repo)")
+    return SHARED_DATA
