@@ -40,7 +40,8 @@ run: $(STAMP) ## the demo: TTRL teaches a tiny model arithmetic without labels (
 	$(VENV)/bin/ttrl-train experiment=demo
 
 test: $(STAMP) ## all tests: unit (seconds) then integration (real Ray, vLLM CPU, DeepSpeed)
-	$(PY) -m pytest tests -v --durations=15
+	@# pytest exits 5 when it collected nothing: that is a failure, not a pass.
+	$(PY) -m pytest tests -v --durations=15 || { rc=$$?; [ $$rc -eq 5 ] && echo "!! pytest collected no tests"; exit $$rc; }
 
 test-unit: $(STAMP) ## the pure-core unit tests only (no ray, vllm or deepspeed)
 	$(PY) -m pytest tests/unit -q

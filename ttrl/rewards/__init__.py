@@ -1,0 +1,25 @@
+"""Rewards, registered by name: `majority_vote` (TTRL, label-free),
+`ground_truth` (the oracle baseline) and `custom` (a TRL-style user function).
+
+Build one with `build_reward(name, **options)` and call it only through
+`compute_rewards(reward, groups)`, which keeps ground truth away from
+label-free rewards. Nothing here imports torch, ray, vllm or deepspeed.
+"""
+
+# Importing the modules registers their rewards.
+from ttrl.rewards import custom, ground_truth, majority  # noqa: F401
+from ttrl.rewards.base import REWARDS, Reward, RewardOutput, build_reward, compute_rewards
+from ttrl.rewards.custom import CustomReward
+from ttrl.rewards.ground_truth import GroundTruthReward
+from ttrl.rewards.majority import MajorityVoteReward
+
+__all__ = [
+    "REWARDS",
+    "CustomReward",
+    "GroundTruthReward",
+    "MajorityVoteReward",
+    "Reward",
+    "RewardOutput",
+    "build_reward",
+    "compute_rewards",
+]

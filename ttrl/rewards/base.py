@@ -1,0 +1,80 @@
+"""What a reward is, the registry of rewards, and the one way the loop calls one.
+
+A reward is an object with a `needs_ground_truth` flag, called as
+`reward(prompts, completions, answers) -> RewardOutput` where completions and
+answers are [prompt][sample] lists (answers already extracted). Rewards are
+registered by name in `REWARDS` and built from config with `build_reward`.
+
+`compute_rewards` is the only entry point the training loop uses. It hands a
+reward `Prompt.scrubbed()` copies (answer None) unless the reward declares
+`needs_ground_truth`: in a label-free run the ground truth cannot reach a
+reward even by accident. Nothing here imports torch, ray, vllm or deepspeed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ttrl.labeling.vote import Vote
+from ttrl.registry import Registry
+from ttrl.types import Group, Prompt
+
+__all__ = ["REWARDS", "Reward", "RewardOutput", "build_reward", "compute_rewards"]
+
+
+@dataclass
+class RewardOutput:
+    """Rewards of one step's samples, and what the reward learned on the way."""
+
+    rewards: list[list[float]]  # [prompts][samples]
+    # One majority vote per prompt, when the reward computed them (metrics reuse them).
+    votes: list[Vote] | None = None
+    # How many rewards a user function returned as None (they became 0.0).
+    none_count: int = 0
+
+
+class Reward(Protocol):
+    # True only for rewards that grade against the ground truth (oracles).
+    needs_ground_truth: bool
+
+    def __call__(
+        self,
+        prompts: list[Prompt],
+        completions: list[list[str]],  # [prompts][samples]
+        answers: list[list[str | None]],  # [prompts][samples]
+    ) -> RewardOutput: ...
+
+
+REWARDS: Registry[type] = Registry("reward")
+
+
+def build_reward(name: str, **options: Any) -> Reward:
+    """Build the reward registered as `name` from its config options."""
+    cls = REWARDS.get(name)
+    # Checked here so that a wrong option gets one sentence naming the reward,
+    # not a TypeError from deep inside a constructor.
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError as err:
+        raise ValueError(f"reward {name!r} does not accept options {sorted(options)}: {err}") from None
+    return cls(**options)
+
+
+def compute_rewards(reward: Reward, groups: list[Group]) -> RewardOutput:
+    """Reward every sample of every group; the loop's only way to call a reward."""
+    needs_truth = bool(getattr(reward, "needs_ground_truth", False))
+    prompts = [g.prompt if needs_truth else g.prompt.scrubbed() for g in groups]
+    completions = [[s.text for s in g.samples] for g in groups]
+    answers = [[s.answer for s in g.samples] for g in groups]
+    out = reward(prompts, completions, answers)
+
+    shape = [len(g.samples) for g in groups]
+    got = [len(row) for row in out.rewards]
+    if got != shape:
+        raise ValueError(
+            f"reward {type(reward).__name__} returned rewards of shape {got} "
+            f"(samples per prompt), expected {shape}"
+        )
+    return out

@@ -1,0 +1,33 @@
+"""TTRL's label-free reward: 1 if a sample agrees with its prompt's majority vote.
+
+Each prompt's answers are voted on (equivalent answers vote together); a
+sample whose answer is in the winning class gets 1.0, every other sample
+0.0, and a prompt where no sample answered gives all 0.0.
+
+Must never read `prompt.answer`: it is label-free, so `compute_rewards`
+hands it scrubbed prompts, and a test checks that scrubbing changes nothing.
+"""
+
+from __future__ import annotations
+
+from ttrl.labeling.vote import majority_votes
+from ttrl.rewards.base import REWARDS, RewardOutput
+from ttrl.types import Prompt
+
+__all__ = ["MajorityVoteReward"]
+
+
+@REWARDS.register("majority_vote")
+class MajorityVoteReward:
+    needs_ground_truth = False
+
+    def __call__(
+        self,
+        prompts: list[Prompt],
+        completions: list[list[str]],
+        answers: list[list[str | None]],
+    ) -> RewardOutput:
+        votes = majority_votes(answers)
+        # The vote already knows each sample's class: no answer is graded twice.
+        rewards = [[1.0 if vote.agrees(i) else 0.0 for i in range(len(vote.assignment))] for vote in votes]
+        return RewardOutput(rewards=rewards, votes=votes)
