@@ -36,9 +36,28 @@ class TinyModelConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    """How `model.path=tiny-arith` is trained from scratch on the easy arithmetic split.
+
+    Everything here (and model.tiny, data.synthetic) names the cached build:
+    change a number and a new model is trained; keep them and it is reused.
+    """
+
+    steps: int = 750
+    # Then this many steps at half the learning rate.
+    final_steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 256
+    # Share of 2-number sums in the easy split (the rest have data.synthetic.terms numbers).
+    short_share: float = 0.5
+    seed: int = 0
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
-    # A Hugging Face model id or local dir; "tiny" builds the tiny model.
+    # A Hugging Face model id or local dir; "tiny" builds the random tiny
+    # model, "tiny-arith" the tiny model warm-started on the arithmetic task.
     path: str = "tiny"
     tokenizer_path: Optional[str] = None
     # How a problem becomes a prompt: "plain" (the template below) or "chat"
@@ -51,6 +70,7 @@ class ModelConfig:
     max_model_len: int = 1024
     trust_remote_code: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
 
 
 # ── data ───────────────────────────────────────────────────────────────────
@@ -195,6 +215,8 @@ class EvalConfig:
     max_new_tokens: Optional[int] = None  # null = rollout.max_new_tokens
     ks: list[int] = field(default_factory=lambda: [1, 16])
     greedy: bool = False
+    # `ttrl-eval` only: a checkpoint or model dir that replaces model.path.
+    checkpoint: Optional[str] = None
 
 
 # ── logger ─────────────────────────────────────────────────────────────────
@@ -394,7 +416,7 @@ def validate(cfg: DictConfig | TTRLConfig) -> None:
     e = c.eval
     if e.every_n_steps < 0 or e.n_samples < 1:
         fail("eval.every_n_steps must be >= 0 and eval.n_samples >= 1.")
-    if any(k < 1 or k > e.n_samples for k in e.ks):
+    if not e.greedy and any(k < 1 or k > e.n_samples for k in e.ks):
         fail(f"eval.ks={list(e.ks)} must lie between 1 and eval.n_samples={e.n_samples}.")
     if not e.greedy and e.temperature <= 0:
         fail(f"eval.temperature={e.temperature} must be > 0 unless eval.greedy=true.")

@@ -29,7 +29,8 @@ from ttrl.data.sampler import PromptSampler
 from ttrl.data.templates import render_prompt
 from ttrl.distributed.runtime import Runtime
 from ttrl.labeling.extract import extract_answer
-from ttrl.labeling.vote import majority_vote
+from ttrl.labeling import grade
+from ttrl.labeling.vote import majority_votes
 from ttrl.metrics.label_quality import label_quality
 from ttrl.metrics.logger import JsonlLogger, Loggers
 from ttrl.models import resolve_model_path
@@ -70,7 +71,7 @@ def step(ctx: Ctx, prompts: list[Prompt]) -> dict[str, float]:
     # ── 2+3. label without labels, reward agreement with the vote ─────────
     t = time.perf_counter()
     out = compute_rewards(ctx.reward, groups)                    # rewards [P][n_votes]
-    votes = out.votes if out.votes is not None else [majority_vote(g.answers()) for g in groups]
+    votes = out.votes if out.votes is not None else majority_votes([g.answers() for g in groups])
     timings["timing/label"] = time.perf_counter() - t
 
     # ── keep n_train of the n_votes samples per prompt ────────────────────
@@ -145,6 +146,18 @@ def subsample(n_votes: int, n_train: int, how: str, rng: random.Random) -> list[
     return sorted(rng.sample(range(n_votes), n_train))
 
 
+def evaluate_policy(ctx: Ctx, prompts: list[Prompt]) -> dict[str, float]:
+    """eval/* metrics of the current policy on `prompts` (ground truth: metrics only)."""
+    from ttrl.eval.runner import evaluate
+
+    e = ctx.cfg.eval
+    ids = [ctx.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+    summary, _ = evaluate(ctx.rt.generate, prompts, ids, n=e.n_samples, temperature=e.temperature, top_p=e.top_p,
+                          max_tokens=e.max_new_tokens or ctx.cfg.rollout.max_new_tokens, ks=list(e.ks),
+                          greedy=e.greedy)
+    return {f"eval/{k}": v for k, v in summary.items() if k not in ("n_problems", "n_samples")}
+
+
 # ── the run ───────────────────────────────────────────────────────────────
 def algo_options(cfg: Any) -> dict:
     a = cfg.algorithm
@@ -197,6 +210,39 @@ def save_checkpoint(rt: Runtime, run_dir: Path, step_no: int, sampler: PromptSam
     return final
 
 
+def _eval_line(row: dict[str, float]) -> str:
+    return ", ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("eval/") and "@" in k
+                     and not k.endswith("_stderr"))
+
+
+def finish_report(run_dir: Path, cfg: Any, history: list[dict[str, float]], wall: float, quiet: bool) -> None:
+    """Plot the run; print a before/after table when it was evaluated at both ends."""
+    from ttrl.metrics.plot import plot_run
+
+    rows = history
+    if (run_dir / "metrics.jsonl").exists():  # a resumed run plots its whole history
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    png = plot_run(rows, run_dir / "training.png", title=f"{cfg.experiment}: {cfg.algorithm.name}, "
+                   f"reward={cfg.reward.name}")
+    if quiet:
+        return
+    evals = [r for r in rows if r.get("eval/pass@1") is not None]
+    steps = [r for r in rows if r.get("step", 0) > 0 and r.get("label/accuracy") is not None]
+    if len(evals) >= 2 and steps:
+        first, last = evals[0], evals[-1]
+        maj = next((k for k in last if k.startswith("eval/maj@") and k != "eval/maj@1" and "stderr" not in k), None)
+        lines = [f"{'':<28}{'before':>10}{'after':>10}",
+                 f"{'pass@1 (test prompts)':<28}{first['eval/pass@1']:>10.3f}{last['eval/pass@1']:>10.3f}"]
+        if maj:
+            lines.append(f"{maj[5:] + ' (test prompts)':<28}{first.get(maj, float('nan')):>10.3f}{last[maj]:>10.3f}")
+        lines += [
+            f"{'pseudo-label accuracy':<28}{steps[0]['label/accuracy']:>10.3f}{steps[-1]['label/accuracy']:>10.3f}",
+            f"{'majority ratio':<28}{steps[0]['label/majority_ratio']:>10.3f}{steps[-1]['label/majority_ratio']:>10.3f}",
+        ]
+        print("\n" + "\n".join(lines), file=sys.stderr)
+    print(f"ttrl: done in {wall:.0f}s ({wall / 60:.1f} min); plot {png}; run dir {run_dir}", file=sys.stderr)
+
+
 def _progress(step_no: int, total: int, row: dict[str, float], t_start: float, enabled: bool) -> None:
     if not enabled:
         return
@@ -224,7 +270,8 @@ class Setup:
 
 def prepare(cfg: Any) -> Setup:
     """Resolve the model, load and template the prompts, build the reward."""
-    model_path = resolve_model_path(cfg.model)
+    grade.configure(timeout_s=cfg.label.grade_timeout_s)
+    model_path = resolve_model_path(cfg.model, cfg.data)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_path)
@@ -283,17 +330,27 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
                   file=sys.stderr, flush=True)
 
         ctx = Ctx(cfg, rt, reward, tokenizer, algo_options(cfg), rng)
+        history: list[dict[str, float]] = []
+        if cfg.eval.at_start and start == 0:
+            history.append({"step": 0, **evaluate_policy(ctx, prompts)})
+            log.log(history[-1])
+            if not quiet:
+                print(f"ttrl: before training: {_eval_line(history[-1])}", file=sys.stderr, flush=True)
         row: dict[str, float] = {}
         for step_no in range(start + 1, steps + 1):
             batch = [prompts[i] for i in sampler.next_batch()]
             row = {"step": step_no, **step(ctx, batch)}
+            every = cfg.eval.every_n_steps
+            if (every and step_no % every == 0) or (cfg.eval.at_end and step_no == steps):
+                row |= evaluate_policy(ctx, prompts)
             log.log(row)
+            history.append(row)
             _progress(step_no, steps, row, t_start, not quiet)
             save_every = cfg.trainer.save_every
             if (save_every and step_no % save_every == 0) or step_no == steps:
                 save_checkpoint(rt, run_dir, step_no, sampler, rng, cfg.trainer.keep_last)
-        if not quiet:
-            print(f"ttrl: done in {time.perf_counter() - t_start:.0f}s; run dir {run_dir}", file=sys.stderr)
+        wall = time.perf_counter() - t_start
+        finish_report(run_dir, cfg, history, wall, quiet)
         return row.get("reward/mean")
     finally:
         for s in sinks:

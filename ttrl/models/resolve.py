@@ -17,8 +17,14 @@ class ModelError(ValueError):
     """A model dir that cannot be used; the message names the path."""
 
 
-def resolve_model_path(model_cfg: Any, check: bool = True) -> str:
-    """The local dir (or hub id) of the configured model; builds `tiny`."""
+def resolve_model_path(model_cfg: Any, data_cfg: Any = None, check: bool = True) -> str:
+    """The local dir (or hub id) of the configured model; builds `tiny` and `tiny-arith`."""
+    if model_cfg.path == "tiny-arith":
+        from ttrl.config import SyntheticDataConfig
+        from ttrl.models.warmstart import ensure_warmstart
+
+        synth = data_cfg.synthetic if data_cfg is not None else SyntheticDataConfig()
+        return str(ensure_warmstart(model_cfg, synth))
     if model_cfg.path == "tiny":
         t = model_cfg.tiny
         spec = tiny_spec(t.hidden_size, t.num_layers, t.num_heads, t.head_dim, t.intermediate_size, t.seed,

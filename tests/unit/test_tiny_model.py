@@ -1,0 +1,41 @@
+"""The tiny model the project builds itself: cached by content, byte-level tokenizer, vLLM-safe shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from ttrl.models.tiny import byte_symbols, ensure_tiny_model, spec_hash, tiny_spec
+
+
+def test_spec_rejects_head_dim_vllm_cannot_run():
+    with pytest.raises(ValueError, match="head_dim >= 32"):
+        tiny_spec(32, 1, 2, 16, 64, 0)
+    with pytest.raises(ValueError, match="must equal num_heads"):
+        tiny_spec(100, 1, 2, 64, 64, 0)
+
+
+def test_byte_symbols_are_distinct_and_printable():
+    syms = byte_symbols()
+    assert len(syms) == 256 == len(set(syms))
+    assert all(s.isprintable() and not s.isspace() for s in syms)
+    assert syms[ord("7")] == "7"
+
+
+def test_build_is_cached_by_content_and_tokenizer_round_trips(tmp_path, monkeypatch):
+    monkeypatch.setenv("TTRL_CACHE", str(tmp_path))
+    spec = tiny_spec(64, 1, 1, 64, 128, seed=3, max_position_embeddings=256)
+    path = ensure_tiny_model(spec)
+    assert path.name.endswith(spec_hash(spec))
+    assert ensure_tiny_model(spec) == path  # second call reuses the build
+    assert not list(path.parent.glob("*.tmp-*")), "no half-written build left behind"
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    text = "12+34=\\boxed{46}\n ü"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert len(ids) == len(text.encode())  # one token per byte
+    cfg = AutoConfig.from_pretrained(path)
+    assert cfg.head_dim == 64 and cfg.num_hidden_layers == 1
+    other = tiny_spec(64, 1, 1, 64, 128, seed=4, max_position_embeddings=256)
+    assert spec_hash(other) != spec_hash(spec)

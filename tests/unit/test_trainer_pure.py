@@ -1,0 +1,81 @@
+"""Pure parts of the trainer side: batch packing, DeepSpeed config, LR schedule, metrics file."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ttrl.metrics.logger import JsonlLogger
+from ttrl.trainer.batch import concat, pack_batch, response_slice, select, split
+from ttrl.trainer.ds_config import build_ds_config, lr_lambda
+
+
+def test_pack_batch_aligns_responses_and_positions():
+    b = pack_batch([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0, behavior_logps=[[-1.0, -2.0], [-3.0, -4.0, -5.0]])
+    # prompts left-padded to 3, responses right-padded to 3
+    assert b["input_ids"].tolist() == [[5, 6, 7, 1, 2, 0], [0, 0, 8, 3, 4, 9]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    # positions count real tokens only, so left padding does not shift them
+    assert b["position_ids"][1, 2:].tolist() == [0, 1, 2, 3]
+    assert b["response_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert b["behavior_logp"].tolist() == [[-1, -2, 0], [-3, -4, -5]]
+    # logits at column P-1+t predict response token t
+    s = response_slice(b)
+    assert (s.start, s.stop) == (2, 5)
+
+
+def test_select_split_concat_round_trip():
+    b = pack_batch([[1]] * 4, [[2, 3]] * 4, pad_id=0)
+    parts = split(b, 2)
+    assert [p["input_ids"].shape[0] for p in parts] == [2, 2]
+    back = concat(parts)
+    assert torch.equal(back["input_ids"], b["input_ids"])
+    assert select(b, slice(1, 3))["input_ids"].shape[0] == 2
+    with pytest.raises(ValueError, match="3 equal parts"):
+        split(b, 3)
+
+
+def test_ds_config_from_trainer_settings():
+    cfg = build_ds_config(zero_stage=3, micro_batch_size=4, grad_accum=2, world_size=2, lr=1e-5, betas=(0.9, 0.99),
+                          weight_decay=0.0, grad_clip=1.0, dtype="bfloat16", device="cuda", offload=True)
+    assert cfg["train_batch_size"] == 16
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    assert cfg["optimizer"]["params"]["lr"] == 1e-5
+    frozen = build_ds_config(zero_stage=2, micro_batch_size=4, grad_accum=1, world_size=1, lr=1.0, betas=(0.9, 0.99),
+                             weight_decay=0.0, grad_clip=1.0, dtype="float32", device="cpu", offload=False, train=False)
+    assert "optimizer" not in frozen
+    cpu = build_ds_config(zero_stage=2, micro_batch_size=1, grad_accum=1, world_size=1, lr=1.0, betas=(0.9, 0.99),
+                          weight_decay=0.0, grad_clip=1.0, dtype="float32", device="cpu", offload=False)
+    assert cpu["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_lr_schedules():
+    cos = lr_lambda("cosine", warmup_steps=2, total_steps=12, min_ratio=0.1)
+    assert cos(0) == pytest.approx(0.5) and cos(1) == pytest.approx(1.0)
+    assert cos(2) == pytest.approx(1.0)
+    assert cos(7) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert cos(12) == pytest.approx(0.1)
+    assert lr_lambda("constant", 0, 10, 0.0)(9) == 1.0
+    assert lr_lambda("linear", 0, 10, 0.0)(5) == pytest.approx(0.5)
+
+
+def test_jsonl_logger_resume_drops_later_and_torn_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = JsonlLogger(path)
+    for s in (1, 2, 3):
+        log.log({"step": s, "x": float(s)})
+    log.close()
+    with path.open("a") as fh:
+        fh.write('{"step": 4, "x"')  # torn by a kill
+    log = JsonlLogger(path)
+    log.truncate_from(3)
+    log.log({"step": 3, "x": 30.0, "nan": float("nan")})
+    log.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["x"] == 30.0 and rows[-1]["nan"] is None

@@ -1,0 +1,82 @@
+"""`ttrl-eval`: evaluate a model or checkpoint on a benchmark with k samples per problem.
+
+    ttrl-eval model=qwen2.5-math-1.5b data=math500 eval.n_samples=16 eval.ks=[1,4,16]
+    ttrl-eval eval.checkpoint=outputs/demo/.../checkpoints/step_80/policy experiment=demo
+    ttrl-eval ... eval.greedy=true
+
+Writes `eval.json` (pass@1, pass@k, maj@k with standard errors, settings)
+and `eval_problems.jsonl` (one line per problem: answers, correctness, vote)
+into the run dir. One vLLM engine in this process; no Ray, no trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ttrl.cli import CONF_DIR, run_hydra
+from ttrl.config import ConfigError, register_configs, validate
+
+register_configs()
+
+
+def run_eval(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+    from ttrl.distributed.runtime import resolve_device, resolve_dtype
+    from ttrl.eval.runner import evaluate
+    from ttrl.loop import prepare
+    from ttrl.rollout.vllm_engine import EngineArgs, VLLMEngine
+
+    e = cfg.eval
+    if e.checkpoint:
+        cfg = OmegaConf.merge(cfg, {"model": {"path": e.checkpoint}})
+    setup = prepare(cfg)
+    device = resolve_device(cfg.device)
+    r = cfg.rollout
+    engine = VLLMEngine(EngineArgs(
+        model_path=setup.model_path, dtype=resolve_dtype(cfg.model.dtype, device),
+        max_model_len=cfg.model.max_model_len, seed=cfg.seed,
+        enforce_eager=(device == "cpu") if r.enforce_eager is None else r.enforce_eager,
+        enable_prefix_caching=r.enable_prefix_caching, gpu_memory_utilization=r.gpu_memory_utilization,
+        tensor_parallel_size=r.tensor_parallel_size, cpu_kv_cache_gb=r.cpu_kv_cache_gb, device=device))
+    ids = [setup.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in setup.prompts]
+    t0 = time.perf_counter()
+    summary, records = evaluate(engine.generate, setup.prompts, ids, n=e.n_samples, temperature=e.temperature,
+                                top_p=e.top_p, max_tokens=e.max_new_tokens or r.max_new_tokens, ks=list(e.ks),
+                                greedy=e.greedy)
+    result = {
+        "model": setup.model_path, "data": cfg.data.name, "n_samples": 1 if e.greedy else e.n_samples,
+        "temperature": 0.0 if e.greedy else e.temperature, "top_p": e.top_p, "greedy": e.greedy,
+        "metrics": summary, "wall_s": time.perf_counter() - t0,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    with (out_dir / "eval_problems.jsonl").open("w") as fh:
+        for rec in records:
+            fh.write(json.dumps({k: v for k, v in rec.items() if k != "classes"}) + "\n")
+    line = ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if "@" in k and "stderr" not in k)
+    print(f"ttrl-eval: {len(records)} problems: {line}; wrote {out_dir / 'eval.json'}", file=sys.stderr)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _main(cfg: DictConfig) -> None:
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        print(f"ttrl-eval: config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    run_eval(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+def main() -> None:
+    run_hydra(_main, "ttrl-eval")
+
+
+if __name__ == "__main__":
+    main()
