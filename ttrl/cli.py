@@ -69,7 +69,11 @@ def _one_sentence(err: BaseException) -> str | None:
 def run_hydra(entry: Callable[[], None], prog: str) -> None:
     """Run a @hydra.main function, turning config mistakes into one sentence."""
     # Let Hydra raise instead of printing, so that we can word the message.
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    # Like `python -m`: user code named in the config (reward.fn=my_mod:fn)
+    # is importable from the directory the command runs in.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         entry()
     except SystemExit:

@@ -124,6 +124,9 @@ class RolloutConfig:
     # Release the KV cache while training when engines share GPUs with it.
     sleep_between_steps: bool = False
     seed: int = 0
+    # A rollout engine that dies is restarted by Ray, re-synced with the
+    # current weights, and the generation retried up to this many times.
+    max_retries: int = 2
 
 
 # ── label ──────────────────────────────────────────────────────────────────
@@ -190,6 +193,8 @@ class TrainerConfig:
     lr: float = 5e-7
     lr_schedule: str = "cosine"  # cosine | constant | linear
     warmup_steps: int = 0
+    # Warmup as a share of all optimizer steps; used when warmup_steps is 0.
+    warmup_ratio: Optional[float] = None
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -201,6 +206,9 @@ class TrainerConfig:
     offload: bool = False
     gradient_checkpointing: bool = False
     dtype: str = "auto"
+    # A non-finite loss or gradient norm skips the update; this many skips in
+    # a row stop the run (the last checkpoint stays intact).
+    max_skipped_steps: int = 3
 
 
 # ── eval ───────────────────────────────────────────────────────────────────
@@ -254,6 +262,38 @@ class ClusterConfig:
     placement_timeout_s: float = 300.0
 
 
+# ── safety ─────────────────────────────────────────────────────────────────
+@dataclass
+class SafetyConfig:
+    """Collapse detectors for label-free training (see ttrl/metrics/safety.py).
+
+    Self-training can collapse: the majority ratio climbs to 1 while answers
+    stop being right, or the policy's entropy collapses. Each threshold
+    below is checked on a moving average over `window` steps; null disables it.
+    """
+
+    # warn: log an event | stop: end the run | rollback: reload the best
+    # evaluated checkpoint and multiply the learning rate by lr_factor.
+    action: str = "warn"
+    window: int = 5
+    min_entropy: Optional[float] = None
+    max_majority_ratio: Optional[float] = None
+    # Mean response length leaving [min, max] tokens.
+    min_response_length: Optional[float] = None
+    max_response_length: Optional[float] = None
+    # eval/pass@1 falling this far (absolute) below the best seen so far.
+    max_eval_drop: Optional[float] = None
+    lr_factor: float = 0.5
+    max_rollbacks: int = 2
+
+
+@dataclass
+class FaultConfig:
+    """Deliberate faults, for testing the guards above; leave empty in real runs."""
+
+    nan_loss_at_steps: list[int] = field(default_factory=list)
+
+
 # ── root ───────────────────────────────────────────────────────────────────
 @dataclass
 class TTRLConfig:
@@ -270,6 +310,8 @@ class TTRLConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
 
 def register_configs() -> None:
@@ -292,6 +334,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "reward.name": ("majority_vote", "ground_truth", "custom", "reward_model"),
     "logger.wandb.mode": ("online", "offline", "disabled"),
     "cluster.placement": ("colocate", "split"),
+    "safety.action": ("warn", "stop", "rollback"),
     "device": ("auto", "cpu", "cuda"),
     "trainer.zero_stage": (0, 1, 2, 3),
 }
@@ -310,6 +353,11 @@ def validate(cfg: DictConfig | TTRLConfig) -> None:
 
     def fail(msg: str) -> None:
         raise ConfigError(msg)
+
+    if isinstance(cfg, DictConfig):
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            fail(f"{missing[0]} must be set (it is ??? in the config).")
 
     for key, allowed in _CHOICES.items():
         value = _get(c, key)
@@ -420,6 +468,18 @@ def validate(cfg: DictConfig | TTRLConfig) -> None:
         fail(f"eval.ks={list(e.ks)} must lie between 1 and eval.n_samples={e.n_samples}.")
     if not e.greedy and e.temperature <= 0:
         fail(f"eval.temperature={e.temperature} must be > 0 unless eval.greedy=true.")
+
+    sf = c.safety
+    if sf.window < 1 or not 0 < sf.lr_factor <= 1:
+        fail("safety.window must be >= 1 and safety.lr_factor in (0, 1].")
+    if sf.action == "rollback" and not (c.trainer.save_every and c.eval.every_n_steps):
+        fail("safety.action=rollback needs trainer.save_every > 0 and eval.every_n_steps > 0"
+             " (it rolls back to the best evaluated checkpoint).")
+    if t.max_skipped_steps < 1:
+        fail(f"trainer.max_skipped_steps={t.max_skipped_steps} must be at least 1.")
+
+    if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
+        fail(f"trainer.warmup_ratio={t.warmup_ratio} must be in [0, 1).")
 
     cl = c.cluster
     if cl.address not in (None, "auto", "local") and ":" not in str(cl.address):

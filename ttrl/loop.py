@@ -190,15 +190,19 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
 
 
 def save_checkpoint(rt: Runtime, run_dir: Path, step_no: int, sampler: PromptSampler, rng: random.Random,
-                    keep_last: int) -> Path:
-    """Write checkpoints/step_N atomically (tmp dir, then rename) and prune old ones."""
+                    keep_last: int, eval_pass1: float | None = None, protect: Path | None = None) -> Path:
+    """Write checkpoints/step_N atomically (tmp dir, then rename) and prune old ones.
+
+    `protect` (the best evaluated checkpoint, the rollback target) survives pruning.
+    """
     root = run_dir / "checkpoints"
     final = root / f"step_{step_no}"
     tmp = root / f".tmp-step_{step_no}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     rt.save(str(tmp))
-    state = {"step": step_no, "sampler": sampler.state_dict(), "weights_version": rt.weights_version}
+    state = {"step": step_no, "sampler": sampler.state_dict(), "weights_version": rt.weights_version,
+             "weights_fingerprint": rt.fingerprint(), "eval_pass1": eval_pass1}
     (tmp / "trainer_state.json").write_text(json.dumps(state))
     torch.save({"python": rng.getstate(), "torch": torch.get_rng_state()}, tmp / "rng.pt")
     shutil.rmtree(final, ignore_errors=True)
@@ -206,8 +210,13 @@ def save_checkpoint(rt: Runtime, run_dir: Path, step_no: int, sampler: PromptSam
     complete = sorted((p for p in root.glob("step_*") if (p / "trainer_state.json").exists()),
                       key=lambda p: int(p.name.split("_")[1]))
     for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if protect is None or old.resolve() != protect.resolve():
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class RunStopped(RuntimeError):
+    """The run stopped itself (non-finite updates, a collapse): the message says why and what is kept."""
 
 
 def _eval_line(row: dict[str, float]) -> str:
@@ -256,6 +265,69 @@ def _progress(step_no: int, total: int, row: dict[str, float], t_start: float, e
             parts.append(fmt.format(row[key]))
     parts.append(f"ETA {eta:.0f}s")
     print(" | ".join(parts), file=sys.stderr, flush=True)
+
+
+class Guard:
+    """Numerical and self-training safety, checked after every step.
+
+    Counts skipped (non-finite) updates and stops after
+    `trainer.max_skipped_steps` in a row; runs the collapse detectors and
+    applies `safety.action` (warn, stop, or rollback to the best evaluated
+    checkpoint with a lower learning rate).
+    """
+
+    def __init__(self, cfg: Any, rt: Runtime, run_dir: Path, quiet: bool):
+        from ttrl.metrics.safety import CollapseDetector
+
+        self.cfg, self.rt, self.run_dir, self.quiet = cfg, rt, run_dir, quiet
+        self.detector = CollapseDetector(cfg.safety)
+        self.skips = 0
+        self.rollbacks = 0
+        self.best_ckpt: Path | None = None
+        self.best_eval: float | None = None
+
+    def saved(self, path: Path, eval_pass1: float | None) -> None:
+        if eval_pass1 is not None and (self.best_eval is None or eval_pass1 > self.best_eval):
+            self.best_ckpt, self.best_eval = path, eval_pass1
+
+    def _say(self, msg: str) -> None:
+        print(f"ttrl: {msg}", file=sys.stderr, flush=True)
+
+    def check(self, row: dict[str, Any]) -> str | None:
+        """Add event/* keys to `row`; return a reason when the run must stop."""
+        if row.get("train/skipped"):
+            self.skips += 1
+            row["event/skipped_update"] = f"non-finite loss or gradient norm: update skipped ({self.skips} in a row)"
+            self._say(row["event/skipped_update"])
+            if self.skips >= self.cfg.trainer.max_skipped_steps:
+                return (f"{self.skips} updates in a row had a non-finite loss or gradient norm; stopping. "
+                        f"The last checkpoint in {self.run_dir / 'checkpoints'} is intact.")
+        else:
+            self.skips = 0
+        events = self.detector.update(row)
+        if not events:
+            return None
+        msg = "; ".join(e.message for e in events)
+        row["event/collapse"] = msg
+        action = self.cfg.safety.action
+        row["event/action"] = action
+        self._say(f"collapse warning at step {row['step']}: {msg} (action: {action})")
+        if action == "stop":
+            return f"collapse detected ({msg}); stopping as safety.action=stop asks."
+        if action == "rollback":
+            if self.best_ckpt is None or self.rollbacks >= self.cfg.safety.max_rollbacks:
+                row["event/action"] = "rollback impossible"
+                return (f"collapse detected ({msg}) and no rollback left "
+                        f"({self.rollbacks} done, best checkpoint {self.best_ckpt}); stopping.")
+            self.rt.load(str(self.best_ckpt))
+            lr = self.rt.scale_lr(self.cfg.safety.lr_factor ** (self.rollbacks + 1))
+            self.rt.sync_weights()
+            self.rollbacks += 1
+            self.detector.reset()
+            row["event/rollback_to"] = str(self.best_ckpt)
+            row["event/lr_after_rollback"] = lr
+            self._say(f"rolled back to {self.best_ckpt} (eval pass@1 {self.best_eval:.3f}); lr now {lr:.3g}")
+        return None
 
 
 @dataclass
@@ -313,6 +385,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         log = Loggers(sinks)
 
         start = 0
+        resume_info: dict[str, Any] = {}
         ckpt = find_checkpoint(run_dir, cfg.trainer.resume)
         if ckpt is not None:
             state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -324,6 +397,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             start = int(state["step"])
             rt.sync_weights()
             jsonl.truncate_from(start + 1)
+            resume_info = {"resume/from_step": float(start), "resume/weights_fingerprint": rt.fingerprint(),
+                           "resume/checkpoint_fingerprint": state.get("weights_fingerprint")}
             print(f"ttrl: resumed from {ckpt} at step {start}", file=sys.stderr, flush=True)
         if not quiet:
             print(f"ttrl: ready in {rt.startup_s:.0f}s; training {steps} steps, run dir {run_dir}",
@@ -336,19 +411,27 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             log.log(history[-1])
             if not quiet:
                 print(f"ttrl: before training: {_eval_line(history[-1])}", file=sys.stderr, flush=True)
+        guard = Guard(cfg, rt, run_dir, quiet)
         row: dict[str, float] = {}
         for step_no in range(start + 1, steps + 1):
             batch = [prompts[i] for i in sampler.next_batch()]
-            row = {"step": step_no, **step(ctx, batch)}
+            ctx.algo["inject_nan"] = step_no in cfg.faults.nan_loss_at_steps
+            row = {"step": step_no, **step(ctx, batch)} | resume_info
+            resume_info = {}
             every = cfg.eval.every_n_steps
             if (every and step_no % every == 0) or (cfg.eval.at_end and step_no == steps):
                 row |= evaluate_policy(ctx, prompts)
+            stop_reason = guard.check(row)  # may roll back, adding event/* keys to the row
             log.log(row)
             history.append(row)
             _progress(step_no, steps, row, t_start, not quiet)
+            if stop_reason:
+                raise RunStopped(stop_reason)
             save_every = cfg.trainer.save_every
             if (save_every and step_no % save_every == 0) or step_no == steps:
-                save_checkpoint(rt, run_dir, step_no, sampler, rng, cfg.trainer.keep_last)
+                path = save_checkpoint(rt, run_dir, step_no, sampler, rng, cfg.trainer.keep_last,
+                                       eval_pass1=row.get("eval/pass@1"), protect=guard.best_ckpt)
+                guard.saved(path, row.get("eval/pass@1"))
         wall = time.perf_counter() - t_start
         finish_report(run_dir, cfg, history, wall, quiet)
         return row.get("reward/mean")

@@ -41,9 +41,14 @@ def _main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     write_resolved_config(cfg, run_dir)
-    from ttrl.loop import run  # heavy imports (torch, ray) only now
+    from ttrl.distributed.group import WorkerDiedError  # heavy imports (torch, ray) only now
+    from ttrl.loop import RunStopped, run
 
-    return run(cfg, run_dir)
+    try:
+        return run(cfg, run_dir)
+    except (RunStopped, WorkerDiedError) as err:
+        print(f"ttrl-train: stopped: {err}", file=sys.stderr)
+        sys.exit(3)
 
 
 def main() -> None:

@@ -10,6 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
+
+
+class WorkerDiedError(RuntimeError):
+    """A trainer rank died: its state is gone, the run must resume from a checkpoint."""
 
 
 class WorkerGroup:
@@ -28,8 +33,17 @@ class WorkerGroup:
             self.actors.append(remote_cls.options(**opts).remote(rank, world_size, spec))
         self.master_addr, self.master_port = ray.get(self.actors[0].node_address.remote())
 
+    def _get(self, refs: list[ray.ObjectRef], method: str) -> list[Any]:
+        try:
+            return ray.get(refs)
+        except RayActorError as err:
+            raise WorkerDiedError(
+                f"a {self.name} rank died during {method}() ({type(err).__name__}); ZeRO shards cannot be"
+                " rebuilt from the other ranks, so the run stops here: restart it with trainer.resume=auto"
+                " to continue from the last checkpoint") from err
+
     def call(self, method: str, *args, **kwargs) -> list[Any]:
-        return ray.get(self.call_async(method, *args, **kwargs))
+        return self._get(self.call_async(method, *args, **kwargs), method)
 
     def call_async(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
@@ -37,7 +51,7 @@ class WorkerGroup:
     def call_sharded(self, method: str, shards: list[Any], *args, **kwargs) -> list[Any]:
         if len(shards) != self.world_size:
             raise ValueError(f"{self.name}: {len(shards)} shards for {self.world_size} ranks")
-        return ray.get([getattr(a, method).remote(s, *args, **kwargs) for a, s in zip(self.actors, shards)])
+        return self._get([getattr(a, method).remote(s, *args, **kwargs) for a, s in zip(self.actors, shards)], method)
 
     def setup(self, *args) -> list[Any]:
         return self.call("setup", self.master_addr, self.master_port, *args)

@@ -8,12 +8,14 @@ engines; it knows nothing of rewards, votes or ground truth.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict
 from typing import Any
 
 import ray
 import torch
+from ray.exceptions import RayActorError
 
 from ttrl.algos import aggregation_normalizer
 from ttrl.distributed.group import WorkerGroup
@@ -86,7 +88,8 @@ class Runtime:
         spec = dict(device=self.device, dtype=self.dtype, seed=cfg.seed, zero_stage=t.zero_stage,
                     micro_batch_size=t.micro_batch_size, grad_accum=grad_accum, betas=list(t.betas),
                     weight_decay=t.weight_decay, grad_clip=t.grad_clip, offload=t.offload, lr=t.lr,
-                    critic_lr=a.critic_lr, lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
+                    critic_lr=a.critic_lr, lr_schedule=t.lr_schedule,
+                    warmup_steps=t.warmup_steps or round((t.warmup_ratio or 0.0) * total_opt_steps),
                     min_lr_ratio=t.min_lr_ratio, gradient_checkpointing=t.gradient_checkpointing,
                     with_ref=self.need_ref)
         self.policy = WorkerGroup(PolicyWorker, W, spec, name="policy", num_gpus=trainer_gpus)
@@ -103,11 +106,48 @@ class Runtime:
         self.startup_s = time.perf_counter() - t0
         self.engine_startup_s = max(i["startup_s"] for i in infos)
         self.weights_version = 0
+        self.engine_restarts = 0
 
     # ── rollout ───────────────────────────────────────────────────────────
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, top_k: int,
                  max_tokens: int, seed: int | None = None) -> list[list[dict]]:
-        """n samples for every prompt, prompts spread over the engines in contiguous chunks."""
+        """n samples for every prompt; a dead engine is restarted, re-synced, and the call retried."""
+        retries = self.cfg.rollout.max_retries
+        for attempt in range(retries + 1):
+            try:
+                return self._generate_once(prompt_ids, n, temperature, top_p, top_k, max_tokens, seed)
+            except RayActorError as err:
+                if attempt == retries:
+                    raise RuntimeError(f"rollout engine failed {retries + 1} times in a row; giving up") from err
+                self.engine_restarts += 1
+                print(f"ttrl: a rollout engine died ({type(err).__name__}); restarting and re-syncing "
+                      f"(retry {attempt + 1}/{retries})", file=sys.stderr, flush=True)
+                self.recover_engines()
+        raise AssertionError("unreachable")
+
+    def recover_engines(self, timeout_s: float = 600.0) -> list[int]:
+        """Wait for Ray to restart dead engines, then push the current weights into them."""
+        deadline = time.monotonic() + timeout_s
+        stale: list[int] = []
+        for i, e in enumerate(self.engines):
+            while True:
+                try:
+                    info = ray.get(e.info.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                    break
+                except (RayActorError, ray.exceptions.GetTimeoutError) as err:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"rollout engine {i} did not come back within {timeout_s:.0f}s") from err
+                    time.sleep(1.0)
+            if info["weights_version"] != self.weights_version:
+                stale.append(i)
+        if stale and self.weights_version > 0:
+            self.policy.call("push_weights", [self.engines[i] for i in stale], self.weights_version,
+                             self.engine_dtype)
+        return stale
+
+    def _generate_once(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, top_k: int,
+                       max_tokens: int, seed: int | None) -> list[list[dict]]:
+        """Prompts spread over the engines in contiguous chunks."""
         E = len(self.engines)
         chunk = -(-len(prompt_ids) // E)
         parts = [prompt_ids[i * chunk:(i + 1) * chunk] for i in range(E)]
@@ -195,6 +235,16 @@ class Runtime:
         self.policy.call("load_state", f"{path}/policy_ds", "ds")
         if self.critic:
             self.critic.call("load_state", f"{path}/critic_ds", "ds")
+
+    def fingerprint(self) -> float:
+        """Sum of |w| of the policy (to check that a resume restored the weights)."""
+        return self.policy.call("fingerprint")[0]
+
+    def scale_lr(self, factor: float) -> float:
+        lr = self.policy.call("scale_lr", factor)[0]
+        if self.critic:
+            self.critic.call("scale_lr", factor)
+        return lr
 
     def shutdown(self) -> None:
         for e in self.engines:

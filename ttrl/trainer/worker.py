@@ -13,6 +13,7 @@ and hands them to every rollout engine.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -117,6 +118,15 @@ class _DSWorker:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched))
         return engine
+
+    def scale_lr(self, factor: float) -> float:
+        """Multiply the learning rate (and the schedule's peak) by `factor`."""
+        sched = self.engine.lr_scheduler
+        if sched is not None and hasattr(sched, "base_lrs"):
+            sched.base_lrs = [lr * factor for lr in sched.base_lrs]
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] *= factor
+        return float(self.engine.get_lr()[0])
 
     def _to_dev(self, batch: dict):
         dev = "cpu" if self.device == "cpu" else "cuda"
@@ -228,6 +238,8 @@ class PolicyWorker(_DSWorker):
             if algo["entropy_coef"] > 0:
                 loss = loss - algo["entropy_coef"] * ent_mean
             stats["entropy"] = ent_mean.detach()
+            if algo.get("inject_nan"):
+                loss = loss * float("nan")  # fault injection (tests of the guard)
             self.engine.backward(loss * scale)
             self.engine.step()
             n_micro += 1
@@ -240,8 +252,10 @@ class PolicyWorker(_DSWorker):
         gn = self.engine.get_global_grad_norm()
         out["grad_norm"] = float(gn) if gn is not None else float("nan")
         out["lr"] = lr_used
-        if not torch.isfinite(torch.tensor(out["pg_loss"])):
-            out["nonfinite"] = 1.0
+        # ZeRO skips the optimizer step itself when the gradient norm is not
+        # finite; report whether it did, so the loop can count skips.
+        finite = math.isfinite(out["pg_loss"]) and math.isfinite(out["grad_norm"])
+        out["skipped"] = float(not (self.engine.was_step_applied() and finite))
         return out
 
     # ── weights out ───────────────────────────────────────────────────────
