@@ -1,0 +1,113 @@
+"""Faults, injected for real: a killed run resumes, a killed engine comes back, NaNs are skipped.
+
+Every test runs the real stack (Ray, vLLM CPU, DeepSpeed on gloo) with the
+tiny random model and a fake reward that varies across samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+TTRL_TRAIN = str(Path(sys.executable).parent / "ttrl-train")
+FAKE = ["reward=custom", "reward.fn=tests.integration.rewards_fake:digit_share", "logger.progress=false",
+        "trainer.lr=1e-3", "trainer.lr_schedule=constant"]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _train(run_dir: Path, *overrides: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([TTRL_TRAIN, "experiment=debug", *FAKE, f"hydra.run.dir={run_dir}", *overrides],
+                          capture_output=True, text=True, timeout=800, cwd=Path(__file__).parents[2], **kw)
+
+
+def test_sigkill_then_resume_continues_without_gaps_or_duplicates(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["trainer.total_steps=6", "trainer.save_every=2", "trainer.keep_last=3"]
+    proc = subprocess.Popen([TTRL_TRAIN, "experiment=debug", *FAKE, f"hydra.run.dir={run_dir}", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parents[2], start_new_session=True)
+    second = run_dir / "checkpoints" / "step_4" / "trainer_state.json"
+    deadline = time.monotonic() + 600
+    while not second.exists():
+        assert proc.poll() is None, f"run ended before its second checkpoint: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no second checkpoint within 10 minutes"
+        time.sleep(0.2)
+    # Kill the driver and everything it started (Ray, engines, trainers), hard.
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    resumed = _train(run_dir, *args, "trainer.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stderr
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6], "steps duplicated or missing after the resume"
+    first_after = rows[4]
+    assert first_after["resume/from_step"] == 4
+    # The resumed policy is the checkpoint's policy, to the last bit of the fingerprint.
+    assert first_after["resume/weights_fingerprint"] == pytest.approx(
+        first_after["resume/checkpoint_fingerprint"], rel=1e-12)
+    state = json.loads((run_dir / "checkpoints" / "step_6" / "trainer_state.json").read_text())
+    assert state["step"] == 6
+
+
+def test_nan_loss_is_skipped_then_a_streak_stops_the_run_cleanly(tmp_path):
+    run_dir = tmp_path / "run"
+    res = _train(run_dir, "trainer.total_steps=6", "trainer.save_every=1", "trainer.keep_last=5",
+                 "faults.nan_loss_at_steps=[2,4,5]", "trainer.max_skipped_steps=2")
+    assert res.returncode == 3, res.stderr[-3000:]
+    last = [line for line in res.stderr.splitlines() if line.startswith("ttrl-train: stopped:")]
+    assert last and "non-finite" in last[0] and "checkpoint" in last[0]
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[1]["train/skipped"] == 1 and "event/skipped_update" in rows[1]
+    assert rows[2]["train/skipped"] == 0
+    ckpts = run_dir / "checkpoints"
+
+    def fp(step):
+        return json.loads((ckpts / f"step_{step}" / "trainer_state.json").read_text())["weights_fingerprint"]
+
+    # A skipped update leaves the weights exactly as they were; a real one moves them.
+    assert fp(2) == fp(1)
+    assert fp(3) != fp(2)
+    assert fp(4) == fp(3)
+    assert not (ckpts / "step_5").exists(), "no checkpoint is written after the stop"
+
+
+def test_killed_rollout_engine_is_restarted_and_resynced():
+    import random
+
+    from tests.conftest import compose_config
+    from ttrl.distributed.runtime import Runtime
+    from ttrl.loop import Ctx, algo_options, prepare, step
+
+    cfg = compose_config("experiment=debug", *FAKE)
+    setup = prepare(cfg)
+    rt = Runtime(cfg, setup.model_path, total_opt_steps=4)
+    try:
+        ctx = Ctx(cfg, rt, setup.reward, setup.tokenizer, algo_options(cfg), random.Random(0))
+        k = cfg.data.prompts_per_step
+        step(ctx, setup.prompts[:k])
+        old_pid = ray.get(rt.engines[0].info.remote())["pid"]
+        ray.kill(rt.engines[0], no_restart=False)  # Ray restarts it with the original weights
+        row = step(ctx, setup.prompts[k:2 * k])
+        assert rt.engine_restarts == 1
+        info = ray.get(rt.engines[0].info.remote())
+        assert info["pid"] != old_pid
+        # The restarted engine sampled with the trainer's current weights: it was re-synced.
+        assert row["rollout/logprob_diff"] < 1e-3
+        assert info["weights_version"] == rt.weights_version
+    finally:
+        rt.shutdown()
