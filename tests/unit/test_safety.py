@@ -1,0 +1,108 @@
+"""Collapse detectors and the run's guard, on scripted metric streams (no engine).
+
+`FakeRuntime` stands in for the distributed Runtime: it records what the
+guard asks of it (load a checkpoint, scale the lr, sync) and nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from ttrl.config import TTRLConfig
+from ttrl.loop import Guard
+from ttrl.metrics.safety import CollapseDetector
+
+
+def _cfg(**safety):
+    cfg = OmegaConf.structured(TTRLConfig)
+    for k, v in safety.items():
+        cfg.safety[k] = v
+    return cfg
+
+
+class FakeRuntime:
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def load(self, path):
+        self.calls.append(("load", path))
+
+    def scale_lr(self, factor):
+        self.calls.append(("scale_lr", factor))
+        return 1e-5 * factor
+
+    def sync_weights(self):
+        self.calls.append(("sync",))
+        return {}
+
+
+def test_majority_ratio_and_entropy_use_a_moving_average():
+    det = CollapseDetector(_cfg(window=3, max_majority_ratio=0.9, min_entropy=0.05).safety)
+    assert det.update({"label/majority_ratio": 0.99, "train/entropy": 0.01}) == []  # window not full yet
+    assert det.update({"label/majority_ratio": 0.99, "train/entropy": 0.5}) == []
+    events = det.update({"label/majority_ratio": 0.95, "train/entropy": 0.5})
+    assert [e.signal for e in events] == ["label/majority_ratio"]  # entropy mean 0.337 is fine
+    assert "0.9767" in events[0].message and "above 0.9" in events[0].message
+
+
+def test_response_length_bounds_and_eval_drop():
+    det = CollapseDetector(_cfg(window=1, min_response_length=4.0, max_response_length=100.0,
+                                max_eval_drop=0.1).safety)
+    assert [e.signal for e in det.update({"rollout/response_length": 2.0})] == ["rollout/response_length"]
+    assert [e.signal for e in det.update({"rollout/response_length": 200.0})] == ["rollout/response_length"]
+    assert det.update({"eval/pass@1": 0.50}) == []
+    assert det.update({"eval/pass@1": 0.45}) == []  # within the allowed drop
+    assert [e.signal for e in det.update({"eval/pass@1": 0.39})] == ["eval/pass@1"]
+
+
+def test_disabled_thresholds_never_fire():
+    det = CollapseDetector(_cfg(window=1).safety)
+    for _ in range(5):
+        assert det.update({"label/majority_ratio": 1.0, "train/entropy": 0.0, "eval/pass@1": 0.0}) == []
+
+
+@pytest.mark.parametrize("action", ["warn", "stop", "rollback"])
+def test_guard_applies_each_action(action, tmp_path):
+    cfg = _cfg(window=2, max_majority_ratio=0.9, action=action, lr_factor=0.5)
+    rt = FakeRuntime()
+    guard = Guard(cfg, rt, tmp_path, quiet=True)
+    guard.saved(tmp_path / "checkpoints" / "step_2", eval_pass1=0.6)
+    guard.saved(tmp_path / "checkpoints" / "step_4", eval_pass1=0.4)  # worse: not the rollback target
+    rows = [{"step": s, "label/majority_ratio": r} for s, r in [(5, 0.5), (6, 0.95), (7, 0.99)]]
+    reasons = [guard.check(row) for row in rows]
+    assert reasons[:2] == [None, None]
+    fired = rows[2]
+    assert "label/majority_ratio" in fired["event/collapse"] and fired["event/action"] == action
+    if action == "warn":
+        assert reasons[2] is None and rt.calls == []
+    elif action == "stop":
+        assert "safety.action=stop" in reasons[2] and rt.calls == []
+    else:
+        assert reasons[2] is None
+        assert rt.calls == [("load", str(tmp_path / "checkpoints" / "step_2")), ("scale_lr", 0.5), ("sync",)]
+        assert fired["event/rollback_to"].endswith("step_2")
+        assert fired["event/lr_after_rollback"] == pytest.approx(5e-6)
+
+
+def test_guard_rollback_limit_then_stop(tmp_path):
+    cfg = _cfg(window=1, max_majority_ratio=0.9, action="rollback", max_rollbacks=1)
+    rt = FakeRuntime()
+    guard = Guard(cfg, rt, tmp_path, quiet=True)
+    guard.saved(Path("ck/step_1"), eval_pass1=0.5)
+    assert guard.check({"step": 2, "label/majority_ratio": 1.0}) is None  # first rollback
+    reason = guard.check({"step": 3, "label/majority_ratio": 1.0})
+    assert reason and "no rollback left" in reason
+
+
+def test_guard_counts_consecutive_skips(tmp_path):
+    cfg = _cfg()
+    cfg.trainer.max_skipped_steps = 2
+    guard = Guard(cfg, FakeRuntime(), tmp_path, quiet=True)
+    assert guard.check({"step": 1, "train/skipped": 1.0}) is None
+    assert guard.check({"step": 2, "train/skipped": 0.0}) is None  # streak broken
+    assert guard.check({"step": 3, "train/skipped": 1.0}) is None
+    reason = guard.check({"step": 4, "train/skipped": 1.0})
+    assert reason and "2 updates in a row" in reason
