@@ -124,6 +124,10 @@ class RolloutConfig:
     # Release the KV cache while training when engines share GPUs with it.
     sleep_between_steps: bool = False
     seed: int = 0
+    # Generate step k+1 while step k trains (one step off-policy): the
+    # stale samples are reweighted by min(pi_old/pi_behaviour, tis_cap).
+    overlap: bool = False
+    tis_cap: Optional[float] = 2.0
     # A rollout engine that dies is restarted by Ray, re-synced with the
     # current weights, and the generation retried up to this many times.
     max_retries: int = 2
@@ -233,17 +237,28 @@ class WandbConfig:
     enabled: bool = False
     project: str = "ttrl"
     entity: Optional[str] = None
+    # null: the jobs of one `-m` sweep share "<experiment>/<sweep dir name>"
+    # (PPO, GRPO and SER runs of a sweep line up); a single run has no group.
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    # null: "<experiment>/<the job's overrides>", e.g. "debug/algorithm=ppo,seed=1".
     name: Optional[str] = None
     mode: str = "offline"  # online | offline | disabled
+    notes: Optional[str] = None
 
 
 @dataclass
 class LoggerConfig:
     jsonl: bool = True  # metrics.jsonl in the run dir, always on by default
-    samples_every: int = 10  # a table of prompts/completions/votes every N steps
+    samples_every: int = 10  # a table of prompts/completions/votes every N steps (0 = never)
+    # Size of that table: the first `samples_prompts` prompts of the step,
+    # `samples_per_prompt` completions each (samples.jsonl and W&B).
+    samples_prompts: int = 4
+    samples_per_prompt: int = 4
     progress: bool = True
+    # The metric `ttrl-train` returns at the end of a run (its last value):
+    # what a Hydra sweeper such as Optuna (hydra/sweeper=optuna_lr_kl) optimises.
+    objective: str = "reward/mean"
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -260,6 +275,13 @@ class ClusterConfig:
     gpus_per_node: int = 0
     # Seconds to wait for actors to be placed before naming what is missing.
     placement_timeout_s: float = 300.0
+    # cluster=slurm: CPUs asked for each SLURM job (sbatch --cpus-per-task).
+    cpus_per_node: int = 8
+    # Custom Ray resources each trainer rank / rollout engine asks for, to pin
+    # them to nodes started with `ray start --resources='{"trainer": 8}'`:
+    # cluster.trainer_resources={trainer: 1}. Empty: placed anywhere.
+    trainer_resources: dict[str, float] = field(default_factory=dict)
+    engine_resources: dict[str, float] = field(default_factory=dict)
 
 
 # ── safety ─────────────────────────────────────────────────────────────────
@@ -378,6 +400,8 @@ def validate(cfg: DictConfig | TTRLConfig) -> None:
         fail(f"rollout.top_p={r.top_p} must be in (0, 1].")
     if r.max_new_tokens < 1:
         fail(f"rollout.max_new_tokens={r.max_new_tokens} must be at least 1.")
+    if r.tis_cap is not None and r.tis_cap < 1:
+        fail(f"rollout.tis_cap={r.tis_cap} must be >= 1 or null (it caps an importance weight).")
     if r.num_engines < 1 or r.tensor_parallel_size < 1:
         fail("rollout.num_engines and rollout.tensor_parallel_size must be at least 1.")
     if not 0 < r.gpu_memory_utilization <= 1:
@@ -484,6 +508,15 @@ def validate(cfg: DictConfig | TTRLConfig) -> None:
     cl = c.cluster
     if cl.address not in (None, "auto", "local") and ":" not in str(cl.address):
         fail(f"cluster.address={cl.address!r} must be null, 'auto' or 'host:port'.")
+    if cl.nodes < 1 or cl.gpus_per_node < 0 or cl.cpus_per_node < 1:
+        fail("cluster.nodes and cluster.cpus_per_node must be at least 1, cluster.gpus_per_node at least 0.")
+    for group in ("trainer_resources", "engine_resources"):
+        for name, amount in dict(getattr(cl, group)).items():
+            if name in ("CPU", "GPU", "memory"):
+                fail(f"cluster.{group}.{name}: CPU, GPU and memory are set by the run itself; name a custom"
+                     " resource of `ray start --resources` here.")
+            if not amount > 0:
+                fail(f"cluster.{group}.{name}={amount} must be > 0.")
 
 
 def to_container(cfg: DictConfig) -> dict:

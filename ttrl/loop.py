@@ -51,21 +51,54 @@ class Ctx:
     rng: random.Random
 
 
-def step(ctx: Ctx, prompts: list[Prompt]) -> dict[str, float]:
-    cfg, rt, r = ctx.cfg, ctx.rt, ctx.cfg.rollout
-    timings: dict[str, float] = {}
-    t_step = time.perf_counter()
+@dataclass
+class Rollout:
+    """A batch of prompts whose samples are being (or have been) generated."""
 
-    # ── 1. rollout: n_votes samples per prompt on the vLLM engines ────────
-    t = time.perf_counter()
+    prompts: list[Prompt]
+    prompt_ids: list[list[int]]
+    handle: Any = None
+    groups: list[Group] | None = None
+    t_submit: float = 0.0
+    generate_s: float = 0.0
+
+
+def start_rollout(ctx: Ctx, prompts: list[Prompt]) -> Rollout:
+    """Submit n_votes samples per prompt to the engines; returns at once."""
+    r = ctx.cfg.rollout
     prompt_ids = [ctx.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
-    outs = rt.generate(prompt_ids, n=r.n_votes, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                       max_tokens=r.max_new_tokens)                              # [P][n_votes]
-    groups = [Group(p, ids, [Sample(text=o["text"], token_ids=o["token_ids"], logprobs=o["logprobs"],
-                                    answer=extract_answer(o["text"]), finish_reason=o["finish_reason"])
-                             for o in out])
-              for p, ids, out in zip(prompts, prompt_ids, outs)]
-    timings["timing/generate"] = time.perf_counter() - t
+    handle = ctx.rt.submit_generate(prompt_ids, n=r.n_votes, temperature=r.temperature, top_p=r.top_p,
+                                    top_k=r.top_k, max_tokens=r.max_new_tokens)
+    return Rollout(prompts, prompt_ids, handle, t_submit=time.perf_counter())
+
+
+def finish_rollout(ctx: Ctx, ro: Rollout) -> Rollout:
+    """Wait for the samples and extract each one's answer."""
+    t = time.perf_counter()
+    outs = ctx.rt.collect(ro.handle)                                             # [P][n_votes]
+    ro.groups = [Group(p, ids, [Sample(text=o["text"], token_ids=o["token_ids"], logprobs=o["logprobs"],
+                                       answer=extract_answer(o["text"]), finish_reason=o["finish_reason"])
+                                for o in out])
+                 for p, ids, out in zip(ro.prompts, ro.prompt_ids, outs)]
+    # Time the step waited for generation (all of it unless generation overlapped training).
+    ro.generate_s = time.perf_counter() - t
+    return ro
+
+
+def step(ctx: Ctx, prompts: list[Prompt]) -> dict[str, float]:
+    """One synchronous step: generate with the current weights, then learn from it."""
+    t_step = time.perf_counter()
+    ro = finish_rollout(ctx, start_rollout(ctx, prompts))
+    ro.generate_s = time.perf_counter() - t_step
+    return learn(ctx, ro, t_step)
+
+
+def learn(ctx: Ctx, ro: Rollout, t_step: float) -> dict[str, float]:
+    """Label, reward, update and sync on a finished rollout; returns the step's metrics."""
+    cfg, rt, r = ctx.cfg, ctx.rt, ctx.cfg.rollout
+    groups = ro.groups
+    assert groups is not None, "finish_rollout first"
+    timings: dict[str, float] = {"timing/generate": ro.generate_s}
     n_tokens = sum(len(s.token_ids) for g in groups for s in g.samples)
 
     # ── 2+3. label without labels, reward agreement with the vote ─────────
@@ -122,7 +155,8 @@ def step(ctx: Ctx, prompts: list[Prompt]) -> dict[str, float]:
     stats |= {
         "reward/mean": float(torch.tensor(out.rewards).float().mean()),
         "reward/train_mean": float(rewards.mean()),
-        "rollout/tokens_per_s": n_tokens / max(timings["timing/generate"], 1e-9),
+        "rollout/tokens_per_s": n_tokens / max(time.perf_counter() - ro.t_submit if r.overlap
+                                               else timings["timing/generate"], 1e-9),
         "rollout/response_length": n_tokens / max(len(groups) * r.n_votes, 1),
         # Engine vs trainer log-probs of the same tokens, before the update:
         # near zero when the last weight sync worked.
@@ -189,7 +223,7 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
     return complete[-1] if complete else None
 
 
-def save_checkpoint(rt: Runtime, run_dir: Path, step_no: int, sampler: PromptSampler, rng: random.Random,
+def save_checkpoint(rt: Runtime, run_dir: Path, step_no: int, sampler_state: dict, rng: random.Random,
                     keep_last: int, eval_pass1: float | None = None, protect: Path | None = None) -> Path:
     """Write checkpoints/step_N atomically (tmp dir, then rename) and prune old ones.
 
@@ -201,7 +235,7 @@ def save_checkpoint(rt: Runtime, run_dir: Path, step_no: int, sampler: PromptSam
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     rt.save(str(tmp))
-    state = {"step": step_no, "sampler": sampler.state_dict(), "weights_version": rt.weights_version,
+    state = {"step": step_no, "sampler": sampler_state, "weights_version": rt.weights_version,
              "weights_fingerprint": rt.fingerprint(), "eval_pass1": eval_pass1}
     (tmp / "trainer_state.json").write_text(json.dumps(state))
     torch.save({"python": rng.getstate(), "torch": torch.get_rng_state()}, tmp / "rng.pt")
@@ -213,6 +247,10 @@ def save_checkpoint(rt: Runtime, run_dir: Path, step_no: int, sampler: PromptSam
         if protect is None or old.resolve() != protect.resolve():
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class SetupError(ValueError):
+    """The run cannot start: bad data, model dir or reward; the message names it."""
 
 
 class RunStopped(RuntimeError):
@@ -360,7 +398,11 @@ def prepare(cfg: Any) -> Setup:
 def run(cfg: DictConfig, run_dir: Path) -> float | None:
     """Train for the configured number of steps; return the last mean reward."""
     t_start = time.perf_counter()
-    setup = prepare(cfg)
+    try:
+        setup = prepare(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad data rows, model dirs or reward functions: the message names the culprit.
+        raise SetupError(str(err)) from err
     prompts, tokenizer, reward, model_path = setup.prompts, setup.tokenizer, setup.reward, setup.model_path
     sampler = PromptSampler(len(prompts), cfg.data.prompts_per_step, cfg.data.shuffle, cfg.seed)
     steps = total_steps(cfg, len(prompts))
@@ -413,10 +455,22 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
                 print(f"ttrl: before training: {_eval_line(history[-1])}", file=sys.stderr, flush=True)
         guard = Guard(cfg, rt, run_dir, quiet)
         row: dict[str, float] = {}
+        overlap = cfg.rollout.overlap
+        ctx.algo["tis_cap"] = cfg.rollout.tis_cap if overlap else None
+        t_last = time.perf_counter()
+        pending: Rollout | None = None
         for step_no in range(start + 1, steps + 1):
-            batch = [prompts[i] for i in sampler.next_batch()]
+            if pending is None:
+                pending = start_rollout(ctx, [prompts[i] for i in sampler.next_batch()])
+            ro, pending = finish_rollout(ctx, pending), None
+            # What a checkpoint of this step records: the batches trained so far.
+            sampler_state = sampler.state_dict()
+            if overlap and step_no < steps:
+                # The engines start on the next batch now, with the weights of the
+                # last sync, while this batch trains: one step off-policy.
+                pending = start_rollout(ctx, [prompts[i] for i in sampler.next_batch()])
             ctx.algo["inject_nan"] = step_no in cfg.faults.nan_loss_at_steps
-            row = {"step": step_no, **step(ctx, batch)} | resume_info
+            row = {"step": step_no, **learn(ctx, ro, t_last)} | resume_info
             resume_info = {}
             every = cfg.eval.every_n_steps
             if (every and step_no % every == 0) or (cfg.eval.at_end and step_no == steps):
@@ -425,11 +479,12 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             log.log(row)
             history.append(row)
             _progress(step_no, steps, row, t_start, not quiet)
+            t_last = time.perf_counter()
             if stop_reason:
                 raise RunStopped(stop_reason)
             save_every = cfg.trainer.save_every
             if (save_every and step_no % save_every == 0) or step_no == steps:
-                path = save_checkpoint(rt, run_dir, step_no, sampler, rng, cfg.trainer.keep_last,
+                path = save_checkpoint(rt, run_dir, step_no, sampler_state, rng, cfg.trainer.keep_last,
                                        eval_pass1=row.get("eval/pass@1"), protect=guard.best_ckpt)
                 guard.saved(path, row.get("eval/pass@1"))
         wall = time.perf_counter() - t_start

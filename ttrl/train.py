@@ -42,10 +42,13 @@ def _main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     write_resolved_config(cfg, run_dir)
     from ttrl.distributed.group import WorkerDiedError  # heavy imports (torch, ray) only now
-    from ttrl.loop import RunStopped, run
+    from ttrl.loop import RunStopped, SetupError, run
 
     try:
         return run(cfg, run_dir)
+    except SetupError as err:
+        print(f"ttrl-train: cannot start: {err}", file=sys.stderr)
+        sys.exit(2)
     except (RunStopped, WorkerDiedError) as err:
         print(f"ttrl-train: stopped: {err}", file=sys.stderr)
         sys.exit(3)

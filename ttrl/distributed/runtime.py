@@ -112,10 +112,28 @@ class Runtime:
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, top_k: int,
                  max_tokens: int, seed: int | None = None) -> list[list[dict]]:
         """n samples for every prompt; a dead engine is restarted, re-synced, and the call retried."""
+        return self.collect(self.submit_generate(prompt_ids, n, temperature, top_p, top_k, max_tokens, seed))
+
+    def submit_generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, top_k: int,
+                        max_tokens: int, seed: int | None = None) -> tuple[list, tuple]:
+        """Start generating (prompts spread over the engines in contiguous chunks); `collect` the result."""
+        args = (prompt_ids, n, temperature, top_p, top_k, max_tokens, seed)
+        E = len(self.engines)
+        chunk = -(-len(prompt_ids) // E)
+        parts = [prompt_ids[i * chunk:(i + 1) * chunk] for i in range(E)]
+        refs = [e.generate.remote(p, n, temperature, top_p, top_k, max_tokens, None if seed is None else seed + i)
+                for i, (e, p) in enumerate(zip(self.engines, parts)) if p]
+        return refs, args
+
+    def collect(self, handle: tuple[list, tuple]) -> list[list[dict]]:
+        refs, args = handle
         retries = self.cfg.rollout.max_retries
         for attempt in range(retries + 1):
             try:
-                return self._generate_once(prompt_ids, n, temperature, top_p, top_k, max_tokens, seed)
+                out: list[list[dict]] = []
+                for res in ray.get(refs):
+                    out.extend(res)
+                return out
             except RayActorError as err:
                 if attempt == retries:
                     raise RuntimeError(f"rollout engine failed {retries + 1} times in a row; giving up") from err
@@ -123,6 +141,7 @@ class Runtime:
                 print(f"ttrl: a rollout engine died ({type(err).__name__}); restarting and re-syncing "
                       f"(retry {attempt + 1}/{retries})", file=sys.stderr, flush=True)
                 self.recover_engines()
+                refs, args = self.submit_generate(*args)
         raise AssertionError("unreachable")
 
     def recover_engines(self, timeout_s: float = 600.0) -> list[int]:
@@ -144,20 +163,6 @@ class Runtime:
             self.policy.call("push_weights", [self.engines[i] for i in stale], self.weights_version,
                              self.engine_dtype)
         return stale
-
-    def _generate_once(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, top_k: int,
-                       max_tokens: int, seed: int | None) -> list[list[dict]]:
-        """Prompts spread over the engines in contiguous chunks."""
-        E = len(self.engines)
-        chunk = -(-len(prompt_ids) // E)
-        parts = [prompt_ids[i * chunk:(i + 1) * chunk] for i in range(E)]
-        refs = [e.generate.remote(p, n, temperature, top_p, top_k, max_tokens,
-                                  None if seed is None else seed + i)
-                for i, (e, p) in enumerate(zip(self.engines, parts)) if p]
-        out: list[list[dict]] = []
-        for res in ray.get(refs):
-            out.extend(res)
-        return out
 
     def engine_score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                      engine: int = 0) -> list[list[float]]:

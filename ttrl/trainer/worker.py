@@ -227,7 +227,10 @@ class PolicyWorker(_DSWorker):
             loss, stats = policy_loss(
                 algo["policy_loss"], logp, mb["old_logp"], mb["advantages"], mask,
                 clip_low=algo["clip_low"], clip_high=algo["clip_high"], dual_clip=algo["dual_clip"],
-                agg_mode=algo["loss_agg"], normalizer=normalizer)
+                agg_mode=algo["loss_agg"], normalizer=normalizer,
+                # Off-policy samples (overlap mode): reweight by pi_old / pi_behaviour, capped.
+                behavior_logp=mb["behavior_logp"] if algo.get("tis_cap") else None,
+                tis_cap=algo.get("tis_cap"))
             if algo["kl_coef"] > 0 and not algo["kl_in_reward"]:
                 kl_tok = kl(algo["kl_estimator"], logp, mb["ref_logp"])
                 kl_loss = aggregate(kl_tok, mask, algo["loss_agg"], normalizer=normalizer)
