@@ -1,15 +1,31 @@
 """Code that runs inside vLLM's worker processes (loaded by `worker_extension_cls`).
 
 vLLM instantiates its workers itself; this mixin adds the methods the
-rollout actor reaches through `llm.collective_rpc`. Bytes in, in-place
-reload out. The method must not be called `update_weights`: vLLM's workers
-already have one. Validation happens in the rollout actor before this runs.
+rollout actor reaches through `llm.collective_rpc`. Two ways in:
+
+- CPU/Ray path: packed bytes in, one whole-model `reload_weights` out.
+- GPU path: every worker (each TP rank of each engine) joins the trainer's
+  NCCL weight group once, then each step receives the planned buckets by
+  broadcast and streams them into vLLM's layerwise reload: each layer is
+  rebuilt as soon as all its tensors are in, so nothing near a second copy of
+  the model is ever held.
+
+Methods must not be called `update_weights` or `*_weight_update`: vLLM's
+workers already have those. Validation (names, shapes, dtypes) happens in the
+rollout actor before any of this runs; this code must never leave the model
+half-reloaded: whatever happens during a round, every bucket is still
+received (the sender would hang in NCCL otherwise) and the layerwise reload
+is always finalized (otherwise layers stay on the meta device and the engine
+is dead).
 """
 
 from __future__ import annotations
 
+import time
+
 
 class TTRLWorkerExtension:
+    # ── CPU/Ray path ──────────────────────────────────────────────────────
     def ttrl_load_weights(self, blobs: list[bytes]) -> int:
         """Load a full set of weights (several packed buckets) in place."""
         from ttrl.rollout.weights import unpack
@@ -22,3 +38,96 @@ class TTRLWorkerExtension:
         # one call (a partial set would leave the rest as meta tensors).
         self.model_runner.reload_weights(weights_iterator=named())
         return len(blobs)
+
+    # ── GPU path: NCCL ────────────────────────────────────────────────────
+    def ttrl_device_uuid(self) -> str:
+        """This worker's GPU, to refuse a group where two ranks share one."""
+        from ttrl.rollout.nccl_sync import gpu_uuid
+
+        return gpu_uuid(self.device)
+
+    def ttrl_init_weight_group(self, master_addr: str, master_port: int, rank_offset: int,
+                               world_size: int) -> int:
+        """Join the trainer's weight group as rank `rank_offset + this worker's rank`.
+
+        Blocks until every rank (trainer rank 0 and all engine workers) has
+        joined, so the caller starts all of them at once. Returns the rank.
+        Calling it again replaces the group (after an engine restart, every
+        member must join a new one: an NCCL group cannot take in a new peer).
+        """
+        from ttrl.rollout.nccl_sync import open_weight_group
+
+        self.ttrl_close_weight_group()
+        # self.rank: this worker's rank inside its engine (TP x PP), so the
+        # workers of one engine take rank_offset .. rank_offset + TP*PP - 1.
+        rank = rank_offset + self.rank
+        self._ttrl_weight_comm = open_weight_group(master_addr, master_port, rank, world_size, self.device)
+        return rank
+
+    def ttrl_close_weight_group(self) -> None:
+        comm = getattr(self, "_ttrl_weight_comm", None)
+        if comm is not None:
+            comm.destroy()
+            self._ttrl_weight_comm = None
+
+    def ttrl_receive_weights(self, bucket_metas: list[dict]) -> dict[str, float]:
+        """Receive one full set of weights by broadcast and reload it layer by layer.
+
+        `bucket_metas` is the sender's plan (`nccl_sync.plan_to_wire`), already
+        checked by the rollout actor against the checkpoint. The prefix cache
+        is the caller's to reset (it lives in the engine core, not here).
+        """
+        import torch
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+
+        from ttrl.rollout.nccl_sync import plan_from_wire, receive_buckets
+
+        comm = getattr(self, "_ttrl_weight_comm", None)
+        if comm is None:
+            raise RuntimeError("weight sync: ttrl_receive_weights before ttrl_init_weight_group")
+        plan = plan_from_wire(bucket_metas)  # raises before the round starts
+        t0 = time.perf_counter()
+        cuda = self.device.type == "cuda"
+
+        def bcast(buf):
+            # The stream explicitly: vLLM's own current stream, on which the
+            # model runs; the views of `buf` are consumed on it too.
+            comm.broadcast(buf, src=0, stream=torch.cuda.current_stream() if cuda else None)
+
+        model = self.model_runner.get_model()
+        error: BaseException | None = None
+        nbytes = 0
+        with set_current_vllm_config(self.vllm_config), torch.no_grad():
+            # Layerwise reload: every layer goes back to the meta device and
+            # buffers what load_weights hands it; the layer is rebuilt on the
+            # device, post-processed and copied into its old storage (so
+            # CUDA graphs stay valid) as soon as all its tensors are in. That
+            # is what makes streaming bucket by bucket legal here, where one
+            # reload_weights call per bucket would not be.
+            initialize_layerwise_reload(model)
+            try:
+                for named in receive_buckets(plan, bcast, self.device):
+                    nbytes += sum(t.numel() * t.element_size() for _, t in named)
+                    if error is None:
+                        try:
+                            model.load_weights(named)
+                        except Exception as e:  # keep receiving: the sender is mid-round
+                            error = e
+            finally:
+                # Layers that got nothing get their old tensors back; without
+                # this call they would stay on the meta device.
+                finalize_layerwise_reload(model, self.model_config)
+        if cuda:
+            torch.cuda.current_stream().synchronize()  # the new weights are in place on return
+        # What GPUModelRunner.reload_weights resets after a reload: state
+        # derived from the old weights.
+        self.model_runner.reset_lora_state()
+        self.model_runner.reset_encoder_cache()
+        self.model_runner.reset_mm_cache()
+        if error is not None:
+            raise RuntimeError(f"weight sync: loading a received bucket failed: {error!r}") from error
+        return {"bytes": float(nbytes), "receive_s": time.perf_counter() - t0}
