@@ -131,6 +131,12 @@ class RolloutConfig:
     # A rollout engine that dies is restarted by Ray, re-synced with the
     # current weights, and the generation retried up to this many times.
     max_retries: int = 2
+    # How new weights reach the engines: "ray" (packed bytes through the
+    # object store; works everywhere), "nccl" (broadcast from trainer rank 0's
+    # GPU; needs cluster.placement=split), "auto" (nccl where it can, else ray).
+    weight_sync: str = "auto"
+    # Upper bound of one weight bucket (one NCCL broadcast / one Ray blob), MiB.
+    sync_bucket_mb: int = 256
 
 
 # ── label ──────────────────────────────────────────────────────────────────
@@ -316,6 +322,89 @@ class FaultConfig:
     nan_loss_at_steps: list[int] = field(default_factory=list)
 
 
+# ── ser ────────────────────────────────────────────────────────────────────
+@dataclass
+class SERConfig:
+    """Self-Evolved Reward learning (SER, arXiv 2411.00418), run by ttrl/ser/.
+
+    A reward model (RM) is trained on `seed_fraction` of the labelled data,
+    labels the rest itself (kept only where its learning status says it is
+    sure: `high`/`low`, `min_gap`), and is retrained on seed + kept data,
+    round after round. With `then_policy`, `ttrl-train` then trains the
+    policy against it (`reward=reward_model reward.path=ser`).
+    """
+
+    enabled: bool = False
+    # pairwise: preference pairs, Bradley-Terry loss | pointwise: one
+    # response correct or not (verifiable tasks), binary cross-entropy.
+    mode: str = "pairwise"
+    then_policy: bool = True
+    # ── data: synthetic (the arithmetic preference task) | jsonl | hf
+    source: str = "synthetic"
+    preset: str = "synthetic"  # a name for logs (conf/ser/<preset>.yaml)
+    local_path: Optional[str] = None
+    eval_path: Optional[str] = None
+    hf_name: Optional[str] = None
+    hf_subset: Optional[str] = None
+    hf_data_dir: Optional[str] = None
+    hf_split: str = "train"
+    eval_split: Optional[str] = None
+    # Held-out share when no eval split/file is given.
+    eval_fraction: float = 0.1
+    limit: Optional[int] = None
+    # null: chosen/rejected are whole conversations split at `prompt_marker`.
+    prompt_key: Optional[str] = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    prompt_marker: Optional[str] = None
+    synthetic_num_pairs: int = 2000
+    synthetic_num_eval: int = 500
+    synthetic_terms: int = 3
+    synthetic_digits: int = 2
+    synthetic_seed: int = 7
+    # pointwise: responses per problem of the synthetic task
+    synthetic_per_problem: int = 2
+    # ── the loop
+    seed_fraction: float = 0.15
+    high: float = 0.55
+    low: float = 0.45
+    min_gap: float = 0.3
+    use_status2: bool = True
+    max_rounds: int = 3
+    patience: int = 1
+    # true: each round retrains from the backbone; false: continues from the last RM.
+    reinit_each_round: bool = True
+    # ── the reward model (null rm_path = the policy's model)
+    rm_path: Optional[str] = None
+    rm_template: str = "Question: {q}\n\nAnswer: {a}"
+    rm_max_length: int = 1024
+    rm_append_eos: bool = False
+    rm_num_workers: int = 1
+    rm_zero_stage: int = 2
+    rm_lr: float = 1e-5
+    rm_lr_schedule: str = "cosine"
+    rm_warmup_ratio: float = 0.03
+    rm_weight_decay: float = 0.0
+    rm_grad_clip: float = 1.0
+    rm_epochs: int = 1
+    # At least this many optimizer steps per round (small seed sets run more epochs).
+    rm_min_steps: int = 0
+    rm_batch_size: int = 32  # pairs (or items) per optimizer step
+    rm_micro_batch_size: int = 8  # per rank and forward pass
+    rm_center_coef: float = 0.01
+    rm_offload: bool = False
+    rm_gradient_checkpointing: bool = False
+    rm_seed: int = 0
+    score_batch_size: int = 64
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # What reward=reward_model returns: raw | sigmoid; null = raw (pairwise), sigmoid (pointwise).
+    reward_transform: Optional[str] = None
+
+
 # ── root ───────────────────────────────────────────────────────────────────
 @dataclass
 class TTRLConfig:
@@ -334,6 +423,7 @@ class TTRLConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    ser: SERConfig = field(default_factory=SERConfig)
 
 
 def register_configs() -> None:
@@ -346,6 +436,7 @@ def register_configs() -> None:
 # ── validation ─────────────────────────────────────────────────────────────
 _CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.subsample": ("first", "random"),
+    "rollout.weight_sync": ("auto", "ray", "nccl"),
     "model.template": ("plain", "chat"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "trainer.dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -406,6 +497,11 @@ def validate(cfg: DictConfig | TTRLConfig) -> None:
         fail("rollout.num_engines and rollout.tensor_parallel_size must be at least 1.")
     if not 0 < r.gpu_memory_utilization <= 1:
         fail(f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must be in (0, 1].")
+    if r.sync_bucket_mb < 1:
+        fail(f"rollout.sync_bucket_mb={r.sync_bucket_mb} must be at least 1.")
+    if r.weight_sync == "nccl" and (c.device == "cpu" or c.cluster.placement != "split"):
+        fail("rollout.weight_sync=nccl needs a GPU run with cluster.placement=split: NCCL cannot put "
+             "trainer rank 0 and an engine worker on the same GPU.")
 
     if c.model.max_model_len <= r.max_new_tokens:
         fail(
@@ -504,6 +600,44 @@ def validate(cfg: DictConfig | TTRLConfig) -> None:
 
     if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
         fail(f"trainer.warmup_ratio={t.warmup_ratio} must be in [0, 1).")
+
+    se = c.ser
+    if se.mode not in ("pairwise", "pointwise"):
+        fail(f"ser.mode={se.mode!r} is not one of pairwise, pointwise.")
+    if se.source not in ("synthetic", "jsonl", "hf"):
+        fail(f"ser.source={se.source!r} is not one of synthetic, jsonl, hf.")
+    if se.source == "jsonl" and not se.local_path:
+        fail("ser.source=jsonl needs ser.local_path (a .jsonl/.json/.parquet file of preference pairs).")
+    if se.source == "hf" and not se.hf_name:
+        fail("ser.source=hf needs ser.hf_name (a Hugging Face dataset).")
+    if se.mode == "pointwise" and se.source != "synthetic":
+        fail("ser.mode=pointwise reads the synthetic task only (ser.source=synthetic) for now.")
+    if not 0 < se.seed_fraction <= 1:
+        fail(f"ser.seed_fraction={se.seed_fraction} must be in (0, 1].")
+    if not 0 <= se.low <= se.high <= 1:
+        fail(f"ser.low={se.low} and ser.high={se.high} must satisfy 0 <= low <= high <= 1.")
+    if not 0 <= se.min_gap < 1:
+        fail(f"ser.min_gap={se.min_gap} must be in [0, 1): it bounds |p_a - p_b| of two probabilities.")
+    if not 0 <= se.eval_fraction < 1:
+        fail(f"ser.eval_fraction={se.eval_fraction} must be in [0, 1).")
+    if se.max_rounds < 0 or se.patience < 1:
+        fail("ser.max_rounds must be >= 0 and ser.patience >= 1.")
+    if se.rm_zero_stage not in (0, 1, 2, 3) or se.rm_num_workers < 1 or se.rm_micro_batch_size < 1:
+        fail("ser.rm_zero_stage must be 0-3, ser.rm_num_workers and ser.rm_micro_batch_size at least 1.")
+    if se.rm_batch_size % (se.rm_num_workers * se.rm_micro_batch_size):
+        fail(f"ser.rm_batch_size={se.rm_batch_size} must be divisible by ser.rm_num_workers*ser.rm_micro_batch_size"
+             f"={se.rm_num_workers * se.rm_micro_batch_size} (each rank takes whole micro-batches).")
+    if se.rm_lr <= 0 or se.rm_epochs < 1 or se.rm_min_steps < 0:
+        fail("ser.rm_lr must be > 0, ser.rm_epochs >= 1 and ser.rm_min_steps >= 0.")
+    if se.rm_lr_schedule not in ("cosine", "constant", "linear"):
+        fail(f"ser.rm_lr_schedule={se.rm_lr_schedule!r} is not one of cosine, constant, linear.")
+    if "{a}" not in se.rm_template:
+        fail("ser.rm_template must contain '{a}' (the response; '{q}' is the prompt).")
+    if se.reward_transform not in (None, "raw", "sigmoid"):
+        fail(f"ser.reward_transform={se.reward_transform!r} must be raw, sigmoid or null.")
+    if rw.name == "reward_model" and rw.path == "ser" and not (se.enabled and se.then_policy):
+        fail("reward.path=ser means the reward model that this run's SER stage trains: set ser.enabled=true"
+             " (and ser.then_policy=true), or point reward.path to a reward model dir.")
 
     cl = c.cluster
     if cl.address not in (None, "auto", "local") and ":" not in str(cl.address):

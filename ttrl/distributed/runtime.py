@@ -107,6 +107,14 @@ class Runtime:
         self.engine_startup_s = max(i["startup_s"] for i in infos)
         self.weights_version = 0
         self.engine_restarts = 0
+        # GPU weight path: one NCCL group of trainer rank 0 and every engine
+        # worker. It needs a GPU per engine worker apart from rank 0's, so a
+        # colocated run keeps the Ray path.
+        self.weight_sync = "nccl" if gpu and not colocate and r.weight_sync in ("auto", "nccl") else "ray"
+        if r.weight_sync == "nccl" and self.weight_sync != "nccl":
+            raise RuntimeError("rollout.weight_sync=nccl needs GPUs and cluster.placement=split")
+        if self.weight_sync == "nccl":
+            self.policy.call("init_weight_group", self.engines, self.engine_dtype, r.sync_bucket_mb)
 
     # ── rollout ───────────────────────────────────────────────────────────
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, top_k: int,
@@ -162,6 +170,9 @@ class Runtime:
         if stale and self.weights_version > 0:
             self.policy.call("push_weights", [self.engines[i] for i in stale], self.weights_version,
                              self.engine_dtype)
+        if stale and self.weight_sync == "nccl":
+            # A restarted engine is outside the old group: every member joins a new one.
+            self.policy.call("init_weight_group", self.engines, self.engine_dtype, self.cfg.rollout.sync_bucket_mb)
         return stale
 
     def engine_score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
@@ -225,7 +236,10 @@ class Runtime:
     def sync_weights(self) -> dict[str, float]:
         """Policy -> every rollout engine (all ranks gather, rank 0 sends)."""
         self.weights_version += 1
-        res = self.policy.call("push_weights", self.engines, self.weights_version, self.engine_dtype)
+        if self.weight_sync == "nccl":
+            res = self.policy.call("push_weights_nccl", self.engines, self.weights_version)
+        else:
+            res = self.policy.call("push_weights", self.engines, self.weights_version, self.engine_dtype)
         return res[0]
 
     # ── checkpoints ───────────────────────────────────────────────────────

@@ -126,6 +126,32 @@ class VLLMEngine:
         self.weights_version = version
         return {"load_s": time.perf_counter() - t0, "bytes": float(sum(len(b) for b in blobs))}
 
+    # ── weights, GPU path (NCCL) ──────────────────────────────────────────
+    def device_uuids(self) -> list[str]:
+        """The GPU of each worker (TP rank) of this engine, in rank order."""
+        return self.llm.collective_rpc("ttrl_device_uuid")
+
+    def init_weight_group(self, master_addr: str, master_port: int, rank_offset: int,
+                          world_size: int) -> list[int]:
+        """(Re)join the trainer's NCCL weight group; blocks until every rank has joined."""
+        return self.llm.collective_rpc("ttrl_init_weight_group",
+                                       args=(master_addr, master_port, rank_offset, world_size))
+
+    def check_weight_plan(self, bucket_metas: list[dict]) -> None:
+        """Refuse a bucket plan whose names, shapes or dtypes this engine cannot load."""
+        from ttrl.rollout.nccl_sync import check_plan, plan_from_wire
+
+        check_plan(plan_from_wire(bucket_metas), self.expected_shapes, self.args.dtype,
+                   optional=("lm_head.weight",))
+
+    def receive_weights_nccl(self, bucket_metas: list[dict], version: int) -> dict[str, float]:
+        """Receive a full set of weights by broadcast into every worker; reset the prefix cache."""
+        t0 = time.perf_counter()
+        res = self.llm.collective_rpc("ttrl_receive_weights", args=(bucket_metas,))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.weights_version = version
+        return {"load_s": time.perf_counter() - t0, "bytes": res[0]["bytes"]}
+
     # ── GPU memory (colocated with training) ──────────────────────────────
     def sleep(self) -> None:
         if self.args.enable_sleep_mode:

@@ -297,6 +297,107 @@ class PolicyWorker(_DSWorker):
         return {"gather_s": gather_s, "total_s": total, "bytes": results[0]["bytes"],
                 "engine_load_s": max(r["load_s"] for r in results)}
 
+    # ── weights out, GPU path (NCCL) ──────────────────────────────────────
+    def _gathered_by_layer(self) -> Iterator[tuple[str, Any]]:
+        """Full parameters, on rank 0's GPU, one layer gathered at a time; every rank must iterate."""
+        import contextlib
+
+        import deepspeed
+
+        from ttrl.rollout.nccl_sync import layer_groups
+
+        params = dict(self.engine.module.named_parameters())
+        zero3 = self.spec["zero_stage"] == 3
+        for names in layer_groups(list(params)):
+            group = [params[n] for n in names]
+            # One all-gather per decoder layer, released as the generator moves
+            # on (the sender has copied the layer into a bucket by then).
+            gather = (deepspeed.zero.GatheredParameters(group, modifier_rank=None) if zero3
+                      else contextlib.nullcontext())
+            with gather:
+                for n, p in zip(names, group, strict=True):
+                    yield n, (p.data if self.rank == 0 else None)
+
+    def _params_finite(self) -> bool:
+        """Each rank checks what it holds (its ZeRO-3 shard, or the full tensor); one all-reduce."""
+        import torch
+        import torch.distributed as dist
+
+        ok = torch.ones(1, device="cuda")
+        for p in self.engine.module.parameters():
+            t = getattr(p, "ds_tensor", None)
+            t = p.data if t is None else t
+            if t.numel() and t.is_floating_point():
+                ok = torch.minimum(ok, torch.isfinite(t).all().float().to(ok.device))
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+    def init_weight_group(self, engines: list, dtype: str, bucket_mb: int = 256) -> dict:
+        """(Re)open the NCCL weight group: this rank 0 + every engine worker; check the plan once."""
+        if self.rank != 0:
+            return {}
+        import ray
+
+        from ttrl.rollout.nccl_sync import (
+            NcclWeightSender,
+            check_distinct_gpus,
+            gpu_uuid,
+            param_specs,
+            plan_buckets,
+            plan_to_wire,
+            rank_offsets,
+        )
+
+        if getattr(self, "_sender", None) is not None:
+            self._sender.close()  # a group cannot take in a restarted engine: build a new one
+        # Names, full shapes and the engine dtype fix the plan: make it once and
+        # let every engine refuse it before any byte moves.
+        self._plan = plan_buckets(param_specs(self.engine.module.named_parameters(), dtype), bucket_mb << 20)
+        self._plan_wire = plan_to_wire(self._plan)
+        ray.get([e.check_weight_plan.remote(self._plan_wire) for e in engines])
+        uuids = ray.get([e.device_uuids.remote() for e in engines])  # [engine][worker]
+        check_distinct_gpus(gpu_uuid(), [u for us in uuids for u in us])
+        offsets, world = rank_offsets([len(us) for us in uuids])
+        addr, port = self.node_address()
+        joins = [e.init_weight_group.remote(addr, port, off, world) for e, off in zip(engines, offsets, strict=True)]
+        self._sender = NcclWeightSender.open(addr, port, world)  # returns once every rank has joined
+        ray.get(joins)
+        return {"world_size": world, "buckets": len(self._plan)}
+
+    def push_weights_nccl(self, engines: list, version: int) -> dict[str, float]:
+        """Gather layer by layer, broadcast bucket by bucket to every engine worker (rank 0 sends)."""
+        import ray
+
+        t0 = time.perf_counter()
+        if not self._params_finite():  # every rank gets the same answer: all refuse together
+            raise RuntimeError("weight sync: the policy holds NaN or inf; refusing to send it to the engines")
+        named = self._gathered_by_layer()
+        if self.rank != 0:
+            for _ in named:  # take part in every gather
+                pass
+            return {}
+        loads = [e.receive_weights_nccl.remote(self._plan_wire, version) for e in engines]
+
+        def engine_failed() -> None:
+            # An engine's call returns only after the last bucket: one that is
+            # done early has failed, and NCCL would wait for it forever.
+            done, _ = ray.wait(loads, num_returns=len(loads), timeout=0)
+            for ref in done:
+                ray.get(ref)
+
+        try:
+            stats = self._sender.send(self._plan, named, poll=engine_failed)
+        except BaseException:
+            for _ in named:  # finish every gather: the other ranks wait in them
+                pass
+            raise
+        results = ray.get(loads)
+        if stats.nonfinite:
+            raise RuntimeError(f"weight sync: {len(stats.nonfinite)} tensor(s) overflowed in the cast to the "
+                               f"engine dtype, e.g. {list(stats.nonfinite[:3])}")
+        return {**stats.as_dict(), "total_s": time.perf_counter() - t0,
+                "engine_load_s": max(r["load_s"] for r in results)}
+
     def fingerprint(self) -> float | None:
         """Sum of |w| over all (gathered) parameters: a cheap "did the weights move" check."""
         total = 0.0
