@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 

@@ -28,8 +28,8 @@ from ttrl.data.loader import load_prompts
 from ttrl.data.sampler import PromptSampler
 from ttrl.data.templates import render_prompt
 from ttrl.distributed.runtime import Runtime
-from ttrl.labeling.extract import extract_answer
 from ttrl.labeling import grade
+from ttrl.labeling.extract import extract_answer
 from ttrl.labeling.vote import majority_votes
 from ttrl.metrics.label_quality import label_quality
 from ttrl.metrics.logger import JsonlLogger, Loggers

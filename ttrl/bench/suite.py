@@ -1,0 +1,242 @@
+"""The measurements behind `make bench`, each a function returning flat numbers.
+
+Absolute times on a shared machine are noise; ratios taken side by side in
+one run are not. So every comparison here runs both sides in the same
+process, on the same model, prompts and sampling parameters, alternating
+repetitions and keeping medians. Nothing here changes the code it measures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+# ── 1. rollout: ttrl's rollout phase vs a bare vllm.LLM.generate ─────────
+def bench_rollout(ctx: Any, prompts: list, model_path: str, n: int, max_tokens: int, repeats: int) -> dict:
+    """tokens/s of ttrl's rollout phase (Ray engine actor + answer extraction) / bare vLLM, same params."""
+    from vllm import LLM, SamplingParams
+
+    from ttrl.loop import finish_rollout, start_rollout
+
+    r = ctx.cfg.rollout
+    ids = [ctx.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+
+    def ttrl_once():
+        ro = finish_rollout(ctx, start_rollout(ctx, prompts))
+        return sum(len(s.token_ids) for g in ro.groups for s in g.samples)
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    llm = LLM(model=model_path, dtype=ctx.rt.engine_dtype, enforce_eager=ctx.rt.device == "cpu",
+              max_model_len=ctx.cfg.model.max_model_len, seed=0, enable_prefix_caching=r.enable_prefix_caching,
+              logprobs_mode="processed_logprobs", gpu_memory_utilization=r.gpu_memory_utilization)
+    params = SamplingParams(n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=max_tokens,
+                            logprobs=0)
+
+    def bare_once(p=params):
+        outs = llm.generate([{"prompt_token_ids": x} for x in ids], p, use_tqdm=False)
+        return sum(len(o.token_ids) for q in outs for o in q.outputs)
+
+    ttrl_once(), bare_once()  # warm-up (first calls compile and allocate)
+    t_ttrl, t_bare = [], []
+    tok_ttrl = tok_bare = 0
+    for _ in range(repeats):  # alternate so that machine noise hits both sides alike
+        dt, tok_ttrl = median_time(ttrl_once, 1)
+        t_ttrl.append(dt)
+        dt, tok_bare = median_time(bare_once, 1)
+        t_bare.append(dt)
+    no_lp = SamplingParams(n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=max_tokens)
+    dt_nolp, tok_nolp = median_time(lambda: bare_once(no_lp), repeats)
+    tps_ttrl = tok_ttrl / statistics.median(t_ttrl)
+    tps_bare = tok_bare / statistics.median(t_bare)
+    return {
+        "rollout_vs_vllm": tps_ttrl / tps_bare,
+        "rollout.ttrl_tokens_per_s": tps_ttrl,
+        "rollout.vllm_tokens_per_s": tps_bare,
+        "rollout.vllm_no_logprobs_tokens_per_s": tok_nolp / dt_nolp,
+        "rollout.prompts": len(prompts), "rollout.n": n, "rollout.max_tokens": max_tokens,
+    }
+
+
+# ── 2. labelling: a per-sample reference labeller vs ttrl's ──────────────
+def reference_labels(groups: list[list[str]]) -> list[str | None]:
+    """Extract, then math-verify every sample against every candidate label; no dedup, no cache."""
+    from math_verify import parse, verify
+
+    from ttrl.labeling.extract import extract_answer
+
+    labels = []
+    for texts in groups:
+        answers = [extract_answer(t) for t in texts]
+        candidates: list[str] = []
+        for a in answers:
+            if a is not None and a.strip() and a not in candidates:
+                candidates.append(a)
+        best, best_count = None, 0
+        for cand in candidates:
+            gold = parse("\\boxed{" + cand + "}")
+            count = sum(1 for a in answers if a is not None and a.strip()
+                        and verify(gold, parse("\\boxed{" + a + "}")))
+            if count > best_count:  # strict: ties keep the candidate seen first
+                best, best_count = cand, count
+        labels.append(best)
+    return labels
+
+
+def ttrl_labels(groups: list[list[str]]) -> list[str | None]:
+    from ttrl.labeling.extract import extract_answer
+    from ttrl.labeling.vote import majority_votes
+
+    return [v.label for v in majority_votes([[extract_answer(t) for t in g] for g in groups])]
+
+
+def bench_labeling(groups: list[list[str]], repeats: int) -> dict:
+    from ttrl.labeling import grade
+
+    def ours():
+        grade.clear_cache()  # no help from earlier calls: each measurement starts cold
+        return ttrl_labels(groups)
+
+    ours()  # start the grading workers outside the timing
+    t_ref, ref = median_time(lambda: reference_labels(groups), max(1, repeats // 2))
+    t_ours, mine = median_time(ours, repeats)
+    same = sum(a == b for a, b in zip(ref, mine))
+    return {
+        "labeling_speedup": t_ref / t_ours,
+        "labeling.reference_s": t_ref,
+        "labeling.ttrl_s": t_ours,
+        "labeling.groups": len(groups),
+        "labeling.samples_per_group": len(groups[0]) if groups else 0,
+        "labeling.identical_labels": same / max(len(groups), 1),
+        "labeling.distinct_answers_per_group": statistics.mean(len(set(g)) for g in groups) if groups else 0,
+    }
+
+
+def latex_groups(answers: list[str], n_groups: int, group_size: int, seed: int) -> list[list[str]]:
+    """Groups of boxed completions whose answers are real MATH-500 answers written several equivalent ways."""
+    rng = random.Random(seed)
+    groups = []
+    for _ in range(n_groups):
+        pool = rng.sample(answers, 4)
+        weights = [8, 4, 2, 1]
+        texts = []
+        for _ in range(group_size):
+            a = rng.choices(pool, weights)[0]
+            variant = rng.choice([a, f" {a} ", a.replace("\\frac", "\\dfrac"), f"{a}\\,"])
+            texts.append(f"... so the answer is \\boxed{{{variant}}}.")
+        groups.append(texts)
+    return groups
+
+
+# ── 3. weight sync vs a plain in-memory copy ─────────────────────────────
+def memcpy_bytes_per_s(nbytes: int, repeats: int = 5) -> float:
+    src = torch.empty(max(1, nbytes // 4), dtype=torch.float32).uniform_()
+    dt, _ = median_time(lambda: src.clone(), repeats)
+    return nbytes / dt
+
+
+# ── 5. scaling fit ───────────────────────────────────────────────────────
+def loglog_slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log(y) on log(x): 1.0 means linear growth."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = statistics.mean(lx), statistics.mean(ly)
+    den = sum((a - mx) ** 2 for a in lx)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / den if den else float("nan")
+
+
+# ── 6. memory ────────────────────────────────────────────────────────────
+class PeakRSS:
+    """Samples the resident memory of some PIDs in a thread; keeps each one's peak."""
+
+    def __init__(self, pids: dict[str, int], every_s: float = 0.2):
+        import psutil
+
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.peak = {name: 0 for name in pids}
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name, p in self.procs.items():
+                try:
+                    self.peak[name] = max(self.peak[name], p.memory_info().rss)
+                except Exception:  # noqa: BLE001 - a process that ended keeps its last peak
+                    pass
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def mib(self) -> dict[str, float]:
+        return {f"memory.peak_rss_mib.{k}": v / 2**20 for k, v in self.peak.items()}
+
+
+# ── 4. TRL's GRPOTrainer on the same problem ─────────────────────────────
+def digit_share(prompts, completions, **kwargs) -> list[float]:
+    """The reward both trainers optimise in the step comparison (cheap and varied)."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def bench_trl(model_path: str, prompts: list[str], group: int, prompts_per_step: int, max_tokens: int,
+              lr: float, steps: int, use_vllm: bool) -> dict:
+    """Seconds per GRPO step of TRL's GRPOTrainer (after one warm-up step)."""
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+            self.t0 = 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.t0)
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+    ds = Dataset.from_dict({"prompt": prompts})
+    out = tempfile.mkdtemp(prefix="ttrl-bench-trl-")
+    kw: dict[str, Any] = dict(
+        output_dir=out, per_device_train_batch_size=group * prompts_per_step, num_generations=group,
+        max_completion_length=max_tokens, learning_rate=lr, max_steps=steps + 1, logging_steps=1,
+        report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(), bf16=False,
+        temperature=1.0, beta=0.0, seed=0, dataloader_num_workers=0)
+    if use_vllm:
+        kw |= dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.2,
+                   vllm_max_model_length=256, vllm_enable_sleep_mode=False)
+    timer = StepTimer()
+    trainer = GRPOTrainer(model=model, reward_funcs=digit_share, args=GRPOConfig(**kw), train_dataset=ds,
+                          processing_class=tok, callbacks=[timer])
+    trainer.train()
+    times = timer.times[1:] or timer.times  # the first step pays for warm-up
+    return {"trl.step_s": statistics.median(times), "trl.steps": len(times), "trl.use_vllm": float(use_vllm)}
