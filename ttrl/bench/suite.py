@@ -44,14 +44,17 @@ def bench_rollout(ctx: Any, prompts: list, model_path: str, n: int, max_tokens: 
         return sum(len(s.token_ids) for g in ro.groups for s in g.samples)
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    llm = LLM(model=model_path, dtype=ctx.rt.engine_dtype, enforce_eager=ctx.rt.device == "cpu",
+    if ctx.rt.device == "cpu":  # the same KV cache budget as ttrl's engine
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(r.cpu_kv_cache_gb)))
+    holder = {}
+    holder["llm"] = LLM(model=model_path, dtype=ctx.rt.engine_dtype, enforce_eager=ctx.rt.device == "cpu",
               max_model_len=ctx.cfg.model.max_model_len, seed=0, enable_prefix_caching=r.enable_prefix_caching,
               logprobs_mode="processed_logprobs", gpu_memory_utilization=r.gpu_memory_utilization)
     params = SamplingParams(n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=max_tokens,
                             logprobs=0)
 
     def bare_once(p=params):
-        outs = llm.generate([{"prompt_token_ids": x} for x in ids], p, use_tqdm=False)
+        outs = holder["llm"].generate([{"prompt_token_ids": x} for x in ids], p, use_tqdm=False)
         return sum(len(o.token_ids) for q in outs for o in q.outputs)
 
     ttrl_once(), bare_once()  # warm-up (first calls compile and allocate)
@@ -64,6 +67,7 @@ def bench_rollout(ctx: Any, prompts: list, model_path: str, n: int, max_tokens: 
         t_bare.append(dt)
     no_lp = SamplingParams(n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=max_tokens)
     dt_nolp, tok_nolp = median_time(lambda: bare_once(no_lp), repeats)
+    holder.clear()  # free the bare engine's memory before the next sections
     tps_ttrl = tok_ttrl / statistics.median(t_ttrl)
     tps_bare = tok_bare / statistics.median(t_bare)
     return {
