@@ -111,3 +111,23 @@ def test_killed_rollout_engine_is_restarted_and_resynced():
         assert info["weights_version"] == rt.weights_version
     finally:
         rt.shutdown()
+
+
+def test_missing_resources_fail_fast_naming_them():
+    from tests.conftest import compose_config
+    from ttrl.distributed.placement import Placement
+    from ttrl.distributed.ray_setup import ClusterError, Needs, start_ray, stop_ray
+
+    cfg = compose_config("experiment=debug", *FAKE)
+    assert cfg.trainer.num_workers == 2
+    started = start_ray(None, "cpu", Needs(cpus=1, gpus=0), num_cpus=2)
+    try:
+        with pytest.raises(ClusterError, match="asked for 8 GPUs, cluster has 0"):
+            from ttrl.distributed.ray_setup import check_resources
+
+            check_resources(Needs(cpus=1, gpus=8))
+        # A placement no node can hold times out with the shortfall named, instead of hanging.
+        with pytest.raises(ClusterError, match="asked for 5 CPUs, cluster has 2 free"):
+            Placement(gpu=False, colocate=False, world_size=2, n_groups=2, engines=1, tp=1, timeout_s=3)
+    finally:
+        stop_ray(started)

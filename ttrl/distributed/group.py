@@ -7,6 +7,7 @@ Rank 0 is created first so that it can name the rendezvous address.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -19,7 +20,9 @@ class WorkerDiedError(RuntimeError):
 
 class WorkerGroup:
     def __init__(self, cls: type, world_size: int, spec: dict, name: str, num_cpus: float = 1,
-                 num_gpus: float = 0, resources: dict | None = None, placement=None, max_restarts: int = 0):
+                 num_gpus: float = 0, resources: dict | None = None,
+                 placement: Callable[[int], dict[str, Any]] | None = None, max_restarts: int = 0):
+        """`placement(rank)` gives that rank's Ray options (num_cpus, num_gpus, scheduling strategy)."""
         self.name, self.world_size = name, world_size
         remote_cls = ray.remote(cls)
         self.actors = []
@@ -29,7 +32,7 @@ class WorkerGroup:
             if resources:
                 opts["resources"] = resources
             if placement is not None:
-                opts["scheduling_strategy"] = placement(rank)
+                opts |= placement(rank)
             self.actors.append(remote_cls.options(**opts).remote(rank, world_size, spec))
         self.master_addr, self.master_port = ray.get(self.actors[0].node_address.remote())
 

@@ -19,6 +19,7 @@ from ray.exceptions import RayActorError
 
 from ttrl.algos import aggregation_normalizer
 from ttrl.distributed.group import WorkerGroup
+from ttrl.distributed.placement import Placement
 from ttrl.distributed.ray_setup import Needs, start_ray, stop_ray
 from ttrl.rollout.vllm_engine import EngineArgs, VLLMEngine
 from ttrl.trainer.batch import Batch, batch_size, concat, select, split
@@ -56,16 +57,16 @@ class Runtime:
         W = t.num_workers
         n_groups = 1 + int(self.need_critic)
         colocate = cfg.cluster.placement == "colocate"
-        # Colocated on GPU: every trainer rank shares its GPU with an engine
-        # (and the critic), so each takes a fraction. Split: whole GPUs each.
-        share = 1.0 / (n_groups + 1) if colocate else 1.0
-        trainer_gpus = share if gpu else 0
-        engine_gpus = (share if colocate else 1.0) * r.tensor_parallel_size if gpu else 0
         needs = Needs(cpus=W * n_groups + r.num_engines,
                       gpus=(max(W, r.num_engines * r.tensor_parallel_size) if colocate
                             else W * n_groups + r.num_engines * r.tensor_parallel_size) if gpu else 0)
         self.owns_ray = start_ray(cfg.cluster.address, self.device, needs, cfg.cluster.num_cpus,
                                   cfg.cluster.num_gpus)
+        # Colocated: slot i hosts engine i and rank i of each trainer group.
+        # Split: every actor has its own slot (see placement.py).
+        self.placement = Placement(gpu=gpu, colocate=colocate, world_size=W, n_groups=n_groups,
+                                   engines=r.num_engines, tp=r.tensor_parallel_size,
+                                   timeout_s=cfg.cluster.placement_timeout_s)
 
         # ── rollout engines ──────────────────────────────────────────────
         eargs = EngineArgs(
@@ -76,8 +77,8 @@ class Runtime:
             device=self.device, enable_sleep_mode=gpu and r.sleep_between_steps)
         engine_cls = ray.remote(VLLMEngine)
         self.engines = [
-            engine_cls.options(num_cpus=1, num_gpus=engine_gpus, name=f"rollout-{i}", max_restarts=2,
-                               max_task_retries=0).remote(EngineArgs(**{**asdict(eargs), "seed": eargs.seed + i}))
+            engine_cls.options(name=f"rollout-{i}", max_restarts=2, max_task_retries=0,
+                               **self.placement.engine(i)).remote(EngineArgs(**{**asdict(eargs), "seed": eargs.seed + i}))
             for i in range(r.num_engines)
         ]
 
@@ -92,9 +93,10 @@ class Runtime:
                     warmup_steps=t.warmup_steps or round((t.warmup_ratio or 0.0) * total_opt_steps),
                     min_lr_ratio=t.min_lr_ratio, gradient_checkpointing=t.gradient_checkpointing,
                     with_ref=self.need_ref)
-        self.policy = WorkerGroup(PolicyWorker, W, spec, name="policy", num_gpus=trainer_gpus)
-        self.critic = WorkerGroup(CriticWorker, W, spec, name="critic", num_gpus=trainer_gpus) \
-            if self.need_critic else None
+        self.policy = WorkerGroup(PolicyWorker, W, spec, name="policy",
+                                  placement=lambda rank: self.placement.trainer(0, rank))
+        self.critic = WorkerGroup(CriticWorker, W, spec, name="critic",
+                                  placement=lambda rank: self.placement.trainer(1, rank)) if self.need_critic else None
         # Start everything at once: engines load while DeepSpeed initialises.
         setups = self.policy.call_async("setup", self.policy.master_addr, self.policy.master_port,
                                         model_path, total_opt_steps)
@@ -271,4 +273,5 @@ class Runtime:
         self.policy.kill()
         if self.critic:
             self.critic.kill()
+        self.placement.remove()
         stop_ray(self.owns_ray)
