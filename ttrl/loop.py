@@ -392,6 +392,8 @@ def prepare(cfg: Any) -> Setup:
     reward_opts: dict[str, Any] = {}
     if cfg.reward.name == "custom":
         reward_opts = {"fn": cfg.reward.fn, "needs_ground_truth": cfg.reward.needs_ground_truth}
+    elif cfg.reward.name == "reward_model":
+        reward_opts = {"path": cfg.reward.path}
     return Setup(model_path, tokenizer, prompts, build_reward(cfg.reward.name, **reward_opts))
 
 
@@ -493,4 +495,6 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     finally:
         for s in sinks:
             s.close()
+        if hasattr(reward, "close"):  # a reward that holds an actor (reward_model) lets it go
+            reward.close()
         rt.shutdown()

@@ -45,6 +45,10 @@ def _main(cfg: DictConfig) -> float | None:
     from ttrl.loop import RunStopped, SetupError, run
 
     try:
+        if cfg.ser.enabled:
+            from ttrl.ser import run_ser_then_policy
+
+            return run_ser_then_policy(cfg, run_dir)
         return run(cfg, run_dir)
     except SetupError as err:
         print(f"ttrl-train: cannot start: {err}", file=sys.stderr)
