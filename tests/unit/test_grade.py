@@ -222,7 +222,8 @@ def test_bounded_outside_the_main_thread() -> None:
 
 
 def test_thread_pool() -> None:
-    configure(timeout_s=1.0)
+    # A bound roomy enough that an easy check never times out on a busy machine.
+    configure(timeout_s=2.5)
     cases = [(p, r, True) for p, r in EQUIVALENT[:8]] + [(p, r, False) for p, r in NOT_EQUIVALENT[:6]]
     cases.append(("2^{3^{4^{5}}}", "1", False))
     grade.warm_up(workers=6)  # a worker's start is not charged to the bound
@@ -231,7 +232,7 @@ def test_thread_pool() -> None:
         got = list(pool.map(lambda case: is_equivalent(case[0], case[1]), cases))
     assert got == [expected for _, _, expected in cases]
     # The slow check holds one worker for its bound; the others keep grading.
-    assert time.monotonic() - started < 2 * 1.0 + MARGIN_S
+    assert time.monotonic() - started < 2 * 2.5 + MARGIN_S
 
 
 def test_a_stuck_worker_is_killed_and_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
