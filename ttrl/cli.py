@@ -25,7 +25,7 @@ def _suggest(err: BaseException, full_key: str) -> str:
 
     parent = getattr(err, "parent_node", None) or getattr(err, "object_type", None)
     keys: list[str] = []
-    if parent is not None and hasattr(parent, "keys"):
+    if parent is not None and not isinstance(parent, type) and hasattr(parent, "keys"):
         keys = [str(k) for k in parent.keys()]
     elif isinstance(parent, type) and hasattr(parent, "__dataclass_fields__"):
         keys = list(parent.__dataclass_fields__)
@@ -57,6 +57,9 @@ def _one_sentence(err: BaseException) -> str | None:
         key = getattr(cause, "full_key", None) or ""
         msg = str(cause).splitlines()[0]
         if isinstance(cause, ConfigKeyError) or "not in" in msg:
+            if getattr(cause, "object_type", None) is dict and key:
+                # A dict-valued key (cluster.trainer_resources): new entries need Hydra's +.
+                return f"config error: {key} is a new key; add it with +{key}=VALUE."
             return f"config error: {key or msg} is not a known key{_suggest(cause, key) or '.'}"
         if isinstance(cause, ValidationError):
             return f"config error: {key}: {msg}."

@@ -284,8 +284,9 @@ class ClusterConfig:
     # cluster=slurm: CPUs asked for each SLURM job (sbatch --cpus-per-task).
     cpus_per_node: int = 8
     # Custom Ray resources each trainer rank / rollout engine asks for, to pin
-    # them to nodes started with `ray start --resources='{"trainer": 8}'`:
-    # cluster.trainer_resources={trainer: 1}. Empty: placed anywhere.
+    # them to nodes started with `ray start --resources='{"trainer": 8}'`. In
+    # YAML `trainer_resources: {trainer: 1}`; on the command line (a new key)
+    # `+cluster.trainer_resources.trainer=1`. Empty: placed anywhere.
     trainer_resources: dict[str, float] = field(default_factory=dict)
     engine_resources: dict[str, float] = field(default_factory=dict)
 
@@ -357,11 +358,18 @@ class SERConfig:
     chosen_key: str = "chosen"
     rejected_key: str = "rejected"
     prompt_marker: Optional[str] = None
+    # pointwise files: one graded response per row (problem: ser.prompt_key, default "problem")
+    response_key: str = "response"
+    answer_key: str = "answer"
     synthetic_num_pairs: int = 2000
     synthetic_num_eval: int = 500
+    # Test pairs, apart from the held-out ones that pick the best round (0 = none).
+    synthetic_num_test: int = 0
     synthetic_terms: int = 3
     synthetic_digits: int = 2
     synthetic_seed: int = 7
+    # boxed: "\\boxed{97}" | worked: "37+48=85,85+12=97 \\boxed{97}" (match what the model writes)
+    synthetic_style: str = "boxed"
     # pointwise: responses per problem of the synthetic task
     synthetic_per_problem: int = 2
     # ── the loop
@@ -610,8 +618,11 @@ def validate(cfg: DictConfig | TTRLConfig) -> None:
         fail("ser.source=jsonl needs ser.local_path (a .jsonl/.json/.parquet file of preference pairs).")
     if se.source == "hf" and not se.hf_name:
         fail("ser.source=hf needs ser.hf_name (a Hugging Face dataset).")
-    if se.mode == "pointwise" and se.source != "synthetic":
-        fail("ser.mode=pointwise reads the synthetic task only (ser.source=synthetic) for now.")
+    if se.synthetic_style not in ("boxed", "worked"):
+        fail(f"ser.synthetic_style={se.synthetic_style!r} is not one of boxed, worked.")
+    if se.mode == "pointwise" and se.source == "hf":
+        fail("ser.mode=pointwise reads the synthetic task or a JSON Lines file of graded responses"
+             " (ser.source=synthetic or jsonl), not a hub dataset.")
     if not 0 < se.seed_fraction <= 1:
         fail(f"ser.seed_fraction={se.seed_fraction} must be in (0, 1].")
     if not 0 <= se.low <= se.high <= 1:
@@ -635,6 +646,10 @@ def validate(cfg: DictConfig | TTRLConfig) -> None:
         fail("ser.rm_template must contain '{a}' (the response; '{q}' is the prompt).")
     if se.reward_transform not in (None, "raw", "sigmoid"):
         fail(f"ser.reward_transform={se.reward_transform!r} must be raw, sigmoid or null.")
+    if se.enabled and se.then_policy and not (rw.name == "reward_model" and rw.path == "ser"):
+        fail(f"ser.enabled=true trains a reward model and then (ser.then_policy=true) the policy, but the policy"
+             f" stage would use reward={rw.name}{'' if rw.name != 'reward_model' else ' from ' + str(rw.path)}, not"
+             " it: add reward=reward_model reward.path=ser, or ser.then_policy=false to run SER alone.")
     if rw.name == "reward_model" and rw.path == "ser" and not (se.enabled and se.then_policy):
         fail("reward.path=ser means the reward model that this run's SER stage trains: set ser.enabled=true"
              " (and ser.then_policy=true), or point reward.path to a reward model dir.")
@@ -645,7 +660,7 @@ def validate(cfg: DictConfig | TTRLConfig) -> None:
     if cl.nodes < 1 or cl.gpus_per_node < 0 or cl.cpus_per_node < 1:
         fail("cluster.nodes and cluster.cpus_per_node must be at least 1, cluster.gpus_per_node at least 0.")
     for group in ("trainer_resources", "engine_resources"):
-        for name, amount in dict(getattr(cl, group)).items():
+        for name, amount in dict(getattr(cl, group) or {}).items():
             if name in ("CPU", "GPU", "memory"):
                 fail(f"cluster.{group}.{name}: CPU, GPU and memory are set by the run itself; name a custom"
                      " resource of `ray start --resources` here.")

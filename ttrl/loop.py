@@ -12,6 +12,7 @@ label-free reward prompts whose answers are scrubbed.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ttrl.algos import compute_advantages, kl, kl_penalty, masked_mean
 from ttrl.data.loader import load_prompts
@@ -32,7 +33,7 @@ from ttrl.labeling import grade
 from ttrl.labeling.extract import extract_answer
 from ttrl.labeling.vote import majority_votes
 from ttrl.metrics.label_quality import label_quality
-from ttrl.metrics.logger import JsonlLogger, Loggers
+from ttrl.metrics.logger import Loggers, build_loggers, sample_rows
 from ttrl.models import resolve_model_path
 from ttrl.rewards import build_reward, compute_rewards
 from ttrl.trainer.batch import pack_batch
@@ -49,6 +50,8 @@ class Ctx:
     tokenizer: Any
     algo: dict
     rng: random.Random
+    # The last step's sample table (prompts, completions, vote, rewards), for the loggers.
+    samples: list[dict] | None = None
 
 
 @dataclass
@@ -170,6 +173,8 @@ def learn(ctx: Ctx, ro: Rollout, t_step: float) -> dict[str, float]:
     }
     stats |= {f"train/{k}" if "/" not in k else k: v for k, v in train_stats.items()}
     stats |= label_quality(groups, votes, [[out.rewards[p][i] for i in rows] for p, rows in enumerate(keep)], keep)
+    lg = cfg.logger
+    ctx.samples = sample_rows(groups, votes, out.rewards, lg.samples_prompts, lg.samples_per_prompt)
     return stats | timings
 
 
@@ -292,6 +297,10 @@ def finish_report(run_dir: Path, cfg: Any, history: list[dict[str, float]], wall
 
 def _progress(step_no: int, total: int, row: dict[str, float], t_start: float, enabled: bool) -> None:
     if not enabled:
+        return
+    # Under CI (CI=true) about ten lines a run: the first step, every tenth of the run, the last.
+    if os.environ.get("CI", "").lower() in ("1", "true") and step_no not in (1, total) \
+            and step_no % max(1, total // 10):
         return
     done = step_no
     eta = (time.perf_counter() - t_start) / max(done, 1) * (total - done)
@@ -418,15 +427,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         print(f"ttrl: starting Ray, {cfg.rollout.num_engines} vLLM engine(s), {cfg.trainer.num_workers} "
               f"DeepSpeed ZeRO-{cfg.trainer.zero_stage} rank(s) ...", file=sys.stderr, flush=True)
     rt = Runtime(cfg, model_path, opt_steps)
-    sinks: list[Any] = []
+    log: Loggers | None = None
     try:
-        jsonl = JsonlLogger(run_dir / "metrics.jsonl")
-        sinks.append(jsonl)
-        if cfg.logger.wandb.enabled and cfg.logger.wandb.mode != "disabled":
-            from ttrl.metrics.logger import WandbLogger
-
-            sinks.append(WandbLogger(cfg, run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.experiment))
-        log = Loggers(sinks)
+        log = build_loggers(cfg, run_dir)  # metrics.jsonl (+ samples.jsonl), and W&B when enabled
 
         start = 0
         resume_info: dict[str, Any] = {}
@@ -440,7 +443,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             torch.set_rng_state(rs["torch"])
             start = int(state["step"])
             rt.sync_weights()
-            jsonl.truncate_from(start + 1)
+            log.truncate_from(start + 1)
             resume_info = {"resume/from_step": float(start), "resume/weights_fingerprint": rt.fingerprint(),
                            "resume/checkpoint_fingerprint": state.get("weights_fingerprint")}
             print(f"ttrl: resumed from {ckpt} at step {start}", file=sys.stderr, flush=True)
@@ -479,6 +482,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
                 row |= evaluate_policy(ctx, prompts)
             stop_reason = guard.check(row)  # may roll back, adding event/* keys to the row
             log.log(row)
+            if cfg.logger.samples_every and (step_no % cfg.logger.samples_every == 0 or step_no == 1):
+                log.log_samples(step_no, ctx.samples or [])
             history.append(row)
             _progress(step_no, steps, row, t_start, not quiet)
             t_last = time.perf_counter()
@@ -491,10 +496,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
                 guard.saved(path, row.get("eval/pass@1"))
         wall = time.perf_counter() - t_start
         finish_report(run_dir, cfg, history, wall, quiet)
-        return row.get("reward/mean")
+        return row.get(cfg.logger.objective)
     finally:
-        for s in sinks:
-            s.close()
+        if log is not None:
+            log.close()
         if hasattr(reward, "close"):  # a reward that holds an actor (reward_model) lets it go
             reward.close()
         rt.shutdown()

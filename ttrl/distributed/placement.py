@@ -24,7 +24,10 @@ from ttrl.distributed.ray_setup import ClusterError
 
 class Placement:
     def __init__(self, *, gpu: bool, colocate: bool, world_size: int, n_groups: int, engines: int, tp: int,
-                 timeout_s: float, extra: dict[str, float] | None = None):
+                 timeout_s: float, extra: dict[str, float] | None = None,
+                 trainer_extra: dict[str, float] | None = None, engine_extra: dict[str, float] | None = None):
+        """`extra` goes into every bundle; `trainer_extra`/`engine_extra` into the bundles of trainer
+        ranks / engines (custom resources of `ray start --resources`, e.g. {"trainer": 1}, to pin them)."""
         if colocate and tp > 1:
             raise ClusterError("cluster.placement=colocate needs rollout.tensor_parallel_size=1 "
                                "(a TP engine spans several GPUs); use cluster.placement=split")
@@ -34,12 +37,16 @@ class Placement:
             self.slots = max(world_size, engines)
             # Actors sharing slot i: engine i (if any) and rank i of each group (if any).
             per_slot = [int(i < engines) + n_groups * int(i < world_size) for i in range(self.slots)]
-            bundles = [{"CPU": float(n), **({"GPU": 1.0} if gpu else {})} for n in per_slot]
+            bundles = [{"CPU": float(n), **({"GPU": 1.0} if gpu else {}),
+                        **((engine_extra or {}) if i < engines else {}),
+                        **((trainer_extra or {}) if i < world_size else {})} for i, n in enumerate(per_slot)]
             self.share = 1.0 / (n_groups + 1)
         else:
             self.slots = engines + world_size * n_groups
-            bundles = [{"CPU": 1.0, **({"GPU": float(tp)} if gpu else {})} for _ in range(engines)]
-            bundles += [{"CPU": 1.0, **({"GPU": 1.0} if gpu else {})} for _ in range(world_size * n_groups)]
+            bundles = [{"CPU": 1.0, **({"GPU": float(tp)} if gpu else {}), **(engine_extra or {})}
+                       for _ in range(engines)]
+            bundles += [{"CPU": 1.0, **({"GPU": 1.0} if gpu else {}), **(trainer_extra or {})}
+                        for _ in range(world_size * n_groups)]
             self.share = 1.0
         if extra:
             bundles = [{**b, **extra} for b in bundles]

@@ -1,7 +1,10 @@
 """Start or join a Ray cluster, and check it can hold what the run asks for.
 
-`cluster.address` null starts a local cluster for this run (and it is shut
-down at the end); "auto" or "host:port" joins one that is already running.
+`cluster.address` null (or "local") starts a fresh local cluster for this run
+and shuts it down at the end, so each job of a `-m` sweep gets its own; it
+never attaches to a cluster someone else started on this machine. "auto" or
+"host:port" joins one that is already running (`ray start`, SLURM, `ray job
+submit`); at the end the run only disconnects and the cluster lives on.
 A run that asks for more than the cluster has fails here, naming the
 resource ("asked for 8 GPUs, cluster has 4"), instead of hanging in
 placement.
@@ -10,7 +13,7 @@ placement.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class ClusterError(RuntimeError):
@@ -21,6 +24,13 @@ class ClusterError(RuntimeError):
 class Needs:
     cpus: float
     gpus: float
+    # Custom resources (cluster.trainer_resources / engine_resources), summed over actors.
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+# How this process holds Ray: "started" (a local cluster of ours), "joined" (a
+# connection of ours to someone's cluster) or None (not ours, or not at all).
+_HELD: str | None = None
 
 
 def actor_env(device: str) -> dict[str, str]:
@@ -40,24 +50,50 @@ def actor_env(device: str) -> dict[str, str]:
     return env
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a SLURM job's or container's share, not the whole node)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def start_ray(address: str | None, device: str, needs: Needs, num_cpus: int | None = None,
               num_gpus: int | None = None) -> bool:
     """Init Ray; return True when this run started (and so owns) the cluster."""
+    global _HELD
     import ray
 
     if ray.is_initialized():
-        return False
+        if _HELD is None:
+            return False  # the caller's own Ray session: use it, leave it alone
+        # Ours, left over by a run of this process that failed before its
+        # shutdown (a sweep job that crashed): start clean.
+        ray.shutdown()
+        _HELD = None
     runtime_env = {"env_vars": actor_env(device)}
     started = address in (None, "local")
     if started:
         # Logical CPUs: on a small CPU box every actor still needs a slot, and
         # they mostly wait on each other, so oversubscribing is what we want.
-        cpus = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, int(needs.cpus + 0.999))
-        ray.init(num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=os.environ.get("TTRL_RAY_LOGS", "0") == "1", configure_logging=False)
+        cpus = num_cpus if num_cpus is not None else max(usable_cpus(), int(needs.cpus + 0.999))
+        # address="local": a new cluster even when `ray start` runs on this machine.
+        ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False,
+                 runtime_env=runtime_env, log_to_driver=os.environ.get("TTRL_RAY_LOGS", "0") == "1",
+                 configure_logging=False)
     else:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    check_resources(needs)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        except ConnectionError as err:
+            raise ClusterError(
+                f"cluster.address={address}: no Ray cluster to join ({err}); start one with `ray start --head`"
+                " (or set RAY_ADDRESS), or use cluster=local to start one for this run") from err
+    _HELD = "started" if started else "joined"
+    try:
+        check_resources(needs)
+    except ClusterError:
+        stop_ray(started)
+        raise
     return started
 
 
@@ -69,10 +105,19 @@ def check_resources(needs: Needs) -> None:
         raise ClusterError(f"asked for {needs.gpus:g} GPUs, cluster has {have.get('GPU', 0):g}")
     if have.get("CPU", 0) < needs.cpus:
         raise ClusterError(f"asked for {needs.cpus:g} CPUs, cluster has {have.get('CPU', 0):g}")
+    for name, amount in needs.resources.items():
+        if have.get(name, 0) < amount:
+            raise ClusterError(
+                f"asked for {amount:g} of the custom resource {name!r}, cluster has {have.get(name, 0):g}"
+                f" (give nodes some with `ray start --resources='{{\"{name}\": 1}}'`)")
 
 
 def stop_ray(started: bool) -> None:
+    """Shut down a cluster this run started; disconnect from one it joined."""
+    global _HELD
     import ray
 
-    if started and ray.is_initialized():
+    if (started or _HELD == "joined") and ray.is_initialized():
         ray.shutdown()
+    if started or _HELD == "joined":
+        _HELD = None

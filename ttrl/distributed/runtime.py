@@ -57,16 +57,22 @@ class Runtime:
         W = t.num_workers
         n_groups = 1 + int(self.need_critic)
         colocate = cfg.cluster.placement == "colocate"
+        trainer_res, engine_res = dict(cfg.cluster.trainer_resources), dict(cfg.cluster.engine_resources)
+        custom = {k: v * (W if colocate else W * n_groups) for k, v in trainer_res.items()}
+        for k, v in engine_res.items():
+            custom[k] = custom.get(k, 0.0) + v * r.num_engines
         needs = Needs(cpus=W * n_groups + r.num_engines,
                       gpus=(max(W, r.num_engines * r.tensor_parallel_size) if colocate
-                            else W * n_groups + r.num_engines * r.tensor_parallel_size) if gpu else 0)
+                            else W * n_groups + r.num_engines * r.tensor_parallel_size) if gpu else 0,
+                      resources=custom)
         self.owns_ray = start_ray(cfg.cluster.address, self.device, needs, cfg.cluster.num_cpus,
                                   cfg.cluster.num_gpus)
         # Colocated: slot i hosts engine i and rank i of each trainer group.
         # Split: every actor has its own slot (see placement.py).
         self.placement = Placement(gpu=gpu, colocate=colocate, world_size=W, n_groups=n_groups,
                                    engines=r.num_engines, tp=r.tensor_parallel_size,
-                                   timeout_s=cfg.cluster.placement_timeout_s)
+                                   timeout_s=cfg.cluster.placement_timeout_s,
+                                   trainer_extra=trainer_res, engine_extra=engine_res)
 
         # ── rollout engines ──────────────────────────────────────────────
         eargs = EngineArgs(
