@@ -123,7 +123,7 @@ def _series(rows: list[dict], key: str) -> list[tuple[int, float]]:
 
 
 def summarize(run: dict[str, Any]) -> dict[str, Any]:
-    rows = [r for r in run["rows"] if "step" in r]
+    rows = [r for r in run["rows"] if "step" in r and "ser/round" not in r]  # SER rounds precede the policy steps
     train_rows = [r for r in rows if r["step"] > 0]
 
     def final_best(key: str) -> tuple[float, float]:

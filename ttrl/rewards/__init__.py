@@ -12,6 +12,7 @@ from ttrl.rewards.base import REWARDS, Reward, RewardOutput, build_reward, compu
 from ttrl.rewards.custom import CustomReward
 from ttrl.rewards.ground_truth import GroundTruthReward
 from ttrl.rewards.majority import MajorityVoteReward
+from ttrl.rewards.reward_model import RewardModelReward  # noqa: F401  (registers reward_model)
 
 __all__ = [
     "REWARDS",

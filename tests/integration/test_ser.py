@@ -1,0 +1,126 @@
+"""SER for real: reward-model ranks on Ray + DeepSpeed (ZeRO-3, 2 ranks, gloo), one
+self-labelling round, the saved RM dir, then one PPO step whose rewards come from that
+RM through the lazily started scoring actor, with vLLM CPU rollouts.
+
+The tiny random model learns little in seconds; what is checked is the plumbing: the
+round's metrics, the filter's bookkeeping, a HF model dir that scores exactly as the
+trainer did, and a PPO step that trains on the RM's scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from tests.conftest import compose_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+OVERRIDES = [
+    "experiment=debug_ser",
+    "logger.progress=false",
+    "ser.synthetic_num_pairs=80",
+    "ser.synthetic_num_eval=24",
+    "ser.seed_fraction=0.25",
+    "ser.rm_min_steps=3",
+    # Wide thresholds: a barely trained RM still keeps some pairs, so the round retrains.
+    "ser.high=0.5",
+    "ser.low=0.5",
+    "ser.min_gap=0.0",
+]
+
+
+def test_one_ser_round_then_one_ppo_step_with_the_learned_rm(tmp_path):
+    import ray
+
+    from ttrl.distributed.runtime import Runtime
+    from ttrl.loop import Ctx, algo_options, prepare, step
+    from ttrl.rewards import build_reward, compute_rewards
+    from ttrl.ser.loop import run_ser
+    from ttrl.trainer.reward_model import RewardModelScorer
+    from ttrl.types import Group, Sample
+
+    cfg = compose_config(*OVERRIDES)
+    res = run_ser(cfg, tmp_path)
+    assert not ray.is_initialized(), "the SER stage must stop the Ray cluster it started"
+
+    # ── the rounds' metrics ───────────────────────────────────────────────
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] == [r["ser/round"] for r in rows]
+    assert rows == [json.loads(line) for line in (tmp_path / "ser" / "metrics.jsonl").read_text().splitlines()]
+    seed_rm, round1 = rows
+    assert seed_rm["ser/train_rows"] == 20 and seed_rm["ser/pool_left"] == 60
+    kept = round1["ser/kept_status1"] + round1["ser/kept_status2"]
+    assert kept > 0 and round1["ser/kept_total"] == kept
+    assert round1["ser/pool_left"] == 60 - kept and round1["ser/train_rows"] == 20 + kept
+    assert 0 <= round1["ser/self_label_accuracy"] <= 1
+    for r in rows:
+        assert 0 <= r["ser/rm_accuracy"] <= 1 and math.isfinite(r["ser/train_loss"])
+    assert "max_rounds=1" in res.stop or "not improved" in res.stop
+    summary = json.loads((tmp_path / "ser" / "summary.json").read_text())
+    assert summary["best_round"] == res.best_round
+
+    # ── the saved RM: a HF dir that scores as it was trained ──────────────
+    final = tmp_path / "ser" / "final_rm"
+    meta = json.loads((final / "ttrl_rm.json").read_text())
+    assert meta["template"] == "{q}{a}" and meta["ser_round"] == res.best_round
+    scorer = RewardModelScorer(str(final), device="cpu")
+    held = ["12+34+56=", "12+34+56="], ["\\boxed{102}", "\\boxed{103}"]
+    s1 = scorer.score(*held)
+    assert len(s1) == 2 and all(math.isfinite(x) for x in s1)
+    # Batching and padding do not change a score.
+    longer = scorer.score(["12+34+56=", "1+2=", "12+34+56="], ["\\boxed{102}", "x" * 30, "\\boxed{103}"])
+    assert longer[0] == pytest.approx(s1[0], abs=1e-5) and longer[2] == pytest.approx(s1[1], abs=1e-5)
+
+    # ── one PPO step against it ───────────────────────────────────────────
+    # (built by hand, as ttrl.ser.chain does through the loop once it passes reward.path)
+    pcfg = compose_config(*OVERRIDES, "reward=majority_vote", "ser.enabled=false")
+    setup = prepare(pcfg)
+    setup.reward = build_reward("reward_model", path=str(final))
+    rt = Runtime(pcfg, setup.model_path, total_opt_steps=4)
+    try:
+        ctx = Ctx(pcfg, rt, setup.reward, setup.tokenizer, algo_options(pcfg), random.Random(0))
+        # The reward scores exactly what the RM dir scores, through its Ray actor.
+        prompt = setup.prompts[0]
+        g = Group(prompt, [], [Sample(text="\\boxed{1}"), Sample(text="\\boxed{22}")])
+        out = compute_rewards(setup.reward, [g])
+        assert out.votes is None
+        assert out.rewards[0] == pytest.approx(scorer.score([prompt.problem] * 2, ["\\boxed{1}", "\\boxed{22}"]),
+                                               abs=1e-4)
+        row = step(ctx, setup.prompts[:pcfg.data.prompts_per_step])
+        assert math.isfinite(row["train/pg_loss"]) and row["train/grad_norm"] > 0
+        assert math.isfinite(row["critic/vf_loss"])
+        assert math.isfinite(row["reward/mean"]) and row["reward/mean"] != 0.0
+    finally:
+        setup.reward.close()
+        rt.shutdown()
+
+
+
+def test_pointwise_ser_with_lora_on_zero2(tmp_path):
+    """The pointwise variant (BCE on graded responses) with LoRA adapters on one ZeRO-2 rank:
+    a round of self-labels, and a merged, plain HF export."""
+    import ray
+    from transformers import AutoModelForSequenceClassification
+
+    from ttrl.ser.loop import run_ser
+
+    cfg = compose_config("ser=synthetic_pointwise", "ser.then_policy=false", "model=tiny", "device=cpu",
+                         "logger.progress=false", "ser.synthetic_num_pairs=40", "ser.synthetic_num_eval=10",
+                         "ser.seed_fraction=0.25", "ser.max_rounds=1", "ser.high=0.5", "ser.low=0.5",
+                         "ser.rm_num_workers=1", "ser.rm_zero_stage=2", "ser.rm_batch_size=8",
+                         "ser.rm_micro_batch_size=4", "ser.rm_min_steps=3", "ser.rm_lr=1e-3", "ser.lora=true",
+                         "ser.lora_r=4")
+    res = run_ser(cfg, tmp_path)
+    assert not ray.is_initialized()
+    rows = [json.loads(line) for line in (tmp_path / "ser" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["ser/train_rows"] == 20  # 10 seed problems x 2 graded responses
+    assert rows[1]["ser/kept_status1"] > 0 and rows[1]["ser/kept_status2"] == 0
+    assert 0 <= rows[1]["ser/self_label_accuracy"] <= 1 and 0 <= rows[-1]["ser/rm_accuracy"] <= 1
+    meta = json.loads((res.final_rm / "ttrl_rm.json").read_text())
+    assert meta["mode"] == "pointwise" and meta["transform"] == "sigmoid"
+    model = AutoModelForSequenceClassification.from_pretrained(res.final_rm)
+    assert not any("lora" in n for n, _ in model.named_parameters())  # merged into the weights

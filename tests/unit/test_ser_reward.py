@@ -1,0 +1,156 @@
+"""The reward model itself on CPU (plain torch, no Ray or DeepSpeed): the score is read at
+the last real token whatever the padding, agrees with Hugging Face's own pooling, and
+survives a save/load; and the `reward_model` reward's checks, shapes and label-freedom."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttrl.models.tiny import ensure_tiny_model, tiny_spec
+from ttrl.rewards import REWARDS, build_reward, compute_rewards
+from ttrl.trainer.reward_model import (
+    RewardModelScorer,
+    RMFormat,
+    build_rm_model,
+    encode,
+    pack_sequences,
+    sequence_scores,
+)
+from ttrl.types import Group, Prompt, Sample
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    import os
+
+    old = os.environ.get("TTRL_CACHE")
+    os.environ["TTRL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        yield ensure_tiny_model(tiny_spec(64, 1, 1, 64, 128, seed=1, max_position_embeddings=256))
+    finally:
+        if old is None:
+            os.environ.pop("TTRL_CACHE")
+        else:
+            os.environ["TTRL_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def rm(tiny_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    torch.manual_seed(0)
+    model = build_rm_model(str(tiny_dir), torch.float32, tok.pad_token_id).eval()
+    torch.nn.init.normal_(model.hf.score.weight, std=1.0)  # a head that is not ~0
+    return model, tok
+
+
+TEXTS = ["12+34+56=\\boxed{102}", "1+2=\\boxed{3}", "99+1=\\boxed{100}<|endoftext|>"]
+
+
+def _scores(model, tok, texts, left=False):
+    ids = encode(tok, texts, RMFormat(template="{q}{a}"))
+    batch = pack_sequences(ids, tok.pad_token_id)
+    if left:  # the same rows, padding moved to the front
+        T = batch["input_ids"].shape[1]
+        for k in batch:
+            batch[k] = torch.stack([torch.roll(row, T - int(m.sum())) for row, m in
+                                    zip(batch[k], batch["attention_mask"])])
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return sequence_scores(model.hf, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+
+
+def test_score_ignores_padding_side_and_batch_company(rm):
+    model, tok = rm
+    together = _scores(model, tok, TEXTS)
+    alone = torch.cat([_scores(model, tok, [t]) for t in TEXTS])
+    left = _scores(model, tok, TEXTS, left=True)
+    assert torch.allclose(together, alone, atol=1e-5)
+    assert torch.allclose(left, together, atol=1e-5)
+    assert together.shape == (3,) and together.std() > 0
+
+
+def test_score_is_read_at_the_last_real_token_even_when_it_is_the_pad_token(rm):
+    model, tok = rm
+    # The third text ends in EOS, which is also the pad token: HF's own pooling (rightmost
+    # non-pad id) would read the token before it; ours reads the EOS itself.
+    ids = encode(tok, TEXTS[:2], RMFormat(template="{q}{a}"))
+    batch = pack_sequences(ids, tok.pad_token_id)
+    with torch.no_grad():
+        hf = model.hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    assert torch.allclose(hf, _scores(model, tok, TEXTS[:2]), atol=1e-5)  # agrees where HF can tell
+    eos = encode(tok, [TEXTS[2]], RMFormat(template="{q}{a}"))[0]
+    assert eos[-1] == tok.pad_token_id
+    without = _scores(model, tok, [TEXTS[2][: -len("<|endoftext|>")]])
+    assert not torch.allclose(_scores(model, tok, [TEXTS[2]]), without)
+
+
+def test_encode_truncates_from_the_left_and_appends_eos(rm):
+    _, tok = rm
+    fmt = RMFormat(template="Q: {q} A: {a}", max_length=6, append_eos=True)
+    ids = encode(tok, [fmt.text("1+1=", "\\boxed{2}")], fmt)[0]
+    assert len(ids) == 6 and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[:-1]) == "ed{2}"  # the beginning went
+
+
+def test_lora_model_starts_as_the_plain_one_and_merges(rm, tiny_dir):
+    model, tok = rm
+    torch.manual_seed(0)
+    lora = build_rm_model(str(tiny_dir), torch.float32, tok.pad_token_id,
+                          {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable) and any("score" in n for n in trainable)
+    assert not any("embed_tokens" in n for n in trainable)
+    merged = lora.hf.merge_and_unload()
+    assert type(merged).__name__ == "Qwen2ForSequenceClassification"
+
+
+def test_saved_dir_scores_the_same_through_the_scorer(rm, tmp_path):
+    model, tok = rm
+    model.hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    RMFormat(template="{q}{a}", transform="raw").save(tmp_path)
+    scorer = RewardModelScorer(str(tmp_path), device="cpu")
+    got = scorer.score(["12+34+56=", "1+2="], ["\\boxed{102}", "\\boxed{3}"])
+    assert got == pytest.approx(_scores(model, tok, TEXTS[:2]).tolist(), abs=1e-5)
+    probs = scorer.score(["1+2="], ["\\boxed{3}"], transform="sigmoid")
+    assert probs[0] == pytest.approx(torch.sigmoid(torch.tensor(got[1])).item(), abs=1e-6)
+
+
+# ── the reward ────────────────────────────────────────────────────────────
+def test_reward_model_is_registered_and_label_free():
+    assert "reward_model" in REWARDS.names()
+    assert REWARDS.get("reward_model").needs_ground_truth is False
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "needs reward.path"),
+    ({"path": "ser"}, "SER stage"),
+    ({"path": "/nonexistent/rm"}, "no reward model there"),
+])
+def test_reward_model_checks_its_path_at_build_time(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_reward("reward_model", **kwargs)
+
+
+def test_reward_model_shapes_and_scrubbed_prompts(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text("{}")
+    reward = build_reward("reward_model", path=str(tmp_path))
+    seen = {}
+
+    def fake_score(prompts, responses):
+        seen["prompts"], seen["responses"] = prompts, responses
+        return [float(len(r)) for r in responses]
+
+    monkeypatch.setattr(reward, "score", fake_score)
+    groups = [Group(Prompt("a", "1+1=", answer="2"), [], [Sample(text="x"), Sample(text="yy")]),
+              Group(Prompt("b", "2+2=", answer="4"), [], [Sample(text="zzz")])]
+    out = compute_rewards(reward, groups)
+    assert out.rewards == [[1.0, 2.0], [3.0]] and out.votes is None
+    assert seen["prompts"] == ["1+1=", "1+1=", "2+2="] and seen["responses"] == ["x", "yy", "zzz"]
+    with pytest.raises(ValueError, match="transform"):
+        build_reward("reward_model", path=str(tmp_path), transform="softmax")

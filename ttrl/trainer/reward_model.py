@@ -1,0 +1,509 @@
+"""The reward model: a causal LM backbone with a scalar head, trained and served on Ray.
+
+A reward model (RM) reads "question + answer" text and returns one number.
+It is `AutoModelForSequenceClassification(num_labels=1)` (for Qwen2, Llama,
+Mistral: the backbone plus a bias-free linear `score` head), optionally with
+LoRA adapters (peft; merged into the weights when saved). The score of a
+sequence is the head's output at its last real token, found from the
+attention mask (not from the pad token id: the tiny model's pad token is its
+EOS, and a text may end in EOS), so left and right padding give the same
+score. When the text does not end in the pad token this is exactly what
+Hugging Face's own `forward` pools, so a saved RM means the same thing to
+any `AutoModelForSequenceClassification` user.
+
+Three pieces:
+- `RewardModelWorker`: one DeepSpeed ZeRO rank (a Ray actor, reusing the
+  `_DSWorker` plumbing of the policy workers): pairwise Bradley-Terry or
+  pointwise BCE training steps, micro-batched with the same gradient
+  accumulation scaling as the policy (losses are normalised by the global
+  row count; DeepSpeed's division by accumulation steps and ranks is undone),
+  batched scoring, reset to the initial weights, export as a HF model dir.
+- `RewardModelTrainer`: the driver side, a `WorkerGroup` of those ranks:
+  tokenises, packs, splits batches over ranks, runs epochs with a per-round
+  LR schedule, scores lists of (prompt, response), saves.
+- `RewardModelScorer`: a plain-torch Ray actor that loads a saved RM dir and
+  scores batches (what `reward=reward_model` calls during policy training).
+
+Every saved RM dir holds `ttrl_rm.json`: the input template, max length and
+output transform it was trained with, so scoring formats text the same way.
+Tensor shapes are in comments; rows are sequences unless said otherwise.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ttrl.trainer.worker import _check_rows, _DSWorker
+
+DEFAULT_TEMPLATE = "Question: {q}\n\nAnswer: {a}"
+META_FILE = "ttrl_rm.json"
+
+
+# ── input format (pure) ───────────────────────────────────────────────────
+@dataclass
+class RMFormat:
+    """How (prompt, response) becomes the RM's input text, and how its score is read."""
+
+    template: str = DEFAULT_TEMPLATE
+    max_length: int = 1024
+    append_eos: bool = False
+    # pairwise (Bradley-Terry) | pointwise (correct/incorrect)
+    mode: str = "pairwise"
+    # What `reward=reward_model` returns: the raw score, or sigmoid(score) in (0, 1).
+    transform: str = "raw"
+
+    def text(self, prompt: str, response: str) -> str:
+        # str.replace, not str.format: templates and texts may hold braces (\boxed{}).
+        return self.template.replace("{q}", prompt).replace("{a}", response)
+
+    def save(self, path: str | Path, **extra: Any) -> None:
+        (Path(path) / META_FILE).write_text(json.dumps({**asdict(self), **extra}, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RMFormat:
+        f = Path(path) / META_FILE
+        if not f.exists():
+            return cls()
+        meta = json.loads(f.read_text())
+        return cls(**{k: meta[k] for k in asdict(cls()) if k in meta})
+
+
+def encode(tokenizer: Any, texts: list[str], fmt: RMFormat) -> list[list[int]]:
+    """Token ids of each text; too long ones lose their beginning (the answer is at the end)."""
+    out = []
+    eos = tokenizer.eos_token_id
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=True)["input_ids"]
+        if fmt.append_eos and eos is not None:
+            ids = ids + [eos]
+        out.append(ids[-fmt.max_length:])
+    return out
+
+
+def pack_sequences(seqs: list[list[int]], pad_id: int, width: int | None = None) -> dict[str, Any]:
+    """Right-padded input_ids/attention_mask/position_ids, each [b, T]."""
+    import torch
+
+    T = max(width or 0, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+
+
+def pack_pairs(chosen: list[list[int]], rejected: list[list[int]], pad_id: int) -> dict[str, Any]:
+    """chosen_* and rejected_* tensors [b, T] of one common width T (one forward pass for both)."""
+    T = max(max(len(s) for s in chosen), max(len(s) for s in rejected))
+    c, r = pack_sequences(chosen, pad_id, T), pack_sequences(rejected, pad_id, T)
+    return {**{f"chosen_{k}": v for k, v in c.items()}, **{f"rejected_{k}": v for k, v in r.items()}}
+
+
+def split_rows(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """n equal consecutive row chunks of every per-row tensor (any key names; scalars shared)."""
+    from ttrl.trainer.batch import select
+
+    rows = next(v for v in batch.values() if v.dim() > 0).shape[0]
+    if rows % n:
+        raise ValueError(f"cannot split a batch of {rows} rows into {n} equal parts")
+    k = rows // n
+    return [select(batch, slice(i * k, (i + 1) * k)) for i in range(n)]
+
+
+def last_token_index(attention_mask: Any) -> Any:
+    """Index of each row's last attended position: [b, T] -> [b] (left or right padding)."""
+    T = attention_mask.shape[1]
+    return T - 1 - attention_mask.flip(-1).argmax(-1)
+
+
+def sequence_scores(model: Any, input_ids: Any, attention_mask: Any, position_ids: Any) -> Any:
+    """Scalar scores [b] of a HF sequence classifier (num_labels=1), pooled at the last real token."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state                     # [b, T, H]
+    values = model.score(hidden).squeeze(-1)                                  # [b, T]
+    last = last_token_index(attention_mask)                                   # [b]
+    return values.gather(1, last[:, None]).squeeze(1).float()                 # [b]
+
+
+def _scalar_rm_class():
+    import torch
+
+    class ScalarRM(torch.nn.Module):
+        """Wraps the HF classifier so that DeepSpeed's forward is our pooled score."""
+
+        def __init__(self, hf: Any, seq_cls: Any):
+            super().__init__()
+            self.hf = hf              # the model DeepSpeed trains (a peft model when LoRA is on)
+            self._seq_cls = [seq_cls]  # the classifier inside it (not registered twice)
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            return sequence_scores(self._seq_cls[0], input_ids, attention_mask, position_ids)
+
+    return ScalarRM
+
+
+def build_rm_model(path: str, dtype: Any, pad_token_id: int | None, lora: dict | None = None,
+                   gradient_checkpointing: bool = False) -> Any:
+    """The scalar-head classifier on the backbone at `path` (head freshly initialised if absent)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, torch_dtype=dtype)
+    model.config.pad_token_id = pad_token_id
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    seq_cls = model
+    if lora:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora["r"], lora_alpha=lora["alpha"],
+                         lora_dropout=lora["dropout"], target_modules=list(lora["target_modules"]))
+        model = get_peft_model(model, cfg)  # the `score` head stays fully trainable (modules_to_save)
+        seq_cls = model.get_base_model()
+    return _scalar_rm_class()(model, seq_cls)
+
+
+# ── the DeepSpeed rank ────────────────────────────────────────────────────
+class RewardModelWorker(_DSWorker):
+    """One rank of the reward model: train (pairwise or pointwise), score, reset, export."""
+
+    def setup(self, master_addr: str, master_port: int, model_path: str) -> dict:
+        t0 = time.perf_counter()
+        self._init_dist(master_addr, master_port)
+        self.model_path = model_path
+        self._build()
+        return {"setup_s": time.perf_counter() - t0,
+                "trainable_params": sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)}
+
+    def _build(self) -> None:
+        import deepspeed
+        import torch
+
+        s = self.spec
+        ds = self._ds_config(train=True, lr=s["lr"])
+        # The same head initialisation on every rank (ZeRO-1/2 also broadcast rank 0's).
+        torch.manual_seed(s["seed"])
+        model = self._load(lambda: build_rm_model(self.model_path, self.torch_dtype, s["pad_token_id"],
+                                                  s.get("lora"), s.get("gradient_checkpointing", False)), ds)
+        # No scheduler: the driver sets each step's learning rate (one schedule per SER round).
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
+        torch.manual_seed(s["seed"] + 1000 * self.rank)
+
+    def reset(self) -> None:
+        """Back to the initial weights with a fresh optimizer (SER retrains from the base each round)."""
+        self.engine.destroy()
+        del self.engine
+        gc.collect()
+        self._build()
+
+    def _set_lr(self, lr: float) -> None:
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+
+    def _scores(self, mb: dict, prefix: str = "") -> Any:
+        return self.engine(mb[f"{prefix}input_ids"], mb[f"{prefix}attention_mask"], mb[f"{prefix}position_ids"])
+
+    def train_step(self, batch: dict, normalizer: float, mode: str, lr: float) -> dict[str, float]:
+        """One optimizer step on this rank's share of a batch of `normalizer` rows (pairs or items)."""
+        import torch
+
+        from ttrl.ser.losses import bradley_terry_loss, pointwise_loss
+
+        self.engine.train()
+        self._set_lr(lr)
+        grad_accum, micro = self.spec["grad_accum"], self.spec["micro_batch_size"]
+        rows = batch["labels" if mode == "pointwise" else "chosen_input_ids"].shape[0]
+        _check_rows(rows, grad_accum, micro)
+        # Losses are sums over rows / the global row count: undo DeepSpeed's
+        # division by the accumulation steps and its average over ranks.
+        scale = grad_accum * self.world_size
+        loss_sum, correct, margin = 0.0, 0.0, 0.0
+        for mb in self._micro_batches_any(batch):
+            mb = self._to_dev(mb)
+            if mode == "pairwise":
+                b = mb["chosen_input_ids"].shape[0]
+                both = {k: torch.cat([mb[f"chosen_{k}"], mb[f"rejected_{k}"]], 0)
+                        for k in ("input_ids", "attention_mask", "position_ids")}
+                scores = self._scores(both)                                   # [2b]
+                r_c, r_r = scores[:b], scores[b:]
+                loss = bradley_terry_loss(r_c, r_r, normalizer, self.spec.get("center_coef", 0.0))
+                correct += float((r_c > r_r).sum())
+                margin += float((r_c - r_r).sum())
+            else:
+                scores = self._scores(mb)                                     # [b]
+                loss = pointwise_loss(scores, mb["labels"], normalizer)
+                correct += float(((scores > 0).float() == mb["labels"]).sum())
+                margin += float(scores.sum())
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            loss_sum += float(loss)
+        gn = self.engine.get_global_grad_norm()
+        return {"loss": loss_sum, "correct": correct, "rows": float(rows), "margin_sum": margin,
+                "grad_norm": float(gn) if gn is not None else float("nan")}
+
+    def _micro_batches_any(self, batch: dict):
+        from ttrl.trainer.batch import select
+
+        mb = self.spec["micro_batch_size"]
+        first = next(v for v in batch.values() if v.dim() > 0)
+        for i in range(0, first.shape[0], mb):
+            yield select(batch, slice(i, i + mb))
+
+    def score(self, batch: dict) -> Any:
+        """Scores [b] of this rank's rows (input_ids/attention_mask/position_ids)."""
+        import torch
+
+        from ttrl.trainer.batch import select
+
+        self.engine.eval()
+        step = self.spec.get("score_micro_batch_size") or self.spec["micro_batch_size"]
+        n = batch["input_ids"].shape[0]
+        parts = []
+        with torch.no_grad():
+            for i in range(0, n, step):
+                parts.append(self._scores(self._to_dev(select(batch, slice(i, i + step)))).float().cpu())
+        return torch.cat(parts, 0) if parts else torch.zeros(0)
+
+    def _full_state_dict(self) -> dict[str, Any]:
+        """Every parameter gathered (ZeRO-3) to rank 0 on CPU; all ranks must call it."""
+        import deepspeed
+
+        zero3 = self.spec["zero_stage"] == 3
+        sd = {}
+        for name, p in self.engine.module.named_parameters():
+            if zero3:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    t = p.data.detach().to("cpu").clone() if self.rank == 0 else None
+            else:
+                t = p.data.detach().to("cpu").clone() if self.rank == 0 else None
+            if t is not None:
+                sd[name] = t
+        return sd
+
+    def save_hf(self, path: str) -> str | None:
+        """Export as a plain HF sequence-classification dir (LoRA merged in); rank 0 writes."""
+        import torch
+
+        sd = self._full_state_dict()
+        if self.rank != 0:
+            return None
+        s = self.spec
+        # A fresh full copy on CPU (outside any ZeRO-3 partitioning context) takes the weights.
+        fresh = build_rm_model(self.model_path, torch.float32, s["pad_token_id"], s.get("lora"))
+        missing, unexpected = fresh.load_state_dict(sd, strict=False)
+        if unexpected or [m for m in missing if "rotary" not in m]:
+            raise RuntimeError(f"reward model export: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        hf = fresh.hf.merge_and_unload() if s.get("lora") else fresh.hf
+        hf = hf.to(self.torch_dtype)
+        hf.save_pretrained(path, safe_serialization=True)
+        return path
+
+
+# ── the driver side ───────────────────────────────────────────────────────
+@dataclass
+class FitStats:
+    loss: float
+    accuracy: float
+    steps: int
+    seconds: float
+    grad_norm: float
+
+
+class RewardModelTrainer:
+    """A group of `RewardModelWorker` ranks, driven from the SER loop (Ray must be up)."""
+
+    def __init__(self, model_path: str, tokenizer: Any, fmt: RMFormat, *, num_workers: int, zero_stage: int,
+                 batch_size: int, micro_batch_size: int, lr: float, lr_schedule: str, warmup_ratio: float,
+                 min_lr_ratio: float, weight_decay: float, grad_clip: float, epochs: int, min_steps: int,
+                 device: str, dtype: str, seed: int, lora: dict | None = None, offload: bool = False,
+                 gradient_checkpointing: bool = False, score_micro_batch_size: int = 64,
+                 num_gpus_per_worker: float = 0.0, center_coef: float = 0.0):
+        from ttrl.distributed.group import WorkerGroup
+
+        if batch_size % (num_workers * micro_batch_size):
+            raise ValueError(f"reward model batch of {batch_size} must split into {num_workers} ranks x "
+                             f"micro-batches of {micro_batch_size}")
+        self.model_path, self.tokenizer, self.fmt = model_path, tokenizer, fmt
+        self.batch_size, self.lr, self.lr_schedule = batch_size, lr, lr_schedule
+        self.warmup_ratio, self.min_lr_ratio = warmup_ratio, min_lr_ratio
+        self.epochs, self.min_steps = epochs, min_steps
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._cache: dict[str, list[int]] = {}
+        spec = dict(device=device, dtype=dtype, seed=seed, zero_stage=zero_stage,
+                    micro_batch_size=micro_batch_size, grad_accum=batch_size // num_workers // micro_batch_size,
+                    betas=[0.9, 0.999], weight_decay=weight_decay, grad_clip=grad_clip, offload=offload, lr=lr,
+                    pad_token_id=self.pad_id, lora=lora, gradient_checkpointing=gradient_checkpointing,
+                    score_micro_batch_size=score_micro_batch_size, center_coef=center_coef)
+        t0 = time.perf_counter()
+        self.group = WorkerGroup(RewardModelWorker, num_workers, spec, name="reward_model",
+                                 num_gpus=num_gpus_per_worker)
+        self.setup_info = self.group.setup(model_path)[0]
+        self.startup_s = time.perf_counter() - t0
+
+    @classmethod
+    def from_config(cls, cfg: Any, model_path: str, tokenizer: Any, device: str, dtype: str) -> RewardModelTrainer:
+        s = cfg.ser
+        fmt = RMFormat(template=s.rm_template, max_length=s.rm_max_length, append_eos=s.rm_append_eos,
+                       mode=s.mode, transform=s.reward_transform or ("sigmoid" if s.mode == "pointwise" else "raw"))
+        lora = ({"r": s.lora_r, "alpha": s.lora_alpha, "dropout": s.lora_dropout,
+                 "target_modules": list(s.lora_target_modules)} if s.lora else None)
+        gpu = device == "cuda"
+        return cls(model_path, tokenizer, fmt, num_workers=s.rm_num_workers, zero_stage=s.rm_zero_stage,
+                   batch_size=s.rm_batch_size, micro_batch_size=s.rm_micro_batch_size, lr=s.rm_lr,
+                   lr_schedule=s.rm_lr_schedule, warmup_ratio=s.rm_warmup_ratio, min_lr_ratio=0.0,
+                   weight_decay=s.rm_weight_decay, grad_clip=s.rm_grad_clip, epochs=s.rm_epochs,
+                   min_steps=s.rm_min_steps, device=device, dtype=dtype, seed=cfg.seed + s.rm_seed, lora=lora,
+                   offload=s.rm_offload, gradient_checkpointing=s.rm_gradient_checkpointing,
+                   score_micro_batch_size=s.score_batch_size, num_gpus_per_worker=1.0 if gpu else 0.0,
+                   center_coef=s.rm_center_coef)
+
+    # ── tokens ────────────────────────────────────────────────────────────
+    def _ids(self, prompt: str, response: str) -> list[int]:
+        text = self.fmt.text(prompt, response)
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = self._cache[text] = encode(self.tokenizer, [text], self.fmt)[0]
+        return ids
+
+    # ── training ──────────────────────────────────────────────────────────
+    def num_steps(self, n_rows: int) -> int:
+        return max(self.epochs * math.ceil(n_rows / self.batch_size), self.min_steps)
+
+    def fit(self, rows: list[Any], seed: int) -> FitStats:
+        """Train on `rows`: PreferencePair (pairwise) or PointItem with `correct` set (pointwise).
+
+        Passes over the rows in a fresh random order each epoch, in batches
+        of exactly `batch_size` (the last batch of a pass is topped up from the
+        next pass), for `num_steps` optimizer steps on a warmup + decay schedule.
+        """
+        from ttrl.trainer.ds_config import lr_lambda
+
+        if not rows:
+            raise ValueError("reward model: nothing to train on")
+        t0 = time.perf_counter()
+        mode = self.fmt.mode
+        total = self.num_steps(len(rows))
+        sched = lr_lambda(self.lr_schedule, round(self.warmup_ratio * total), total, self.min_lr_ratio)
+        rng = random.Random(seed)
+        order: list[int] = []
+        W = self.group.world_size
+        loss_sum, correct, seen, gn = 0.0, 0.0, 0.0, 0.0
+        for step in range(total):
+            while len(order) < self.batch_size:
+                perm = list(range(len(rows)))
+                rng.shuffle(perm)
+                order += perm
+            idx, order = order[:self.batch_size], order[self.batch_size:]
+            batch = self._pack([rows[i] for i in idx], mode)
+            per_rank = self.group.call_sharded("train_step", split_rows(batch, W), float(self.batch_size), mode,
+                                               self.lr * sched(step))
+            loss_sum += sum(r["loss"] for r in per_rank)
+            correct += sum(r["correct"] for r in per_rank)
+            seen += sum(r["rows"] for r in per_rank)
+            gn = per_rank[0]["grad_norm"]
+        return FitStats(loss=loss_sum / total, accuracy=correct / max(seen, 1), steps=total,
+                        seconds=time.perf_counter() - t0, grad_norm=gn)
+
+    def _pack(self, rows: list[Any], mode: str) -> dict[str, Any]:
+        import torch
+
+        if mode == "pairwise":
+            return pack_pairs([self._ids(r.prompt, r.chosen) for r in rows],
+                              [self._ids(r.prompt, r.rejected) for r in rows], self.pad_id)
+        batch = pack_sequences([self._ids(r.prompt, r.response) for r in rows], self.pad_id)
+        batch["labels"] = torch.tensor([1.0 if r.correct else 0.0 for r in rows])
+        return batch
+
+    # ── scoring ───────────────────────────────────────────────────────────
+    def score(self, prompts: list[str], responses: list[str], chunk: int = 512) -> list[float]:
+        """Raw scores of (prompt, response) pairs, spread over the ranks."""
+        import torch
+
+        W = self.group.world_size
+        out: list[float] = []
+        for i in range(0, len(prompts), chunk):
+            seqs = [self._ids(p, r) for p, r in zip(prompts[i:i + chunk], responses[i:i + chunk])]
+            n = len(seqs)
+            seqs += seqs[: (-n) % W]  # equal shares per rank (ZeRO-3 forwards are collective)
+            batch = pack_sequences(seqs, self.pad_id)
+            parts = self.group.call_sharded("score", split_rows(batch, W))
+            out += torch.cat(parts, 0)[:n].tolist()
+        return out
+
+    # ── lifecycle ─────────────────────────────────────────────────────────
+    def reset(self) -> None:
+        self.group.call("reset")
+
+    def save(self, path: str | Path, **meta: Any) -> Path:
+        """A HF model dir (weights, tokenizer, ttrl_rm.json), written to a temp dir and renamed."""
+        import shutil
+
+        final = Path(path)
+        tmp = final.with_name(f".tmp-{final.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        self.group.call("save_hf", str(tmp))
+        self.tokenizer.save_pretrained(tmp)
+        self.fmt.save(tmp, base_model=self.model_path, **meta)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return final
+
+    def shutdown(self) -> None:
+        self.group.kill()
+
+
+# ── serving a saved reward model ──────────────────────────────────────────
+class RewardModelScorer:
+    """Loads a saved RM dir and scores (prompt, response) batches; plain torch, one process."""
+
+    def __init__(self, path: str, device: str = "auto", dtype: str = "auto", batch_size: int = 64):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        self.device, self.batch_size = device, batch_size
+        self.fmt = RMFormat.load(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, torch_dtype=getattr(torch, dtype)).to(device).eval()
+        pad = self.model.config.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0)
+
+    def info(self) -> dict[str, Any]:
+        return {"device": self.device, "transform": self.fmt.transform, "template": self.fmt.template,
+                "pid": os.getpid()}
+
+    def score(self, prompts: list[str], responses: list[str], transform: str | None = None) -> list[float]:
+        """One number per (prompt, response): the raw score, or sigmoid(score) (`transform`)."""
+        import torch
+
+        transform = transform or self.fmt.transform
+        texts = [self.fmt.text(p, r) for p, r in zip(prompts, responses, strict=True)]
+        out: list[float] = []
+        with torch.no_grad():
+            for i in range(0, len(texts), self.batch_size):
+                batch = pack_sequences(encode(self.tokenizer, texts[i:i + self.batch_size], self.fmt), self.pad_id)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                s = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+                if transform == "sigmoid":
+                    s = torch.sigmoid(s)
+                out += s.float().cpu().tolist()
+        return out
