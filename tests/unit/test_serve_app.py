@@ -1,0 +1,190 @@
+"""The HTTP API on fake engines: the openai client works, answers are stored first, admin needs the token."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from omegaconf import OmegaConf
+
+from ttrl.serve.app import Service, ServiceConfig, build_app
+from ttrl.serve.engines import EnginePool
+from ttrl.serve.protocol import Defaults, RequestError
+from ttrl.serve.store import Store
+from ttrl.serve.testing import FakeDeath, FakeEngine, FakeTokenizer, boxed
+
+TOKEN = "unit-test-token"
+MODEL_CFG = OmegaConf.create({"template": "plain", "prompt_template": "Q: {problem}\nA:", "system_prompt": None})
+
+
+class FakeController:
+    def __init__(self):
+        self.version, self.new, self.rolled, self.learned = 0, 0, [], 0
+
+    def served_version(self) -> int:
+        return self.version
+
+    def notify(self, n_new: int) -> None:
+        self.new += n_new
+
+    def status(self) -> dict[str, Any]:
+        return {"enabled": True, "state": "idle"}
+
+    def versions(self) -> dict[str, Any]:
+        return {"current": self.version, "versions": [{"version": 0, "status": "base"}]}
+
+    def rollback(self, version: int) -> dict[str, Any]:
+        if version != 0:
+            raise RequestError(f"version {version} is not kept", "version", status=404, kind="not_found")
+        self.rolled.append(version)
+        return {"ok": True, "current": version}
+
+    def learn_now(self) -> dict[str, Any]:
+        self.learned += 1
+        return {"ok": True}
+
+
+def _answers(ids, version, j):
+    # Votes of a prompt: 7, 5, 7, 7, ... (the majority is 7); the first sample says 7 too.
+    return boxed("5", (-0.01,)) if j == 1 else boxed("7", (-0.5, -0.5 - 0.1 * j))
+
+
+async def _client(tmp_path, admin_token=TOKEN, votes=1):
+    store = Store(tmp_path / "store.sqlite")
+    pool = EnginePool([FakeEngine(_answers, delay=0.005)], 0, death_errors=(FakeDeath,))
+    await pool.start()
+    ctl = FakeController()
+    defaults = Defaults(temperature=1.0, top_p=1.0, max_tokens=16, votes=votes, max_model_len=256)
+    svc = Service(ServiceConfig("tiny-arith", defaults, 30.0, admin_token), FakeTokenizer(), MODEL_CFG, pool, store,
+                  ctl)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(svc)), base_url="http://serve")
+    return client, svc, ctl, store, pool
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_the_openai_client_gets_completions_and_chat_and_every_answer_is_stored(tmp_path):
+    openai = pytest.importorskip("openai")
+
+    async def main():
+        client, svc, ctl, store, pool = await _client(tmp_path)
+        oa = openai.AsyncOpenAI(base_url="http://serve/v1", api_key="none", http_client=client, max_retries=0)
+        c = await oa.completions.create(model="tiny-arith", prompt="12+30=", max_tokens=8)
+        ch = await oa.chat.completions.create(model="tiny-arith", messages=[{"role": "user", "content": "1+1="}])
+        sc = await oa.completions.create(model="tiny-arith", prompt="3+4=", extra_body={"votes": 5})
+        multi = await oa.completions.create(model="tiny-arith", prompt=["1+2=", "2+3="], n=2)
+        models = await oa.models.list()
+        await pool.stop()
+        svc.close()
+        return c, ch, sc, multi, models, store, ctl
+
+    c, ch, sc, multi, models, store, ctl = run(main())
+    assert c.choices[0].text == "The answer is \\boxed{7}" and c.system_fingerprint == "ttrl-v0"
+    assert c.usage.prompt_tokens == len("12+30="), "completions take the prompt as it is (no template)"
+    assert ch.choices[0].message.content == "The answer is \\boxed{7}" and ch.id.startswith("chatcmpl-")
+    assert sc.choices[0].text.endswith("\\boxed{7}"), "self-consistency: the majority, not the confident 5"
+    assert sc.model_extra["ttrl"]["agreement"] == pytest.approx(0.8) and sc.model_extra["ttrl"]["votes"] == 5
+    assert len(multi.choices) == 4 and [ch.index for ch in multi.choices] == [0, 1, 2, 3]
+    assert [m.id for m in models.data] == ["tiny-arith"]
+    # Every answer is in the store, with what the learner and the audit need.
+    row = store.get_query(sc.id)
+    assert row["votes"] == 5 and row["answer"] == "7" and row["agreement"] == pytest.approx(0.8)
+    assert [s["answer"] for s in row["samples"]] == ["7", "5", "7", "7", "7"]
+    assert sum(s["chosen"] for s in row["samples"]) == 1 and row["samples"][0]["chosen"]
+    assert store.get_query(ch.id)["prompt"] == "Q: 1+1=\nA:", "chat on a plain model: the template is applied"
+    assert [r["idx"] for r in store.get_request(multi.id)] == [0, 1]
+    assert store.count_queries() == 5 and ctl.new == 5
+
+
+def test_bad_requests_get_openai_errors_naming_the_parameter(tmp_path):
+    async def main():
+        client, svc, *_ , pool = await _client(tmp_path)
+        out = {}
+        for name, body in {
+            "stream": {"prompt": "1+1=", "stream": True},
+            "max_tokens": {"prompt": "1+1=", "max_tokens": 0},
+            "temperature": {"prompt": "1+1=", "temperature": 3},
+            "prompt": {"prompt": ""},
+            "n": {"prompt": "1+1=", "votes": 3, "n": 2},
+            "long": {"prompt": "9" * 250, "max_tokens": 16},
+        }.items():
+            out[name] = await client.post("/v1/completions", json=body)
+        out["json"] = await client.post("/v1/completions", content=b"{not json")
+        out["chat"] = await client.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}]})
+        await pool.stop()
+        svc.close()
+        return out
+
+    out = run(main())
+    for name, resp in out.items():
+        assert resp.status_code == 400, (name, resp.text)
+        assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert out["stream"].json()["error"]["param"] == "stream"
+    assert out["long"].json()["error"]["param"] == "max_tokens"
+    assert "context" in out["long"].json()["error"]["message"]
+
+
+def test_feedback_is_stored_against_the_response_and_its_choice(tmp_path):
+    async def main():
+        client, svc, ctl, store, pool = await _client(tmp_path)
+        r = (await client.post("/v1/completions", json={"prompt": ["1+1=", "2+2="], "n": 2})).json()
+        ok = await client.post("/v1/feedback", json={"id": r["id"], "index": 3, "thumbs": "down"})
+        ok2 = await client.post("/v1/feedback", json={"id": r["id"], "score": 0.75, "comment": "close"})
+        missing = await client.post("/v1/feedback", json={"id": "cmpl-nope", "thumbs": "up"})
+        no_choice = await client.post("/v1/feedback", json={"id": r["id"], "index": 4, "rating": 1})
+        both = await client.post("/v1/feedback", json={"id": r["id"], "thumbs": "up", "score": 1})
+        metrics = (await client.get("/metrics")).text
+        await pool.stop()
+        svc.close()
+        return r, ok, ok2, missing, no_choice, both, store, metrics
+
+    r, ok, ok2, missing, no_choice, both, store, metrics = run(main())
+    assert ok.status_code == 200 and ok2.status_code == 200
+    fb = store.feedback_for([(r["id"], 0), (r["id"], 1)])
+    assert [(f["choice"], f["score"]) for f in fb[(r["id"], 1)]] == [(1, 0.0)], "choice 3 = prompt 1, its sample 1"
+    assert [(f["score"], f["comment"]) for f in fb[(r["id"], 0)]] == [(0.75, "close")]
+    assert missing.status_code == 404 and no_choice.status_code == 404 and both.status_code == 400
+    assert 'ttrl_feedback_total{verdict="down"} 1' in metrics and 'ttrl_feedback_total{verdict="up"} 1' in metrics
+
+
+def test_health_metrics_and_the_admin_api(tmp_path):
+    async def main():
+        client, svc, ctl, store, pool = await _client(tmp_path)
+        await client.post("/v1/completions", json={"prompt": "1+1="})
+        h = await client.get("/health")
+        text = (await client.get("/metrics")).text
+        out = {
+            "no_token": await client.get("/admin/versions"),
+            "wrong": await client.get("/admin/versions", headers={"Authorization": "Bearer nope-nope"}),
+            "ok": await client.get("/admin/versions", headers={"Authorization": f"Bearer {TOKEN}"}),
+            "rollback": await client.post("/admin/rollback", json={"version": 0}, headers={"X-Admin-Token": TOKEN}),
+            "rollback_unknown": await client.post("/admin/rollback", json={"version": 9},
+                                                  headers={"X-Admin-Token": TOKEN}),
+            "rollback_bad": await client.post("/admin/rollback", json={"version": "x"},
+                                              headers={"X-Admin-Token": TOKEN}),
+            "rollback_anon": await client.post("/admin/rollback", json={"version": 0}),
+            "learn": await client.post("/admin/learn", headers={"X-Admin-Token": TOKEN}),
+        }
+        await pool.stop()
+        svc.close()
+        client2, svc2, *_, pool2 = await _client(tmp_path / "off", admin_token=None)
+        out["off"] = await client2.get("/admin/versions", headers={"Authorization": f"Bearer {TOKEN}"})
+        await pool2.stop()
+        svc2.close()
+        return h, text, out, ctl
+
+    h, text, out, ctl = run(main())
+    assert h.status_code == 200 and h.json()["version"] == 0 and h.json()["engines"]["queue"] == 0
+    assert 'ttrl_requests_total{endpoint="completions",code="200"} 1' in text
+    assert "ttrl_serving_version 0" in text and "ttrl_request_seconds_bucket" in text
+    assert out["no_token"].status_code == 401 and out["wrong"].status_code == 401
+    assert out["ok"].status_code == 200 and out["ok"].json()["current"] == 0
+    assert out["rollback"].status_code == 200 and ctl.rolled == [0]
+    assert out["rollback_unknown"].status_code == 404 and out["rollback_bad"].status_code == 400
+    assert out["rollback_anon"].status_code == 401
+    assert out["learn"].status_code == 200 and ctl.learned == 1
+    assert out["off"].status_code == 403 and "admin API is off" in out["off"].json()["error"]["message"]

@@ -1,0 +1,146 @@
+"""The serving store: durable (WAL + synchronous=FULL), complete, and what the learner reads from it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from ttrl.serve.store import FeedbackRecord, GroupCommitWriter, QueryRecord, Store
+
+
+def _q(i: int, idx: int = 0, answer: str = "42", created: float | None = None) -> QueryRecord:
+    rec = QueryRecord(id=f"cmpl-{i}", idx=idx, endpoint="completions", prompt=f"{i}+{i}=", version=0, votes=1,
+                      response=[f"\\boxed{{{answer}}}"], answer=answer,
+                      samples=[{"text": "x", "answer": answer}])
+    if created is not None:
+        rec.created = created
+    return rec
+
+
+def test_the_store_is_durable_by_construction(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    assert s.pragma("journal_mode") == "wal"
+    assert s.pragma("synchronous") == 2  # FULL: the WAL is fsynced at every commit
+
+
+def test_queries_round_trip_and_the_learner_sees_each_once(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    s.add_queries([_q(i, created=1000.0 + i) for i in range(5)] + [_q(0, idx=1, created=1000.5)])
+    got = s.get_query("cmpl-3")
+    assert got["prompt"] == "3+3=" and got["response"] == ["\\boxed{42}"] and got["samples"][0]["answer"] == "42"
+    assert [r["idx"] for r in s.get_request("cmpl-0")] == [0, 1]
+    assert s.count_queries() == 6 and s.query_ids() == {f"cmpl-{i}" for i in range(5)}
+    unused = s.unused_queries(limit=10)
+    assert [(r["id"], r["idx"]) for r in unused][:3] == [("cmpl-0", 0), ("cmpl-0", 1), ("cmpl-1", 0)]
+    # The newest `limit`, oldest first.
+    assert [r["id"] for r in s.unused_queries(limit=2)] == ["cmpl-3", "cmpl-4"]
+    s.mark_used([("cmpl-0", 0), ("cmpl-1", 0)], round_no=1)
+    s.add_regression([("cmpl-2", 0, "2+2=", "4", 0.9)])
+    left = {(r["id"], r["idx"]) for r in s.unused_queries(limit=10)}
+    assert left == {("cmpl-0", 1), ("cmpl-3", 0), ("cmpl-4", 0)}, "used and held-out queries are not handed out"
+    assert s.count_unused() == 3
+    s.add_queries([_q(2, idx=5)])  # the frozen prompt asked again later: still never trained on
+    assert s.count_unused() == 3 and ("cmpl-2", 5) not in {(r["id"], r["idx"]) for r in s.unused_queries(10)}
+    assert [(r["id"], r["label"]) for r in s.regression_items()] == [("cmpl-2", "4")]
+
+
+def test_feedback_versions_rounds_events_and_state(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    s.add_queries([_q(1), _q(2)])
+    s.add_feedback(FeedbackRecord("cmpl-1", 0, 0, 1.0))
+    s.add_feedback(FeedbackRecord("cmpl-1", 0, 0, 0.0, comment="changed my mind"))
+    fb = s.feedback_for([("cmpl-1", 0), ("cmpl-2", 0)])
+    assert [f["score"] for f in fb[("cmpl-1", 0)]] == [1.0, 0.0] and ("cmpl-2", 0) not in fb
+    assert s.count_feedback() == 2
+    s.add_queries([_q(3, idx=0)])
+    s.add_queries([QueryRecord(id="cmpl-9", idx=0, endpoint="chat", prompt="1+1=", version=0, votes=1,
+                               response=["\\boxed{5}"])])  # another request with cmpl-1's prompt
+    s.add_feedback(FeedbackRecord("cmpl-9", 0, 0, 1.0))
+    by_prompt = s.feedback_by_prompt(["1+1=", "3+3="])
+    assert [(f["id"], f["score"], f["rated"]) for f in by_prompt["1+1="]] == [
+        ("cmpl-1", 1.0, "\\boxed{42}"), ("cmpl-1", 0.0, "\\boxed{42}"), ("cmpl-9", 1.0, "\\boxed{5}")]
+    assert "3+3=" not in by_prompt
+
+    assert s.serving_version() is None
+    s.add_version(0, "/v0", "base", serve=True)
+    s.add_version(1, "/v1", "promoted", parent=0, round_no=1, metrics={"score": 0.5})
+    assert s.serving_version() == 0, "recording a version does not serve it"
+    s.add_version(2, "/v2", "promoted", parent=1, serve=True)
+    assert s.serving_version() == 2
+    s.set_version_status(1, "pruned")
+    assert [(v["version"], v["status"]) for v in s.versions()] == [(0, "base"), (1, "pruned"), (2, "promoted")]
+    assert s.versions()[1]["metrics"] == {"score": 0.5}
+
+    r = s.start_round(base_version=2, n_queries=10)
+    s.finish_round(r, "rejected", current_score=0.5, candidate_score=0.1, reasons=["worse"], metrics={"a": 1})
+    (row,) = s.rounds()
+    assert row["outcome"] == "rejected" and row["reasons"] == ["worse"] and row["metrics"] == {"a": 1}
+    s.add_event("gate_rejected", round=r, reasons=["worse"])
+    assert s.events("gate_rejected")[0]["payload"]["round"] == r
+    s.set_state("k", {"x": [1, 2]})
+    assert s.get_state("k") == {"x": [1, 2]}
+
+
+def test_group_commit_writes_every_record_from_many_threads(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    w = GroupCommitWriter(s)
+    futs = []
+    lock = threading.Lock()
+
+    def client(c):
+        for i in range(50):
+            f = w.submit([_q(c * 1000 + i)])
+            with lock:
+                futs.append(f)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for f in futs:
+        f.result(timeout=30)
+    assert s.count_queries() == 400
+    assert w.rows == 400 and w.commits <= 400
+    w.close()
+
+
+def test_a_duplicate_fails_its_own_waiters_and_the_writer_keeps_going(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    w = GroupCommitWriter(s)
+    w.submit([_q(1)]).result(timeout=10)
+    bad = w.submit([_q(1)])
+    try:
+        bad.result(timeout=10)
+        raise AssertionError("a duplicate id was accepted")
+    except Exception as err:  # noqa: BLE001
+        assert "UNIQUE" in str(err)
+    w.submit([_q(2)]).result(timeout=10)
+    assert s.count_queries() == 2
+    w.close()
+
+
+CRASH = r"""
+import os, signal, sys
+from ttrl.serve.store import GroupCommitWriter, QueryRecord, Store
+w = GroupCommitWriter(Store(sys.argv[1]))
+for i in range(200):
+    w.submit([QueryRecord(id=f"cmpl-{i}", idx=0, endpoint="completions", prompt="p", version=0, votes=1,
+                          response=["r"])]).result()
+    print(f"cmpl-{i}", flush=True)   # "answered": only after the commit returned
+    if i == 150:
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_every_answered_query_survives_a_sigkill(tmp_path):
+    db = tmp_path / "crash.sqlite"
+    proc = subprocess.run([sys.executable, "-c", CRASH, str(db)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[2], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    answered = set(proc.stdout.split())
+    assert len(answered) == 151
+    assert answered <= Store(db).query_ids()

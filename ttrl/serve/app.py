@@ -1,0 +1,306 @@
+"""The HTTP API: OpenAI-compatible completions, feedback, health, metrics, admin.
+
+    POST /v1/completions         OpenAI completions (`votes` extension: self-consistency)
+    POST /v1/chat/completions    OpenAI chat completions
+    GET  /v1/models              the one served model
+    POST /v1/feedback            {"id": <response id>, "thumbs": "up"|"down" | "score": 0..1 | "rating": ±1}
+    GET  /health                 liveness, served version, queue, learner state
+    GET  /metrics                Prometheus text
+    GET  /admin/versions         versions on disk, learning rounds, gate events   (admin token)
+    POST /admin/rollback         {"version": N}: serve (and train from) version N (admin token)
+    POST /admin/learn            start a learning round now                        (admin token)
+
+A request is answered only after its record (prompt, samples, vote, answer,
+version) is committed to the store. `Service` holds the request path and
+talks to the engines through an `EnginePool`-like object and to the learner
+and versions through a `Controller`; both are plain objects, so the app
+runs against fakes in unit tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from ttrl.labeling.extract import extract_answer
+from ttrl.serve import protocol as P
+from ttrl.serve.auth import check_admin
+from ttrl.serve.engines import EngineUnavailable, Overloaded
+from ttrl.serve.prom import CONTENT_TYPE, Registry
+from ttrl.serve.selection import mean_logprob, select_completion
+from ttrl.serve.store import FeedbackRecord, GroupCommitWriter, QueryRecord, Store
+
+
+class Controller(Protocol):
+    def served_version(self) -> int: ...
+    def notify(self, n_new: int) -> None: ...
+    def status(self) -> dict[str, Any]: ...
+    def versions(self) -> dict[str, Any]: ...
+    def rollback(self, version: int) -> dict[str, Any]: ...
+    def learn_now(self) -> dict[str, Any]: ...
+
+
+class ServeMetrics:
+    def __init__(self, queue_depth: Callable[[], float], served_version: Callable[[], float]):
+        r = self.registry = Registry()
+        self.requests = r.counter("ttrl_requests_total", "HTTP requests by endpoint and status code",
+                                  ["endpoint", "code"])
+        self.latency = r.histogram("ttrl_request_seconds", "Request latency, arrival to answer (store commit included)",
+                                   ["endpoint"])
+        self.prompt_tokens = r.counter("ttrl_prompt_tokens_total", "Prompt tokens of answered requests")
+        self.generated_tokens = r.counter("ttrl_generated_tokens_total", "Tokens sampled (all votes included)")
+        self.answered = r.counter("ttrl_answered_queries_total", "Prompts answered and committed to the store")
+        self.feedback = r.counter("ttrl_feedback_total", "Feedback received", ["verdict"])
+        self.agreement = r.histogram("ttrl_vote_agreement", "Self-consistency: share of samples in the winning class",
+                                     buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
+        self.batch_size = r.histogram("ttrl_engine_batch_size", "Prompts per engine call",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.engine_seconds = r.histogram("ttrl_engine_call_seconds", "Duration of one engine generate call")
+        self.rounds = r.counter("ttrl_learning_rounds_total", "Learning rounds by outcome", ["outcome"])
+        self.rejections = r.counter("ttrl_gate_rejections_total", "Candidates the safety gate rejected")
+        self.swaps = r.counter("ttrl_swaps_total", "Hot swaps of the serving engines (promotions and rollbacks)")
+        self.swap_pause = r.gauge("ttrl_last_swap_pause_seconds", "Longest engine pause of the last hot swap")
+        self.rollbacks = r.counter("ttrl_rollbacks_total", "Admin rollbacks")
+        self.engine_events = r.counter("ttrl_engine_events_total", "Engine deaths and recoveries", ["kind"])
+        r.gauge("ttrl_queue_depth", "Requests waiting for an engine", fn=queue_depth)
+        r.gauge("ttrl_serving_version", "Weights version being served", fn=served_version)
+
+
+@dataclass
+class ServiceConfig:
+    model_name: str
+    defaults: P.Defaults
+    request_timeout_s: float
+    admin_token: str | None
+
+
+class Service:
+    def __init__(self, scfg: ServiceConfig, tokenizer: Any, model_cfg: Any, pool: Any, store: Store,
+                 controller: Controller):
+        self.scfg, self.tokenizer, self.model_cfg = scfg, tokenizer, model_cfg
+        self.pool, self.store, self.controller = pool, store, controller
+        self.writer = GroupCommitWriter(store)
+        self.metrics = ServeMetrics(lambda: len(getattr(pool, "queue", ())), lambda: controller.served_version())
+        self.started = time.time()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    # ── the request path ──────────────────────────────────────────────────
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _check_length(self, ids: list[int], s: P.Sampling) -> None:
+        limit = self.scfg.defaults.max_model_len
+        if len(ids) + s.max_tokens > limit:
+            raise P.RequestError(f"the prompt has {len(ids)} tokens; with max_tokens={s.max_tokens} that exceeds the "
+                                 f"model's context of {limit}", "max_tokens")
+        if not ids:
+            raise P.RequestError("the prompt is empty after tokenisation", "prompt")
+
+    async def _answer_one(self, ids: list[int], s: P.Sampling) -> tuple[list[dict], list[dict], int, Any]:
+        """(returned choices, all samples, version, selection or None) for one prompt."""
+        samples, version = await self.pool.generate(ids, s.engine_key())
+        self.metrics.generated_tokens.inc(sum(len(o["token_ids"]) for o in samples))
+        selection = None
+        if s.votes > 1:
+            # Grading equivalent answers can take a while (math-verify): off the event loop.
+            selection = await asyncio.get_running_loop().run_in_executor(None, select_completion, samples)
+            picked = [samples[selection.index]]
+            self.metrics.agreement.observe(selection.agreement)
+        else:
+            picked = samples[:s.n]
+        choices = []
+        for o in picked:
+            text, stopped = P.apply_stop(o["text"], s.stop)
+            choices.append({"text": text, "finish_reason": P.finish_reason(o.get("finish_reason"), stopped),
+                            "tokens": len(o["token_ids"])})
+        return choices, samples, version, selection
+
+    async def complete(self, endpoint: str, prompts: list[str], prompt_ids: list[list[int]], s: P.Sampling,
+                       request: dict, t0: float) -> dict[str, Any]:
+        prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
+        rid = P.new_id(prefix)
+        for ids in prompt_ids:
+            self._check_length(ids, s)
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*(self._answer_one(ids, s) for ids in prompt_ids)),
+                                             timeout=self.scfg.request_timeout_s)
+        except TimeoutError:
+            raise P.RequestError(f"no answer within serve.request_timeout_s={self.scfg.request_timeout_s:g}s",
+                                 status=504, kind="timeout") from None
+        except Overloaded as err:
+            raise P.RequestError(str(err), status=503, kind="overloaded") from None
+        except EngineUnavailable as err:
+            raise P.RequestError(str(err), status=503, kind="engine_unavailable") from None
+        records, choices, extras = [], [], []
+        version = min(v for _, _, v, _ in results)
+        for i, (text, (picked, samples, v, sel)) in enumerate(zip(prompts, results)):
+            answers = sel.answers if sel is not None else [extract_answer(o["text"]) for o in samples]
+            records.append(QueryRecord(
+                id=rid, idx=i, endpoint=endpoint, prompt=text, version=v, votes=s.votes,
+                response=[c["text"] for c in picked],
+                answer=sel.answer if sel is not None else extract_answer(picked[0]["text"]),
+                agreement=sel.agreement if sel is not None else None,
+                samples=[{"text": o["text"], "answer": a, "mean_logprob": _finite(mean_logprob(o)),
+                          "tokens": len(o["token_ids"]), "chosen": sel is not None and j == sel.index}
+                         for j, (o, a) in enumerate(zip(samples, answers))],
+                request=request, latency_s=time.perf_counter() - t0))
+            choices.extend(picked)
+            extras.append({"version": v, "votes": s.votes, "answer": records[-1].answer,
+                           "agreement": records[-1].agreement})
+        # Durable before the answer leaves: a crash after this line loses no answered query.
+        await asyncio.wrap_future(self.writer.submit(records))
+        self.metrics.answered.inc(len(records))
+        self.controller.notify(len(records))
+        usage = {"prompt_tokens": sum(len(ids) for ids in prompt_ids),
+                 "completion_tokens": sum(c["tokens"] for c in choices)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        self.metrics.prompt_tokens.inc(usage["prompt_tokens"])
+        extra = extras[0] if len(extras) == 1 else {"version": version, "prompts": extras}
+        build = P.chat_body if endpoint == "chat" else P.completion_body
+        return build(rid, self.scfg.model_name, choices, usage, version, extra)
+
+    def feedback(self, body: Any) -> dict[str, Any]:
+        rid, index, score, comment = P.parse_feedback(body)
+        rows = self.store.get_request(rid)
+        if not rows:
+            raise P.RequestError(f"no response with id {rid!r} in the store", "id", status=404, kind="not_found")
+        # Choice `index` counts across the prompts of the request, as in the response.
+        for r in rows:
+            if index < len(r["response"]):
+                fid = self.store.add_feedback(FeedbackRecord(rid, r["idx"], index, score, comment))
+                self.metrics.feedback.inc(verdict="up" if score >= 0.5 else "down")
+                return {"ok": True, "feedback_id": fid, "id": rid, "index": index, "score": score}
+            index -= len(r["response"])
+        raise P.RequestError(f"response {rid!r} has no choice {body.get('index')}", "index", status=404,
+                             kind="not_found")
+
+
+def _finite(x: float) -> float | None:
+    return x if x == x and abs(x) != float("inf") else None
+
+
+def build_app(service: Service) -> FastAPI:
+    app = FastAPI(title="ttrl-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    m = service.metrics
+
+    def error(err: P.RequestError, endpoint: str, t0: float) -> JSONResponse:
+        m.requests.inc(endpoint=endpoint, code=str(err.status))
+        m.latency.observe(time.perf_counter() - t0, endpoint=endpoint)
+        headers = {"Retry-After": "1"} if err.status == 503 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    async def body_of(request: Request) -> Any:
+        try:
+            return await request.json()
+        except Exception:  # noqa: BLE001
+            raise P.RequestError("the request body is not valid JSON") from None
+
+    def ok(payload: dict, endpoint: str, t0: float) -> JSONResponse:
+        m.requests.inc(endpoint=endpoint, code="200")
+        m.latency.observe(time.perf_counter() - t0, endpoint=endpoint)
+        return JSONResponse(payload)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        t0 = time.perf_counter()
+        try:
+            body = await body_of(request)
+            req = P.parse_completion(body, service.scfg.defaults)
+            if req.prompt_ids is not None:
+                texts = [service.tokenizer.decode(ids) for ids in req.prompt_ids]
+                ids = req.prompt_ids
+            else:
+                texts = req.prompts
+                ids = [service._tokens(t) for t in texts]
+            return ok(await service.complete("completions", texts, ids, req.sampling, body, t0), "completions", t0)
+        except P.RequestError as err:
+            return error(err, "completions", t0)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        t0 = time.perf_counter()
+        try:
+            body = await body_of(request)
+            messages, sampling, _ = P.parse_chat(body, service.scfg.defaults)
+            text = P.render_chat(messages, service.model_cfg, service.tokenizer)
+            return ok(await service.complete("chat", [text], [service._tokens(text)], sampling, body, t0), "chat", t0)
+        except P.RequestError as err:
+            return error(err, "chat", t0)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": service.scfg.model_name, "object": "model",
+                                            "created": int(service.started), "owned_by": "ttrl"}]}
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        t0 = time.perf_counter()
+        try:
+            body = await body_of(request)
+            return ok(await run_in_threadpool(service.feedback, body), "feedback", t0)
+        except P.RequestError as err:
+            return error(err, "feedback", t0)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": service.scfg.model_name, "version": service.controller.served_version(),
+                "uptime_s": time.time() - service.started,
+                "engines": service.pool.stats() if hasattr(service.pool, "stats") else None,
+                "learner": service.controller.status()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(m.registry.render(), media_type=CONTENT_TYPE)
+
+    def admin_denied(request: Request, endpoint: str, t0: float) -> JSONResponse | None:
+        denied = check_admin(dict(request.headers), service.scfg.admin_token)
+        if denied is None:
+            return None
+        return error(P.RequestError(denied.message, status=denied.status,
+                                    kind="authentication_error" if denied.status == 401 else "permission_error"),
+                     endpoint, t0)
+
+    @app.get("/admin/versions")
+    async def versions(request: Request):
+        t0 = time.perf_counter()
+        if (resp := admin_denied(request, "admin", t0)) is not None:
+            return resp
+        return ok(await run_in_threadpool(service.controller.versions), "admin", t0)
+
+    @app.post("/admin/rollback")
+    async def rollback(request: Request):
+        t0 = time.perf_counter()
+        if (resp := admin_denied(request, "admin", t0)) is not None:
+            return resp
+        try:
+            body = await body_of(request)
+            v = body.get("version") if isinstance(body, dict) else None
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise P.RequestError("send {\"version\": N}, N a kept version (see /admin/versions)", "version")
+            return ok(await run_in_threadpool(service.controller.rollback, v), "admin", t0)
+        except P.RequestError as err:
+            return error(err, "admin", t0)
+
+    @app.post("/admin/learn")
+    async def learn_now(request: Request):
+        t0 = time.perf_counter()
+        if (resp := admin_denied(request, "admin", t0)) is not None:
+            return resp
+        try:
+            return ok(await run_in_threadpool(service.controller.learn_now), "admin", t0)
+        except P.RequestError as err:
+            return error(err, "admin", t0)
+
+    return app
+
+
+__all__ = ["Controller", "Service", "ServiceConfig", "build_app"]

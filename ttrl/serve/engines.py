@@ -1,0 +1,280 @@
+"""The serving engines behind the HTTP server: request batching, hot swaps, recovery.
+
+Each rollout engine is a Ray actor whose methods run one at a time, in the
+order they were submitted. `EnginePool` (on the server's event loop) keeps
+at most one batch in flight per engine: requests that arrive meanwhile wait
+in one queue and go out together as the next batch (requests with the same
+sampling parameters share a call), so the batch grows with the load.
+
+A hot swap (`swap`) walks the engines one at a time: the engine takes no
+new batch, the `load_weights` call is submitted at once and so runs right
+after the batch in flight, which finishes on the old weights; every later
+batch runs on the new ones. A swap therefore always falls between two
+engine calls, never inside a request, and every answer is tagged with the
+version that produced it. With several engines the others keep serving;
+with one, requests wait in the queue for the length of the load (no request
+fails). An engine that dies is restarted by Ray; the pool reloads the
+served version into it from disk and retries its batch.
+
+Never touches the trainer or the staging engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Overloaded(RuntimeError):
+    """The request queue is full (HTTP 503)."""
+
+
+class EngineUnavailable(RuntimeError):
+    """No engine could run the request (HTTP 503)."""
+
+
+@dataclass
+class _Req:
+    ids: list[int]
+    key: tuple  # (n, temperature, top_p, top_k, max_tokens, seed)
+    fut: asyncio.Future
+    attempts: int = 0
+    t_enqueue: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Engine:
+    handle: Any
+    index: int
+    version: int
+    busy: bool = False
+    alive: bool = True
+    loading: bool = False
+    lost: bool = False  # did not come back from a restart: out of service for good
+    restarts: int = 0
+
+
+class EnginePool:
+    def __init__(self, engines: list[Any], version: int, *, max_batch: int = 64, max_queue: int = 1024,
+                 blobs_for: Callable[[int], list[bytes]] | None = None, max_retries: int = 2,
+                 recover_timeout_s: float = 600.0, on_batch: Callable[[int, float], None] | None = None,
+                 on_event: Callable[..., None] | None = None,
+                 death_errors: tuple[type[BaseException], ...] | None = None):
+        if not engines:
+            raise ValueError("EnginePool needs at least one engine")
+        self.engines = [_Engine(h, i, version) for i, h in enumerate(engines)]
+        self.version = version  # the served version: what a restarted engine is given
+        self.max_batch, self.max_queue, self.max_retries = max_batch, max_queue, max_retries
+        self.recover_timeout_s = recover_timeout_s
+        self.blobs_for = blobs_for
+        self.on_batch = on_batch
+        self.on_event = on_event or (lambda kind, **kw: None)
+        self.queue: deque[_Req] = deque()
+        if death_errors is None:  # an engine call failing with one of these means the actor died
+            from ray.exceptions import RayActorError
+
+            death_errors = (RayActorError,)
+        self.death_errors = death_errors
+        self.batches = 0
+        self.swaps: list[dict[str, Any]] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._swap_lock: asyncio.Lock | None = None
+        self._stopped = False
+
+    # ── lifecycle ─────────────────────────────────────────────────────────
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._swap_lock = asyncio.Lock()
+        self._task = asyncio.create_task(self._dispatch(), name="ttrl-dispatch")
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._wake:
+            self._wake.set()
+        if self._task:
+            await asyncio.wait([self._task], timeout=5)
+        while self.queue:
+            r = self.queue.popleft()
+            if not r.fut.done():
+                r.fut.set_exception(EngineUnavailable("the server is shutting down"))
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # ── requests ──────────────────────────────────────────────────────────
+    async def generate(self, ids: list[int], key: tuple) -> tuple[list[dict], int]:
+        """Samples for one prompt ([n] engine dicts) and the weights version that drew them."""
+        if self._stopped:
+            raise EngineUnavailable("the server is shutting down")
+        if all(e.lost for e in self.engines):
+            raise EngineUnavailable("no rollout engine is alive")
+        if len(self.queue) >= self.max_queue:
+            raise Overloaded(f"{len(self.queue)} requests are queued (serve.max_queue); retry later")
+        req = _Req(ids, key, asyncio.get_running_loop().create_future())
+        self.queue.append(req)
+        assert self._wake is not None, "EnginePool.start() first"
+        self._wake.set()
+        return await req.fut
+
+    def _free_engine(self) -> _Engine | None:
+        free = [e for e in self.engines if e.alive and not e.busy and not e.loading]
+        return free[0] if free else None
+
+    def _take_batch(self) -> list[_Req]:
+        # Drop requests whose caller gave up (timed out, disconnected).
+        while self.queue and self.queue[0].fut.done():
+            self.queue.popleft()
+        if not self.queue:
+            return []
+        key = self.queue[0].key
+        batch, rest = [], deque()
+        while self.queue:
+            r = self.queue.popleft()
+            if r.fut.done():
+                continue
+            if r.key == key and len(batch) < self.max_batch:
+                batch.append(r)
+            else:
+                rest.append(r)
+        self.queue = rest
+        return batch
+
+    async def _dispatch(self) -> None:
+        assert self._wake is not None
+        while not self._stopped:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.queue and not self._stopped:
+                eng = self._free_engine()
+                if eng is None:
+                    break
+                batch = self._take_batch()
+                if not batch:
+                    break
+                eng.busy = True
+                self._spawn(self._run_batch(eng, batch))
+
+    async def _run_batch(self, eng: _Engine, batch: list[_Req]) -> None:
+        n, temperature, top_p, top_k, max_tokens, seed = batch[0].key
+        version = eng.version
+        t0 = time.perf_counter()
+        try:
+            outs = await eng.handle.generate.remote([r.ids for r in batch], n, temperature, top_p, top_k,
+                                                    max_tokens, seed)
+            self.batches += 1
+            if self.on_batch:
+                self.on_batch(len(batch), time.perf_counter() - t0)
+            for r, o in zip(batch, outs):
+                if not r.fut.done():
+                    r.fut.set_result((o, version))
+        except Exception as err:  # noqa: BLE001 - every waiter gets an answer
+            if isinstance(err, self.death_errors):
+                eng.alive = False
+                eng.restarts += 1
+                self.on_event("engine_died", engine=eng.index, error=type(err).__name__)
+                print(f"ttrl-serve: rollout engine {eng.index} died ({type(err).__name__}); restarting it and "
+                      f"retrying {len(batch)} request(s)", file=sys.stderr, flush=True)
+                retry = []
+                for r in batch:
+                    r.attempts += 1
+                    if r.fut.done():
+                        continue
+                    if r.attempts > self.max_retries:
+                        r.fut.set_exception(EngineUnavailable(f"rollout engine failed {r.attempts} times"))
+                    else:
+                        retry.append(r)
+                self.queue.extendleft(reversed(retry))
+                self._spawn(self._recover(eng))
+            else:
+                for r in batch:
+                    if not r.fut.done():
+                        r.fut.set_exception(err)
+        finally:
+            eng.busy = False
+            if self._wake:
+                self._wake.set()
+
+    # ── recovery ──────────────────────────────────────────────────────────
+    async def _recover(self, eng: _Engine) -> None:
+        """Wait for Ray to restart the engine, give it the served weights, put it back in service."""
+        deadline = time.monotonic() + self.recover_timeout_s
+        while True:
+            try:
+                info = await asyncio.wait_for(eng.handle.info.remote(), timeout=30)
+                break
+            except Exception as err:  # noqa: BLE001
+                if time.monotonic() > deadline:
+                    eng.lost = True
+                    self.on_event("engine_lost", engine=eng.index, error=str(err))
+                    print(f"ttrl-serve: rollout engine {eng.index} did not come back: {err}", file=sys.stderr)
+                    self._fail_if_none_alive()
+                    return
+                await asyncio.sleep(1.0)
+        try:
+            target = self.version
+            if info.get("weights_version") != target and self.blobs_for is not None:
+                blobs = await asyncio.get_running_loop().run_in_executor(None, self.blobs_for, target)
+                await eng.handle.load_weights.remote(blobs, target)
+            eng.version = target
+            eng.alive = True
+            self.on_event("engine_recovered", engine=eng.index, version=target)
+            print(f"ttrl-serve: rollout engine {eng.index} is back, serving v{target}", file=sys.stderr, flush=True)
+        except Exception as err:  # noqa: BLE001
+            eng.lost = True
+            self.on_event("engine_lost", engine=eng.index, error=str(err))
+            self._fail_if_none_alive()
+        finally:
+            if self._wake:
+                self._wake.set()
+
+    def _fail_if_none_alive(self) -> None:
+        if any(e.alive for e in self.engines):
+            return
+        while self.queue:
+            r = self.queue.popleft()
+            if not r.fut.done():
+                r.fut.set_exception(EngineUnavailable("no rollout engine is alive"))
+
+    # ── hot swap ──────────────────────────────────────────────────────────
+    async def swap(self, version: int, blobs: list[bytes]) -> dict[str, Any]:
+        """Load `version` into every engine, one engine at a time, between two of its batches."""
+        assert self._swap_lock is not None
+        async with self._swap_lock:
+            t_start = time.time()
+            per_engine = []
+            for eng in self.engines:
+                if not eng.alive:
+                    continue  # it gets self.version when it comes back
+                eng.loading = True  # no new batch; the one in flight (if any) runs first, on the old weights
+                t0 = time.perf_counter()
+                try:
+                    res = await eng.handle.load_weights.remote(blobs, version)
+                    eng.version = version
+                finally:
+                    eng.loading = False
+                    if self._wake:
+                        self._wake.set()
+                per_engine.append({"engine": eng.index, "pause_s": time.perf_counter() - t0,
+                                   "load_s": float(res.get("load_s", 0.0))})
+            self.version = version
+            stats = {"version": version, "started": t_start, "finished": time.time(), "engines": per_engine,
+                     "max_pause_s": max((p["pause_s"] for p in per_engine), default=0.0)}
+            self.swaps.append(stats)
+            return stats
+
+    def stats(self) -> dict[str, Any]:
+        return {"queue": len(self.queue), "batches": self.batches, "version": self.version,
+                "engines": [{"index": e.index, "version": e.version, "alive": e.alive, "busy": e.busy,
+                             "loading": e.loading, "lost": e.lost, "restarts": e.restarts} for e in self.engines]}
+
+
+__all__ = ["EnginePool", "EngineUnavailable", "Overloaded"]

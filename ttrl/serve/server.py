@@ -1,0 +1,284 @@
+"""Start everything `ttrl-serve` runs, and stop it again.
+
+    Ray ─┬─ serving engine(s)  rollout.num_engines vLLM actors: answer users, promoted weights only
+         ├─ staging engine     one more vLLM actor: learner rollouts and gate evaluation
+         └─ trainer            DeepSpeed ZeRO ranks holding the candidate
+    this process: HTTP (uvicorn, asyncio) · EnginePool · store writer thread · learner thread
+
+Startup resumes from `serve.dir`: the store says which version is served;
+the trainer loads its state, every engine loads its weights from disk.
+The first start writes v0 (the starting weights). When the server is
+listening, `<serve.dir>/server.json` holds its address (with `serve.port=0`
+that is how a caller learns the port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from ttrl.serve.auth import resolve_admin_token
+from ttrl.serve.config import is_loopback
+from ttrl.serve.protocol import Defaults, RequestError
+from ttrl.serve.store import Store
+from ttrl.serve.versions import Versions
+
+
+class ServeController:
+    """What the admin API and the learner do to versions: serve, roll back, report."""
+
+    def __init__(self, cfg: Any, store: Store, versions: Versions, rt: Any, served: int, trainer_lock: threading.Lock):
+        self.cfg, self.store, self.disk, self.rt = cfg, store, versions, rt
+        self._served = served
+        self.trainer_lock = trainer_lock
+        self.pool: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.learner: Any = None
+        self.metrics: Any = None
+        self.last_alert: dict[str, Any] | None = None
+
+    def served_version(self) -> int:
+        return self._served
+
+    def notify(self, n_new: int) -> None:
+        if self.learner is not None:
+            self.learner.notify(n_new)
+
+    def status(self) -> dict[str, Any]:
+        ln = self.learner
+        return {"enabled": ln is not None, "state": ln.state if ln else "off",
+                "rounds": ln.rounds_done if ln else 0, "last_error": ln.last_error if ln else None,
+                "disabled": ln.disabled if ln else None,
+                "last_alert": self.last_alert}
+
+    def versions(self) -> dict[str, Any]:
+        return {"current": self._served, "versions": self.store.versions(), "rounds": self.store.rounds(50),
+                "events": self.store.events(limit=100), "swaps": list(self.pool.swaps[-20:]) if self.pool else []}
+
+    # ── swaps (called from the learner and admin threads, never the event loop) ──
+    def swap(self, version: int) -> dict[str, Any]:
+        """Hot-swap the serving engines to `version` (from disk); blocks until every engine has it."""
+        assert self.loop is not None and self.pool is not None
+        blobs = self.disk.blobs(version, self.rt.engine_dtype)
+        stats = asyncio.run_coroutine_threadsafe(self.pool.swap(version, blobs), self.loop).result()
+        self._served = version
+        if self.metrics is not None:
+            self.metrics.swaps.inc()
+            self.metrics.swap_pause.set(stats["max_pause_s"])
+        print(f"ttrl-serve: now serving v{version} (longest engine pause {stats['max_pause_s'] * 1e3:.0f} ms)",
+              file=sys.stderr, flush=True)
+        return stats
+
+    def rollback(self, version: int) -> dict[str, Any]:
+        known = {v["version"]: v for v in self.store.versions()}
+        if version not in known or known[version]["status"] not in ("base", "promoted") or \
+                not self.disk.exists(version):
+            kept = sorted(v for v, row in known.items() if row["status"] in ("base", "promoted"))
+            raise RequestError(f"version {version} is not kept; kept versions: {kept}", "version", status=404,
+                               kind="not_found")
+        with self.trainer_lock:  # after any learning round in progress
+            before = self._served
+            self.rt.load(str(self.disk.path(version)))
+            if self.learner is not None:
+                self.learner.staging.sync_weights()
+            self.store.set_state("serving_version", version)
+            stats = self.swap(version)
+            self.store.add_event("rollback", version=version, previous=before, swap=stats)
+        if self.metrics is not None:
+            self.metrics.rollbacks.inc()
+        return {"ok": True, "current": version, "previous": before, "swap": stats}
+
+    def learn_now(self) -> dict[str, Any]:
+        if self.learner is None:
+            raise RequestError("the learner is off (serve.learn.enabled=false)", status=409, kind="conflict")
+        self.learner.trigger()
+        return {"ok": True, "triggered": True, "state": self.learner.state}
+
+    def on_round(self, summary: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.rounds.inc(outcome=summary.get("outcome", "unknown"))
+            if summary.get("outcome") == "rejected":
+                self.metrics.rejections.inc()
+
+    def on_alert(self, message: str, payload: dict[str, Any]) -> None:
+        self.last_alert = {"time": time.time(), "message": message}
+        print(f"ttrl-serve: ALERT: {message}", file=sys.stderr, flush=True)
+
+
+def _setup(cfg: Any):
+    """Model dir, tokenizer and reward, as `ttrl.loop.prepare` makes them (without loading the data)."""
+    from transformers import AutoTokenizer
+
+    from ttrl.labeling import grade
+    from ttrl.models import resolve_model_path
+    from ttrl.rewards import build_reward
+
+    grade.configure(timeout_s=cfg.label.grade_timeout_s)
+    model_path = resolve_model_path(cfg.model, cfg.data)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    opts: dict[str, Any] = {}
+    if cfg.reward.name == "custom":
+        opts = {"fn": cfg.reward.fn, "needs_ground_truth": cfg.reward.needs_ground_truth}
+    return model_path, tokenizer, build_reward(cfg.reward.name, **opts)
+
+
+def _labelled_set(cfg: Any, tokenizer: Any):
+    from ttrl.data.loader import load_file
+    from ttrl.data.templates import render_prompt
+    from ttrl.types import Prompt
+
+    path = cfg.serve.gate.regression_set
+    if not path:
+        return None
+    d = cfg.data
+    rows = load_file(path, d.id_key, d.problem_key, d.answer_key)
+    return [Prompt(p.id, p.problem, p.answer, render_prompt(p.problem, cfg.model, tokenizer)) for p in rows]
+
+
+def write_server_file(serve_dir: Path, info: dict[str, Any]) -> Path:
+    path = serve_dir / "server.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def run_server(cfg: Any, serve_dir: Path) -> None:
+    import ray
+
+    from ttrl.distributed.runtime import Runtime
+    from ttrl.serve.learner import Learner
+
+    s = cfg.serve
+    quiet = not cfg.logger.progress
+    admin_token = resolve_admin_token(s.admin_token, s.admin_token_env)
+    if not is_loopback(s.host):
+        print(f"ttrl-serve: WARNING: listening on {s.host}, not loopback: the OpenAI API has no authentication; "
+              "put it behind an authenticating proxy", file=sys.stderr, flush=True)
+    model_path, tokenizer, reward = _setup(cfg)
+    labelled = _labelled_set(cfg, tokenizer)
+    store = Store(s.store or serve_dir / "store.sqlite")
+    versions = Versions(serve_dir / "versions")
+    # One more engine than asked for: the staging engine (learner rollouts, gate).
+    rt_cfg = OmegaConf.merge(cfg, {"rollout": {"num_engines": cfg.rollout.num_engines + 1, "weight_sync": "ray"}})
+    if not quiet:
+        print(f"ttrl-serve: starting Ray, {cfg.rollout.num_engines} serving + 1 staging vLLM engine(s), "
+              f"{cfg.trainer.num_workers} DeepSpeed rank(s) ...", file=sys.stderr, flush=True)
+    rt = Runtime(rt_cfg, model_path, total_opt_steps=int(cfg.trainer.total_steps or 1_000_000))
+    serving, staging = rt.engines[:-1], rt.engines[-1]
+    learner = None
+    try:
+        # ── which version to serve ─────────────────────────────────────────
+        known = {v["version"]: v for v in store.versions()}
+        if 0 not in known or not versions.exists(0):
+            path = versions.save(rt, 0, note="the starting weights")
+            store.add_version(0, str(path), "base", metrics={"model_path": model_path},
+                              serve=store.serving_version() is None)
+            known = {v["version"]: v for v in store.versions()}
+        served = store.serving_version() or 0
+        if not versions.exists(served):
+            kept = [v for v, row in sorted(known.items()) if row["status"] in ("base", "promoted")
+                    and versions.exists(v)]
+            print(f"ttrl-serve: WARNING: the store serves v{served} but {versions.path(served)} is missing; "
+                  f"serving v{kept[-1]}", file=sys.stderr, flush=True)
+            served = kept[-1]
+            store.set_state("serving_version", served)
+        removed = versions.cleanup({v for v, row in known.items() if row["status"] in ("base", "promoted")})
+        if removed:
+            print(f"ttrl-serve: removed unrecorded version dirs {removed}", file=sys.stderr)
+        if served != 0:
+            rt.load(str(versions.path(served)))
+            blobs = versions.blobs(served, rt.engine_dtype)
+            ray.get([e.load_weights.remote(blobs, served) for e in rt.engines])
+        store.add_event("started", version=served, pid=os.getpid())
+
+        trainer_lock = threading.Lock()
+        controller = ServeController(cfg, store, versions, rt, served, trainer_lock)
+        if s.learn.enabled:
+            learner = Learner(cfg, rt, staging, store, versions, tokenizer, reward, swap=controller.swap,
+                              served=controller.served_version, trainer_lock=trainer_lock, labelled=labelled,
+                              on_round=controller.on_round, alert=controller.on_alert)
+            controller.learner = learner
+        asyncio.run(_serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, controller, admin_token,
+                           served, rt.startup_s))
+    finally:
+        if learner is not None:
+            learner.stop()
+        store.add_event("stopped", pid=os.getpid())
+        store.close()
+        rt.shutdown()
+        print("ttrl-serve: stopped", file=sys.stderr, flush=True)
+
+
+async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, controller, admin_token, served,
+                 startup_s) -> None:
+    import uvicorn
+
+    from ttrl.serve.app import Service, ServiceConfig, build_app
+    from ttrl.serve.engines import EnginePool
+
+    s, r = cfg.serve, cfg.rollout
+    loop = asyncio.get_running_loop()
+    pool = EnginePool(serving, served, max_batch=s.max_batch, max_queue=s.max_queue,
+                      blobs_for=lambda v: versions.blobs(v, rt.engine_dtype), max_retries=r.max_retries)
+    defaults = Defaults(temperature=float(s.temperature if s.temperature is not None else r.temperature),
+                        top_p=float(s.top_p if s.top_p is not None else r.top_p),
+                        max_tokens=int(s.max_tokens or r.max_new_tokens), votes=int(s.votes),
+                        max_model_len=int(cfg.model.max_model_len))
+    scfg = ServiceConfig(model_name=s.model_name or cfg.model.name, defaults=defaults,
+                         request_timeout_s=float(s.request_timeout_s), admin_token=admin_token)
+    service = Service(scfg, tokenizer, cfg.model, pool, store, controller)
+    m = service.metrics
+
+    def on_batch(size: int, seconds: float) -> None:
+        m.batch_size.observe(size)
+        m.engine_seconds.observe(seconds)
+
+    def on_event(kind: str, **payload: Any) -> None:
+        m.engine_events.inc(kind=kind)
+        store.add_event(kind, **payload)
+
+    pool.on_batch, pool.on_event = on_batch, on_event
+    controller.pool, controller.loop, controller.metrics = pool, loop, m
+    await pool.start()
+    if controller.learner is not None:
+        controller.learner.start()
+
+    server = uvicorn.Server(uvicorn.Config(build_app(service), host=s.host, port=s.port, log_level="warning",
+                                           access_log=False, lifespan="off", timeout_graceful_shutdown=10))
+
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with
+    # the handlers it found: make those no-ops, so that the clean-up below runs.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: None)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task  # raises why it could not start (port in use, ...)
+            raise RuntimeError(f"ttrl-serve: the HTTP server did not start on {s.host}:{s.port}")
+        await asyncio.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://{'[' + s.host + ']' if ':' in s.host else s.host}:{port}"
+    write_server_file(serve_dir, {"host": s.host, "port": port, "url": url, "pid": os.getpid(), "version": served,
+                                  "model": scfg.model_name, "started": time.time(), "startup_s": startup_s})
+    print(f"ttrl-serve: serving v{served} of {scfg.model_name} at {url}/v1 (OpenAI API), votes={s.votes}; "
+          f"learner {'on' if controller.learner else 'off'}; admin API {'on' if admin_token else 'off'}; "
+          f"store {store.path}", file=sys.stderr, flush=True)
+    try:
+        await task
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        service.close()
+        await pool.stop()

@@ -1,0 +1,419 @@
+"""The durable record of a serving run: queries, responses, votes, feedback, versions, rounds.
+
+One SQLite file in WAL mode with `synchronous=FULL`: a commit returns only
+after the write-ahead log is on disk, so a query whose answer left the
+server survives a SIGKILL or a power cut (the server writes, then answers).
+`GroupCommitWriter` batches the inserts of concurrent requests into one
+transaction (one fsync for many answers) on its own thread; each request
+waits for the commit of its own rows.
+
+Tables: `queries` (one row per prompt of a request: prompt, the served
+text(s), every sample's answer, the vote, the weights version that answered,
+and which learning round used it), `feedback`, `versions` (promoted weights
+on disk), `rounds` (each learning round: scores, gate decision, reasons),
+`regression` (the frozen pseudo-label set), `events` and `state`.
+
+Pure Python (sqlite3): no torch, ray or vllm.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS queries (
+    id TEXT NOT NULL,               -- the response id the client got (cmpl-..., chatcmpl-...)
+    idx INTEGER NOT NULL,           -- prompt index within the request
+    created REAL NOT NULL,
+    endpoint TEXT NOT NULL,
+    prompt TEXT NOT NULL,           -- what the engine saw (template applied)
+    request TEXT,                   -- the request body (JSON)
+    version INTEGER NOT NULL,       -- weights version that generated the answer
+    votes INTEGER NOT NULL,         -- samples drawn (1 = plain sampling)
+    response TEXT NOT NULL,         -- JSON list of the texts returned
+    answer TEXT,                    -- extracted answer of the (first) returned text
+    agreement REAL,                 -- majority ratio when votes > 1
+    samples TEXT,                   -- JSON list of every sample: text, answer, mean logprob
+    latency_s REAL,
+    heldout INTEGER NOT NULL DEFAULT 0,   -- frozen into the regression set: never trained on
+    round INTEGER,                  -- the learning round that used it (NULL = not yet)
+    PRIMARY KEY (id, idx)
+);
+CREATE INDEX IF NOT EXISTS queries_unused ON queries (round, heldout, created);
+CREATE INDEX IF NOT EXISTS queries_prompt ON queries (prompt);
+CREATE TABLE IF NOT EXISTS feedback (
+    fid INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    choice INTEGER NOT NULL,        -- which of the prompt's returned texts (0 unless n > 1)
+    score REAL NOT NULL,            -- 1 = thumbs up, 0 = thumbs down, or anything between
+    comment TEXT,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_query ON feedback (id, idx);
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY,
+    created REAL NOT NULL,
+    path TEXT,
+    parent INTEGER,
+    round INTEGER,
+    status TEXT NOT NULL,           -- base | promoted | pruned
+    metrics TEXT
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    started REAL NOT NULL,
+    finished REAL,
+    outcome TEXT,                   -- promoted | rejected | skipped | failed
+    base_version INTEGER,
+    version INTEGER,                -- the promoted version, if any
+    n_queries INTEGER,
+    current_score REAL,
+    candidate_score REAL,
+    reasons TEXT,
+    metrics TEXT
+);
+CREATE TABLE IF NOT EXISTS regression (
+    id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    prompt TEXT NOT NULL,
+    label TEXT NOT NULL,
+    agreement REAL NOT NULL,
+    source TEXT NOT NULL DEFAULT 'vote',   -- vote (agreement >= gate.min_agreement) | feedback (a thumbs-up)
+    created REAL NOT NULL,
+    PRIMARY KEY (id, idx)
+);
+CREATE TABLE IF NOT EXISTS events (
+    eid INTEGER PRIMARY KEY AUTOINCREMENT,
+    created REAL NOT NULL,
+    kind TEXT NOT NULL,
+    payload TEXT
+);
+CREATE TABLE IF NOT EXISTS state (
+    key TEXT PRIMARY KEY,
+    value TEXT
+);
+"""
+
+
+@dataclass
+class QueryRecord:
+    id: str
+    idx: int
+    endpoint: str
+    prompt: str
+    version: int
+    votes: int
+    response: list[str]
+    answer: str | None = None
+    agreement: float | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    request: dict[str, Any] | None = None
+    latency_s: float | None = None
+    created: float = field(default_factory=time.time)
+
+
+@dataclass
+class FeedbackRecord:
+    id: str
+    idx: int
+    choice: int
+    score: float
+    comment: str | None = None
+    created: float = field(default_factory=time.time)
+
+
+class Store:
+    """Thread-safe access to the serving database (one connection, one lock)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise RuntimeError(f"store {self.path}: SQLite refused WAL mode ({mode}); is it on a network file system?")
+        # FULL: the WAL is fsynced at every commit; a committed answer survives a crash.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        if self.get_state("schema_version") is None:
+            self.set_state("schema_version", SCHEMA_VERSION)
+
+    # ── plumbing ──────────────────────────────────────────────────────────
+    def _tx(self, fn, *args):
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(*args)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return out
+
+    def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self._db.execute(sql, args).fetchall()]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def pragma(self, name: str) -> Any:
+        with self._lock:
+            return self._db.execute(f"PRAGMA {name}").fetchone()[0]
+
+    # ── queries ───────────────────────────────────────────────────────────
+    def add_queries(self, records: Iterable[QueryRecord]) -> int:
+        rows = [(r.id, r.idx, r.created, r.endpoint, r.prompt, json.dumps(r.request) if r.request is not None else None,
+                 r.version, r.votes, json.dumps(r.response), r.answer, r.agreement, json.dumps(r.samples), r.latency_s)
+                for r in records]
+
+        def write():
+            self._db.executemany(
+                "INSERT INTO queries (id, idx, created, endpoint, prompt, request, version, votes, response, answer,"
+                " agreement, samples, latency_s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            return len(rows)
+
+        return self._tx(write)
+
+    def get_query(self, qid: str, idx: int = 0) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM queries WHERE id=? AND idx=?", (qid, idx))
+        return _decode_query(rows[0]) if rows else None
+
+    def get_request(self, qid: str) -> list[dict[str, Any]]:
+        """Every prompt row of one request, in prompt order."""
+        return [_decode_query(r) for r in self._rows("SELECT * FROM queries WHERE id=? ORDER BY idx", (qid,))]
+
+    def query_ids(self) -> set[str]:
+        return {r["id"] for r in self._rows("SELECT DISTINCT id FROM queries")}
+
+    def count_queries(self) -> int:
+        return self._rows("SELECT COUNT(*) AS n FROM queries")[0]["n"]
+
+    def unused_queries(self, limit: int) -> list[dict[str, Any]]:
+        """The newest `limit` queries no round has used, none of a regression prompt, oldest first."""
+        rows = self._rows("SELECT * FROM queries WHERE round IS NULL AND heldout=0 AND prompt NOT IN"
+                          " (SELECT prompt FROM regression) ORDER BY created DESC LIMIT ?", (limit,))
+        return [_decode_query(r) for r in reversed(rows)]
+
+    def count_unused(self) -> int:
+        return self._rows("SELECT COUNT(*) AS n FROM queries WHERE round IS NULL AND heldout=0 AND prompt NOT IN"
+                          " (SELECT prompt FROM regression)")[0]["n"]
+
+    def mark_used(self, keys: Iterable[tuple[str, int]], round_no: int) -> None:
+        keys = list(keys)
+        self._tx(lambda: self._db.executemany("UPDATE queries SET round=? WHERE id=? AND idx=?",
+                                              [(round_no, i, x) for i, x in keys]))
+
+    # ── feedback ──────────────────────────────────────────────────────────
+    def add_feedback(self, fb: FeedbackRecord) -> int:
+        def write():
+            cur = self._db.execute("INSERT INTO feedback (id, idx, choice, score, comment, created) VALUES (?,?,?,?,?,?)",
+                                   (fb.id, fb.idx, fb.choice, fb.score, fb.comment, fb.created))
+            return int(cur.lastrowid)
+
+        return self._tx(write)
+
+    def feedback_for(self, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+        """Feedback rows of the given queries, oldest first."""
+        out: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        keys = list(keys)
+        for i in range(0, len(keys), 400):
+            chunk = keys[i:i + 400]
+            where = " OR ".join("(id=? AND idx=?)" for _ in chunk)
+            args = [v for k in chunk for v in k]
+            for r in self._rows(f"SELECT * FROM feedback WHERE {where} ORDER BY fid", args):
+                out.setdefault((r["id"], r["idx"]), []).append(r)
+        return out
+
+    def feedback_by_prompt(self, prompts: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+        """Every rating of any response to these prompts (all requests, all rounds), oldest first,
+        each with the rated text (`rated`)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        prompts = list(dict.fromkeys(prompts))
+        for i in range(0, len(prompts), 400):
+            chunk = prompts[i:i + 400]
+            marks = ",".join("?" * len(chunk))
+            rows = self._rows(f"SELECT f.*, q.prompt AS prompt, q.response AS response FROM feedback f JOIN queries q"
+                              f" ON f.id = q.id AND f.idx = q.idx WHERE q.prompt IN ({marks}) ORDER BY f.fid", chunk)
+            for r in rows:
+                texts = json.loads(r.pop("response"))
+                r["rated"] = texts[r["choice"]] if 0 <= r["choice"] < len(texts) else None
+                out.setdefault(r["prompt"], []).append(r)
+        return out
+
+    def count_feedback(self) -> int:
+        return self._rows("SELECT COUNT(*) AS n FROM feedback")[0]["n"]
+
+    # ── regression set (frozen pseudo-labels) ─────────────────────────────
+    def add_regression(self, items: Iterable[tuple]) -> None:
+        """Freeze (id, idx, prompt, label, agreement[, source]) items; every query with their prompt is
+        held out of training."""
+        items = [tuple(it) if len(it) == 6 else (*it, "vote") for it in items]
+        now = time.time()
+
+        def write():
+            self._db.executemany("INSERT OR IGNORE INTO regression (id, idx, prompt, label, agreement, source, created)"
+                                 " VALUES (?,?,?,?,?,?,?)", [(*it, now) for it in items])
+            self._db.executemany("UPDATE queries SET heldout=1 WHERE prompt=?", [(it[2],) for it in items])
+
+        self._tx(write)
+
+    def regression_items(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM regression ORDER BY created, id, idx")
+
+    # ── versions ──────────────────────────────────────────────────────────
+    def add_version(self, version: int, path: str, status: str, parent: int | None = None,
+                    round_no: int | None = None, metrics: dict | None = None, serve: bool = False) -> None:
+        """Record a version; with serve=True it also becomes the served one, in the same transaction."""
+        def write():
+            self._db.execute("INSERT OR REPLACE INTO versions (version, created, path, parent, round, status, metrics)"
+                             " VALUES (?,?,?,?,?,?,?)", (version, time.time(), path, parent, round_no, status,
+                                                         json.dumps(metrics or {})))
+            if serve:
+                self._set_state(("serving_version", version))
+
+        self._tx(write)
+
+    def set_version_status(self, version: int, status: str) -> None:
+        self._tx(lambda: self._db.execute("UPDATE versions SET status=? WHERE version=?", (status, version)))
+
+    def versions(self) -> list[dict[str, Any]]:
+        rows = self._rows("SELECT * FROM versions ORDER BY version")
+        for r in rows:
+            r["metrics"] = json.loads(r["metrics"] or "{}")
+        return rows
+
+    def serving_version(self) -> int | None:
+        v = self.get_state("serving_version")
+        return None if v is None else int(v)
+
+    # ── rounds ────────────────────────────────────────────────────────────
+    def start_round(self, base_version: int, n_queries: int) -> int:
+        def write():
+            cur = self._db.execute("INSERT INTO rounds (started, base_version, n_queries) VALUES (?,?,?)",
+                                   (time.time(), base_version, n_queries))
+            return int(cur.lastrowid)
+
+        return self._tx(write)
+
+    def finish_round(self, round_no: int, outcome: str, *, version: int | None = None,
+                     current_score: float | None = None, candidate_score: float | None = None,
+                     reasons: Sequence[str] = (), metrics: dict | None = None) -> None:
+        self._tx(lambda: self._db.execute(
+            "UPDATE rounds SET finished=?, outcome=?, version=?, current_score=?, candidate_score=?, reasons=?,"
+            " metrics=? WHERE round=?", (time.time(), outcome, version, current_score, candidate_score,
+                                         json.dumps(list(reasons)), json.dumps(metrics or {}), round_no)))
+
+    def rounds(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self._rows("SELECT * FROM rounds ORDER BY round DESC LIMIT ?", (limit,))
+        for r in rows:
+            r["reasons"] = json.loads(r["reasons"] or "[]")
+            r["metrics"] = json.loads(r["metrics"] or "{}")
+        return list(reversed(rows))
+
+    # ── events and state ──────────────────────────────────────────────────
+    def add_event(self, kind: str, **payload: Any) -> None:
+        self._tx(lambda: self._db.execute("INSERT INTO events (created, kind, payload) VALUES (?,?,?)",
+                                          (time.time(), kind, json.dumps(payload, default=str))))
+
+    def events(self, kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        if kind is None:
+            rows = self._rows("SELECT * FROM events ORDER BY eid DESC LIMIT ?", (limit,))
+        else:
+            rows = self._rows("SELECT * FROM events WHERE kind=? ORDER BY eid DESC LIMIT ?", (kind, limit))
+        for r in rows:
+            r["payload"] = json.loads(r["payload"] or "{}")
+        return list(reversed(rows))
+
+    def _set_state(self, kv: tuple[str, Any]) -> None:
+        self._db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (kv[0], json.dumps(kv[1])))
+
+    def set_state(self, key: str, value: Any) -> None:
+        self._tx(self._set_state, (key, value))
+
+    def get_state(self, key: str) -> Any:
+        rows = self._rows("SELECT value FROM state WHERE key=?", (key,))
+        return json.loads(rows[0]["value"]) if rows else None
+
+
+def _decode_query(row: dict[str, Any]) -> dict[str, Any]:
+    row = dict(row)
+    row["response"] = json.loads(row["response"])
+    row["samples"] = json.loads(row["samples"] or "[]")
+    row["request"] = json.loads(row["request"]) if row.get("request") else None
+    return row
+
+
+class GroupCommitWriter:
+    """Writes query records on one thread, many requests per transaction.
+
+    `submit(records)` returns a Future that resolves once those rows are
+    committed (durable) or fails with the database error. Whatever is queued
+    when the thread wakes goes into one transaction: under load, one fsync
+    covers many answers.
+    """
+
+    def __init__(self, store: Store, max_batch: int = 512):
+        self.store = store
+        self.max_batch = max_batch
+        self._q: queue.Queue[tuple[list[QueryRecord], Future] | None] = queue.Queue()
+        self.commits = 0
+        self.rows = 0
+        self._thread = threading.Thread(target=self._run, name="ttrl-store-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, records: list[QueryRecord]) -> Future:
+        fut: Future = Future()
+        self._q.put((records, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            batch = [item]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            records = [r for recs, _ in batch for r in recs]
+            try:
+                self.store.add_queries(records)
+                self.commits += 1
+                self.rows += len(records)
+                for _, fut in batch:
+                    fut.set_result(len(records))
+            except BaseException as err:  # noqa: BLE001 - handed to every waiter
+                for _, fut in batch:
+                    fut.set_exception(err)
+            if stop:
+                return
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=30)
+
+
+__all__ = ["FeedbackRecord", "GroupCommitWriter", "QueryRecord", "Store"]
