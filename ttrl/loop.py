@@ -283,13 +283,24 @@ def finish_report(run_dir: Path, cfg: Any, history: list[dict[str, float]], wall
     if len(evals) >= 2 and steps:
         first, last = evals[0], evals[-1]
         maj = next((k for k in last if k.startswith("eval/maj@") and k != "eval/maj@1" and "stderr" not in k), None)
-        lines = [f"{'':<28}{'before':>10}{'after':>10}",
-                 f"{'pass@1 (test prompts)':<28}{first['eval/pass@1']:>10.3f}{last['eval/pass@1']:>10.3f}"]
+        lines = [f"{'':<34}{'before':>10}{'after':>10}",
+                 f"{'pass@1 (test prompts)':<34}{first['eval/pass@1']:>10.3f}{last['eval/pass@1']:>10.3f}"]
         if maj:
-            lines.append(f"{maj[5:] + ' (test prompts)':<28}{first.get(maj, float('nan')):>10.3f}{last[maj]:>10.3f}")
+            lines.append(f"{maj[5:] + ' (test prompts)':<34}{first.get(maj, float('nan')):>10.3f}{last[maj]:>10.3f}")
+        # One step sees only data.prompts_per_step prompts: average a few steps at each end.
+        k = max(1, min(5, len(steps) // 4))
+        head, tail = steps[:k], steps[-k:]
+
+        def mean(rs: list[dict[str, Any]], key: str) -> float:
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            return sum(vals) / len(vals) if vals else float("nan")
+
+        span = f" ({k} steps)" if k > 1 else ""
         lines += [
-            f"{'pseudo-label accuracy':<28}{steps[0]['label/accuracy']:>10.3f}{steps[-1]['label/accuracy']:>10.3f}",
-            f"{'majority ratio':<28}{steps[0]['label/majority_ratio']:>10.3f}{steps[-1]['label/majority_ratio']:>10.3f}",
+            f"{'pseudo-label accuracy' + span:<34}{mean(head, 'label/accuracy'):>10.3f}{mean(tail, 'label/accuracy'):>10.3f}",
+            f"{'majority ratio' + span:<34}{mean(head, 'label/majority_ratio'):>10.3f}"
+            f"{mean(tail, 'label/majority_ratio'):>10.3f}",
+            f"{'training time':<34}{'':>10}{sum(r.get('timing/step') or 0.0 for r in steps):>9.0f}s",
         ]
         print("\n" + "\n".join(lines), file=sys.stderr)
     print(f"ttrl: done in {wall:.0f}s ({wall / 60:.1f} min); plot {png}; run dir {run_dir}", file=sys.stderr)
@@ -362,10 +373,18 @@ class Guard:
         if action == "stop":
             return f"collapse detected ({msg}); stopping as safety.action=stop asks."
         if action == "rollback":
-            if self.best_ckpt is None or self.rollbacks >= self.cfg.safety.max_rollbacks:
+            if self.best_ckpt is None:
                 row["event/action"] = "rollback impossible"
-                return (f"collapse detected ({msg}) and no rollback left "
-                        f"({self.rollbacks} done, best checkpoint {self.best_ckpt}); stopping.")
+                return f"collapse detected ({msg}) and no evaluated checkpoint to roll back to; stopping."
+            if self.rollbacks >= self.cfg.safety.max_rollbacks:
+                # Out of retries: leave the engines and trainer on the best weights
+                # seen, so what the run ends with is never the collapsed model.
+                self.rt.load(str(self.best_ckpt))
+                self.rt.sync_weights()
+                row["event/action"] = "restored best, stopping"
+                row["event/rollback_to"] = str(self.best_ckpt)
+                return (f"collapse detected ({msg}) and no rollback left ({self.rollbacks} done); restored the "
+                        f"best checkpoint {self.best_ckpt} (eval pass@1 {self.best_eval:.3f}) and stopping.")
             self.rt.load(str(self.best_ckpt))
             lr = self.rt.scale_lr(self.cfg.safety.lr_factor ** (self.rollbacks + 1))
             self.rt.sync_weights()
@@ -459,6 +478,12 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             if not quiet:
                 print(f"ttrl: before training: {_eval_line(history[-1])}", file=sys.stderr, flush=True)
         guard = Guard(cfg, rt, run_dir, quiet)
+        if cfg.safety.action == "rollback" and history and start == 0:
+            # The starting weights are a rollback target too: a run that collapses
+            # from its first steps can always return to where it began.
+            path = save_checkpoint(rt, run_dir, 0, sampler.state_dict(), rng, max(cfg.trainer.keep_last, 1),
+                                   eval_pass1=history[-1].get("eval/pass@1"))
+            guard.saved(path, history[-1].get("eval/pass@1"))
         row: dict[str, float] = {}
         overlap = cfg.rollout.overlap
         ctx.algo["tis_cap"] = cfg.rollout.tis_cap if overlap else None

@@ -9,6 +9,7 @@ naming the file and line, never train on a silently shortened set.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -20,7 +21,7 @@ from tests.conftest import compose_config
 from ttrl.config import ConfigError
 from ttrl.data.loader import DataError, load_file, load_prompts
 from ttrl.data.sampler import PromptSampler
-from ttrl.data.synthetic import arithmetic_problems
+from ttrl.data.synthetic import SLIPS, arithmetic_problems, easy_stream, scratchpad
 from ttrl.data.templates import render_prompt
 from ttrl.labeling.extract import extract_answer
 from ttrl.labeling.grade import is_equivalent
@@ -275,6 +276,42 @@ def test_synthetic_uses_the_whole_space_and_refuses_more():
 def test_synthetic_config_loads_through_load_prompts():
     cfg = compose_config("data=synthetic", "data.synthetic.num_problems=20", "data.synthetic.seed=3")
     assert load_prompts(cfg.data) == arithmetic_problems(20, cfg.data.synthetic.terms, cfg.data.synthetic.digits, 3)
+
+
+def _steps(solution: str) -> tuple[list[tuple[int, int, int]], int]:
+    body, boxed = solution.split(" \\boxed{")
+    steps = [tuple(int(x) for x in st.replace("=", "+").split("+")) for st in body.split(",")]
+    return steps, int(boxed.rstrip("}"))
+
+
+def test_scratchpad_adds_one_number_at_a_time_and_boxes_the_total():
+    assert scratchpad((37, 48, 12)) == "37+48=85,85+12=97 \\boxed{97}"
+    assert extract_answer(scratchpad((5, 6))) == "11"
+
+
+def test_careless_scratchpad_slips_by_the_named_amounts_and_carries_the_slip_through():
+    rng = random.Random(0)
+    wrong, n = 0, 2000
+    for _ in range(n):
+        nums = tuple(rng.randint(10, 99) for _ in range(3))
+        steps, boxed = _steps(scratchpad(nums, slip=0.3, rng=rng))
+        # Each step starts from what the previous one wrote, and the box holds the last total.
+        assert [a for a, _, _ in steps] == [nums[0], steps[0][2]]
+        assert [b for _, b, _ in steps] == list(nums[1:])
+        assert boxed == steps[-1][2]
+        for a, b, total in steps:
+            assert total - (a + b) in (0, *SLIPS)
+        wrong += boxed != sum(nums)
+    # Two steps, each wrong 30% of the time (two slips can cancel): about 1 - 0.7^2.
+    assert 0.45 < wrong / n < 0.55
+
+
+def test_easy_stream_never_yields_a_test_problem_and_is_seeded():
+    test = {p.problem for p in arithmetic_problems(200, terms=3, digits=2, seed=1)}
+    pairs = list(itertools.islice(easy_stream(3, 2, 0.5, seed=4, exclude=test, slip=0.3), 3000))
+    assert not {p for p, _ in pairs} & test
+    assert {len(p[:-1].split("+")) for p, _ in pairs} == {2, 3}
+    assert pairs[:50] == list(itertools.islice(easy_stream(3, 2, 0.5, seed=4, exclude=test, slip=0.3), 50))
 
 
 # ── the sampler ────────────────────────────────────────────────────────────

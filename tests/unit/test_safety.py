@@ -93,8 +93,21 @@ def test_guard_rollback_limit_then_stop(tmp_path):
     guard = Guard(cfg, rt, tmp_path, quiet=True)
     guard.saved(Path("ck/step_1"), eval_pass1=0.5)
     assert guard.check({"step": 2, "label/majority_ratio": 1.0}) is None  # first rollback
-    reason = guard.check({"step": 3, "label/majority_ratio": 1.0})
+    rt.calls.clear()
+    row = {"step": 3, "label/majority_ratio": 1.0}
+    reason = guard.check(row)
     assert reason and "no rollback left" in reason
+    # Out of rollbacks, the run still ends on its best weights, not the collapsed ones.
+    assert rt.calls == [("load", "ck/step_1"), ("sync",)]
+    assert row["event/action"] == "restored best, stopping" and "ck/step_1" in reason
+
+
+def test_guard_without_a_checkpoint_stops(tmp_path):
+    cfg = _cfg(window=1, max_majority_ratio=0.9, action="rollback")
+    rt = FakeRuntime()
+    guard = Guard(cfg, rt, tmp_path, quiet=True)
+    reason = guard.check({"step": 1, "label/majority_ratio": 1.0})
+    assert reason and "no evaluated checkpoint" in reason and rt.calls == []
 
 
 def test_guard_counts_consecutive_skips(tmp_path):

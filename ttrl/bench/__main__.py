@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ttrl.loop import Ctx, algo_options, prepare
 
     quick = args.quick
-    n_prompts, votes, n_train, max_tok = (16, 16, 8, 16) if quick else (32, 16, 8, 16)
+    n_prompts, votes, n_train, max_tok = (16, 16, 8, 40) if quick else (32, 16, 8, 40)
     base = ["experiment=demo", "eval.at_start=false", "eval.at_end=false", "eval.every_n_steps=0",
             f"data.prompts_per_step={n_prompts}", f"rollout.n_votes={votes}", f"rollout.n_train={n_train}",
             f"rollout.max_new_tokens={max_tok}", "trainer.micro_batch_size=32", "logger.progress=false",

@@ -1,10 +1,16 @@
-"""The built-in arithmetic task: sums of small numbers with the answer in \\boxed{}.
+"""The built-in arithmetic task: sums of small numbers, worked step by step, answer in \\boxed{}.
 
-A problem reads "37+48+12=" and its completion "\\boxed{97}". The test split
-(what TTRL trains on, unlabeled) is drawn from a seed; the easy split that
-warm-starts the demo model mixes shorter sums with sums of the test's
-length but never contains a test problem. Answers are carried for metrics
-(and, for the easy split only, for supervised warm-starting).
+A problem reads "37+48+12=" and its completion adds one number at a time,
+then boxes the total: "37+48=85,85+12=97 \\boxed{97}". Only the boxed
+answer is voted on and graded; the steps before it are the "reasoning path",
+which is where two samples of the same problem differ.
+
+The test split (what TTRL trains on, unlabeled) is drawn from a seed. The
+easy split that warm-starts the demo model mixes shorter sums with sums of
+the test's length but never contains a test problem; its worked solutions
+come from a careless teacher who forgets a carry now and then, so the model
+learns to slip the same way (see `scratchpad`). Answers are carried for
+metrics (and, for the easy split only, for supervised warm-starting).
 """
 
 from __future__ import annotations
@@ -45,9 +51,36 @@ def format_completion(answer: str) -> str:
     return "\\boxed{" + answer + "}"
 
 
-def easy_stream(terms: int, digits: int, short_share: float, seed: int,
-                exclude: set[str]) -> Iterator[tuple[str, str]]:
-    """Endless (problem, completion) pairs for warm-starting; test problems never appear."""
+# How a careless writer gets one step wrong: a dropped or an extra carry,
+# or a units digit off by one. Four different mistakes matter: with a
+# single kind of mistake (say, only dropped carries) a slip at the first and
+# at the second step would give the same wrong total, and that total could
+# outvote the right one.
+SLIPS = (-10, 10, -1, 1)
+
+
+def scratchpad(nums: tuple[int, ...], slip: float = 0.0, rng: random.Random | None = None) -> str:
+    """The worked solution '37+48=85,85+12=97 \\boxed{97}', adding one number at a time.
+
+    With `slip` > 0 the writer is careless: each step is wrong with
+    probability `slip`, by one of `SLIPS` ("37+48=75"), and the solution goes
+    on, consistently, from what was written. The boxed answer is the last
+    running total, so a slip makes the whole solution wrong. With slip=0 the
+    solution is always right.
+    """
+    total, steps = nums[0], []
+    for x in nums[1:]:
+        s = total + x
+        if slip > 0 and rng is not None and rng.random() < slip:
+            s = max(0, s + rng.choice(SLIPS))
+        steps.append(f"{total}+{x}={s}")
+        total = s
+    return ",".join(steps) + " " + format_completion(str(total))
+
+
+def easy_stream(terms: int, digits: int, short_share: float, seed: int, exclude: set[str],
+                slip: float = 0.0) -> Iterator[tuple[str, str]]:
+    """Endless (problem, worked solution) pairs for warm-starting; test problems never appear."""
     rng = random.Random(seed)
     lo, hi = _range(digits)
     while True:
@@ -56,4 +89,4 @@ def easy_stream(terms: int, digits: int, short_share: float, seed: int,
         problem = format_problem(nums)
         if problem in exclude:
             continue
-        yield problem, format_completion(str(sum(nums)))
+        yield problem, scratchpad(nums, slip, rng)

@@ -2,9 +2,13 @@
 
 TTRL needs a starting point whose majority vote is usually right (pseudo-
 labels about 80% correct): from a weaker start it learns to agree with itself
-on wrong answers. So the demo model is trained by supervised learning on the
-easy split (shorter sums and sums of the test length, never a test problem)
-just long enough for maj@N to sit well above pass@1 on the test split.
+on wrong answers. So the demo model is trained by supervised learning on
+worked solutions of the easy split (shorter sums and sums of the test length,
+never a test problem) written by a careless teacher who forgets a carry now
+and then (`ttrl.data.synthetic.scratchpad`). The model learns the slip as a
+random habit: one sample is often wrong, but wrong samples scatter over
+different wrong totals while right ones agree, so maj@N sits far above
+pass@1 -- the gap TTRL closes without labels.
 
 Built once and cached under a directory named by the hash of everything
 that determines it (model shape, warm-start recipe, test split); written to
@@ -25,16 +29,23 @@ from typing import Any
 from ttrl.models.tiny import cache_root, spec_hash, tiny_spec, write_tiny_model
 
 
+EXCLUDED = 256
+
+
 def warmstart_spec(model_cfg: Any, synth_cfg: Any) -> dict[str, Any]:
     t, w = model_cfg.tiny, model_cfg.warmstart
     base = tiny_spec(t.hidden_size, t.num_layers, t.num_heads, t.head_dim, t.intermediate_size, t.seed,
                      max_position_embeddings=max(4096, int(model_cfg.max_model_len)))
     return {
         "base": base,
-        "recipe": {"steps": w.steps, "final_steps": w.final_steps, "lr": w.lr, "batch_size": w.batch_size,
-                   "short_share": w.short_share, "seed": w.seed, "version": 1},
+        "recipe": {"steps": w.steps, "lr": w.lr, "min_lr_ratio": w.min_lr_ratio, "batch_size": w.batch_size,
+                   "short_share": w.short_share, "slip": w.slip, "seed": w.seed, "format": "scratchpad",
+                   "version": 3},
+        # The warm start never sees the first EXCLUDED test problems (at least): a
+        # test split is a prefix of a longer one with the same seed, so a smaller
+        # demo (fewer problems) reuses the cached model.
         "task": {"terms": synth_cfg.terms, "digits": synth_cfg.digits,
-                 "test_num": synth_cfg.num_problems, "test_seed": synth_cfg.seed},
+                 "test_num": max(EXCLUDED, synth_cfg.num_problems), "test_seed": synth_cfg.seed},
     }
 
 
@@ -61,6 +72,8 @@ def ensure_warmstart(model_cfg: Any, synth_cfg: Any, progress: bool = True) -> P
 
 def train_warmstart(model_dir: Path, spec: dict[str, Any], progress: bool = True) -> dict[str, float]:
     """Supervised training in place (loss on the completion tokens only)."""
+    import math
+
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -69,27 +82,29 @@ def train_warmstart(model_dir: Path, spec: dict[str, Any], progress: bool = True
 
     r, task = spec["recipe"], spec["task"]
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
     test = {p.problem for p in arithmetic_problems(task["test_num"], task["terms"], task["digits"], task["test_seed"])}
-    stream = easy_stream(task["terms"], task["digits"], r["short_share"], r["seed"], exclude=test)
+    stream = easy_stream(task["terms"], task["digits"], r["short_share"], r["seed"], exclude=test, slip=r["slip"])
     torch.manual_seed(r["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.0)
     eos = tok.eos_token_id
-    total = r["steps"] + r["final_steps"]
+    total = r["steps"]
     t0 = time.perf_counter()
     bar = tqdm(range(total), desc="warm-starting the demo model", file=sys.stderr, disable=not progress,
                mininterval=2.0)
     ema = None
     for step in bar:
-        if step == r["steps"]:
-            for g in opt.param_groups:
-                g["lr"] = r["lr"] / 2
+        cos = 0.5 * (1 + math.cos(math.pi * step / max(1, total - 1)))
+        for g in opt.param_groups:
+            g["lr"] = r["lr"] * (r["min_lr_ratio"] + (1 - r["min_lr_ratio"]) * cos)
         pairs = [next(stream) for _ in range(r["batch_size"])]
         ids, labels = [], []
-        for problem, completion in pairs:
-            p = tok(problem, add_special_tokens=False)["input_ids"]
-            c = tok(completion, add_special_tokens=False)["input_ids"] + [eos]
+        # One batched call per side: the fast tokenizer does the loop in Rust.
+        p_ids = tok([problem for problem, _ in pairs], add_special_tokens=False)["input_ids"]
+        c_ids = tok([completion for _, completion in pairs], add_special_tokens=False)["input_ids"]
+        for p, c in zip(p_ids, c_ids):
+            c = c + [eos]
             ids.append(p + c)
             labels.append([-100] * len(p) + c)
         width = max(len(x) for x in ids)
@@ -101,7 +116,8 @@ def train_warmstart(model_dir: Path, spec: dict[str, Any], progress: bool = True
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
+        value = float(loss.detach())
+        ema = value if ema is None else 0.98 * ema + 0.02 * value
         bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
     model.save_pretrained(model_dir, safe_serialization=True)
     return {"final_loss_ema": ema or float("nan"), "train_s": time.perf_counter() - t0}
