@@ -41,6 +41,7 @@ def test_offline_run_holds_config_metrics_and_samples(tmp_path):
              "event/collapse": "majority ratio 1.0"})
     log.log_samples(1, [SAMPLE, {**SAMPLE, "completion": "\\boxed{41}", "answer": "41", "reward": 0.0}])
     log.log({"step": 2, "reward/mean": 0.5, "label/accuracy": 0.75})
+    log.log({"step": 3, "event/rollback_to": "checkpoints/step_0", "event/skipped_update": "non-finite loss"})
     log.close()
 
     ident = json.loads((run_dir / "wandb_run.json").read_text())
@@ -57,6 +58,11 @@ def test_offline_run_holds_config_metrics_and_samples(tmp_path):
     assert c["run"]["dir"] == str(run_dir)
     # Metrics against our step; NaN stays NaN; text events are kept.
     metrics = [h for h in got["history"] if "reward/mean" in h]
+    # Safety events page the user: one W&B alert each, titled with the step.
+    assert [(a["title"], a["text"], a["level"]) for a in got["alerts"]] == [
+        ("ttrl: self-training collapse at step 1", "majority ratio 1.0", "WARN"),
+        ("ttrl: rolled back at step 3", "checkpoints/step_0", "WARN"),
+        ("ttrl: update skipped at step 3", "non-finite loss", "WARN")]
     assert [(h["step"], h["reward/mean"], h["label/accuracy"]) for h in metrics] == [(1, 0.25, 0.5), (2, 0.5, 0.75)]
     assert math.isnan(float(metrics[0]["train/kl"]))
     assert metrics[0]["event/collapse"] == "majority ratio 1.0"
@@ -72,7 +78,7 @@ def test_offline_run_holds_config_metrics_and_samples(tmp_path):
     samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert [(s["step"], s["answer"], s["reward"]) for s in samples] == [(1, "42", 1.0), (1, "41", 0.0)]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and rows[0]["train/kl"] is None
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["train/kl"] is None
 
 
 def test_a_resumed_run_continues_its_wandb_run(tmp_path):

@@ -172,6 +172,12 @@ def _new_run_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
+# (metrics key, alert title, level): the events that page a person.
+ALERTS = (("event/collapse", "ttrl: self-training collapse", "WARN"),
+          ("event/rollback_to", "ttrl: rolled back", "WARN"),
+          ("event/skipped_update", "ttrl: update skipped", "WARN"))
+
+
 class WandbLogger:
     """One W&B run per ttrl run: config uploaded, metrics against `step`, sample tables."""
 
@@ -206,6 +212,12 @@ class WandbLogger:
 
     def log(self, row: dict[str, Any]) -> None:
         self.run.log({k: v for k, v in row.items() if v is not None})
+        # Collapse warnings, rollbacks and skipped updates also become W&B alerts
+        # (email/Slack when the user set them up): nobody watches a run for hours.
+        for key, title, level in ALERTS:
+            if row.get(key):
+                self.run.alert(title=f"{title} at step {row.get('step')}", text=str(row[key]), level=level,
+                               wait_duration=0)
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         import wandb
@@ -317,7 +329,7 @@ def read_wandb_run(path: Path, wait_s: float = 30.0) -> dict[str, Any]:
         if not found:
             raise FileNotFoundError(f"{path}: no .wandb file under it")
         path = found[-1]
-    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}}
+    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "alerts": []}
 
     def key(item: Any) -> str:
         return item.key or "/".join(item.nested_key)
@@ -341,6 +353,8 @@ def read_wandb_run(path: Path, wait_s: float = 30.0) -> dict[str, Any]:
             out["config"].update({key(i): json.loads(i.value_json) for i in r.config.update})
         elif kind == "config":
             out["config"].update({key(i): json.loads(i.value_json) for i in rec.config.update})
+        elif kind == "alert":
+            out["alerts"].append({"title": rec.alert.title, "text": rec.alert.text, "level": rec.alert.level})
         elif kind == "history":
             out["history"].append({key(i): json.loads(i.value_json) for i in rec.history.item})
         elif kind == "summary":
