@@ -28,7 +28,7 @@ from typing import Any
 
 from ttrl.models.tiny import cache_root, spec_hash, tiny_spec, write_tiny_model
 
-
+# Test problems every warm start leaves out (see warmstart_spec).
 EXCLUDED = 256
 
 
