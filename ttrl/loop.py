@@ -478,6 +478,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             if not quiet:
                 print(f"ttrl: before training: {_eval_line(history[-1])}", file=sys.stderr, flush=True)
         guard = Guard(cfg, rt, run_dir, quiet)
+        if history:
+            # The starting eval is the first "best": a run that only ever gets
+            # worse than where it began must trip safety.max_eval_drop.
+            guard.detector.update({"eval/pass@1": history[-1].get("eval/pass@1")})
         if cfg.safety.action == "rollback" and history and start == 0:
             # The starting weights are a rollback target too: a run that collapses
             # from its first steps can always return to where it began.
