@@ -8,6 +8,7 @@ silently skipped prompt. Answers are kept on the Prompt for metrics only.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,18 @@ def _row_to_prompt(row: Any, where: str, id_key: str, problem_key: str, answer_k
     return Prompt(id=str(row.get(id_key, default_id)), problem=problem, answer=answer.strip())
 
 
+def iter_jsonl(p: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed row) for each non-blank line of a JSON Lines file; a bad line names file:line."""
+    with p.open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{p}:{lineno}: not valid JSON ({err.msg})") from None
+
+
 def load_file(path: str, id_key: str = "id", problem_key: str = "problem", answer_key: str = "answer") -> list[Prompt]:
     p = Path(path).expanduser()
     if not p.exists():
@@ -51,15 +64,8 @@ def load_file(path: str, id_key: str = "id", problem_key: str = "problem", answe
         for i, row in enumerate(rows):
             prompts.append(_row_to_prompt(row, f"{p} item {i}", *keys, default_id=str(i)))
     else:  # JSON Lines
-        with p.open() as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{p}:{lineno}: not valid JSON ({err.msg})") from None
-                prompts.append(_row_to_prompt(row, f"{p}:{lineno}", *keys, default_id=str(lineno - 1)))
+        for lineno, row in iter_jsonl(p):
+            prompts.append(_row_to_prompt(row, f"{p}:{lineno}", *keys, default_id=str(lineno - 1)))
     if not prompts:
         raise DataError(f"data file {p} holds no rows")
     return prompts

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ttrl.data.loader import DataError
+from ttrl.data.loader import DataError, iter_jsonl
 from ttrl.data.synthetic import format_completion, format_problem
 from ttrl.labeling.extract import extract_answer
 
@@ -189,15 +189,8 @@ def load_preference_file(path: str, **keys: Any) -> list[PreferencePair]:
         for i, row in enumerate(json.loads(p.read_text())):
             pairs.append(row_to_pair(row, f"{p} item {i}", default_id=str(i), **keys))
     else:
-        with p.open() as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{p}:{lineno}: not valid JSON ({err.msg})") from None
-                pairs.append(row_to_pair(row, f"{p}:{lineno}", default_id=str(lineno - 1), **keys))
+        for lineno, row in iter_jsonl(p):
+            pairs.append(row_to_pair(row, f"{p}:{lineno}", default_id=str(lineno - 1), **keys))
     if not pairs:
         raise DataError(f"preference file {p} holds no rows")
     return pairs
@@ -448,16 +441,7 @@ def load_point_file(path: str, **keys: Any) -> list[PointItem]:
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"pointwise data file {p} does not exist")
-    items = []
-    with p.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{p}:{lineno}: not valid JSON ({err.msg})") from None
-            items.append(row_to_point(row, f"{p}:{lineno}", default_id=str(lineno - 1), **keys))
+    items = [row_to_point(row, f"{p}:{lineno}", default_id=str(lineno - 1), **keys) for lineno, row in iter_jsonl(p)]
     if not items:
         raise DataError(f"pointwise data file {p} holds no rows")
     return grade_points(items)
