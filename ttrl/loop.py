@@ -122,7 +122,14 @@ def learn(ctx: Ctx, ro: Rollout, t_step: float) -> dict[str, float]:
     # ── 4. old/ref log-probs, values, advantages ─────────────────────────
     t = time.perf_counter()
     a = cfg.algorithm
-    batch["old_logp"] = rt.logprobs(batch, r.temperature)                            # [B, R]
+    # One optimizer step on the whole batch (one epoch, one mini-batch) sees
+    # the very weights that would compute old_logp, so the trainer takes them
+    # from its own forward pass (detached) and a whole forward pass is saved.
+    # With several updates per batch, or a KL term that needs them now, they
+    # must be computed up front.
+    fused_old = ctx.algo["ppo_epochs"] == 1 and rt.mini >= len(kept) and not rt.need_ref
+    if not fused_old:
+        batch["old_logp"] = rt.logprobs(batch, r.temperature)                        # [B, R]
     token_rewards = None
     stats: dict[str, float] = {}
     if rt.need_ref:
@@ -163,7 +170,9 @@ def learn(ctx: Ctx, ro: Rollout, t_step: float) -> dict[str, float]:
         "rollout/response_length": n_tokens / max(len(groups) * r.n_votes, 1),
         # Engine vs trainer log-probs of the same tokens, before the update:
         # near zero when the last weight sync worked.
-        "rollout/logprob_diff": float(masked_mean((batch["behavior_logp"] - batch["old_logp"]).abs(), mask)),
+        "rollout/logprob_diff": (train_stats.pop("logprob_diff_sum") / max(train_stats.pop("logprob_diff_n"), 1.0)
+                                 if fused_old else
+                                 float(masked_mean((batch["behavior_logp"] - batch["old_logp"]).abs(), mask))),
         "train/entropy": train_stats.pop("entropy", float("nan")),
         "train/clip_frac": train_stats.pop("clip_frac", float("nan")),
         "train/pg_loss": train_stats.pop("pg_loss", float("nan")),

@@ -79,3 +79,53 @@ def test_jsonl_logger_resume_drops_later_and_torn_lines(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[-1]["x"] == 30.0 and rows[-1]["nan"] is None
+
+
+def test_trim_padding_equals_packing_the_rows_alone():
+    from ttrl.trainer.batch import trim_padding
+
+    prompts, responses = [[5, 6, 7, 8], [8, 9], [4, 4, 4], [1]], [[1, 2, 3, 4, 5], [3], [4, 9], [7, 7]]
+    full = pack_batch(prompts, responses, pad_id=0, behavior_logps=[[-0.5] * len(r) for r in responses])
+    rows = torch.tensor([1, 2])  # the short prompt and responses: most columns are padding
+    t = trim_padding(select(full, rows))
+    alone = pack_batch([prompts[1], prompts[2]], [responses[1], responses[2]], pad_id=0,
+                       behavior_logps=[[-0.5], [-0.5, -0.5]])
+    for k in ("input_ids", "attention_mask", "position_ids", "response_mask", "behavior_logp"):
+        assert torch.equal(t[k], alone[k]), k
+    assert int(t["prompt_width"]) == 3
+    # Nothing to cut: the batch comes back as it was.
+    assert trim_padding(full) is full
+
+
+def test_trimmed_micro_batches_give_the_same_log_probs():
+    """The trainer's micro-batches (sorted by length, trimmed) score every row as the whole batch does."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from ttrl.trainer.worker import PolicyWorker
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, head_dim=32)).eval()
+    g = torch.Generator().manual_seed(1)
+    lens = [(int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 12, (1,), generator=g)))
+            for _ in range(10)]
+    prompts = [torch.randint(1, 50, (p,), generator=g).tolist() for p, _ in lens]
+    responses = [torch.randint(1, 50, (r,), generator=g).tolist() for _, r in lens]
+    batch = pack_batch(prompts, responses, pad_id=0)
+
+    class Probe(PolicyWorker):  # only the micro-batching and scoring, no DeepSpeed
+        def __init__(self):
+            self.spec = {"micro_batch_size": 3}
+            self.engine = model
+
+        def _to_dev(self, mb):
+            return mb
+
+    with torch.no_grad():
+        whole, _ = PolicyWorker._logp(None, model, batch, 0.7)
+        parts = [(rows, PolicyWorker._logp(None, model, mb, 0.7)[0]) for rows, mb in Probe()._micro_batches(batch)]
+    got = PolicyWorker._scatter_rows(parts, batch)
+    mask = batch["response_mask"].bool()
+    assert sorted(int(i) for rows, _ in parts for i in rows) == list(range(10))
+    assert max(mb.shape[1] for _, mb in parts) <= whole.shape[1]
+    assert torch.allclose(got[mask], whole[mask], atol=1e-5)

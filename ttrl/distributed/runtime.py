@@ -20,14 +20,14 @@ from ray.exceptions import RayActorError
 from ttrl.algos import aggregation_normalizer
 from ttrl.distributed.group import WorkerGroup
 from ttrl.distributed.placement import Placement
-from ttrl.distributed.ray_setup import Needs, start_ray, stop_ray
+from ttrl.distributed.ray_setup import Needs, start_ray, stop_ray, usable_cpus
 from ttrl.rollout.vllm_engine import EngineArgs, VLLMEngine
 from ttrl.trainer.batch import Batch, batch_size, concat, select, split
 from ttrl.trainer.worker import CriticWorker, PolicyWorker
 
 # Metrics that are sums over ranks (each rank's share of a globally
 # normalised loss); everything else is averaged over ranks.
-_SUMMED = {"pg_loss", "kl_loss", "entropy", "vf_loss"}
+_SUMMED = {"pg_loss", "kl_loss", "entropy", "vf_loss", "logprob_diff_sum", "logprob_diff_n"}
 
 
 def resolve_device(device: str) -> str:
@@ -80,7 +80,8 @@ class Runtime:
             seed=r.seed + cfg.seed, enforce_eager=(not gpu) if r.enforce_eager is None else r.enforce_eager,
             enable_prefix_caching=r.enable_prefix_caching, gpu_memory_utilization=r.gpu_memory_utilization,
             tensor_parallel_size=r.tensor_parallel_size, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
-            device=self.device, enable_sleep_mode=gpu and r.sleep_between_steps)
+            device=self.device, enable_sleep_mode=gpu and r.sleep_between_steps,
+            cpu_threads=0 if gpu else (r.cpu_threads or max(1, usable_cpus() // r.num_engines)))
         engine_cls = ray.remote(VLLMEngine)
         self.engines = [
             engine_cls.options(name=f"rollout-{i}", max_restarts=2, max_task_retries=0,

@@ -59,7 +59,7 @@ class StagingRuntime:
 
     def __init__(self, rt: Any, staging: Any):
         self.rt, self.staging = rt, staging
-        self.need_ref, self.need_critic = rt.need_ref, rt.need_critic
+        self.need_ref, self.need_critic, self.mini = rt.need_ref, rt.need_critic, rt.mini
         self.syncs = 0
 
     # rollout: the staging engine

@@ -60,6 +60,36 @@ def response_slice(batch: Batch) -> slice:
     return slice(P - 1, P - 1 + R)
 
 
+def trim_padding(batch: Batch) -> Batch:
+    """The same rows without the columns that are padding in every row.
+
+    A micro-batch whose longest response is r tokens keeps r response columns,
+    and only as many prompt columns as its longest prompt: the model then
+    runs on that micro-batch's lengths, not on the whole step's. Per-row
+    quantities keep their meaning (column t is still response token t).
+    """
+    P = int(batch["prompt_width"])
+    R = batch["response_mask"].shape[1]
+    r = max(1, int(batch["response_mask"].sum(1).max()))
+    real = batch["attention_mask"][:, :P].any(0)
+    # Prompts are left-padded: the first column with a real token in any row.
+    left = min(int(real.to(torch.int8).argmax()) if bool(real.any()) else P - 1, max(P - 1, 0))
+    if r == R and left == 0:
+        return batch
+    out: Batch = {}
+    for k, v in batch.items():
+        if v.dim() == 0:
+            out[k] = v
+        elif v.dim() >= 2 and v.shape[1] == P + R:
+            out[k] = v[:, left:P + r]
+        elif v.dim() >= 2 and v.shape[1] == R:
+            out[k] = v[:, :r]
+        else:
+            out[k] = v
+    out["prompt_width"] = torch.tensor(P - left)
+    return out
+
+
 def batch_size(batch: Batch) -> int:
     return batch["input_ids"].shape[0]
 

@@ -20,6 +20,9 @@ from collections.abc import Iterator
 from typing import Any
 
 WorkerSpec = dict[str, Any]
+# Per-micro-batch stats that add up (global normaliser, or sums and counts);
+# the others are averaged over micro-batches.
+_ADDITIVE = ("pg_loss", "kl_loss", "entropy", "logprob_diff_sum", "logprob_diff_n")
 
 
 def _setup_env(rank: int, world_size: int, master_addr: str, master_port: int, device: str) -> None:
@@ -135,13 +138,35 @@ class _DSWorker:
         dev = "cpu" if self.device == "cpu" else "cuda"
         return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
 
-    def _micro_batches(self, batch: dict) -> Iterator[dict]:
-        from ttrl.trainer.batch import batch_size, select
+    def _micro_batches(self, batch: dict) -> Iterator[tuple[Any, dict]]:
+        """(rows, micro-batch) pairs, longest responses first, each cut to its own lengths.
+
+        Rows of similar length share a micro-batch, so little compute goes to
+        padding (responses of one step differ a lot in length). Every row is
+        in exactly one micro-batch and their number is unchanged, so sums over
+        them (losses with a global normaliser, gradient accumulation) are too.
+        """
+        import torch
+
+        from ttrl.trainer.batch import batch_size, select, trim_padding
 
         mb = self.spec["micro_batch_size"]
         B = batch_size(batch)
+        order = torch.argsort(batch["response_mask"].sum(1), descending=True, stable=True)
         for i in range(0, B, mb):
-            yield select(batch, slice(i, i + mb))
+            rows = order[i:i + mb]
+            yield rows, trim_padding(select(batch, rows))
+
+    @staticmethod
+    def _scatter_rows(parts: list, batch: dict) -> Any:
+        """Per-micro-batch [b, r] results back into one [B, R] tensor in the batch's row order."""
+        import torch
+
+        B, R = batch["response_mask"].shape
+        out = torch.zeros((B, R), dtype=torch.float32)
+        for rows, t in parts:
+            out[rows, :t.shape[1]] = t.float().cpu()
+        return out
 
 
 class PolicyWorker(_DSWorker):
@@ -199,10 +224,10 @@ class PolicyWorker(_DSWorker):
             self.engine.eval()
         parts = []
         with torch.no_grad():
-            for mb in self._micro_batches(batch):
+            for rows, mb in self._micro_batches(batch):
                 logp, _ = self._logp(model, self._to_dev(mb), temperature)
-                parts.append(logp.float().cpu())
-        return torch.cat(parts, 0)
+                parts.append((rows, logp))
+        return self._scatter_rows(parts, batch)
 
     # ── update ────────────────────────────────────────────────────────────
     def train_step(self, batch: dict, normalizer: float, algo: dict) -> dict[str, float]:
@@ -220,13 +245,21 @@ class PolicyWorker(_DSWorker):
         # DeepSpeed divides by the accumulation steps and averages over ranks;
         # the losses are already normalised by the global count, so undo both.
         scale = grad_accum * self.world_size
-        for mb in self._micro_batches(batch):
+        for _, mb in self._micro_batches(batch):
             mb = self._to_dev(mb)
             mask = mb["response_mask"]
             logp, ent = self._logp(self.engine, mb, algo["temperature"], with_entropy=True,
                                    entropy_grad=algo["entropy_coef"] > 0)
+            old_logp = mb.get("old_logp")
+            extra: dict[str, Any] = {}
+            if old_logp is None:
+                # The loop left old_logp to us (a single update per batch):
+                # these weights are pi_old, so their own log-probs, detached, are it.
+                old_logp = logp.detach()
+                extra["logprob_diff_sum"] = ((mb["behavior_logp"] - old_logp).abs() * mask).sum()
+                extra["logprob_diff_n"] = mask.sum()
             loss, stats = policy_loss(
-                algo["policy_loss"], logp, mb["old_logp"], mb["advantages"], mask,
+                algo["policy_loss"], logp, old_logp, mb["advantages"], mask,
                 clip_low=algo["clip_low"], clip_high=algo["clip_high"], dual_clip=algo["dual_clip"],
                 agg_mode=algo["loss_agg"], normalizer=normalizer,
                 # Off-policy samples (overlap mode): reweight by pi_old / pi_behaviour, capped.
@@ -242,6 +275,7 @@ class PolicyWorker(_DSWorker):
             if algo["entropy_coef"] > 0:
                 loss = loss - algo["entropy_coef"] * ent_mean
             stats["entropy"] = ent_mean.detach()
+            stats |= extra
             if algo.get("inject_nan"):
                 loss = loss * float("nan")  # fault injection (tests of the guard)
             self.engine.backward(loss * scale)
@@ -252,7 +286,7 @@ class PolicyWorker(_DSWorker):
                 # micro-batches; ratio-like stats are averaged.
                 val = float(v)
                 sums[k] = sums.get(k, 0.0) + val
-        out = {k: (v if k in ("pg_loss", "kl_loss", "entropy") else v / n_micro) for k, v in sums.items()}
+        out = {k: (v if k in _ADDITIVE else v / n_micro) for k, v in sums.items()}
         gn = self.engine.get_global_grad_norm()
         out["grad_norm"] = float(gn) if gn is not None else float("nan")
         out["lr"] = lr_used
@@ -462,9 +496,9 @@ class CriticWorker(_DSWorker):
         self.engine.eval()
         parts = []
         with torch.no_grad():
-            for mb in self._micro_batches(batch):
-                parts.append(self._values(self._to_dev(mb)).cpu())
-        return torch.cat(parts, 0)
+            for rows, mb in self._micro_batches(batch):
+                parts.append((rows, self._values(self._to_dev(mb))))
+        return self._scatter_rows(parts, batch)
 
     def train_step(self, batch: dict, normalizer: float, algo: dict) -> dict[str, float]:
         from ttrl.algos import value_loss
@@ -474,7 +508,7 @@ class CriticWorker(_DSWorker):
         _check_rows(batch_size(batch), self.spec["grad_accum"], self.spec["micro_batch_size"])
         scale = self.spec["grad_accum"] * self.world_size
         total, clip, n = 0.0, 0.0, 0
-        for mb in self._micro_batches(batch):
+        for _, mb in self._micro_batches(batch):
             mb = self._to_dev(mb)
             v = self._values(mb)
             loss, stats = value_loss(v, mb["values"], mb["returns"], mb["response_mask"],
