@@ -122,10 +122,10 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     # KV cache size for vLLM's CPU backend, in GiB.
     cpu_kv_cache_gb: float = 1.0
-    # Torch threads of each engine on CPU. null = this machine's usable CPUs
-    # shared among the engines: in the synchronous loop the trainer ranks sit
-    # idle while the engines generate, so one thread per engine (Ray's
-    # default for a 1-CPU actor) would leave cores unused.
+    # Torch threads of each engine on CPU. null = the usable CPUs shared among
+    # the engines (in the synchronous loop the trainer ranks sit idle while
+    # the engines generate, so Ray's one thread per actor would leave cores
+    # unused); with overlap, only the CPUs the trainer ranks leave.
     cpu_threads: Optional[int] = None
     enable_prefix_caching: bool = True
     # null = decide by device (eager on CPU, CUDA graphs on GPU).
@@ -516,6 +516,8 @@ def validate(cfg: DictConfig | TTRLConfig) -> None:
         fail(f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must be in (0, 1].")
     if r.sync_bucket_mb < 1:
         fail(f"rollout.sync_bucket_mb={r.sync_bucket_mb} must be at least 1.")
+    if r.cpu_threads is not None and r.cpu_threads < 1:
+        fail(f"rollout.cpu_threads={r.cpu_threads} must be at least 1, or null to share the CPUs out.")
     if r.weight_sync == "nccl" and (c.device == "cpu" or c.cluster.placement != "split"):
         fail("rollout.weight_sync=nccl needs a GPU run with cluster.placement=split: NCCL cannot put "
              "trainer rank 0 and an engine worker on the same GPU.")

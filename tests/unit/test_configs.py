@@ -200,6 +200,7 @@ def test_command_line_overrides_beat_the_experiment():
     (["data=amc", "data.local_path=x.jsonl", "data.limit=0"], r"data\.limit=0"),
     (["eval.n_samples=8", "eval.ks=[1,16]"], r"eval\.ks=\[1, 16\] .*eval\.n_samples=8"),
     (["rollout.temperature=0"], r"rollout\.temperature=0"),
+    (["rollout.cpu_threads=0"], r"rollout\.cpu_threads=0"),
     (["reward=custom"], r"reward\.fn"),
     (["cluster.address=headnode"], r"cluster\.address='headnode'"),
     (["model.template=jinja"], r"model\.template='jinja' is not one of plain, chat"),

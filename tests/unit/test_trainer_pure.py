@@ -129,3 +129,13 @@ def test_trimmed_micro_batches_give_the_same_log_probs():
     assert sorted(int(i) for rows, _ in parts for i in rows) == list(range(10))
     assert max(mb.shape[1] for _, mb in parts) <= whole.shape[1]
     assert torch.allclose(got[mask], whole[mask], atol=1e-5)
+
+
+def test_cpu_engines_get_the_cores_the_trainer_leaves():
+    from ttrl.distributed.ray_setup import engine_cpu_threads
+
+    # The demo's box: 2 cores, 2 trainer ranks, 1 engine.
+    assert engine_cpu_threads(2, 1, 2, overlap=False) == 2  # the ranks wait while it generates
+    assert engine_cpu_threads(2, 1, 2, overlap=True) == 1   # they train meanwhile: never fewer than one
+    assert engine_cpu_threads(16, 2, 4, overlap=True) == 6
+    assert engine_cpu_threads(16, 3, 4, overlap=False) == 5

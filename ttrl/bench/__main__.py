@@ -8,6 +8,12 @@
 Prints a table and writes outputs/bench/latest.json (flat keys: the ratios,
 the raw times, versions, machine and config) and outputs/bench/scaling.png.
 A section that fails is recorded as `<section>.error` and the rest still runs.
+
+Sizes (default / --quick): 32 / 16 prompts per step, 16 votes, 8 kept for
+training, 40 new tokens. The TRL comparison trains on every sample on both
+sides (ttrl with n_votes = n_train = 8, TRL with num_generations = 8); TRL
+runs after ttrl's cluster is shut down, in a process of its own
+(ttrl/bench/trl_step.py), so each side has the machine to itself.
 """
 
 from __future__ import annotations

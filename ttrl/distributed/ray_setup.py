@@ -121,3 +121,15 @@ def stop_ray(started: bool) -> None:
         ray.shutdown()
     if started or _HELD == "joined":
         _HELD = None
+
+
+def engine_cpu_threads(cpus: int, engines: int, trainer_ranks: int, overlap: bool) -> int:
+    """Torch threads per CPU engine when `rollout.cpu_threads` is null.
+
+    Synchronous: the trainer ranks wait while the engines generate, so the
+    engines share every CPU. Overlapped: the trainer ranks (one thread each)
+    work at the same time, so the engines get what they leave; more threads
+    than cores made the demo's overlapped step 3.06 s against 2.37 s.
+    """
+    free = cpus - trainer_ranks if overlap else cpus
+    return max(1, free // max(engines, 1))

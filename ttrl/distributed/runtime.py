@@ -20,7 +20,7 @@ from ray.exceptions import RayActorError
 from ttrl.algos import aggregation_normalizer
 from ttrl.distributed.group import WorkerGroup
 from ttrl.distributed.placement import Placement
-from ttrl.distributed.ray_setup import Needs, start_ray, stop_ray, usable_cpus
+from ttrl.distributed.ray_setup import Needs, engine_cpu_threads, start_ray, stop_ray, usable_cpus
 from ttrl.rollout.vllm_engine import EngineArgs, VLLMEngine
 from ttrl.trainer.batch import Batch, batch_size, concat, select, split
 from ttrl.trainer.worker import CriticWorker, PolicyWorker
@@ -81,7 +81,8 @@ class Runtime:
             enable_prefix_caching=r.enable_prefix_caching, gpu_memory_utilization=r.gpu_memory_utilization,
             tensor_parallel_size=r.tensor_parallel_size, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
             device=self.device, enable_sleep_mode=gpu and r.sleep_between_steps,
-            cpu_threads=0 if gpu else (r.cpu_threads or max(1, usable_cpus() // r.num_engines)))
+            cpu_threads=0 if gpu else (r.cpu_threads or engine_cpu_threads(usable_cpus(), r.num_engines,
+                                                                          W * n_groups, r.overlap)))
         engine_cls = ray.remote(VLLMEngine)
         self.engines = [
             engine_cls.options(name=f"rollout-{i}", max_restarts=2, max_task_retries=0,

