@@ -74,6 +74,15 @@ def _steps(ctx: Any, prompts: list, sampler: Any, n: int, overlap: bool) -> list
     return rows
 
 
+def _overlapped(rt: Any, ctx: Any, prompts: list, sampler: Any, n: int) -> list[dict]:
+    """n overlapped steps with the engines' threads as an overlapped run would have them."""
+    rt.set_engine_threads(overlap=True)
+    try:
+        return _steps(ctx, prompts, sampler, n, overlap=True)
+    finally:
+        rt.set_engine_threads(overlap=False)
+
+
 def _mean(rows: list[dict], key: str) -> float:
     vals = [r[key] for r in rows if r.get(key) is not None]
     return statistics.mean(vals) if vals else float("nan")
@@ -166,10 +175,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             def overlap():
                 sync_rows = _steps(ctx, prompts, sampler, 4, overlap=False)
-                over_rows = _steps(ctx, prompts, sampler, 4, overlap=True)
+                over_rows = _overlapped(rt, ctx, prompts, sampler, 4)
                 s, o = _mean(sync_rows[1:], "timing/step"), _mean(over_rows[1:], "timing/step")
                 return {"overlap.sync_step_s": s, "overlap.overlap_step_s": o, "overlap_speedup": s / o,
-                        "overlap.logprob_diff": _mean(over_rows[1:], "rollout/logprob_diff")}
+                        "overlap.logprob_diff": _mean(over_rows[1:], "rollout/logprob_diff"),
+                        "overlap.engine_threads": rt.engine_threads(True),
+                        "overlap.sync_engine_threads": rt.engine_threads(False)}
 
             section("overlap", overlap)
 
@@ -202,7 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     _steps(ctx, prompts, sampler, 1, overlap=False)  # warm-up at this size
                     sync_rows = _steps(ctx, prompts, sampler, 5, overlap=False)
-                    over_rows = _steps(ctx, prompts, sampler, 6, overlap=True)
+                    over_rows = _overlapped(rt, ctx, prompts, sampler, 6)
                 finally:
                     r.n_votes = votes
                 return {"trl.ttrl_step_s": _mean(sync_rows, "timing/step"),

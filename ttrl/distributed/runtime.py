@@ -81,8 +81,7 @@ class Runtime:
             enable_prefix_caching=r.enable_prefix_caching, gpu_memory_utilization=r.gpu_memory_utilization,
             tensor_parallel_size=r.tensor_parallel_size, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
             device=self.device, enable_sleep_mode=gpu and r.sleep_between_steps,
-            cpu_threads=0 if gpu else (r.cpu_threads or engine_cpu_threads(usable_cpus(), r.num_engines,
-                                                                          W * n_groups, r.overlap)))
+            cpu_threads=0 if gpu else self.engine_threads(r.overlap))
         engine_cls = ray.remote(VLLMEngine)
         self.engines = [
             engine_cls.options(name=f"rollout-{i}", max_restarts=2, max_task_retries=0,
@@ -188,6 +187,18 @@ class Runtime:
     def engine_score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                      engine: int = 0) -> list[list[float]]:
         return ray.get(self.engines[engine].score.remote(prompt_ids, completion_ids))
+
+    def engine_threads(self, overlap: bool) -> int:
+        """Torch threads of each CPU engine: rollout.cpu_threads, or the cores the loop leaves it."""
+        r, t = self.cfg.rollout, self.cfg.trainer
+        ranks = t.num_workers * (1 + int(self.need_critic))
+        return r.cpu_threads or engine_cpu_threads(usable_cpus(), r.num_engines, ranks, overlap)
+
+    def set_engine_threads(self, overlap: bool) -> None:
+        """Re-share the CPUs for a loop that does (not) overlap (the bench runs both on one cluster)."""
+        if self.device == "cpu":
+            n = self.engine_threads(overlap)
+            ray.get([e.set_cpu_threads.remote(n) for e in self.engines])
 
     def sleep_engines(self) -> None:
         ray.get([e.sleep.remote() for e in self.engines])

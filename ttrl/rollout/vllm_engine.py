@@ -174,6 +174,17 @@ class VLLMEngine:
         self.weights_version = version
         return {"load_s": time.perf_counter() - t0, "bytes": res[0]["bytes"]}
 
+    # ── CPU threads ───────────────────────────────────────────────────────
+    def set_cpu_threads(self, n: int) -> int:
+        """Torch threads for the next generations (CPU); returns the previous count."""
+        import torch
+
+        before = torch.get_num_threads()
+        # vLLM's CPU worker replaced torch.set_num_threads with a warning;
+        # torch._C's is the real one. Safe here: one in-process worker, no pinning.
+        torch._C.set_num_threads(int(n))
+        return before
+
     # ── GPU memory (colocated with training) ──────────────────────────────
     def sleep(self) -> None:
         if self.args.enable_sleep_mode:
