@@ -72,13 +72,12 @@ def ensure_warmstart(model_cfg: Any, synth_cfg: Any, progress: bool = True) -> P
 
 def train_warmstart(model_dir: Path, spec: dict[str, Any], progress: bool = True) -> dict[str, float]:
     """Supervised training in place (loss on the completion tokens only)."""
-    import math
-
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ttrl.data.synthetic import arithmetic_problems, easy_stream
+    from ttrl.trainer.ds_config import lr_lambda
 
     r, task = spec["recipe"], spec["task"]
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -94,10 +93,11 @@ def train_warmstart(model_dir: Path, spec: dict[str, Any], progress: bool = True
     bar = tqdm(range(total), desc="warm-starting the demo model", file=sys.stderr, disable=not progress,
                mininterval=2.0)
     ema = None
+    # Cosine from lr at the first step to lr * min_lr_ratio at the last: the trainer's schedule.
+    factor = lr_lambda("cosine", 0, total - 1, r["min_lr_ratio"])
     for step in bar:
-        cos = 0.5 * (1 + math.cos(math.pi * step / max(1, total - 1)))
         for g in opt.param_groups:
-            g["lr"] = r["lr"] * (r["min_lr_ratio"] + (1 - r["min_lr_ratio"]) * cos)
+            g["lr"] = r["lr"] * factor(step)
         pairs = [next(stream) for _ in range(r["batch_size"])]
         ids, labels = [], []
         # One batched call per side: the fast tokenizer does the loop in Rust.
