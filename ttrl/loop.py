@@ -32,6 +32,7 @@ from ttrl.distributed.runtime import Runtime
 from ttrl.labeling import grade
 from ttrl.labeling.extract import extract_answer
 from ttrl.labeling.vote import majority_votes
+from ttrl.metrics import column_mean
 from ttrl.metrics.label_quality import label_quality
 from ttrl.metrics.logger import Loggers, build_loggers, sample_rows
 from ttrl.models import resolve_model_path
@@ -300,15 +301,11 @@ def finish_report(run_dir: Path, cfg: Any, history: list[dict[str, float]], wall
         k = max(1, min(5, len(steps) // 4))
         head, tail = steps[:k], steps[-k:]
 
-        def mean(rs: list[dict[str, Any]], key: str) -> float:
-            vals = [r[key] for r in rs if r.get(key) is not None]
-            return sum(vals) / len(vals) if vals else float("nan")
-
         span = f" ({k} steps)" if k > 1 else ""
         lines += [
-            f"{'pseudo-label accuracy' + span:<34}{mean(head, 'label/accuracy'):>10.3f}{mean(tail, 'label/accuracy'):>10.3f}",
-            f"{'majority ratio' + span:<34}{mean(head, 'label/majority_ratio'):>10.3f}"
-            f"{mean(tail, 'label/majority_ratio'):>10.3f}",
+            f"{'pseudo-label accuracy' + span:<34}{column_mean(head, 'label/accuracy'):>10.3f}{column_mean(tail, 'label/accuracy'):>10.3f}",
+            f"{'majority ratio' + span:<34}{column_mean(head, 'label/majority_ratio'):>10.3f}"
+            f"{column_mean(tail, 'label/majority_ratio'):>10.3f}",
             f"{'training time':<34}{'':>10}{sum(r.get('timing/step') or 0.0 for r in steps):>9.0f}s",
         ]
         print("\n" + "\n".join(lines), file=sys.stderr)

@@ -29,6 +29,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from ttrl.metrics import column_mean
+
 SECTIONS = ("rollout", "labeling", "sync", "trl", "scaling", "memory", "overlap")
 
 
@@ -83,11 +85,6 @@ def _overlapped(rt: Any, ctx: Any, prompts: list, sampler: Any, n: int) -> list[
         rt.set_engine_threads(overlap=False)
 
 
-def _mean(rows: list[dict], key: str) -> float:
-    vals = [r[key] for r in rows if r.get(key) is not None]
-    return statistics.mean(vals) if vals else float("nan")
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from ttrl.bench import suite
     from ttrl.data.sampler import PromptSampler
@@ -115,7 +112,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as err:  # noqa: BLE001 - one broken section must not hide the others
             res[f"{name}.error"] = f"{type(err).__name__}: {err}"
             traceback.print_exc()
-        res[f"{name}.bench_s"] = time.perf_counter() - t0
+        # A section may run in parts (trl: ttrl's side, then TRL's after the shutdown).
+        res[f"{name}.bench_s"] = res.get(f"{name}.bench_s", 0.0) + time.perf_counter() - t0
 
     setup = prepare(cfg)
     prompts = setup.prompts
@@ -150,19 +148,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def sync_and_steps():
             rows = _steps(ctx, prompts, sampler, 1 if quick else 2, overlap=False)  # warm-up
             rows = _steps(ctx, prompts, sampler, 3 if quick else 5, overlap=False)
-            sync_s, step_s = _mean(rows, "timing/sync"), _mean(rows, "timing/step")
+            sync_s, step_s = column_mean(rows, "timing/sync"), column_mean(rows, "timing/step")
             nbytes = rows[-1]["sync/bytes"]
             return {
                 "sync_share": sync_s / step_s,
                 "sync.seconds": sync_s, "sync.bytes": nbytes,
                 "sync_vs_memcpy": (nbytes / sync_s) / suite.memcpy_bytes_per_s(int(nbytes)),
                 "step.seconds": step_s,
-                "step.generate_s": _mean(rows, "timing/generate"),
-                "step.label_s": _mean(rows, "timing/label"),
-                "step.prepare_s": _mean(rows, "timing/prepare"),
-                "step.train_s": _mean(rows, "timing/train"),
+                "step.generate_s": column_mean(rows, "timing/generate"),
+                "step.label_s": column_mean(rows, "timing/label"),
+                "step.prepare_s": column_mean(rows, "timing/prepare"),
+                "step.train_s": column_mean(rows, "timing/train"),
                 "step.sync_s": sync_s,
-                "step.tokens_per_s": _mean(rows, "rollout/tokens_per_s"),
+                "step.tokens_per_s": column_mean(rows, "rollout/tokens_per_s"),
             }
 
         pids = {"driver": __import__("os").getpid()}
@@ -176,9 +174,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             def overlap():
                 sync_rows = _steps(ctx, prompts, sampler, 4, overlap=False)
                 over_rows = _overlapped(rt, ctx, prompts, sampler, 4)
-                s, o = _mean(sync_rows[1:], "timing/step"), _mean(over_rows[1:], "timing/step")
+                s, o = column_mean(sync_rows[1:], "timing/step"), column_mean(over_rows[1:], "timing/step")
                 return {"overlap.sync_step_s": s, "overlap.overlap_step_s": o, "overlap_speedup": s / o,
-                        "overlap.logprob_diff": _mean(over_rows[1:], "rollout/logprob_diff"),
+                        "overlap.logprob_diff": column_mean(over_rows[1:], "rollout/logprob_diff"),
                         "overlap.engine_threads": rt.engine_threads(True),
                         "overlap.sync_engine_threads": rt.engine_threads(False)}
 
@@ -191,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     r.n_votes = v
                     rows = _steps(ctx, prompts, sampler, 2, overlap=False)
                     tokens = statistics.mean(r["rollout/tokens_per_s"] * r["timing/generate"] for r in rows)
-                    step_s = _mean(rows, "timing/step")
+                    step_s = column_mean(rows, "timing/step")
                     out[f"scaling.votes_{v}.step_s"] = step_s
                     out[f"scaling.votes_{v}.tokens"] = tokens
                     xs.append(tokens)
@@ -216,9 +214,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     over_rows = _overlapped(rt, ctx, prompts, sampler, 6)
                 finally:
                     r.n_votes = votes
-                return {"trl.ttrl_step_s": _mean(sync_rows, "timing/step"),
-                        "trl.ttrl_overlap_step_s": _mean(over_rows[1:], "timing/step"),
-                        "trl.ttrl_mean_completion_tokens": _mean(sync_rows, "rollout/response_length")}
+                return {"trl.ttrl_step_s": column_mean(sync_rows, "timing/step"),
+                        "trl.ttrl_overlap_step_s": column_mean(over_rows[1:], "timing/step"),
+                        "trl.ttrl_mean_completion_tokens": column_mean(sync_rows, "rollout/response_length")}
 
             section("trl", ttrl_equal_workload)
     finally:
@@ -239,9 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 out["step_vs_trl_overlap"] = res["trl.ttrl_overlap_step_s"] / out["trl.step_s"]
             return out
 
-        t_ttrl = res.get("trl.bench_s", 0.0)
         section("trl", trl)
-        res["trl.bench_s"] += t_ttrl
     return res
 
 

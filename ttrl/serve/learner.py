@@ -41,6 +41,7 @@ import ray
 from ttrl.distributed.group import WorkerDiedError
 from ttrl.labeling.extract import extract_answer
 from ttrl.labeling.vote import majority_votes
+from ttrl.metrics import column_mean
 from ttrl.serve.feedback import FeedbackVoteReward, Rating, confirmed_label
 from ttrl.serve.gate import EvalResult, GateDecision, decide, freezable, score_samples
 from ttrl.serve.store import Store
@@ -326,10 +327,10 @@ class Learner:
                            "prompts": len(order),
                            "feedback_corrected_prompts": corrected, "frozen_now": len(frozen),
                            "regression_items": current.n_items,
-                           "reward_mean": _mean(step_rows, "reward/mean"),
-                           "majority_ratio": _mean(step_rows, "label/majority_ratio"),
-                           "entropy": _mean(step_rows, "train/entropy"),
-                           "step_s": _mean(step_rows, "timing/step")}
+                           "reward_mean": column_mean(step_rows, "reward/mean", None),
+                           "majority_ratio": column_mean(step_rows, "label/majority_ratio", None),
+                           "entropy": column_mean(step_rows, "train/entropy", None),
+                           "step_s": column_mean(step_rows, "timing/step", None)}
                 if decision.promote:
                     self.state = "promoting"
                     version, swap_stats = self._promote(base, round_no, decision, metrics)
@@ -405,11 +406,6 @@ class Learner:
                 self.store.set_version_status(v, "pruned")
                 removed.append(v)
         return removed
-
-
-def _mean(rows: list[dict], key: str) -> float | None:
-    vals = [float(r[key]) for r in rows if r.get(key) is not None]
-    return sum(vals) / len(vals) if vals else None
 
 
 __all__ = ["Learner", "StagingRuntime"]
