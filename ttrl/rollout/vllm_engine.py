@@ -107,17 +107,12 @@ class VLLMEngine:
                                 max_tokens=max_tokens, logprobs=0, seed=seed, flat_logprobs=True,
                                 detokenize=False)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False)
-        flat = [o for req in outs for o in req.outputs]
-        texts = iter(self.tokenizer.batch_decode([list(o.token_ids) for o in flat], skip_special_tokens=True))
-        result = []
-        for req in outs:
-            samples = []
-            for o in req.outputs:
-                ids = list(o.token_ids)
-                samples.append({"token_ids": ids, "logprobs": sampled_logprobs(o.logprobs, ids), "text": next(texts),
-                                "finish_reason": o.finish_reason})
-            result.append(samples)
-        return result
+        ids = [[list(o.token_ids) for o in req.outputs] for req in outs]
+        texts = iter(self.tokenizer.batch_decode([x for per_prompt in ids for x in per_prompt],
+                                                 skip_special_tokens=True))
+        return [[{"token_ids": x, "logprobs": sampled_logprobs(o.logprobs, x), "text": next(texts),
+                  "finish_reason": o.finish_reason} for o, x in zip(req.outputs, per_prompt)]
+                for req, per_prompt in zip(outs, ids)]
 
     def score(self, prompt_token_ids: list[list[int]], completion_token_ids: list[list[int]]) -> list[list[float]]:
         """Log-probs (temperature 1) of each completion token given its prompt."""
