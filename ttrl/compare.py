@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--wandb", metavar="GROUP", help="also compare the runs of this W&B group (needs network)")
     ap.add_argument("--project", default="ttrl")
     ap.add_argument("--entity", default=None)
+    ap.add_argument("--grid", action="store_true",
+                    help="the demo grid's before/after table (grid.md, grid.json, grid.png) instead")
     args = ap.parse_args(argv)
     try:
         runs = list(args.runs)
@@ -296,6 +298,13 @@ def main(argv: list[str] | None = None) -> None:
             runs += _wandb_runs(args.wandb, args.project, args.entity, args.out / "wandb_runs")
         if not runs:
             ap.error("give at least one run dir (or --wandb GROUP)")
+        if args.grid:
+            from ttrl.grid_report import grid_report
+
+            md = grid_report(runs, args.out)
+            print(md.read_text())
+            print(f"ttrl-compare: wrote {md}, grid.json and grid.png in {args.out}", file=sys.stderr)
+            return
         md, pngs = compare(runs, args.out)
     except CompareError as err:
         print(f"ttrl-compare: {err}", file=sys.stderr)

@@ -160,7 +160,7 @@ class LabelConfig:
 # ── reward ─────────────────────────────────────────────────────────────────
 @dataclass
 class RewardConfig:
-    # majority_vote (label-free) | ground_truth (oracle) | custom | reward_model
+    # majority_vote (label-free) | ground_truth (oracle) | custom | reward_model | random (control)
     name: str = "majority_vote"
     # For `custom`: "package.module:function", TRL-style reward function.
     fn: Optional[str] = None
@@ -168,6 +168,12 @@ class RewardConfig:
     needs_ground_truth: bool = False
     # For `reward_model`: the reward model dir.
     path: Optional[str] = None
+    # For `majority_vote`: a vote whose winning class holds less than this share
+    # of the samples rewards nothing (0 = TTRL: every vote counts).
+    min_ratio: float = 0.0
+    # For `random`: the chance of a 1, and the generator's seed (null: the run's seed).
+    p: float = 0.5
+    seed: Optional[int] = None
 
 
 # ── algorithm ──────────────────────────────────────────────────────────────
@@ -314,6 +320,13 @@ class SafetyConfig:
     # evaluated checkpoint and multiply the learning rate by lr_factor.
     action: str = "warn"
     window: int = 5
+    # Label-free vote signals (ttrl.metrics.safety.VoteTracker): the share of
+    # confident votes (previous ratio >= flip_confident) that changed since the
+    # prompt's last visit, and the share of revisited prompts whose vote
+    # differs from their first one.
+    max_flip_rate: Optional[float] = None
+    max_first_vote_drift: Optional[float] = None
+    flip_confident: float = 0.5
     min_entropy: Optional[float] = None
     max_majority_ratio: Optional[float] = None
     # Mean response length leaving [min, max] tokens.
@@ -461,7 +474,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.loss_agg": ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"),
     "algorithm.kl_estimator": ("k1", "k2", "k3", "low_var_kl"),
     "algorithm.advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"),
-    "reward.name": ("majority_vote", "ground_truth", "custom", "reward_model"),
+    "reward.name": ("majority_vote", "ground_truth", "custom", "reward_model", "random"),
     "logger.wandb.mode": ("online", "offline", "disabled"),
     "cluster.placement": ("colocate", "split"),
     "safety.action": ("warn", "stop", "rollback"),
@@ -611,9 +624,10 @@ def validate(cfg: DictConfig | TTRLConfig) -> None:
     sf = c.safety
     if sf.window < 1 or not 0 < sf.lr_factor <= 1:
         fail("safety.window must be >= 1 and safety.lr_factor in (0, 1].")
-    if sf.action == "rollback" and not (c.trainer.save_every and c.eval.every_n_steps):
-        fail("safety.action=rollback needs trainer.save_every > 0 and eval.every_n_steps > 0"
-             " (it rolls back to the best evaluated checkpoint).")
+    if sf.action == "rollback" and sf.max_eval_drop is not None and not (c.trainer.save_every
+                                                                         and c.eval.every_n_steps):
+        fail("safety.action=rollback with safety.max_eval_drop needs trainer.save_every > 0 and "
+             "eval.every_n_steps > 0 (it rolls back to the best evaluated checkpoint).")
     if t.max_skipped_steps < 1:
         fail(f"trainer.max_skipped_steps={t.max_skipped_steps} must be at least 1.")
 

@@ -17,7 +17,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from ttrl.labeling.vote import majority_votes
 from ttrl.metrics import column_mean
 from ttrl.metrics.label_quality import label_quality
 from ttrl.metrics.logger import Loggers, build_loggers, sample_rows
+from ttrl.metrics.safety import VoteTracker
 from ttrl.models import resolve_model_path
 from ttrl.rewards import build_reward, compute_rewards
 from ttrl.trainer.batch import pack_batch
@@ -53,6 +54,10 @@ class Ctx:
     rng: random.Random
     # The last step's sample table (prompts, completions, vote, rewards), for the loggers.
     samples: list[dict] | None = None
+    # Each prompt's vote across visits: the guard's label-free signals.
+    votes: VoteTracker = field(default_factory=VoteTracker)
+    # The last step's votes, one row per prompt (id, label, ratio, classes), for votes.jsonl.
+    vote_rows: list[dict] | None = None
 
 
 @dataclass
@@ -182,6 +187,9 @@ def learn(ctx: Ctx, ro: Rollout, t_step: float) -> dict[str, float]:
         "sync/bytes": sync.get("bytes", 0.0),
     }
     stats |= {f"train/{k}" if "/" not in k else k: v for k, v in train_stats.items()}
+    stats |= ctx.votes.update([g.prompt.id for g in groups], votes)
+    ctx.vote_rows = [{"id": g.prompt.id, "label": v.label, "ratio": round(v.ratio, 4), "classes": len(v.counts)}
+                     for g, v in zip(groups, votes)]
     stats |= label_quality(groups, votes, [[out.rewards[p][i] for i in rows] for p, rows in enumerate(keep)], keep)
     lg = cfg.logger
     ctx.samples = sample_rows(groups, votes, out.rewards, lg.samples_prompts, lg.samples_per_prompt)
@@ -312,15 +320,18 @@ def finish_report(run_dir: Path, cfg: Any, history: list[dict[str, float]], wall
     print(f"ttrl: done in {wall:.0f}s ({wall / 60:.1f} min); plot {png}; run dir {run_dir}", file=sys.stderr)
 
 
-def _progress(step_no: int, total: int, row: dict[str, float], t_start: float, enabled: bool) -> None:
+def _progress(step_no: int, total: int, row: dict[str, float], t_loop: float, first: int, enabled: bool) -> None:
+    """One console line per step; `t_loop` is when the first step of this process began."""
     if not enabled:
         return
     # Under CI (CI=true) about ten lines a run: the first step, every tenth of the run, the last.
     if os.environ.get("CI", "").lower() in ("1", "true") and step_no not in (1, total) \
             and step_no % max(1, total // 10):
         return
-    done = step_no
-    eta = (time.perf_counter() - t_start) / max(done, 1) * (total - done)
+    # The rate of the steps this process ran: start-up, the starting eval and
+    # the steps a resumed run skipped are not steps to come.
+    done = step_no - first + 1
+    eta = (time.perf_counter() - t_loop) / max(done, 1) * (total - step_no)
     parts = [f"step {step_no}/{total}"]
     for key, fmt in (("reward/mean", "reward {:.3f}"), ("train/pass@1", "pass@1 {:.3f}"),
                      ("label/accuracy", "label_acc {:.3f}"), ("rollout/tokens_per_s", "{:.0f} tok/s"),
@@ -336,29 +347,39 @@ class Guard:
 
     Counts skipped (non-finite) updates and stops after
     `trainer.max_skipped_steps` in a row; runs the collapse detectors and
-    applies `safety.action` (warn, stop, or rollback to the best evaluated
-    checkpoint with a lower learning rate).
+    applies `safety.action`: warn, stop, or rollback with a lower learning
+    rate. The rollback target is the best evaluated checkpoint when the guard
+    watches eval/pass@1 (`safety.max_eval_drop`, which grades against ground
+    truth); a label-free guard picks no checkpoint by a graded score and rolls
+    back to the starting weights. The first step it fires is logged as
+    `safety/collapse_step` with `safety/reason`.
     """
 
-    def __init__(self, cfg: Any, rt: Runtime, run_dir: Path, quiet: bool):
+    def __init__(self, cfg: Any, rt: Runtime, run_dir: Path, quiet: bool, label_free: bool = True):
         from ttrl.metrics.safety import CollapseDetector
 
         self.cfg, self.rt, self.run_dir, self.quiet = cfg, rt, run_dir, quiet
-        self.detector = CollapseDetector(cfg.safety)
+        # The vote signals watch a run that makes its own labels; a reward
+        # that reads the ground truth moves votes for the right reasons.
+        self.detector = CollapseDetector(cfg.safety, vote_signals=label_free)
         self.skips = 0
         self.rollbacks = 0
+        self.fired_at: int | None = None
         self.best_ckpt: Path | None = None
         self.best_eval: float | None = None
+        self.by_eval = cfg.safety.max_eval_drop is not None
 
     def saved(self, path: Path, eval_pass1: float | None) -> None:
-        if eval_pass1 is not None and (self.best_eval is None or eval_pass1 > self.best_eval):
+        if self.best_ckpt is None and int(path.name.split("_")[-1]) == 0:
+            self.best_ckpt, self.best_eval = path, eval_pass1  # the starting weights: always a safe target
+        elif self.by_eval and eval_pass1 is not None and (self.best_eval is None or eval_pass1 > self.best_eval):
             self.best_ckpt, self.best_eval = path, eval_pass1
 
     def _say(self, msg: str) -> None:
         print(f"ttrl: {msg}", file=sys.stderr, flush=True)
 
     def check(self, row: dict[str, Any]) -> str | None:
-        """Add event/* keys to `row`; return a reason when the run must stop."""
+        """Add event/* and safety/* keys to `row`; return a reason when the run must stop."""
         if row.get("train/skipped"):
             self.skips += 1
             row["event/skipped_update"] = f"non-finite loss or gradient norm: update skipped ({self.skips} in a row)"
@@ -373,6 +394,10 @@ class Guard:
             return None
         msg = "; ".join(e.message for e in events)
         row["event/collapse"] = msg
+        if self.fired_at is None:
+            self.fired_at = int(row["step"])
+            row["safety/collapse_step"] = self.fired_at
+            row["safety/reason"] = msg
         action = self.cfg.safety.action
         row["event/action"] = action
         self._say(f"collapse warning at step {row['step']}: {msg} (action: {action})")
@@ -381,7 +406,9 @@ class Guard:
         if action == "rollback":
             if self.best_ckpt is None:
                 row["event/action"] = "rollback impossible"
-                return f"collapse detected ({msg}) and no evaluated checkpoint to roll back to; stopping."
+                return f"collapse detected ({msg}) and no checkpoint to roll back to; stopping."
+            where = (f"{self.best_ckpt} (eval pass@1 {self.best_eval:.3f})" if self.best_eval is not None
+                     else f"{self.best_ckpt} (the starting weights)")
             if self.rollbacks >= self.cfg.safety.max_rollbacks:
                 # Out of retries: leave the engines and trainer on the best weights
                 # seen, so what the run ends with is never the collapsed model.
@@ -389,8 +416,8 @@ class Guard:
                 self.rt.sync_weights()
                 row["event/action"] = "restored best, stopping"
                 row["event/rollback_to"] = str(self.best_ckpt)
-                return (f"collapse detected ({msg}) and no rollback left ({self.rollbacks} done); restored the "
-                        f"best checkpoint {self.best_ckpt} (eval pass@1 {self.best_eval:.3f}) and stopping.")
+                return (f"collapse detected ({msg}) and no rollback left ({self.rollbacks} done); restored "
+                        f"{where} and stopping.")
             self.rt.load(str(self.best_ckpt))
             lr = self.rt.scale_lr(self.cfg.safety.lr_factor ** (self.rollbacks + 1))
             self.rt.sync_weights()
@@ -398,7 +425,7 @@ class Guard:
             self.detector.reset()
             row["event/rollback_to"] = str(self.best_ckpt)
             row["event/lr_after_rollback"] = lr
-            self._say(f"rolled back to {self.best_ckpt} (eval pass@1 {self.best_eval:.3f}); lr now {lr:.3g}")
+            self._say(f"rolled back to {where}; lr now {lr:.3g}")
         return None
 
 
@@ -423,12 +450,21 @@ def prepare(cfg: Any) -> Setup:
         tokenizer.pad_token = tokenizer.eos_token
     prompts = [Prompt(p.id, p.problem, p.answer, render_prompt(p.problem, cfg.model, tokenizer))
                for p in load_prompts(cfg.data)]
-    reward_opts: dict[str, Any] = {}
-    if cfg.reward.name == "custom":
-        reward_opts = {"fn": cfg.reward.fn, "needs_ground_truth": cfg.reward.needs_ground_truth}
-    elif cfg.reward.name == "reward_model":
-        reward_opts = {"path": cfg.reward.path}
-    return Setup(model_path, tokenizer, prompts, build_reward(cfg.reward.name, **reward_opts))
+    return Setup(model_path, tokenizer, prompts, build_reward(cfg.reward.name, **reward_options(cfg)))
+
+
+def reward_options(cfg: Any) -> dict[str, Any]:
+    """The constructor options of the configured reward, from its config section."""
+    r = cfg.reward
+    if r.name == "custom":
+        return {"fn": r.fn, "needs_ground_truth": r.needs_ground_truth}
+    if r.name == "reward_model":
+        return {"path": r.path}
+    if r.name == "majority_vote":
+        return {"min_ratio": r.min_ratio}
+    if r.name == "random":
+        return {"p": r.p, "seed": cfg.seed if r.seed is None else r.seed}
+    return {}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float | None:
@@ -483,21 +519,21 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             log.log(history[-1])
             if not quiet:
                 print(f"ttrl: before training: {_eval_line(history[-1])}", file=sys.stderr, flush=True)
-        guard = Guard(cfg, rt, run_dir, quiet)
+        guard = Guard(cfg, rt, run_dir, quiet, label_free=not getattr(reward, "needs_ground_truth", False))
         if history:
             # The starting eval is the first "best": a run that only ever gets
             # worse than where it began must trip safety.max_eval_drop.
             guard.detector.update({"eval/pass@1": history[-1].get("eval/pass@1")})
-        if cfg.safety.action == "rollback" and history and start == 0:
+        if cfg.safety.action == "rollback" and start == 0:
             # The starting weights are a rollback target too: a run that collapses
             # from its first steps can always return to where it began.
             path = save_checkpoint(rt, run_dir, 0, sampler.state_dict(), rng, max(cfg.trainer.keep_last, 1),
-                                   eval_pass1=history[-1].get("eval/pass@1"))
-            guard.saved(path, history[-1].get("eval/pass@1"))
+                                   eval_pass1=history[-1].get("eval/pass@1") if history else None)
+            guard.saved(path, history[-1].get("eval/pass@1") if history else None)
         row: dict[str, float] = {}
         overlap = cfg.rollout.overlap
         ctx.algo["tis_cap"] = cfg.rollout.tis_cap if overlap else None
-        t_last = time.perf_counter()
+        t_last = t_loop = time.perf_counter()
         pending: Rollout | None = None
         for step_no in range(start + 1, steps + 1):
             if pending is None:
@@ -519,8 +555,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             log.log(row)
             if cfg.logger.samples_every and (step_no % cfg.logger.samples_every == 0 or step_no == 1):
                 log.log_samples(step_no, ctx.samples or [])
+            log.log_votes(step_no, ctx.vote_rows or [])
             history.append(row)
-            _progress(step_no, steps, row, t_start, not quiet)
+            _progress(step_no, steps, row, t_loop, start + 1, not quiet)
             t_last = time.perf_counter()
             if stop_reason:
                 raise RunStopped(stop_reason)

@@ -86,6 +86,36 @@ def test_nan_loss_is_skipped_then_a_streak_stops_the_run_cleanly(tmp_path):
     assert not (ckpts / "step_5").exists(), "no checkpoint is written after the stop"
 
 
+def test_collapse_guard_fires_rolls_back_to_the_start_then_stops_on_it(tmp_path):
+    """A label-free run whose guard fires: it logs the step and reason, reloads the
+    starting weights with a smaller lr, and, out of rollbacks, stops on them.
+
+    The threshold is one every step of the random tiny model crosses (its token
+    entropy is far below 100 nats), so the test is about what the guard does in a
+    real run, not about when a model collapses (the detectors' own tests cover that).
+    """
+    run_dir = tmp_path / "run"
+    res = _train(run_dir, "reward=majority_vote", "trainer.total_steps=6", "safety.action=rollback",
+                 "safety.window=2", "safety.min_entropy=100", "safety.max_rollbacks=1", "safety.lr_factor=0.5",
+                 "trainer.lr_schedule=constant")
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "collapse warning at step 2" in res.stderr and "train/entropy" in res.stderr
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    fired = rows[1]
+    assert fired["safety/collapse_step"] == 2 and "train/entropy" in fired["safety/reason"]
+    assert fired["event/rollback_to"].endswith("step_0")  # label-free: back to the starting weights
+    assert fired["event/lr_after_rollback"] == pytest.approx(1e-3 * 0.5)
+    assert rows[2]["train/lr"] == pytest.approx(5e-4)  # the next update ran at the cut lr
+    assert all("safety/collapse_step" not in r for r in rows[2:])  # the first firing only
+    # The window restarts after a rollback: the next firing needs two fresh steps.
+    assert "event/collapse" not in rows[2] and rows[3]["event/action"] == "restored best, stopping"
+    # The label-free vote signals are computed every step, and each step's votes are kept.
+    assert all("label/distinct_answers" in r for r in rows)
+    votes = [json.loads(line) for line in (run_dir / "votes.jsonl").read_text().splitlines()]
+    assert sorted({v["step"] for v in votes}) == [1, 2, 3, 4] and len(votes) == 4 * 4
+
+
 def test_killed_rollout_engine_is_restarted_and_resynced():
     import random
 

@@ -55,12 +55,33 @@ def test_majority_vote_rewards_by_hand() -> None:
     assert out.none_count == 0
 
 
-def test_ground_truth_scrub_changes_nothing() -> None:
+def test_majority_vote_min_ratio_silences_weak_votes() -> None:
+    out = compute_rewards(build_reward("majority_vote", min_ratio=0.6), step_groups())
+    # Only p3's vote (3 of 4) reaches 0.6; the 2-of-4 votes reward nobody.
+    assert out.rewards == [[0.0] * 4, [0.0] * 4, [0.0] * 4, [1.0, 1.0, 0.0, 1.0]]
+    assert [v.label for v in out.votes] == ["1/2", "x=2", None, r"\{1,2\}"]  # the votes themselves unchanged
+    with pytest.raises(ValueError, match="reward.min_ratio"):
+        build_reward("majority_vote", min_ratio=1.5)
+
+
+def test_random_reward_is_seeded_and_ignores_answers() -> None:
+    groups = [make_group(f"p{i}", ["1"] * 64) for i in range(8)]
+    a = compute_rewards(build_reward("random", p=0.5, seed=3), groups).rewards
+    b = compute_rewards(build_reward("random", p=0.5, seed=3), groups).rewards
+    c = compute_rewards(build_reward("random", p=0.5, seed=4), groups).rewards
+    assert a == b and a != c
+    flat = [x for row in a for x in row]
+    assert set(flat) == {0.0, 1.0} and 0.4 < sum(flat) / len(flat) < 0.6  # 512 draws: s.e. 0.022
+    assert all(x == 0.0 for row in compute_rewards(build_reward("random", p=0.0), groups).rewards for x in row)
+
+
+@pytest.mark.parametrize("name, options", [("majority_vote", {}), ("majority_vote", {"min_ratio": 0.6}),
+                                           ("random", {"seed": 1})])
+def test_ground_truth_scrub_changes_nothing(name: str, options: dict) -> None:
     """Label-free means label-free: hiding or corrupting every ground-truth
-    answer leaves the majority-vote rewards and votes unchanged."""
-    reward = build_reward("majority_vote")
+    answer leaves the rewards and votes of every label-free reward unchanged."""
     groups = step_groups()
-    baseline = compute_rewards(reward, groups)
+    baseline = compute_rewards(build_reward(name, **options), groups)
 
     rng = random.Random(0)
     garbage = lambda: "".join(rng.choices(string.printable, k=12))  # noqa: E731
@@ -69,7 +90,7 @@ def test_ground_truth_scrub_changes_nothing() -> None:
             dataclasses.replace(g, prompt=dataclasses.replace(g.prompt, answer=replace_answer()))
             for g in groups
         ]
-        again = compute_rewards(reward, scrubbed)
+        again = compute_rewards(build_reward(name, **options), scrubbed)  # fresh: random's draws restart
         assert again.rewards == baseline.rewards
         assert again.votes == baseline.votes
 

@@ -66,7 +66,7 @@ def test_disabled_thresholds_never_fire():
 
 @pytest.mark.parametrize("action", ["warn", "stop", "rollback"])
 def test_guard_applies_each_action(action, tmp_path):
-    cfg = _cfg(window=2, max_majority_ratio=0.9, action=action, lr_factor=0.5)
+    cfg = _cfg(window=2, max_majority_ratio=0.9, action=action, lr_factor=0.5, max_eval_drop=0.5)
     rt = FakeRuntime()
     guard = Guard(cfg, rt, tmp_path, quiet=True)
     guard.saved(tmp_path / "checkpoints" / "step_2", eval_pass1=0.6)
@@ -88,7 +88,7 @@ def test_guard_applies_each_action(action, tmp_path):
 
 
 def test_guard_rollback_limit_then_stop(tmp_path):
-    cfg = _cfg(window=1, max_majority_ratio=0.9, action="rollback", max_rollbacks=1)
+    cfg = _cfg(window=1, max_majority_ratio=0.9, action="rollback", max_rollbacks=1, max_eval_drop=0.5)
     rt = FakeRuntime()
     guard = Guard(cfg, rt, tmp_path, quiet=True)
     guard.saved(Path("ck/step_1"), eval_pass1=0.5)
@@ -107,7 +107,31 @@ def test_guard_without_a_checkpoint_stops(tmp_path):
     rt = FakeRuntime()
     guard = Guard(cfg, rt, tmp_path, quiet=True)
     reason = guard.check({"step": 1, "label/majority_ratio": 1.0})
-    assert reason and "no evaluated checkpoint" in reason and rt.calls == []
+    assert reason and "no checkpoint to roll back to" in reason and rt.calls == []
+
+
+def test_label_free_guard_rolls_back_to_the_start_and_logs_its_first_step(tmp_path):
+    # No graded signal watched (max_eval_drop null): the target is not chosen by a
+    # ground-truth score, however good a later evaluated checkpoint looked.
+    cfg = _cfg(window=1, max_flip_rate=0.3, action="rollback", lr_factor=0.5)
+    rt = FakeRuntime()
+    guard = Guard(cfg, rt, tmp_path, quiet=True)
+    guard.saved(tmp_path / "checkpoints" / "step_0", eval_pass1=0.5)
+    guard.saved(tmp_path / "checkpoints" / "step_10", eval_pass1=0.9)
+    first = {"step": 11, "label/flip_rate": 0.5}
+    assert guard.check(first) is None
+    assert first["safety/collapse_step"] == 11 and "label/flip_rate" in first["safety/reason"]
+    assert rt.calls[0] == ("load", str(tmp_path / "checkpoints" / "step_0"))
+    later = {"step": 12, "label/flip_rate": 0.6}
+    guard.check(later)
+    assert "safety/collapse_step" not in later  # only the first firing is the collapse step
+
+
+def test_vote_signals_are_off_for_a_ground_truth_reward(tmp_path):
+    cfg = _cfg(window=1, max_flip_rate=0.3, max_first_vote_drift=0.2)
+    guard = Guard(cfg, FakeRuntime(), tmp_path, quiet=True, label_free=False)
+    row = {"step": 5, "label/flip_rate": 0.9, "label/first_vote_drift": 0.9}
+    assert guard.check(row) is None and "safety/collapse_step" not in row
 
 
 def test_guard_counts_consecutive_skips(tmp_path):
@@ -119,3 +143,34 @@ def test_guard_counts_consecutive_skips(tmp_path):
     assert guard.check({"step": 3, "train/skipped": 1.0}) is None
     reason = guard.check({"step": 4, "train/skipped": 1.0})
     assert reason and "2 updates in a row" in reason
+
+
+# ── label-free vote signals ──────────────────────────────────────────────
+def _vote(label, ratio, classes=2):
+    from ttrl.labeling.vote import Vote
+
+    counts = {label: 1} if label is not None else {}
+    counts |= {f"other{i}": 1 for i in range(classes - len(counts))}
+    return Vote(label=label, ratio=ratio, counts=counts)
+
+
+def test_vote_tracker_flip_rate_counts_only_confident_previous_votes():
+    from ttrl.metrics.safety import VoteTracker
+
+    t = VoteTracker(confident=0.5)
+    first = t.update(["a", "b", "c"], [_vote("1", 0.8), _vote("2", 0.3), _vote("3", 0.6)])
+    assert "label/flip_rate" not in first and "label/first_vote_drift" not in first  # nothing revisited yet
+    # a (was confident) flips, b (was not) flips, c (was confident) holds.
+    row = t.update(["a", "b", "c"], [_vote("9", 0.5), _vote("8", 0.4), _vote(" 3", 0.7)])
+    assert row["label/flip_rate"] == pytest.approx(1 / 2)
+    assert row["label/first_vote_drift"] == pytest.approx(2 / 3)  # " 3" is "3": white space ignored
+    # a flips back to its first vote: no drift for it any more, but a confident flip again.
+    row = t.update(["a"], [_vote("1", 0.9)])
+    assert row["label/flip_rate"] == 1.0 and row["label/first_vote_drift"] == 0.0
+
+
+def test_vote_tracker_counts_distinct_answers():
+    from ttrl.metrics.safety import VoteTracker
+
+    row = VoteTracker().update(["a", "b"], [_vote("1", 0.5, classes=4), _vote(None, 0.0, classes=0)])
+    assert row["label/distinct_answers"] == 2.0

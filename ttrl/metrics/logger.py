@@ -53,24 +53,34 @@ def _truncate_jsonl(path: Path, step: int) -> None:
 
 
 class JsonlLogger:
-    """metrics.jsonl (one row per step) and samples.jsonl (one row per shown completion)."""
+    """metrics.jsonl (one row per step), samples.jsonl (one row per shown
+    completion) and votes.jsonl (one row per prompt voted on in a step)."""
+
+    TABLES = ("samples", "votes")
 
     def __init__(self, path: Path, samples_path: Path | None = None):
         self.path = path
-        self.samples_path = samples_path or path.with_name("samples.jsonl")
+        self.table_paths = {name: path.with_name(f"{name}.jsonl") for name in self.TABLES}
+        if samples_path is not None:
+            self.table_paths["samples"] = samples_path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = path.open("a")
-        self._samples_fh = None  # opened on the first table
+        self._table_fh: dict[str, Any] = {}  # each opened on its first rows
+
+    @property
+    def samples_path(self) -> Path:
+        return self.table_paths["samples"]
 
     def truncate_from(self, step: int) -> None:
-        """Drop lines whose step >= `step` (and any torn last line), in both files."""
+        """Drop lines whose step >= `step` (and any torn last line), in every file."""
         self._fh.close()
         _truncate_jsonl(self.path, step)
         self._fh = self.path.open("a")
-        if self._samples_fh is not None:
-            self._samples_fh.close()
-            self._samples_fh = None
-        _truncate_jsonl(self.samples_path, step)
+        for fh in self._table_fh.values():
+            fh.close()
+        self._table_fh.clear()
+        for p in self.table_paths.values():
+            _truncate_jsonl(p, step)
 
     def _write(self, fh, row: dict[str, Any]) -> None:
         fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
@@ -80,18 +90,25 @@ class JsonlLogger:
     def log(self, row: dict[str, Any]) -> None:
         self._write(self._fh, row)
 
-    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
-        if self._samples_fh is None:
-            self._samples_fh = self.samples_path.open("a")
+    def log_table(self, name: str, step: int, rows: list[dict[str, Any]]) -> None:
+        if name not in self._table_fh:
+            self._table_fh[name] = self.table_paths[name].open("a")
+        fh = self._table_fh[name]
         for r in rows:
-            self._samples_fh.write(json.dumps({"step": step, **{k: _clean(v) for k, v in r.items()}}) + "\n")
-        self._samples_fh.flush()
-        os.fsync(self._samples_fh.fileno())
+            fh.write(json.dumps({"step": step, **{k: _clean(v) for k, v in r.items()}}) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        self.log_table("samples", step, rows)
+
+    def log_votes(self, step: int, rows: list[dict[str, Any]]) -> None:
+        self.log_table("votes", step, rows)
 
     def close(self) -> None:
         self._fh.close()
-        if self._samples_fh is not None:
-            self._samples_fh.close()
+        for fh in self._table_fh.values():
+            fh.close()
 
 
 # ── the sample table ─────────────────────────────────────────────────────
@@ -249,6 +266,11 @@ class Loggers:
         for s in self.sinks:
             if hasattr(s, "log_samples"):
                 s.log_samples(step, rows)
+
+    def log_votes(self, step: int, rows: list[dict[str, Any]]) -> None:
+        for s in self.sinks:
+            if rows and hasattr(s, "log_votes"):
+                s.log_votes(step, rows)
 
     def truncate_from(self, step: int) -> None:
         for s in self.sinks:

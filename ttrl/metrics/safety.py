@@ -12,6 +12,7 @@ metrics (eval) already computed.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +24,9 @@ class CollapseEvent:
 
 
 class CollapseDetector:
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, vote_signals: bool = True):
         self.cfg = cfg
+        self.vote_signals = vote_signals
         self.history: dict[str, deque] = {}
         self.best_eval: float | None = None
 
@@ -43,6 +45,8 @@ class CollapseDetector:
     def update(self, row: dict[str, Any]) -> list[CollapseEvent]:
         c, events = self.cfg, []
         checks = [
+            ("label/flip_rate", c.max_flip_rate if self.vote_signals else None, "above"),
+            ("label/first_vote_drift", c.max_first_vote_drift if self.vote_signals else None, "above"),
             ("train/entropy", c.min_entropy, "below"),
             ("label/majority_ratio", c.max_majority_ratio, "above"),
             ("rollout/response_length", c.min_response_length, "below"),
@@ -66,3 +70,56 @@ class CollapseDetector:
                                                            f"{self.best_eval:.3f} (allowed drop {c.max_eval_drop:g})"))
             self.best_eval = ev if self.best_eval is None else max(self.best_eval, ev)
         return events
+
+
+class VoteTracker:
+    """Label-free signals from how each prompt's vote moves across visits.
+
+    A test-time run sees every prompt again each epoch. Healthy learning
+    strengthens the votes it already had (most starting votes are right) and
+    fixes a few; a run that is learning to agree on wrong answers changes
+    votes that had been confident. Both read from the votes alone:
+
+    - `label/flip_rate`: of the step's prompts whose previous vote held at
+      least `confident` of the samples, the share whose vote changed;
+    - `label/first_vote_drift`: of the step's revisited prompts, the share
+      whose vote differs from the one at their first visit;
+    - `label/distinct_answers`: distinct answers per prompt (missing ones not
+      counted), which shrinks as the policy's answers narrow.
+
+    It keeps the label and ratio of each prompt's first and last vote (two
+    small dicts), compares labels as normalised strings, and sees no ground
+    truth.
+    """
+
+    def __init__(self, confident: float = 0.5):
+        self.confident = confident
+        self.first: dict[str, str | None] = {}
+        self.last: dict[str, tuple[str | None, float]] = {}
+
+    @staticmethod
+    def _key(label: str | None) -> str | None:
+        return None if label is None else "".join(label.split())
+
+    def update(self, prompt_ids: Sequence[str], votes: Sequence[Any]) -> dict[str, float]:
+        flips = confident = drift = revisits = 0
+        distinct = 0
+        for pid, vote in zip(prompt_ids, votes):
+            label = self._key(vote.label)
+            distinct += len(vote.counts)
+            if pid in self.last:
+                prev, prev_ratio = self.last[pid]
+                revisits += 1
+                drift += int(label != self.first[pid])
+                if prev_ratio >= self.confident:
+                    confident += 1
+                    flips += int(label != prev)
+            else:
+                self.first[pid] = label
+            self.last[pid] = (label, vote.ratio)
+        out = {"label/distinct_answers": distinct / max(len(votes), 1)}
+        if revisits:
+            out["label/first_vote_drift"] = drift / revisits
+        if confident:
+            out["label/flip_rate"] = flips / confident
+        return out

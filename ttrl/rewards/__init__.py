@@ -1,5 +1,6 @@
 """Rewards, registered by name: `majority_vote` (TTRL, label-free),
-`ground_truth` (the oracle baseline) and `custom` (a TRL-style user function).
+`ground_truth` (the oracle baseline), `random` (the control arm) and
+`custom` (a TRL-style user function).
 
 Build one with `build_reward(name, **options)` and call it only through
 `compute_rewards(reward, groups)`, which keeps ground truth away from
@@ -7,11 +8,12 @@ label-free rewards. Nothing here imports torch, ray, vllm or deepspeed.
 """
 
 # Importing the modules registers their rewards.
-from ttrl.rewards import custom, ground_truth, majority  # noqa: F401
+from ttrl.rewards import custom, ground_truth, majority, random_reward  # noqa: F401
 from ttrl.rewards.base import REWARDS, Reward, RewardOutput, build_reward, compute_rewards
 from ttrl.rewards.custom import CustomReward
 from ttrl.rewards.ground_truth import GroundTruthReward
 from ttrl.rewards.majority import MajorityVoteReward
+from ttrl.rewards.random_reward import RandomReward
 from ttrl.rewards.reward_model import RewardModelReward  # noqa: F401  (registers reward_model)
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "CustomReward",
     "GroundTruthReward",
     "MajorityVoteReward",
+    "RandomReward",
     "Reward",
     "RewardOutput",
     "build_reward",

@@ -2,7 +2,10 @@
 
 Each prompt's answers are voted on (equivalent answers vote together); a
 sample whose answer is in the winning class gets 1.0, every other sample
-0.0, and a prompt where no sample answered gives all 0.0.
+0.0, and a prompt where no sample answered gives all 0.0. With
+`min_ratio` > 0, a prompt whose vote is weaker than that (the winning class
+holds less than `min_ratio` of the samples) gives all 0.0 too: no signal
+rather than a push toward a plurality that is often wrong.
 
 Must never read `prompt.answer`: it is label-free, so `compute_rewards`
 hands it scrubbed prompts, and a test checks that scrubbing changes nothing.
@@ -21,6 +24,11 @@ __all__ = ["MajorityVoteReward"]
 class MajorityVoteReward:
     needs_ground_truth = False
 
+    def __init__(self, min_ratio: float = 0.0):
+        if not 0.0 <= min_ratio <= 1.0:
+            raise ValueError(f"reward.min_ratio={min_ratio} must lie in [0, 1]")
+        self.min_ratio = min_ratio
+
     def __call__(
         self,
         prompts: list[Prompt],
@@ -29,5 +37,6 @@ class MajorityVoteReward:
     ) -> RewardOutput:
         votes = majority_votes(answers)
         # The vote already knows each sample's class: no answer is graded twice.
-        rewards = [[1.0 if vote.agrees(i) else 0.0 for i in range(len(vote.assignment))] for vote in votes]
+        rewards = [[1.0 if vote.ratio >= self.min_ratio and vote.agrees(i) else 0.0
+                    for i in range(len(vote.assignment))] for vote in votes]
         return RewardOutput(rewards=rewards, votes=votes)

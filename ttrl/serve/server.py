@@ -127,10 +127,9 @@ def _setup(cfg: Any):
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    opts: dict[str, Any] = {}
-    if cfg.reward.name == "custom":
-        opts = {"fn": cfg.reward.fn, "needs_ground_truth": cfg.reward.needs_ground_truth}
-    return model_path, tokenizer, build_reward(cfg.reward.name, **opts)
+    from ttrl.loop import reward_options
+
+    return model_path, tokenizer, build_reward(cfg.reward.name, **reward_options(cfg))
 
 
 def _labelled_set(cfg: Any, tokenizer: Any):
