@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from ttrl.compare import main
-from ttrl.grid_report import grid_report
 from ttrl.metrics.plot import collapse_step, plot_run
 
 pytestmark = pytest.mark.unit
