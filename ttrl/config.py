@@ -319,14 +319,22 @@ class SafetyConfig:
     # warn: log an event | stop: end the run | rollback: reload the best
     # evaluated checkpoint and multiply the learning rate by lr_factor.
     action: str = "warn"
-    window: int = 5
-    # Label-free vote signals (ttrl.metrics.safety.VoteTracker): the share of
+    window: int = 3
+    # Label-free vote signals (ttrl.metrics.safety.VoteTracker), on by default
+    # in every run whose reward does not read the ground truth: the share of
     # confident votes (previous ratio >= flip_confident) that changed since the
     # prompt's last visit, and the share of revisited prompts whose vote
-    # differs from their first one.
-    max_flip_rate: Optional[float] = None
-    max_first_vote_drift: Optional[float] = None
+    # differs from their first (or anchor) one. Calibrated on the demo task:
+    # healthy runs peaked at 0.06 and 0.22 (3-step averages), a collapsing run
+    # reached 0.51 and 0.81 (README, Reliability).
+    max_flip_rate: Optional[float] = 0.2
+    max_first_vote_drift: Optional[float] = 0.3
     flip_confident: float = 0.5
+    # Before the first step, vote on this many prompts (n_votes samples each,
+    # the rollout's sampling) with the starting policy, so vote drift is
+    # measured from step 1 rather than from each prompt's first revisit.
+    # 0: no anchor pass; the drift starts at the first revisit.
+    anchor_prompts: int = 0
     min_entropy: Optional[float] = None
     max_majority_ratio: Optional[float] = None
     # Mean response length leaving [min, max] tokens.
@@ -624,6 +632,12 @@ def validate(cfg: DictConfig | TTRLConfig) -> None:
     sf = c.safety
     if sf.window < 1 or not 0 < sf.lr_factor <= 1:
         fail("safety.window must be >= 1 and safety.lr_factor in (0, 1].")
+    for key in ("max_flip_rate", "max_first_vote_drift", "flip_confident"):
+        v = getattr(sf, key)
+        if v is not None and not 0 <= v <= 1:
+            fail(f"safety.{key}={v} must lie in [0, 1] (a share of prompts), or be null to switch it off.")
+    if sf.anchor_prompts < 0:
+        fail(f"safety.anchor_prompts={sf.anchor_prompts} must be >= 0 (0: no anchor pass).")
     if sf.action == "rollback" and sf.max_eval_drop is not None and not (c.trainer.save_every
                                                                          and c.eval.every_n_steps):
         fail("safety.action=rollback with safety.max_eval_drop needs trainer.save_every > 0 and "

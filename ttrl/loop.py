@@ -179,7 +179,8 @@ def learn(ctx: Ctx, ro: Rollout, t_step: float) -> dict[str, float]:
         "rollout/logprob_diff": (train_stats.pop("logprob_diff_sum") / max(train_stats.pop("logprob_diff_n"), 1.0)
                                  if fused_old else
                                  float(masked_mean((batch["behavior_logp"] - batch["old_logp"]).abs(), mask))),
-        "train/entropy": train_stats.pop("entropy", float("nan")),
+        # Nats per response token, under the policy before this update.
+        "train/entropy": train_stats.pop("entropy_sum", float("nan")) / max(train_stats.pop("entropy_n", 1.0), 1.0),
         "train/clip_frac": train_stats.pop("clip_frac", float("nan")),
         "train/pg_loss": train_stats.pop("pg_loss", float("nan")),
         "train/grad_norm": train_stats.pop("grad_norm", float("nan")),
@@ -201,6 +202,20 @@ def subsample(n_votes: int, n_train: int, how: str, rng: random.Random) -> list[
     if how == "first" or n_train == n_votes:
         return list(range(n_train))
     return sorted(rng.sample(range(n_votes), n_train))
+
+
+def anchor_votes(ctx: Ctx, prompts: list[Prompt]) -> float:
+    """Vote on `prompts` with the starting policy (the rollout's sampling); the tracker's reference.
+
+    Label-free: the votes are kept, never graded. Returns the mean majority ratio.
+    """
+    r = ctx.cfg.rollout
+    ids = [ctx.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+    outs = ctx.rt.generate(ids, n=r.n_votes, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                           max_tokens=r.max_new_tokens)
+    votes = majority_votes([[extract_answer(o["text"]) for o in out] for out in outs])
+    ctx.votes.anchor([p.id for p in prompts], votes)
+    return sum(v.ratio for v in votes) / max(len(votes), 1)
 
 
 def evaluate_policy(ctx: Ctx, prompts: list[Prompt]) -> dict[str, float]:
@@ -519,7 +534,17 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             log.log(history[-1])
             if not quiet:
                 print(f"ttrl: before training: {_eval_line(history[-1])}", file=sys.stderr, flush=True)
-        guard = Guard(cfg, rt, run_dir, quiet, label_free=not getattr(reward, "needs_ground_truth", False))
+        label_free = not getattr(reward, "needs_ground_truth", False)
+        guard = Guard(cfg, rt, run_dir, quiet, label_free=label_free)
+        ctx.votes.confident = cfg.safety.flip_confident
+        if label_free and cfg.safety.anchor_prompts and start == 0:
+            k = cfg.safety.anchor_prompts
+            # Its own generator: the run's rng (subsampling) draws as it would without an anchor.
+            anchored = prompts if k >= len(prompts) else random.Random(cfg.seed).sample(prompts, k)
+            ratio = anchor_votes(ctx, anchored)
+            if not quiet:
+                print(f"ttrl: guard anchored on the starting policy's votes for {len(anchored)} prompts "
+                      f"(majority ratio {ratio:.3f})", file=sys.stderr, flush=True)
         if history:
             # The starting eval is the first "best": a run that only ever gets
             # worse than where it began must trip safety.max_eval_drop.

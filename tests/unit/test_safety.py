@@ -6,6 +6,7 @@ guard asks of it (load a checkpoint, scale the lr, sync) and nothing else.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,62 @@ def test_vote_tracker_counts_distinct_answers():
 
     row = VoteTracker().update(["a", "b"], [_vote("1", 0.5, classes=4), _vote(None, 0.0, classes=0)])
     assert row["label/distinct_answers"] == 2.0
+
+
+def test_vote_tracker_anchor_measures_drift_from_the_first_step():
+    from ttrl.metrics.safety import VoteTracker
+
+    t = VoteTracker()
+    t.anchor(["a", "b"], [_vote("1", 0.6), _vote("2", 0.4)])
+    row = t.update(["a", "b", "c"], [_vote("1", 0.7), _vote("5", 0.5), _vote("3", 0.9)])
+    # a and b are compared with their anchors (b drifted); c has no anchor and is a first visit.
+    assert row["label/first_vote_drift"] == pytest.approx(1 / 2)
+    assert "label/flip_rate" not in row  # flips need a previous training-time vote
+
+
+@pytest.mark.parametrize("key, value", [("max_flip_rate", 1.5), ("max_first_vote_drift", -0.1),
+                                        ("flip_confident", 2.0), ("anchor_prompts", -1)])
+def test_vote_signal_settings_are_validated_naming_the_key(key, value):
+    from tests.conftest import compose_config
+    from ttrl.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=f"safety.{key}"):
+        validate(compose_config("experiment=debug", f"safety.{key}={value}"))
+
+
+def test_vote_signals_are_on_by_default():
+    cfg = _cfg()
+    assert cfg.safety.max_flip_rate is not None and cfg.safety.max_first_vote_drift is not None
+
+
+# ── the default label-free guard on recorded runs ─────────────────────────
+SERIES = json.loads((Path(__file__).parent / "data" / "guard_series.json").read_text())
+
+
+def _replay(rows, **safety):
+    """The first step the guard (defaults + `safety`) fires on, seeing only label-free keys."""
+    guard = Guard(_cfg(**safety), FakeRuntime(), Path("unused"), quiet=True)
+    for row in rows:
+        guard.check({k: v for k, v in row.items() if not k.startswith("eval/")})
+    return guard.fired_at
+
+
+def test_default_guard_fires_on_the_recorded_collapse_at_its_first_full_window():
+    rows = SERIES["collapse_grpo_lr1e-4"]
+    # Vote signals exist from the first revisit (step 5); a 3-step window is full at step 7.
+    assert _replay(rows) == 7
+    # Each vote signal alone catches it too, on the same step.
+    assert _replay(rows, max_flip_rate=None) == 7
+    assert _replay(rows, max_first_vote_drift=None) == 7
+    # Graded eval confirms it was a collapse: maj@16 fell from 0.805 to 0.141 by step 10.
+    evals = [r for r in rows if "eval/maj@16" in r]
+    assert evals[0]["eval/maj@16"] - evals[1]["eval/maj@16"] > 0.5
+
+
+def test_default_guard_stays_quiet_on_the_recorded_healthy_run():
+    rows = SERIES["healthy_demo_drgrpo_lr3e-5"]
+    assert _replay(rows) is None
+    evals = [r for r in rows if "eval/maj@16" in r]
+    assert evals[-1]["eval/pass@1"] - evals[0]["eval/pass@1"] > 0.15  # it was a good run
+    # The majority ratio climbs steadily in a healthy run (0.49 -> 0.79): it is no collapse signal by itself.
+    assert rows[-1]["label/majority_ratio"] > 0.75

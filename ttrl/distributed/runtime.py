@@ -27,7 +27,7 @@ from ttrl.trainer.worker import CriticWorker, PolicyWorker
 
 # Metrics that are sums over ranks (each rank's share of a globally
 # normalised loss); everything else is averaged over ranks.
-_SUMMED = {"pg_loss", "kl_loss", "entropy", "vf_loss", "logprob_diff_sum", "logprob_diff_n"}
+_SUMMED = {"pg_loss", "kl_loss", "entropy_sum", "entropy_n", "vf_loss", "logprob_diff_sum", "logprob_diff_n"}
 
 
 def resolve_device(device: str) -> str:

@@ -82,8 +82,11 @@ class VoteTracker:
 
     - `label/flip_rate`: of the step's prompts whose previous vote held at
       least `confident` of the samples, the share whose vote changed;
-    - `label/first_vote_drift`: of the step's revisited prompts, the share
-      whose vote differs from the one at their first visit;
+    - `label/first_vote_drift`: of the step's revisited (or anchored)
+      prompts, the share whose vote differs from the one at their first
+      visit, or from their anchor vote: `anchor` takes votes of the starting
+      policy drawn before training, so drift is measured from step 1 instead
+      of from the first revisit;
     - `label/distinct_answers`: distinct answers per prompt (missing ones not
       counted), which shrinks as the policy's answers narrow.
 
@@ -93,9 +96,15 @@ class VoteTracker:
     """
 
     def __init__(self, confident: float = 0.5):
+        # A prompt's first vote (or its anchor vote), and its last vote with its ratio.
         self.confident = confident
         self.first: dict[str, str | None] = {}
         self.last: dict[str, tuple[str | None, float]] = {}
+
+    def anchor(self, prompt_ids: Sequence[str], votes: Sequence[Any]) -> None:
+        """Votes of the starting policy: the reference each prompt's later votes drift from."""
+        for pid, vote in zip(prompt_ids, votes):
+            self.first[pid] = self._key(vote.label)
 
     @staticmethod
     def _key(label: str | None) -> str | None:
@@ -107,15 +116,16 @@ class VoteTracker:
         for pid, vote in zip(prompt_ids, votes):
             label = self._key(vote.label)
             distinct += len(vote.counts)
-            if pid in self.last:
-                prev, prev_ratio = self.last[pid]
+            if pid in self.first:
                 revisits += 1
                 drift += int(label != self.first[pid])
+            else:
+                self.first[pid] = label
+            if pid in self.last:
+                prev, prev_ratio = self.last[pid]
                 if prev_ratio >= self.confident:
                     confident += 1
                     flips += int(label != prev)
-            else:
-                self.first[pid] = label
             self.last[pid] = (label, vote.ratio)
         out = {"label/distinct_answers": distinct / max(len(votes), 1)}
         if revisits:

@@ -22,7 +22,7 @@ from typing import Any
 WorkerSpec = dict[str, Any]
 # Per-micro-batch stats that add up (global normaliser, or sums and counts);
 # the others are averaged over micro-batches.
-_ADDITIVE = ("pg_loss", "kl_loss", "entropy", "logprob_diff_sum", "logprob_diff_n")
+_ADDITIVE = ("pg_loss", "kl_loss", "entropy_sum", "entropy_n", "logprob_diff_sum", "logprob_diff_n")
 
 
 def _setup_env(rank: int, world_size: int, master_addr: str, master_port: int, device: str) -> None:
@@ -274,7 +274,10 @@ class PolicyWorker(_DSWorker):
             stats["pg_loss"] = loss.detach()
             if algo["entropy_coef"] > 0:
                 loss = loss - algo["entropy_coef"] * ent_mean
-            stats["entropy"] = ent_mean.detach()
+            # Reported per token whatever the loss aggregation, so that the metric (and
+            # the guard's threshold on it) means the same for every algorithm.
+            stats["entropy_sum"] = (ent.detach() * mask).sum()
+            stats["entropy_n"] = mask.sum()
             stats |= extra
             if algo.get("inject_nan"):
                 loss = loss * float("nan")  # fault injection (tests of the guard)
