@@ -331,8 +331,20 @@ def finish_report(run_dir: Path, cfg: Any, history: list[dict[str, float]], wall
             f"{column_mean(tail, 'label/majority_ratio'):>10.3f}",
             f"{'training time':<34}{'':>10}{sum(r.get('timing/step') or 0.0 for r in steps):>9.0f}s",
         ]
+        fired = next((r for r in rows if r.get("safety/collapse_step") is not None), None)
+        lines.append(f"{'collapse guard':<34}" + (f"fired at step {fired['safety/collapse_step']}: "
+                                                   f"{fired.get('safety/reason', '')}" if fired else
+                                                   f"quiet ({guard_summary(cfg.safety, cfg.reward.name != 'ground_truth')})"))
         print("\n" + "\n".join(lines), file=sys.stderr)
     print(f"ttrl: done in {wall:.0f}s ({wall / 60:.1f} min); plot {png}; run dir {run_dir}", file=sys.stderr)
+
+
+def guard_summary(sf: Any, vote_signals: bool = True) -> str:
+    """The collapse detectors that are on, in a few words."""
+    votes = (("vote flips", sf.max_flip_rate), ("vote drift", sf.max_first_vote_drift)) if vote_signals else ()
+    on = [name for name, value in (*votes, ("entropy", sf.min_entropy), ("majority ratio", sf.max_majority_ratio),
+                                   ("eval drop", sf.max_eval_drop)) if value is not None]
+    return "watching " + ", ".join(on) if on else "no detector on"
 
 
 def _progress(step_no: int, total: int, row: dict[str, float], t_loop: float, first: int, enabled: bool) -> None:
@@ -537,6 +549,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         label_free = not getattr(reward, "needs_ground_truth", False)
         guard = Guard(cfg, rt, run_dir, quiet, label_free=label_free)
         ctx.votes.confident = cfg.safety.flip_confident
+        if not quiet:
+            print(f"ttrl: collapse guard {guard_summary(cfg.safety, label_free)}; on a collapse: {cfg.safety.action}"
+                  + ("" if label_free else " (vote signals off: the reward reads the ground truth)"),
+                  file=sys.stderr, flush=True)
         if label_free and cfg.safety.anchor_prompts and start == 0:
             k = cfg.safety.anchor_prompts
             # Its own generator: the run's rng (subsampling) draws as it would without an anchor.

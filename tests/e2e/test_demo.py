@@ -53,6 +53,11 @@ def test_cut_down_demo_prints_the_table_and_writes_the_plot(tmp_path):
         before, after = (float(x) for x in re.findall(r"\d+\.\d+", line)[-2:])
         assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0
     assert any(ln.startswith("training time") for ln in err.splitlines())
+    # The label-free guard is on in the demo, and its verdict closes the table.
+    assert "collapse guard watching vote flips, vote drift" in err
+    assert "guard anchored on the starting policy's votes for 24 prompts" in err
+    assert any(ln.startswith("collapse guard") and ("quiet" in ln or "fired at step" in ln)
+               for ln in err.splitlines())
 
     # The plot exists where the last line says.
     m = re.search(r"plot (\S+training\.png)", err)
