@@ -107,7 +107,8 @@ def markdown(table: list[dict], summary: dict[str, Any]) -> str:
              "label acc first → last | guard | bar |", "|" + "---|" * 12]
     order = {"ttrl": 0, "oracle": 1, "random": 2}
     for r in sorted(table, key=lambda r: (order.get(r["arm"], 3), r["warm_start"], str(r["seed"]))):
-        guard = f"fired at {r['guard_step']}" if r["guard_step"] is not None else "quiet"
+        guard = (f"fired at {r['guard_step']}" if r["guard_step"] is not None
+                 else "off (graded reward)" if r["arm"] == "oracle" else "quiet")
         bar = ("yes" if r["meets_bar"] else "**no**") if r["arm"] == "ttrl" else ""
         lines.append(f"| {r['arm']} | {r['warm_start']} | {r['seed']} | {_f(r['pass1_before'])} | "
                      f"{_f(r['pass1_after'])} | {_f(r['gain'], True)} | {_f(r['maj_before'])} | "
