@@ -20,8 +20,9 @@ BIN=${BIN:-$([ -x .venv/bin/ttrl-train ] && echo .venv/bin/ || echo "")}
 mkdir -p "$OUT"
 echo "demo grid -> $OUT (warm starts: $WARMSTARTS; seeds: $SEEDS; arms: $ARMS; overrides: $*)"
 
-one() {  # one(arm, model_seed, data_seed, seed, run_dir)
+one() {  # one(arm, model_seed, data_seed, seed, run_dir, overrides...)
   local arm=$1 m=$2 d=$3 s=$4 dir=$5 exp
+  shift 5
   case $arm in
     ttrl) exp=(experiment=demo) ;;
     oracle) exp=(experiment=demo_oracle) ;;
