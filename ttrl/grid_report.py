@@ -21,6 +21,7 @@ from typing import Any
 from ttrl.compare import expand_run_dirs, load_run
 
 ARMS = {"majority_vote": "ttrl", "ground_truth": "oracle", "random": "random"}
+ORDER = {"ttrl": 0, "oracle": 1, "random": 2}  # how arms are listed; any other reward comes last
 # The bar every label-free demo run must meet (README, issue "the demo gains on every machine").
 MIN_GAIN = 0.10
 MAX_MAJ_DROP = 0.02
@@ -105,8 +106,7 @@ def markdown(table: list[dict], summary: dict[str, Any]) -> str:
     maj = next((r["maj_key"] for r in table if r["maj_key"]), "maj@N")
     lines = [f"| arm | warm start | seed | pass@1 before | after | gain | {maj} before | after | change | "
              "label acc first → last | guard | bar |", "|" + "---|" * 12]
-    order = {"ttrl": 0, "oracle": 1, "random": 2}
-    for r in sorted(table, key=lambda r: (order.get(r["arm"], 3), r["warm_start"], str(r["seed"]))):
+    for r in sorted(table, key=lambda r: (ORDER.get(r["arm"], 3), r["warm_start"], str(r["seed"]))):
         guard = (f"fired at {r['guard_step']}" if r["guard_step"] is not None
                  else "off (graded reward)" if r["arm"] == "oracle" else "quiet")
         bar = ("yes" if r["meets_bar"] else "**no**") if r["arm"] == "ttrl" else ""
@@ -133,8 +133,7 @@ def plot(table: list[dict], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     colors = {"ttrl": "tab:blue", "oracle": "tab:green", "random": "tab:gray"}
-    runs = sorted(table, key=lambda r: (r["warm_start"], {"ttrl": 0, "oracle": 1, "random": 2}.get(r["arm"], 3),
-                                        str(r["seed"])))
+    runs = sorted(table, key=lambda r: (r["warm_start"], ORDER.get(r["arm"], 3), str(r["seed"])))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110, sharey=True)
     for ax, (a, b, name) in zip(axes, [("pass1_before", "pass1_after", "eval pass@1"),
                                        ("maj_before", "maj_after", "eval maj@N")]):
