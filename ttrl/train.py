@@ -2,8 +2,11 @@
 
 Validation happens before any Ray actor, vLLM engine or DeepSpeed worker
 starts, and the resolved config is written into the run dir first, so a
-bad value costs a second, not a cluster allocation. This module must not
-import the engine at module level: `ttrl-train --cfg job` stays instant.
+bad value costs a second, not a cluster allocation. This is an entry
+module: the library never imports it (tests/unit/test_imports.py). It must
+not import the engine at module level (`ttrl-train --cfg job` stays instant)
+and does nothing at import: the config schema is registered when `main()`
+runs, before Hydra composes.
 """
 
 from __future__ import annotations
@@ -13,22 +16,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ttrl.cli import CONF_DIR, run_hydra
 from ttrl.config import ConfigError, register_configs, validate
-
-register_configs()
-
-
-def write_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
-    """Write the resolved config as `config.yaml` (atomically: a crash leaves no half file)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp.replace(path)
-    return path
+from ttrl.rundir import write_resolved_config
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -59,6 +51,10 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    # Registered here, not at import: the schema must be in Hydra's ConfigStore
+    # before it composes, and a SLURM sweep (submitit) ships the ConfigStore's
+    # state to its jobs with the launcher, so nothing needs it earlier.
+    register_configs()
     run_hydra(_main, "ttrl-train")
 
 

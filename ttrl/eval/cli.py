@@ -7,6 +7,8 @@
 Writes `eval.json` (pass@1, pass@k, maj@k with standard errors, settings)
 and `eval_problems.jsonl` (one line per problem: answers, correctness, vote)
 into the run dir. One vLLM engine in this process; no Ray, no trainer.
+An entry module: the library never imports it, and importing it does
+nothing (the schema is registered in `main()`, before Hydra composes).
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from ttrl.cli import CONF_DIR, run_hydra
 from ttrl.config import ConfigError, register_configs, validate
-
-register_configs()
 
 
 def run_eval(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
@@ -75,6 +75,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    register_configs()  # at call, not import: see ttrl/train.py's main()
     run_hydra(_main, "ttrl-eval")
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ttrl.rewards.reward_model import SER_PATH
+from ttrl.rundir import write_resolved_config
 
 __all__ = ["run_ser_then_policy"]
 
@@ -35,8 +36,6 @@ def run_ser_then_policy(cfg: Any, run_dir: Path) -> float | None:
         return None
     if cfg.reward.name == "reward_model" and cfg.reward.path == SER_PATH:
         cfg.reward.path = str(final.resolve())
-        from ttrl.train import write_resolved_config
-
         write_resolved_config(cfg, run_dir)
     from ttrl.loop import run
 

@@ -7,7 +7,9 @@
 
 Validation runs before Ray, vLLM or DeepSpeed start: a bad value costs a
 second and gets one sentence naming the key (exit status 2). `python -m
-ttrl.serve` is the same command.
+ttrl.serve` is the same command. An entry module: the library never
+imports it, and importing it does nothing (the schema is registered in
+`main()`, before Hydra composes).
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ from omegaconf import DictConfig
 
 from ttrl.cli import CONF_DIR, run_hydra
 from ttrl.config import ConfigError
+from ttrl.rundir import write_resolved_config
 from ttrl.serve.config import register_serve_configs, validate_serve
-
-register_serve_configs()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="serve")
@@ -32,8 +33,6 @@ def _main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"ttrl-serve: config error: {err}", file=sys.stderr)
         sys.exit(2)
-    from ttrl.train import write_resolved_config
-
     serve_dir = Path(cfg.serve.dir).expanduser().resolve()  # Ray workers write versions there too
     write_resolved_config(cfg, serve_dir)
     from ttrl.distributed.group import WorkerDiedError  # heavy imports (torch, ray) only now
@@ -52,6 +51,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    register_serve_configs()  # at call, not import: see ttrl/train.py's main()
     run_hydra(_main, "ttrl-serve")
 
 
