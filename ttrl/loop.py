@@ -466,8 +466,12 @@ class Setup:
     reward: Any
 
 
-def prepare(cfg: Any) -> Setup:
-    """Resolve the model, load and template the prompts, build the reward."""
+def prepare(cfg: Any, with_prompts: bool = True) -> Setup:
+    """Resolve the model, load and template the prompts, build the reward.
+
+    `ttrl-serve` sets up through here too, with `with_prompts=False` (its
+    prompts are the queries it serves): one set-up, so both build the same reward.
+    """
     grade.configure(timeout_s=cfg.label.grade_timeout_s)
     model_path = resolve_model_path(cfg.model, cfg.data)
     from transformers import AutoTokenizer
@@ -476,17 +480,25 @@ def prepare(cfg: Any) -> Setup:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     prompts = [Prompt(p.id, p.problem, p.answer, render_prompt(p.problem, cfg.model, tokenizer))
-               for p in load_prompts(cfg.data)]
+               for p in load_prompts(cfg.data)] if with_prompts else []
     return Setup(model_path, tokenizer, prompts, build_reward(cfg.reward.name, **reward_options(cfg)))
 
 
 def reward_options(cfg: Any) -> dict[str, Any]:
-    """The constructor options of the configured reward, from its config section."""
+    """The constructor options of the configured reward, from its config section.
+
+    For `reward_model` that is the scorer: the reward only turns scores into
+    rewards (ttrl/rewards/ reaches no Ray actor); the model runs in a Ray
+    actor that starts on the first score, once the Runtime has started Ray.
+    """
     r = cfg.reward
     if r.name == "custom":
         return {"fn": r.fn, "needs_ground_truth": r.needs_ground_truth}
     if r.name == "reward_model":
-        return {"path": r.path}
+        from ttrl.rewards.reward_model import check_reward_model_dir
+        from ttrl.trainer.reward_model import RemoteRewardModel
+
+        return {"scorer": RemoteRewardModel(check_reward_model_dir(r.path))}
     if r.name == "majority_vote":
         return {"min_ratio": r.min_ratio}
     if r.name == "random":

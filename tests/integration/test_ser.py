@@ -40,7 +40,7 @@ def test_one_ser_round_then_one_ppo_step_with_the_learned_rm(tmp_path):
     from ttrl.loop import Ctx, algo_options, prepare, step
     from ttrl.rewards import build_reward, compute_rewards
     from ttrl.ser.loop import run_ser
-    from ttrl.trainer.reward_model import RewardModelScorer
+    from ttrl.trainer.reward_model import RemoteRewardModel, RewardModelScorer
     from ttrl.types import Group, Sample
 
     cfg = compose_config(*OVERRIDES)
@@ -79,7 +79,7 @@ def test_one_ser_round_then_one_ppo_step_with_the_learned_rm(tmp_path):
     # (built by hand, as ttrl.ser.chain does through the loop once it passes reward.path)
     pcfg = compose_config(*OVERRIDES, "reward=majority_vote", "ser.enabled=false")
     setup = prepare(pcfg)
-    setup.reward = build_reward("reward_model", path=str(final))
+    setup.reward = build_reward("reward_model", scorer=RemoteRewardModel(str(final)))
     rt = Runtime(pcfg, setup.model_path, total_opt_steps=4)
     try:
         ctx = Ctx(pcfg, rt, setup.reward, setup.tokenizer, algo_options(pcfg), random.Random(0))

@@ -9,7 +9,9 @@ import torch
 
 from ttrl.models.tiny import ensure_tiny_model, tiny_spec
 from ttrl.rewards import REWARDS, build_reward, compute_rewards
+from ttrl.rewards.reward_model import check_reward_model_dir
 from ttrl.trainer.reward_model import (
+    RemoteRewardModel,
     RewardModelScorer,
     RMFormat,
     build_rm_model,
@@ -127,30 +129,56 @@ def test_reward_model_is_registered_and_label_free():
     assert REWARDS.get("reward_model").needs_ground_truth is False
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({}, "needs reward.path"),
-    ({"path": "ser"}, "SER stage"),
-    ({"path": "/nonexistent/rm"}, "no reward model there"),
+@pytest.mark.parametrize("path, message", [
+    (None, "needs reward.path"),
+    ("ser", "SER stage"),
+    ("/nonexistent/rm", "no reward model there"),
 ])
-def test_reward_model_checks_its_path_at_build_time(kwargs, message):
+def test_reward_model_dir_is_checked_before_anything_starts(path, message):
     with pytest.raises(ValueError, match=message):
-        build_reward("reward_model", **kwargs)
+        check_reward_model_dir(path)
 
 
-def test_reward_model_shapes_and_scrubbed_prompts(tmp_path, monkeypatch):
-    (tmp_path / "config.json").write_text("{}")
-    reward = build_reward("reward_model", path=str(tmp_path))
-    seen = {}
+class FakeScorer:
+    """A `RewardScorer` without a model: the score is the completion's length."""
 
-    def fake_score(prompts, responses):
-        seen["prompts"], seen["responses"] = prompts, responses
-        return [float(len(r)) for r in responses]
+    def __init__(self):
+        self.seen, self.closed = [], 0
 
-    monkeypatch.setattr(reward, "score", fake_score)
+    def score(self, prompts, completions):
+        self.seen.append((prompts, completions))
+        return [float(len(c)) for c in completions]
+
+    def close(self):
+        self.closed += 1
+
+
+def test_reward_model_shapes_and_scrubbed_prompts():
+    scorer = FakeScorer()
+    reward = build_reward("reward_model", scorer=scorer)
     groups = [Group(Prompt("a", "1+1=", answer="2"), [], [Sample(text="x"), Sample(text="yy")]),
               Group(Prompt("b", "2+2=", answer="4"), [], [Sample(text="zzz")])]
     out = compute_rewards(reward, groups)
     assert out.rewards == [[1.0, 2.0], [3.0]] and out.votes is None
-    assert seen["prompts"] == ["1+1=", "1+1=", "2+2="] and seen["responses"] == ["x", "yy", "zzz"]
+    assert scorer.seen == [(["1+1=", "1+1=", "2+2="], ["x", "yy", "zzz"])]
+    reward.close()
+    assert scorer.closed == 1
+
+
+def test_a_scorer_that_drops_scores_is_an_error():
+    class Short(FakeScorer):
+        def score(self, prompts, completions):
+            return [0.0]
+
+    reward = build_reward("reward_model", scorer=Short())
+    with pytest.raises(ValueError, match="returned 1 scores for 2"):
+        compute_rewards(reward, [Group(Prompt("a", "q", answer=None), [], [Sample(text="x"), Sample(text="y")])])
+
+
+def test_the_remote_scorer_checks_its_transform_and_starts_nothing_when_built(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    scorer = RemoteRewardModel(check_reward_model_dir(str(tmp_path)))
+    assert scorer.path == str(tmp_path) and scorer._actor is None
+    scorer.close()  # nothing started, nothing to stop
     with pytest.raises(ValueError, match="transform"):
-        build_reward("reward_model", path=str(tmp_path), transform="softmax")
+        RemoteRewardModel(str(tmp_path), transform="softmax")

@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ttrl.rundir import write_atomic
 from ttrl.serve.auth import resolve_admin_token
 from ttrl.serve.config import is_loopback
 from ttrl.serve.protocol import Defaults, RequestError
@@ -115,21 +116,12 @@ class ServeController:
 
 
 def _setup(cfg: Any):
-    """Model dir, tokenizer and reward, as `ttrl.loop.prepare` makes them (without loading the data)."""
-    from transformers import AutoTokenizer
+    """Model dir, tokenizer and reward, built by `ttrl.loop.prepare` exactly as a training run builds
+    them (grading bound, model resolution, every reward including `reward_model`), without its data."""
+    from ttrl.loop import prepare
 
-    from ttrl.labeling import grade
-    from ttrl.models import resolve_model_path
-    from ttrl.rewards import build_reward
-
-    grade.configure(timeout_s=cfg.label.grade_timeout_s)
-    model_path = resolve_model_path(cfg.model, cfg.data)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    from ttrl.loop import reward_options
-
-    return model_path, tokenizer, build_reward(cfg.reward.name, **reward_options(cfg))
+    setup = prepare(cfg, with_prompts=False)
+    return setup.model_path, setup.tokenizer, setup.reward
 
 
 def _labelled_set(cfg: Any, tokenizer: Any):
@@ -146,11 +138,7 @@ def _labelled_set(cfg: Any, tokenizer: Any):
 
 
 def write_server_file(serve_dir: Path, info: dict[str, Any]) -> Path:
-    path = serve_dir / "server.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    tmp.replace(path)
-    return path
+    return write_atomic(serve_dir / "server.json", json.dumps(info, indent=1))
 
 
 def run_server(cfg: Any, serve_dir: Path) -> None:
@@ -214,6 +202,8 @@ def run_server(cfg: Any, serve_dir: Path) -> None:
     finally:
         if learner is not None:
             learner.stop()
+        if hasattr(reward, "close"):  # a reward that holds an actor (reward_model) lets it go
+            reward.close()
         store.add_event("stopped", pid=os.getpid())
         store.close()
         rt.shutdown()

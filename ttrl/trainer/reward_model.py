@@ -11,7 +11,7 @@ score. When the text does not end in the pad token this is exactly what
 Hugging Face's own `forward` pools, so a saved RM means the same thing to
 any `AutoModelForSequenceClassification` user.
 
-Three pieces:
+Four pieces:
 - `RewardModelWorker`: one DeepSpeed ZeRO rank (a Ray actor, reusing the
   `_DSWorker` plumbing of the policy workers): pairwise Bradley-Terry or
   pointwise BCE training steps, micro-batched with the same gradient
@@ -21,8 +21,11 @@ Three pieces:
 - `RewardModelTrainer`: the driver side, a `WorkerGroup` of those ranks:
   tokenises, packs, splits batches over ranks, runs epochs with a per-round
   LR schedule, scores lists of (prompt, response), saves.
-- `RewardModelScorer`: a plain-torch Ray actor that loads a saved RM dir and
-  scores batches (what `reward=reward_model` calls during policy training).
+- `RewardModelScorer`: plain torch, one process: loads a saved RM dir and
+  scores batches.
+- `RemoteRewardModel`: a `RewardModelScorer` in a Ray actor, started on first
+  use: the scorer that the run's set-up (`ttrl.loop.reward_options`) hands
+  to `reward=reward_model` (ttrl/rewards/ knows it only as a protocol).
 
 Every saved RM dir holds `ttrl_rm.json`: the input template, max length and
 output transform it was trained with, so scoring formats text the same way.
@@ -507,3 +510,42 @@ class RewardModelScorer:
                     s = torch.sigmoid(s)
                 out += s.float().cpu().tolist()
         return out
+
+
+class RemoteRewardModel:
+    """The scorer that `reward=reward_model` is handed (`ttrl.rewards.reward_model.RewardScorer`):
+    a `RewardModelScorer` in a Ray actor, started on the first `score` (the run builds its reward
+    before the Runtime starts Ray). The actor asks Ray for no CPU slot by default: it works only
+    while the loop waits for it, and the Runtime sizes a local cluster to its own actors exactly.
+    `transform` (raw | sigmoid | None = what the RM dir's ttrl_rm.json says) applies to every score."""
+
+    def __init__(self, path: str, transform: str | None = None, batch_size: int = 64, num_cpus: float = 0.0,
+                 num_gpus: float = 0.0, device: str = "auto"):
+        if transform not in (None, "raw", "sigmoid"):
+            raise ValueError(f"reward 'reward_model': transform={transform!r} must be raw, sigmoid or None")
+        self.path, self.transform, self.batch_size = path, transform, batch_size
+        self.num_cpus, self.num_gpus, self.device = num_cpus, num_gpus, device
+        self._actor: Any = None
+
+    def _scorer(self) -> Any:
+        if self._actor is None:
+            import ray
+
+            if not ray.is_initialized():
+                raise RuntimeError("reward 'reward_model' scores in a Ray actor, and Ray is not running")
+            cls = ray.remote(RewardModelScorer)
+            self._actor = cls.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus).remote(
+                self.path, self.device, "auto", self.batch_size)
+        return self._actor
+
+    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        import ray
+
+        return ray.get(self._scorer().score.remote(prompts, completions, self.transform))
+
+    def close(self) -> None:
+        if self._actor is not None:
+            import ray
+
+            ray.kill(self._actor)
+            self._actor = None
