@@ -1,11 +1,13 @@
-"""Shared plumbing of the Hydra console scripts (`ttrl-train`, `ttrl-eval`).
+"""Shared plumbing of the Hydra console scripts (`ttrl-train`, `ttrl-eval`, `ttrl-serve`).
 
 Hydra reports a bad override as a multi-line message with a stack-trace
 hint. Researchers mistype keys all day, so the scripts turn the usual
 config mistakes (unknown key, wrong type, unknown group choice, a failed
 `validate`) into one sentence that names the key, and exit with status 2.
-Anything else is a real bug and keeps its full traceback. This module must
-not import torch, ray, vllm or deepspeed: `--cfg job` must stay instant.
+Anything else is a real bug and keeps its full traceback. A library module
+that the entry modules share: it must never import one of them
+(tests/unit/test_imports.py), nor torch, ray, vllm or deepspeed: `--cfg job`
+must stay instant.
 """
 
 from __future__ import annotations
