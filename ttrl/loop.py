@@ -472,7 +472,7 @@ def prepare(cfg: Any, with_prompts: bool = True) -> Setup:
     `ttrl-serve` sets up through here too, with `with_prompts=False` (its
     prompts are the queries it serves): one set-up, so both build the same reward.
     """
-    grade.configure(timeout_s=cfg.label.grade_timeout_s)
+    grade.use(grade.GradeOptions(timeout_s=cfg.label.grade_timeout_s))
     model_path = resolve_model_path(cfg.model, cfg.data)
     from transformers import AutoTokenizer
 

@@ -1,4 +1,5 @@
-"""is_equivalent: equivalence families, non-equivalence, time bounds, never raising."""
+"""is_equivalent: equivalence families, non-equivalence, time bounds, never raising;
+and the parts it is built from (normalise.py, sandbox.py, the Grader and its options)."""
 
 import threading
 import time
@@ -8,8 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ttrl.labeling import grade
-from ttrl.labeling.grade import configure, grade_stats, is_equivalent, normalize_answer, reset_stats
+from ttrl.labeling import grade, sandbox
+from ttrl.labeling.grade import (
+    GradeOptions,
+    Grader,
+    configure,
+    grade_stats,
+    is_equivalent,
+    normalize_answer,
+    reset_stats,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -86,6 +95,16 @@ def test_equivalent(pred: str, ref: str) -> None:
 def test_not_equivalent(pred: str, ref: str) -> None:
     assert not is_equivalent(pred, ref)
     assert not is_equivalent(ref, pred)
+
+
+def test_fast_verdicts() -> None:
+    from ttrl.labeling.normalise import MAX_ANSWER_CHARS, fast_verdict
+
+    assert fast_verdict("0.5", "1/2") is True and fast_verdict("2", "3") is False
+    assert fast_verdict("0.5", "1/3") is None, "non-integers that differ go to math-verify (it rounds)"
+    assert fast_verdict("x", "y") is None
+    long = "1" * (MAX_ANSWER_CHARS + 1)
+    assert fast_verdict(long, long) is True and fast_verdict(long, long + "2") is False
 
 
 def test_normalisation_is_light() -> None:
@@ -239,11 +258,12 @@ def test_a_stuck_worker_is_killed_and_replaced(monkeypatch: pytest.MonkeyPatch) 
     # A worker stuck where its own alarm cannot reach it (a long C call):
     # simulated by one that answers "ready" and then never replies.
     stuck = "import sys, time; print('ready', flush=True); sys.stdin.readline(); time.sleep(600)"
-    monkeypatch.setattr(grade, "_WORKER_MAIN", stuck)
-    pool = grade._WorkerPool(size=1)
+    monkeypatch.setattr(sandbox, "WORKER_MAIN", stuck)
+    pool = sandbox.WorkerPool(1, "ttrl.labeling.mathverify:verify_here")
     try:
         started = time.monotonic()
-        assert pool.grade("1", "2", timeout_s=0.5) == grade._TIMED_OUT
+        with pytest.raises(sandbox.WorkerTimedOut):
+            pool.call(["1", "2"], timeout_s=0.5)
         assert time.monotonic() - started < 0.5 + MARGIN_S
         (replacement,) = pool._idle
         assert replacement.proc.poll() is None  # a fresh worker is already starting
@@ -252,12 +272,39 @@ def test_a_stuck_worker_is_killed_and_replaced(monkeypatch: pytest.MonkeyPatch) 
         pool.close()
 
 
+def test_a_stuck_worker_is_a_timeout_for_the_grader(monkeypatch: pytest.MonkeyPatch) -> None:
+    stuck = "import sys, time; print('ready', flush=True); sys.stdin.readline(); time.sleep(600)"
+    monkeypatch.setattr(sandbox, "WORKER_MAIN", stuck)
+    g = Grader(GradeOptions(timeout_s=0.5, max_workers=1))
+    try:
+        assert not g.is_equivalent("x+1", "1+x")
+        assert g.stats().timeouts == 1
+    finally:
+        monkeypatch.undo()
+        g.close()
+
+
+def test_the_sandbox_runs_any_target_and_reports_its_failures() -> None:
+    pool = sandbox.WorkerPool(1, "ttrl.labeling.normalise:fast_verdict")
+    try:
+        # fast_verdict(pred, ref, budget) is called with one argument too many: the worker says so.
+        assert pool.call(["1", "1"], timeout_s=5.0) == sandbox.FAILED
+    finally:
+        pool.close()
+    pool = sandbox.WorkerPool(1, "ttrl.labeling.mathverify:verify_here")
+    try:
+        assert pool.warm_up(1)
+        assert pool.call(["x+1", "1+x"], timeout_s=5.0) == "1"
+    finally:
+        pool.close()
+
+
 def test_falls_back_in_process_when_no_worker_can_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(grade.sys, "executable", "/nonexistent/python")
-    monkeypatch.setattr(grade, "_process_backend_broken", False)
-    grade.shutdown()
-    assert is_equivalent(r"\frac{\pi}{2}", r"\pi/2")
-    assert grade._process_backend_broken
+    monkeypatch.setattr(sandbox.sys, "executable", "/nonexistent/python")
+    g = Grader(GradeOptions(timeout_s=5.0))
+    assert g.is_equivalent(r"\frac{\pi}{2}", r"\pi/2")
+    assert g.process_backend_broken and g.parallel_checks() == 1
+    g.close()
 
 
 def test_inline_backend_is_bounded_in_the_main_thread() -> None:
@@ -268,8 +315,31 @@ def test_inline_backend_is_bounded_in_the_main_thread() -> None:
     assert is_equivalent("x = 3", "3")
 
 
-def test_configure_rejects_bad_values() -> None:
+def test_options_reject_bad_values() -> None:
+    with pytest.raises(ValueError, match="timeout_s"):
+        GradeOptions(timeout_s=0)
+    with pytest.raises(ValueError, match="backend"):
+        GradeOptions(backend="gpu")
+    with pytest.raises(ValueError, match="max_workers"):
+        GradeOptions(max_workers=0)
     with pytest.raises(ValueError, match="timeout_s"):
         configure(timeout_s=0)
-    with pytest.raises(ValueError, match="backend"):
-        configure(backend="gpu")
+
+
+def test_use_sets_the_process_grader_and_keeps_its_workers() -> None:
+    before = grade.grader()
+    before.warm_up()
+    pool = before._pool
+    now = grade.use(GradeOptions(timeout_s=2.0, max_workers=before.options.max_workers))
+    assert grade.grader() is now and now.options.timeout_s == 2.0
+    assert now._pool is pool and before._pool is None, "the same workers, handed over"
+    assert is_equivalent("x^2-1", "(x-1)(x+1)") and grade_stats().verify_calls == 1
+
+
+def test_graders_are_independent() -> None:
+    """Two graders with different bounds keep their own cache and counters."""
+    a = Grader(GradeOptions(timeout_s=3.0, backend="inline"))
+    b = Grader(GradeOptions(timeout_s=1.0, backend="inline"))
+    assert a.is_equivalent("2x", "x+x") and b.is_equivalent("2x", "x+x")
+    assert a.is_equivalent("2x", "x+x")
+    assert a.stats().verify_calls == 1 and b.stats().verify_calls == 1 and a.stats().calls == 2
