@@ -172,7 +172,7 @@ def test_a_scorer_that_drops_scores_is_an_error():
 
     reward = build_reward("reward_model", scorer=Short())
     with pytest.raises(ValueError, match="returned 1 scores for 2"):
-        compute_rewards(reward, [Group(Prompt("a", "q", answer=None), [], [Sample(text="x"), Sample(text="y")])])
+        compute_rewards(reward, [Group(Prompt("a", "q"), [], [Sample(text="x"), Sample(text="y")])])
 
 
 def test_the_remote_scorer_checks_its_transform_and_starts_nothing_when_built(tmp_path):

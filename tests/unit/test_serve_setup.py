@@ -53,7 +53,8 @@ def test_serve_builds_the_reward_model_reward_like_training(rm_dir, cache):
     # The data is never read (data.local_path does not exist): serving has no dataset.
     model_path, tokenizer, reward = _setup(cfg)
     assert isinstance(reward, RewardModelReward) and isinstance(reward.scorer, RemoteRewardModel)
-    assert reward.scorer.path == str(rm_dir) and reward.scorer._actor is None, "no actor before the first score"
+    assert reward.scorer.path == str(rm_dir)
+    assert reward.scorer._actor is None, "no actor before the first score"
     assert tokenizer.pad_token_id is not None and model_path
 
     # Training builds the same reward from the same keys.
@@ -69,6 +70,7 @@ def test_serve_builds_the_reward_model_reward_like_training(rm_dir, cache):
 def test_serve_says_which_reward_model_dir_is_missing(cache):
     from ttrl.serve.server import _setup
 
-    cfg = _compose("serve", "reward=reward_model", f"reward.path={cache / 'no_rm'}", f"serve.dir={cache / 'serve'}")
+    cfg = _compose("serve", "reward=reward_model", f"reward.path={cache / 'no_rm'}",
+                   f"serve.dir={cache / 'serve'}")
     with pytest.raises(ValueError, match="no reward model there"):
         _setup(cfg)

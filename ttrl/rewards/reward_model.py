@@ -76,7 +76,8 @@ class RewardModelReward:
         flat_c = [c for row in completions for c in row]
         scores = self.scorer.score(flat_p, flat_c) if flat_c else []
         if len(scores) != len(flat_c):
-            raise ValueError(f"the reward model's scorer returned {len(scores)} scores for {len(flat_c)} completions")
+            raise ValueError(f"the reward model's scorer returned {len(scores)} scores for {len(flat_c)} "
+                             "completions")
         rewards, start = [], 0
         for row in completions:
             rewards.append([float(x) for x in scores[start:start + len(row)]])
