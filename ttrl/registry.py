@@ -2,15 +2,29 @@
 
 A new algorithm piece is one function plus one decorator; configs refer to it
 by name. Lookups of an unknown name raise one error that lists the valid
-names. This module must stay dependency-free: the pure core imports it.
+names and, for a near miss, the name that was probably meant. This module
+must stay dependency-free: the pure core imports it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def close_match(name: object, choices: Iterable[object]) -> str | None:
+    """The choice a mistyped `name` most likely meant ('ppo_clp' -> 'ppo_clip'), or None."""
+    found = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    return found[0] if found else None
+
+
+def did_you_mean(name: object, choices: Iterable[object]) -> str:
+    """A `; did you mean 'ppo_clip'?` to end a sentence on a near miss, else an empty string."""
+    match = close_match(name, choices)
+    return f"; did you mean {match!r}?" if match is not None else ""
 
 
 class Registry(Generic[T]):
@@ -34,7 +48,9 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             valid = ", ".join(sorted(self._items))
-            raise KeyError(f"unknown {self.kind} {name!r}; valid choices: {valid}") from None
+            match = close_match(name, self._items)
+            hint = f" (did you mean {match!r}?)" if match is not None else ""
+            raise KeyError(f"unknown {self.kind} {name!r}{hint}; valid choices: {valid}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

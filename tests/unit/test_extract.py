@@ -1,4 +1,4 @@
-"""extract_answer: the content of the last \\boxed{} / \\fbox{}, or None."""
+"""extract_answer: the content of the last \\boxed{} / \\fbox{}, or None; extractors by name."""
 
 import time
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ttrl.labeling.extract import extract_answer
+from ttrl.labeling.extract import EXTRACTORS, extract_answer
 
 pytestmark = pytest.mark.unit
 
@@ -73,3 +73,15 @@ def test_linear_time_on_adversarial_input() -> None:
         assert extract_answer(text) is None
     assert extract_answer("\\boxed{" + "{" * 100_000 + "}" * 100_001) == "{" * 100_000 + "}" * 100_000
     assert time.perf_counter() - started < 2.0
+
+
+# ── extractors by name (label.extractor) ───────────────────────────────────
+@pytest.mark.parametrize("text", [r"so $\boxed{42}$.", r"\fbox{7}", "no box", r"\boxed{1} then \boxed{2"])
+def test_boxed_is_the_registered_default(text: str) -> None:
+    assert "boxed" in EXTRACTORS.names()
+    assert extract_answer(text, extractor="boxed") == extract_answer(text) == EXTRACTORS.get("boxed")(text)
+
+
+def test_an_unknown_extractor_names_the_valid_ones() -> None:
+    with pytest.raises(KeyError, match=r"unknown answer extractor 'boxd' \(did you mean 'boxed'\?\); valid choices: .*boxed"):
+        extract_answer(r"\boxed{1}", extractor="boxd")

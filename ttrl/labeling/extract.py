@@ -1,5 +1,9 @@
 """Pull a sample's final answer out of its text: the last `\\boxed{...}`.
 
+Extractors are registered by name in `EXTRACTORS`; `label.extractor` names
+one and config validation checks the name against this registry. "boxed",
+the default, works as follows.
+
 The answer is the content of the last `\\boxed{...}` or `\\fbox{...}` (a space
 before the brace is fine, nested braces are fine), stripped. The bare form
 `\\boxed 5` is read as one token. No box, an empty box, or a last box whose
@@ -14,8 +18,14 @@ that is grade.py's job.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
-__all__ = ["extract_answer"]
+from ttrl.registry import Registry
+
+__all__ = ["EXTRACTORS", "extract_answer"]
+
+Extractor = Callable[[str], str | None]
+EXTRACTORS: Registry[Extractor] = Registry("answer extractor")
 
 # `\boxed` / `\fbox` as whole commands: `\boxedfoo` is some other macro.
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -27,7 +37,17 @@ _BRACE_EVENT = re.compile(r"\\.|[{}]", re.DOTALL)
 _BARE_TOKEN = re.compile(r"[^\s${}]+")
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, extractor: str = "boxed") -> str | None:
+    """The answer in `text` by the registered `extractor`, else None.
+
+    Never raises on any `text`; an unknown `extractor` name raises KeyError
+    (a config mistake, which `validate` reports before a run starts).
+    """
+    return EXTRACTORS.get(extractor)(text)
+
+
+@EXTRACTORS.register("boxed")
+def boxed(text: str) -> str | None:
     """The stripped content of the last `\\boxed{}`/`\\fbox{}` in `text`, else None."""
     if not isinstance(text, str):
         return None
