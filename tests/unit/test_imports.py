@@ -241,6 +241,21 @@ def test_relative_imports_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert got == {("ttrl.a", "ttrl.a.b", True), ("ttrl.a.b", "ttrl.c", False), ("ttrl.c", "ttrl.a.b", True)}
 
 
+def test_a_cycle_is_found_only_at_module_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "ttrl"
+    root.mkdir()
+    (root / "__init__.py").write_text("")
+    (root / "a.py").write_text("import ttrl.b\n")
+    (root / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ttrl import a\n"
+                               "def f():\n    from ttrl.a import x\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "PKG", root)
+    assert _find_cycles(*_graph()) == [], "lazy and type-only imports do not make a cycle"
+    (root / "b.py").write_text("from . import a\n")
+    (cycle,) = _find_cycles(*_graph())
+    assert [e.src for e in cycle] == ["ttrl.a", "ttrl.b"] and cycle[-1].where == "ttrl/b.py:1"
+
+
 def test_no_import_cycles(graph) -> None:
     modules, edges = graph
     cycles = _find_cycles(modules, edges)
