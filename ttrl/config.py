@@ -1,25 +1,147 @@
-"""Structured configs (the schema behind conf/) and their validation.
+"""Structured configs (the schema behind conf/) and their validation, section by section.
 
 Hydra composes YAML from conf/ on top of these dataclasses, so a misspelt key
-or a wrong type fails at composition time with the full key named. What a
-type cannot express (n_train <= n_votes, batch sizes that divide evenly, ...)
-is checked by `validate`, which runs before any actor starts and raises one
-`ConfigError` whose message is a single sentence naming the key.
+or a value of the wrong type fails at composition time with the full key
+named. Everything a type cannot say is a rule: each section's rules sit right
+below its dataclass (`@_rules(RolloutConfig)`), the few that tie sections
+together (max_model_len vs max_new_tokens, batch sizes that divide evenly,
+...) in `_check_across`. `validate(cfg)` runs them all, on a composed
+DictConfig or a dataclass instance alike, before any actor starts, and raises
+one `ConfigError`: a single sentence that starts with the full dotted key.
 
-This module must never import torch, ray, vllm or deepspeed: validating a
-config has to be instant and work on a machine without them.
+Names that pick a registered piece (advantage estimators, losses, KL
+estimators, rewards, answer extractors) are checked against the registries
+themselves, never a copy, so registering a new one is all it takes.
+
+This module must never import ray, vllm or deepspeed, and never torch at
+import time: `ttrl-train --cfg job` must stay instant. The algorithm
+registries live beside torch code and are imported inside `validate` only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+import math
+import re
+import typing
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, NoReturn, Optional, Union
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from ttrl.registry import Registry, did_you_mean
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
+
+
+# ── how a section states its rules ─────────────────────────────────────────
+# A rule function per dataclass, registered with `@_rules(RolloutConfig)` right
+# below it. It reads values as attributes, which works the same on a
+# DictConfig and on a dataclass instance; types (and unknown keys) are checked
+# for every section before any rule runs, so rules can trust them.
+_RULES: dict[type, Callable[[Section], None]] = {}
+
+
+def _rules(schema: type) -> Callable[[Callable[[Section], None]], Callable[[Section], None]]:
+    def register(check: Callable[[Section], None]) -> Callable[[Section], None]:
+        _RULES[schema] = check
+        return check
+
+    return register
+
+
+def _show(value: Any) -> str:
+    """A value as a user would type it on the command line."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _bound(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+class Section:
+    """One config section under validation: its values as attributes, and the rules' vocabulary.
+
+    Each helper checks one or more keys of the section and raises ConfigError
+    with "<dotted key>=<value> must ..." on the first that breaks it. A null
+    in an Optional field passes every helper (null means "off" or "default").
+    """
+
+    def __init__(self, node: Any, path: str, schema: type):
+        self._node, self._path, self._schema = node, path, schema
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._node, name)
+
+    def key(self, name: str) -> str:
+        return f"{self._path}.{name}" if self._path else name
+
+    def fail(self, name: str, rule: str) -> NoReturn:
+        end = "" if rule.endswith("?") else "."
+        raise ConfigError(f"{self.key(name)}={_show(getattr(self._node, name))} {rule}{end}")
+
+    def _each(self, names: Iterable[str], ok: Callable[[Any], bool], rule: str, why: str | None) -> None:
+        for name in names:
+            value = getattr(self._node, name)
+            if value is not None and not ok(value):
+                nullable = _optional(_hints(self._schema)[name]) is not None
+                self.fail(name, rule + (", or null" if nullable else "") + (f" ({why})" if why else ""))
+
+    def at_least(self, low: float, *names: str, why: str | None = None) -> None:
+        self._each(names, lambda v: v >= low, f"must be at least {_bound(low)}", why)
+
+    def above(self, low: float, *names: str, why: str | None = None) -> None:
+        self._each(names, lambda v: v > low, f"must be > {_bound(low)}", why)
+
+    def within(self, low: float, high: float, *names: str, low_open: bool = False, high_open: bool = False,
+               why: str | None = None) -> None:
+        def ok(v: float) -> bool:
+            return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
+        span = f"{'(' if low_open else '['}{_bound(low)}, {_bound(high)}{')' if high_open else ']'}"
+        self._each(names, ok, f"must lie in {span}", why)
+
+    def share(self, *names: str, why: str | None = None) -> None:
+        """A probability or a share of something: [0, 1]."""
+        self.within(0, 1, *names, why=why)
+
+    def filled(self, *names: str) -> None:
+        """Strings that name something (a path, a field, a split) cannot be empty."""
+        self._each(names, lambda v: bool(v.strip()), "must be a non-empty string", None)
+
+    def one_of(self, name: str, choices: Collection[Any]) -> None:
+        value = getattr(self._node, name)
+        if value not in choices:
+            self.fail(name, f"is not one of {', '.join(map(str, choices))}{did_you_mean(value, choices)}")
+
+    def registered(self, name: str, registry: Registry[Any] | Collection[str], kind: str | None = None) -> None:
+        """A name that must be in `registry`; `kind` (e.g. 'an advantage estimator') defaults to the registry's."""
+        names = registry.names() if isinstance(registry, Registry) else sorted(registry)
+        if kind is None:
+            kind = ("an " if registry.kind[0] in "aeiou" else "a ") + registry.kind  # type: ignore[union-attr]
+        value = getattr(self._node, name)
+        if value not in names:
+            hint = did_you_mean(value, names)
+            listed = ", ".join(names)
+            tail = f"{hint} Valid: {listed}." if hint else f"; valid: {listed}."
+            raise ConfigError(f"{self.key(name)}={_show(value)} is not {kind}{tail}")
+
+    def require(self, ok: bool, sentence: str) -> None:
+        """A rule with its own sentence (which must name the key itself)."""
+        if not ok:
+            raise ConfigError(sentence)
 
 
 # ── model ──────────────────────────────────────────────────────────────────
@@ -33,6 +155,16 @@ class TinyModelConfig:
     head_dim: int = 64  # vLLM's CPU attention needs head_dim >= 32
     intermediate_size: int = 512
     seed: int = 0
+
+
+@_rules(TinyModelConfig)
+def _check_tiny(s: Section) -> None:
+    s.at_least(1, "hidden_size", "num_layers", "num_heads", "intermediate_size")
+    s.at_least(32, "head_dim", why="vLLM's CPU attention needs head_dim >= 32")
+    s.at_least(0, "seed")
+    s.require(s.hidden_size == s.num_heads * s.head_dim,
+              f"{s.key('hidden_size')}={s.hidden_size} must equal {s.key('num_heads')}*{s.key('head_dim')}"
+              f"={s.num_heads * s.head_dim}.")
 
 
 @dataclass
@@ -57,12 +189,22 @@ class WarmStartConfig:
     seed: int = 0
 
 
+@_rules(WarmStartConfig)
+def _check_warmstart(s: Section) -> None:
+    s.at_least(1, "steps", "batch_size")
+    s.above(0, "lr")
+    s.share("min_lr_ratio", "short_share", "slip")
+    s.at_least(0, "seed")
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"
     # A Hugging Face model id or local dir; "tiny" builds the random tiny
     # model, "tiny-arith" the tiny model warm-started on the arithmetic task.
-    path: str = "tiny"
+    # No default here: each conf/model/ file sets it, and `path: ???` (model=plain)
+    # can only stay unset, and be reported, over a schema that has none.
+    path: str = MISSING
     tokenizer_path: Optional[str] = None
     # How a problem becomes a prompt: "plain" (the template below) or "chat"
     # (the tokenizer's chat template with `system_prompt`).
@@ -77,6 +219,29 @@ class ModelConfig:
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
 
 
+# What the DeepSpeed config (ttrl/trainer/ds_config.py) and vLLM understand;
+# "auto" is resolved by device in ttrl/distributed/runtime.py.
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@_rules(ModelConfig)
+def _check_model(s: Section) -> None:
+    s.filled("path", "tokenizer_path")
+    s.one_of("template", ("plain", "chat"))
+    # Both templates put the problem where {problem} stands (ttrl/data/templates.py).
+    s.require("{problem}" in s.prompt_template,
+              f"{s.key('prompt_template')}={_show(s.prompt_template)} must contain '{{problem}}'"
+              " (where the problem goes).")
+    s.require(s.system_prompt is None or s.template == "chat",
+              f"{s.key('system_prompt')} is only read by {s.key('template')}=chat, not"
+              f" {s.key('template')}={s.template}: put the instruction into {s.key('prompt_template')}.")
+    s.one_of("dtype", _DTYPES)
+    s.at_least(2, "max_model_len")
+    # Nothing passes this on to transformers or vLLM: true would be silently ignored.
+    s.require(not s.trust_remote_code,
+              f"{s.key('trust_remote_code')}=true is not supported: ttrl loads models without remote code.")
+
+
 # ── data ───────────────────────────────────────────────────────────────────
 @dataclass
 class SyntheticDataConfig:
@@ -86,6 +251,18 @@ class SyntheticDataConfig:
     terms: int = 3
     digits: int = 2
     seed: int = 1234
+
+
+@_rules(SyntheticDataConfig)
+def _check_synthetic(s: Section) -> None:
+    s.at_least(1, "num_problems", "terms", "digits")
+    s.at_least(0, "seed")
+    if s.digits * s.terms <= 12:  # beyond that there are always enough distinct sums
+        per_number = 10**s.digits - (10 ** (s.digits - 1) if s.digits > 1 else 0)
+        space = per_number**s.terms
+        s.require(s.num_problems <= space,
+                  f"{s.key('num_problems')}={s.num_problems} must be at most {space}: only that many distinct"
+                  f" sums of {s.terms} numbers of {s.digits} digit{'s' if s.digits > 1 else ''} exist.")
 
 
 @dataclass
@@ -104,6 +281,15 @@ class DataConfig:
     prompts_per_step: int = 8
     shuffle: bool = True
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+@_rules(DataConfig)
+def _check_data(s: Section) -> None:
+    s.filled("name", "hf_name", "hf_subset", "hf_split", "local_path", "id_key", "problem_key", "answer_key")
+    s.at_least(1, "limit", "prompts_per_step")
+    s.require(s.name == "synthetic" or s.local_path is not None or s.hf_name is not None,
+              f"{s.key('name')}={s.name!r} needs {s.key('hf_name')} (a hub dataset) or {s.key('local_path')}"
+              " (a file).")
 
 
 # ── rollout ────────────────────────────────────────────────────────────────
@@ -148,6 +334,25 @@ class RolloutConfig:
     sync_bucket_mb: int = 256
 
 
+@_rules(RolloutConfig)
+def _check_rollout(s: Section) -> None:
+    s.at_least(1, "n_votes")
+    s.require(1 <= s.n_train <= s.n_votes,
+              f"{s.key('n_train')}={s.n_train} must be between 1 and {s.key('n_votes')}={s.n_votes}:"
+              " training samples are drawn from the voting samples.")
+    s.one_of("subsample", ("first", "random"))
+    s.above(0, "temperature", why="sampling, not greedy decoding, is needed to vote")
+    s.within(0, 1, "top_p", low_open=True)
+    s.require(s.top_k == -1 or s.top_k >= 1, f"{s.key('top_k')}={s.top_k} must be -1 (off) or at least 1.")
+    s.at_least(1, "max_new_tokens", "num_engines", "tensor_parallel_size", "sync_bucket_mb")
+    s.within(0, 1, "gpu_memory_utilization", low_open=True)
+    s.above(0, "cpu_kv_cache_gb")
+    s.at_least(1, "cpu_threads", why="null shares the CPUs out")
+    s.at_least(0, "seed", "max_retries")
+    s.at_least(1, "tis_cap", why="it caps an importance weight")
+    s.one_of("weight_sync", ("auto", "ray", "nccl"))
+
+
 # ── label ──────────────────────────────────────────────────────────────────
 @dataclass
 class LabelConfig:
@@ -155,6 +360,14 @@ class LabelConfig:
     extractor: str = "boxed"
     # Upper bound on one math-verify equivalence check, in seconds.
     grade_timeout_s: float = 5.0
+
+
+@_rules(LabelConfig)
+def _check_label(s: Section) -> None:
+    from ttrl.labeling.extract import EXTRACTORS
+
+    s.registered("extractor", EXTRACTORS)
+    s.above(0, "grade_timeout_s")
 
 
 # ── reward ─────────────────────────────────────────────────────────────────
@@ -174,6 +387,29 @@ class RewardConfig:
     # For `random`: the chance of a 1, and the generator's seed (null: the run's seed).
     p: float = 0.5
     seed: Optional[int] = None
+
+
+# What ttrl.rewards.custom.load_function imports: "package.module:function" (or a dotted path).
+_FUNCTION_PATH = re.compile(r"[A-Za-z_][\w.]*[:.][A-Za-z_][\w.]*")
+
+
+@_rules(RewardConfig)
+def _check_reward(s: Section) -> None:
+    from ttrl.rewards import REWARDS
+
+    s.registered("name", REWARDS)
+    s.require(s.name != "custom" or bool(s.fn),
+              f"{s.key('fn')} must name a function ('package.module:function') when {s.key('name')}=custom.")
+    s.require(s.fn is None or bool(_FUNCTION_PATH.fullmatch(s.fn)),
+              f"{s.key('fn')}={_show(s.fn)} must name a function as 'package.module:function'.")
+    s.require(not s.needs_ground_truth or s.name == "custom",
+              f"{s.key('needs_ground_truth')}=true is only read by {s.key('name')}=custom, not"
+              f" {s.key('name')}={s.name}.")
+    s.filled("path")
+    s.require(s.name != "reward_model" or bool(s.path),
+              f"{s.key('path')} must point to a reward model dir when {s.key('name')}=reward_model.")
+    s.share("min_ratio", "p")
+    s.at_least(0, "seed")
 
 
 # ── algorithm ──────────────────────────────────────────────────────────────
@@ -201,6 +437,40 @@ class AlgorithmConfig:
     # Critic (PPO only).
     value_clip: float = 0.2
     critic_lr: float = 1e-5
+
+
+@_rules(AlgorithmConfig)
+def _check_algorithm(s: Section) -> None:
+    # The registries sit beside the maths (torch): imported when a config is checked, not with this module.
+    from ttrl.algos import ADVANTAGES, AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES, TOKEN_ADVANTAGES
+
+    s.registered("advantage", {*ADVANTAGES.names(), *TOKEN_ADVANTAGES.names()}, "an advantage estimator")
+    s.registered("policy_loss", POLICY_LOSSES)
+    s.registered("loss_agg", AGG_MODES)
+    s.registered("kl_estimator", KL_ESTIMATORS)
+    adv = s.advantage
+    s.require(adv != "gae" or s.use_critic,
+              f"{s.key('advantage')}=gae needs {s.key('use_critic')}=true (GAE uses the critic's values).")
+    # Every other estimator refuses critic values (ttrl/algos/advantages.py), mid-run.
+    s.require(adv == "gae" or not s.use_critic,
+              f"{s.key('use_critic')}=true trains a critic whose values only {s.key('advantage')}=gae reads,"
+              f" not {s.key('advantage')}={adv}.")
+    s.within(0, 1, "gamma", low_open=True)
+    s.share("lam")
+    if adv in ADVANTAGES and adv not in TOKEN_ADVANTAGES:
+        s.require(s.gamma == 1 and s.lam == 1,
+                  f"{s.key('advantage')}={adv} scores whole responses: set {s.key('gamma')}=1 and"
+                  f" {s.key('lam')}=1 (they only apply to gae and reinforce_pp).")
+    s.require(adv != "reinforce_pp" or s.lam == 1,
+              f"{s.key('advantage')}=reinforce_pp has no lambda: set {s.key('lam')}=1.")
+    # ppo_clip refuses these mid-run (ttrl/algos/losses.py); a new loss gets the same bounds.
+    s.above(0, "clip_low", "clip_high", why="the ratio is clipped to [1 - clip_low, 1 + clip_high]")
+    s.above(1, "dual_clip", why="it caps the loss at -dual_clip * A")
+    s.at_least(0, "kl_coef")
+    # The update applies the entropy bonus only when the coefficient is positive.
+    s.at_least(0, "entropy_coef", why="0 is off")
+    s.at_least(1, "ppo_epochs")
+    s.above(0, "value_clip", "critic_lr")
 
 
 # ── trainer ────────────────────────────────────────────────────────────────
@@ -236,6 +506,32 @@ class TrainerConfig:
     max_skipped_steps: int = 3
 
 
+# The schedules of ttrl/trainer/ds_config.py's lr_lambda.
+_LR_SCHEDULES = ("cosine", "constant", "linear")
+
+
+@_rules(TrainerConfig)
+def _check_trainer(s: Section) -> None:
+    s.at_least(1, "total_steps", "episodes", "keep_last", "num_workers", "mini_batch_size", "micro_batch_size",
+               "max_skipped_steps")
+    s.at_least(0, "save_every", why="0 saves only at the end")
+    s.require(s.resume.strip() != "",
+              f"{s.key('resume')} must be 'auto', 'none' or a checkpoint path.")
+    s.one_of("zero_stage", (0, 1, 2, 3))
+    s.above(0, "lr")
+    s.one_of("lr_schedule", _LR_SCHEDULES)
+    s.at_least(0, "warmup_steps", "weight_decay")
+    s.within(0, 1, "warmup_ratio", high_open=True)
+    s.require(not (s.warmup_steps and s.warmup_ratio is not None),
+              f"{s.key('warmup_ratio')}={s.warmup_ratio} is ignored when {s.key('warmup_steps')}={s.warmup_steps}:"
+              " set only one of them.")
+    s.share("min_lr_ratio")
+    s.require(len(s.betas) == 2 and all(0 <= b < 1 for b in s.betas),
+              f"{s.key('betas')}={_show(s.betas)} must be two numbers in [0, 1).")
+    s.at_least(0, "grad_clip", why="0 is no clipping")
+    s.one_of("dtype", _DTYPES)
+
+
 # ── eval ───────────────────────────────────────────────────────────────────
 @dataclass
 class EvalConfig:
@@ -250,6 +546,19 @@ class EvalConfig:
     greedy: bool = False
     # `ttrl-eval` only: a checkpoint or model dir that replaces model.path.
     checkpoint: Optional[str] = None
+
+
+@_rules(EvalConfig)
+def _check_eval(s: Section) -> None:
+    s.at_least(0, "every_n_steps", why="0 is never during training")
+    s.at_least(1, "n_samples", "max_new_tokens")
+    s.at_least(0, "temperature")
+    s.require(s.greedy or s.temperature > 0,
+              f"{s.key('temperature')}={s.temperature} must be > 0 unless {s.key('greedy')}=true.")
+    s.within(0, 1, "top_p", low_open=True)
+    s.require(all(k >= 1 for k in s.ks) and (s.greedy or all(k <= s.n_samples for k in s.ks)),
+              f"{s.key('ks')}={_show(s.ks)} must lie between 1 and {s.key('n_samples')}={s.n_samples}.")
+    s.filled("checkpoint")
 
 
 # ── logger ─────────────────────────────────────────────────────────────────
@@ -268,6 +577,12 @@ class WandbConfig:
     notes: Optional[str] = None
 
 
+@_rules(WandbConfig)
+def _check_wandb(s: Section) -> None:
+    s.filled("project")
+    s.one_of("mode", ("online", "offline", "disabled"))
+
+
 @dataclass
 class LoggerConfig:
     jsonl: bool = True  # metrics.jsonl in the run dir, always on by default
@@ -281,6 +596,13 @@ class LoggerConfig:
     # what a Hydra sweeper such as Optuna (hydra/sweeper=optuna_lr_kl) optimises.
     objective: str = "reward/mean"
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@_rules(LoggerConfig)
+def _check_logger(s: Section) -> None:
+    s.at_least(0, "samples_every", why="0 is never")
+    s.at_least(1, "samples_prompts", "samples_per_prompt")
+    s.filled("objective")
 
 
 # ── cluster ────────────────────────────────────────────────────────────────
@@ -304,6 +626,22 @@ class ClusterConfig:
     # `+cluster.trainer_resources.trainer=1`. Empty: placed anywhere.
     trainer_resources: dict[str, float] = field(default_factory=dict)
     engine_resources: dict[str, float] = field(default_factory=dict)
+
+
+@_rules(ClusterConfig)
+def _check_cluster(s: Section) -> None:
+    s.require(s.address in (None, "auto", "local") or ":" in s.address,
+              f"{s.key('address')}={s.address!r} must be null, 'auto' or 'host:port'.")
+    s.at_least(1, "num_cpus", "nodes", "cpus_per_node")
+    s.at_least(0, "num_gpus", "gpus_per_node")
+    s.one_of("placement", ("colocate", "split"))
+    s.above(0, "placement_timeout_s")
+    for group in ("trainer_resources", "engine_resources"):
+        for name, amount in getattr(s, group).items():
+            s.require(name not in ("CPU", "GPU", "memory"),
+                      f"{s.key(group)}.{name}: CPU, GPU and memory are set by the run itself; name a custom"
+                      " resource of `ray start --resources` here.")
+            s.require(amount > 0, f"{s.key(group)}.{name}={amount} must be > 0.")
 
 
 # ── safety ─────────────────────────────────────────────────────────────────
@@ -346,11 +684,31 @@ class SafetyConfig:
     max_rollbacks: int = 2
 
 
+@_rules(SafetyConfig)
+def _check_safety(s: Section) -> None:
+    s.one_of("action", ("warn", "stop", "rollback"))
+    s.at_least(1, "window")
+    s.share("max_flip_rate", "max_first_vote_drift", "flip_confident", why="a share of prompts")
+    s.share("max_majority_ratio", "max_eval_drop")
+    s.at_least(0, "anchor_prompts", why="0 is no anchor pass")
+    s.at_least(0, "min_entropy", "min_response_length", "max_response_length", "max_rollbacks")
+    lo, hi = s.min_response_length, s.max_response_length
+    s.require(lo is None or hi is None or lo <= hi,
+              f"{s.key('min_response_length')}={lo} must not exceed {s.key('max_response_length')}={hi}.")
+    s.within(0, 1, "lr_factor", low_open=True)
+
+
 @dataclass
 class FaultConfig:
     """Deliberate faults, for testing the guards above; leave empty in real runs."""
 
     nan_loss_at_steps: list[int] = field(default_factory=list)
+
+
+@_rules(FaultConfig)
+def _check_faults(s: Section) -> None:
+    s.require(all(step >= 1 for step in s.nan_loss_at_steps),
+              f"{s.key('nan_loss_at_steps')}={_show(s.nan_loss_at_steps)} must list steps >= 1.")
 
 
 # ── ser ────────────────────────────────────────────────────────────────────
@@ -443,6 +801,56 @@ class SERConfig:
     reward_transform: Optional[str] = None
 
 
+@_rules(SERConfig)
+def _check_ser(s: Section) -> None:
+    # ── data
+    s.one_of("mode", ("pairwise", "pointwise"))
+    s.one_of("source", ("synthetic", "jsonl", "hf"))
+    s.require(s.source != "jsonl" or bool(s.local_path),
+              f"{s.key('source')}=jsonl needs {s.key('local_path')} (a .jsonl/.json/.parquet file of preference"
+              " pairs).")
+    s.require(s.source != "hf" or bool(s.hf_name), f"{s.key('source')}=hf needs {s.key('hf_name')} (a Hugging Face"
+                                                   " dataset).")
+    s.require(not (s.mode == "pointwise" and s.source == "hf"),
+              f"{s.key('mode')}=pointwise reads the synthetic task or a JSON Lines file of graded responses"
+              f" ({s.key('source')}=synthetic or jsonl), not a hub dataset.")
+    s.filled("preset", "local_path", "eval_path", "hf_name", "hf_subset", "hf_data_dir", "hf_split", "eval_split",
+             "prompt_key", "chosen_key", "rejected_key", "prompt_marker", "response_key", "answer_key")
+    s.within(0, 1, "eval_fraction", high_open=True)
+    s.at_least(1, "limit", "synthetic_num_pairs", "synthetic_num_eval", "synthetic_terms", "synthetic_digits",
+               "synthetic_per_problem")
+    s.at_least(0, "synthetic_num_test", "synthetic_seed")
+    s.one_of("synthetic_style", ("boxed", "worked"))
+    # ── the loop
+    s.within(0, 1, "seed_fraction", low_open=True)
+    s.require(0 <= s.low <= s.high <= 1,
+              f"{s.key('low')}={s.low} and {s.key('high')}={s.high} must satisfy 0 <= low <= high <= 1.")
+    s.within(0, 1, "min_gap", high_open=True, why="it bounds |p_a - p_b| of two probabilities")
+    s.at_least(0, "max_rounds")
+    s.at_least(1, "patience")
+    # ── the reward model: the trainer's knobs, each with an rm_ prefix
+    s.filled("rm_path")
+    s.require("{a}" in s.rm_template,
+              f"{s.key('rm_template')} must contain '{{a}}' (the response; '{{q}}' is the prompt).")
+    s.at_least(1, "rm_max_length", "rm_num_workers", "rm_epochs", "rm_batch_size", "rm_micro_batch_size",
+               "score_batch_size")
+    s.one_of("rm_zero_stage", (0, 1, 2, 3))
+    s.require(s.rm_batch_size % (s.rm_num_workers * s.rm_micro_batch_size) == 0,
+              f"{s.key('rm_batch_size')}={s.rm_batch_size} must be divisible by"
+              f" {s.key('rm_num_workers')}*{s.key('rm_micro_batch_size')}"
+              f"={s.rm_num_workers * s.rm_micro_batch_size} (each rank takes whole micro-batches).")
+    s.above(0, "rm_lr")
+    s.one_of("rm_lr_schedule", _LR_SCHEDULES)
+    s.within(0, 1, "rm_warmup_ratio", high_open=True)
+    s.at_least(0, "rm_weight_decay", "rm_grad_clip", "rm_center_coef", "rm_min_steps", "rm_seed")
+    s.at_least(1, "lora_r", "lora_alpha")
+    s.within(0, 1, "lora_dropout", high_open=True)
+    s.require(len(s.lora_target_modules) > 0 and all(m.strip() for m in s.lora_target_modules),
+              f"{s.key('lora_target_modules')}={_show(s.lora_target_modules)} must name at least one module.")
+    s.require(s.reward_transform in (None, "raw", "sigmoid"),
+              f"{s.key('reward_transform')}={s.reward_transform!r} must be raw, sigmoid or null.")
+
+
 # ── root ───────────────────────────────────────────────────────────────────
 @dataclass
 class TTRLConfig:
@@ -464,6 +872,12 @@ class TTRLConfig:
     ser: SERConfig = field(default_factory=SERConfig)
 
 
+@_rules(TTRLConfig)
+def _check_root(s: Section) -> None:
+    s.at_least(0, "seed")
+    s.one_of("device", ("auto", "cpu", "cuda"))
+
+
 def register_configs() -> None:
     """Put the schema into Hydra's ConfigStore (conf/config.yaml extends it)."""
     from hydra.core.config_store import ConfigStore
@@ -472,239 +886,182 @@ def register_configs() -> None:
 
 
 # ── validation ─────────────────────────────────────────────────────────────
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "rollout.subsample": ("first", "random"),
-    "rollout.weight_sync": ("auto", "ray", "nccl"),
-    "model.template": ("plain", "chat"),
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "trainer.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "trainer.lr_schedule": ("cosine", "constant", "linear"),
-    "algorithm.loss_agg": ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"),
-    "algorithm.kl_estimator": ("k1", "k2", "k3", "low_var_kl"),
-    "algorithm.advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"),
-    "reward.name": ("majority_vote", "ground_truth", "custom", "reward_model", "random"),
-    "logger.wandb.mode": ("online", "offline", "disabled"),
-    "cluster.placement": ("colocate", "split"),
-    "safety.action": ("warn", "stop", "rollback"),
-    "device": ("auto", "cpu", "cuda"),
-    "trainer.zero_stage": (0, 1, 2, 3),
-}
-
-
-def _get(cfg: Any, dotted: str) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
-
-
 def validate(cfg: DictConfig | TTRLConfig) -> None:
-    """Check what types cannot; raise ConfigError naming the first bad key."""
-    c = cfg
+    """Check a whole config; raise ConfigError naming the first bad key.
 
-    def fail(msg: str) -> None:
-        raise ConfigError(msg)
+    In order: keys left at ???, values of the wrong type and keys the schema
+    does not know (every section), then each section's rules, and last the
+    rules across sections. Works on a composed DictConfig and on a
+    TTRLConfig instance (whose types nothing else has checked).
+    """
+    schema = _root_schema(cfg)
+    _check_types(cfg, schema, "")
+    _check_rules(cfg, schema, "")
+    _check_across(cfg)
 
-    if isinstance(cfg, DictConfig):
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:
-            fail(f"{missing[0]} must be set (it is ??? in the config).")
 
-    for key, allowed in _CHOICES.items():
-        value = _get(c, key)
-        if value not in allowed:
-            fail(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
+def _check_across(c: Any) -> None:
+    """The rules that tie sections together; each sentence names every key involved."""
 
-    r = c.rollout
-    if r.n_votes < 1:
-        fail(f"rollout.n_votes={r.n_votes} must be at least 1.")
-    if not 1 <= r.n_train <= r.n_votes:
-        fail(
-            f"rollout.n_train={r.n_train} must be between 1 and rollout.n_votes={r.n_votes}:"
-            " training samples are drawn from the voting samples."
-        )
-    if r.temperature <= 0:
-        fail(f"rollout.temperature={r.temperature} must be > 0 (sampling, not greedy, is needed to vote).")
-    if not 0 < r.top_p <= 1:
-        fail(f"rollout.top_p={r.top_p} must be in (0, 1].")
-    if r.max_new_tokens < 1:
-        fail(f"rollout.max_new_tokens={r.max_new_tokens} must be at least 1.")
-    if r.tis_cap is not None and r.tis_cap < 1:
-        fail(f"rollout.tis_cap={r.tis_cap} must be >= 1 or null (it caps an importance weight).")
-    if r.num_engines < 1 or r.tensor_parallel_size < 1:
-        fail("rollout.num_engines and rollout.tensor_parallel_size must be at least 1.")
-    if not 0 < r.gpu_memory_utilization <= 1:
-        fail(f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must be in (0, 1].")
-    if r.sync_bucket_mb < 1:
-        fail(f"rollout.sync_bucket_mb={r.sync_bucket_mb} must be at least 1.")
-    if r.cpu_threads is not None and r.cpu_threads < 1:
-        fail(f"rollout.cpu_threads={r.cpu_threads} must be at least 1, or null to share the CPUs out.")
-    if r.weight_sync == "nccl" and (c.device == "cpu" or c.cluster.placement != "split"):
-        fail("rollout.weight_sync=nccl needs a GPU run with cluster.placement=split: NCCL cannot put "
-             "trainer rank 0 and an engine worker on the same GPU.")
+    def require(ok: bool, sentence: str) -> None:
+        if not ok:
+            raise ConfigError(sentence)
 
-    if c.model.max_model_len <= r.max_new_tokens:
-        fail(
-            f"model.max_model_len={c.model.max_model_len} must exceed rollout.max_new_tokens="
-            f"{r.max_new_tokens} to leave room for the prompt."
-        )
-    if c.model.template == "plain" and "{problem}" not in c.model.prompt_template:
-        fail("model.prompt_template must contain '{problem}'.")
+    m, d, r, a, t, e = c.model, c.data, c.rollout, c.algorithm, c.trainer, c.eval
+    require(m.max_model_len > r.max_new_tokens,
+            f"model.max_model_len={m.max_model_len} must exceed rollout.max_new_tokens={r.max_new_tokens}"
+            " to leave room for the prompt.")
+    require(e.max_new_tokens is None or e.max_new_tokens < m.max_model_len,
+            f"eval.max_new_tokens={e.max_new_tokens} must be below model.max_model_len={m.max_model_len}"
+            " to leave room for the prompt.")
+    require(r.weight_sync != "nccl" or (c.device != "cpu" and c.cluster.placement == "split"),
+            "rollout.weight_sync=nccl needs a GPU run with cluster.placement=split: NCCL cannot put"
+            " trainer rank 0 and an engine worker on the same GPU.")
+    require(a.advantage != "rloo" or r.n_train >= 2,
+            "algorithm.advantage=rloo needs rollout.n_train >= 2 (it subtracts the mean of the other samples).")
 
-    d = c.data
-    if d.prompts_per_step < 1:
-        fail(f"data.prompts_per_step={d.prompts_per_step} must be at least 1.")
-    if d.limit is not None and d.limit < 1:
-        fail(f"data.limit={d.limit} must be at least 1 or null.")
-    if d.name != "synthetic" and d.local_path is None and d.hf_name is None:
-        fail(f"data.name={d.name!r} needs data.hf_name (a hub dataset) or data.local_path (a file).")
-
-    rw = c.reward
-    if rw.name == "custom" and not rw.fn:
-        fail("reward.fn must name a function ('package.module:function') when reward.name=custom.")
-    if rw.name == "reward_model" and not rw.path:
-        fail("reward.path must point to a reward model dir when reward.name=reward_model.")
-
-    a = c.algorithm
-    if a.advantage == "gae" and not a.use_critic:
-        fail("algorithm.advantage=gae needs algorithm.use_critic=true (GAE uses the critic's values).")
-    if a.advantage == "rloo" and r.n_train < 2:
-        fail("algorithm.advantage=rloo needs rollout.n_train >= 2 (it subtracts the mean of the other samples).")
-    if a.clip_low < 0 or a.clip_high < 0:
-        fail("algorithm.clip_low and algorithm.clip_high must be >= 0.")
-    if a.dual_clip is not None and a.dual_clip <= 1:
-        fail(f"algorithm.dual_clip={a.dual_clip} must be > 1 or null.")
-    if a.kl_coef < 0:
-        fail(f"algorithm.kl_coef={a.kl_coef} must be >= 0.")
-    if not (0 <= a.gamma <= 1 and 0 <= a.lam <= 1):
-        fail("algorithm.gamma and algorithm.lam must be in [0, 1].")
-    if a.advantage in ("grpo", "dr_grpo", "rloo") and (a.gamma != 1 or a.lam != 1):
-        fail(f"algorithm.advantage={a.advantage} scores whole responses: set algorithm.gamma=1 and algorithm.lam=1"
-             " (they only apply to gae and reinforce_pp).")
-    if a.advantage == "reinforce_pp" and a.lam != 1:
-        fail("algorithm.advantage=reinforce_pp has no lambda: set algorithm.lam=1.")
-    if a.ppo_epochs < 1:
-        fail(f"algorithm.ppo_epochs={a.ppo_epochs} must be at least 1.")
-
-    t = c.trainer
-    if t.total_steps is not None and t.total_steps < 1:
-        fail(f"trainer.total_steps={t.total_steps} must be at least 1 or null.")
-    if t.episodes < 1:
-        fail(f"trainer.episodes={t.episodes} must be at least 1.")
-    if t.lr <= 0:
-        fail(f"trainer.lr={t.lr} must be > 0.")
-    if t.save_every < 0 or t.keep_last < 1:
-        fail("trainer.save_every must be >= 0 and trainer.keep_last >= 1.")
-    if t.num_workers < 1:
-        fail(f"trainer.num_workers={t.num_workers} must be at least 1.")
-    if t.micro_batch_size < 1:
-        fail(f"trainer.micro_batch_size={t.micro_batch_size} must be at least 1.")
-    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
-        fail(f"trainer.betas={list(t.betas)} must be two numbers in [0, 1).")
     step_batch = d.prompts_per_step * r.n_train
     mini = t.mini_batch_size or step_batch
-    if step_batch % mini:
-        fail(
-            f"trainer.mini_batch_size={mini} must divide the step batch "
-            f"data.prompts_per_step*rollout.n_train={step_batch}."
-        )
-    if mini % t.num_workers:
-        fail(
+    require(step_batch % mini == 0,
+            f"trainer.mini_batch_size={mini} must divide the step batch"
+            f" data.prompts_per_step*rollout.n_train={step_batch}.")
+    require(mini % t.num_workers == 0,
             f"the mini-batch of {mini} samples must be divisible by trainer.num_workers={t.num_workers}"
-            " (each rank takes an equal share)."
-        )
-    if (mini // t.num_workers) % t.micro_batch_size:
-        fail(
+            " (each rank takes an equal share).")
+    require((mini // t.num_workers) % t.micro_batch_size == 0,
             f"trainer.micro_batch_size={t.micro_batch_size} must divide the per-rank mini-batch of"
-            f" {mini // t.num_workers} samples."
-        )
-    if t.resume not in ("auto", "none") and not t.resume:
-        fail("trainer.resume must be 'auto', 'none' or a checkpoint path.")
-
-    e = c.eval
-    if e.every_n_steps < 0 or e.n_samples < 1:
-        fail("eval.every_n_steps must be >= 0 and eval.n_samples >= 1.")
-    if not e.greedy and any(k < 1 or k > e.n_samples for k in e.ks):
-        fail(f"eval.ks={list(e.ks)} must lie between 1 and eval.n_samples={e.n_samples}.")
-    if not e.greedy and e.temperature <= 0:
-        fail(f"eval.temperature={e.temperature} must be > 0 unless eval.greedy=true.")
+            f" {mini // t.num_workers} samples.")
 
     sf = c.safety
-    if sf.window < 1 or not 0 < sf.lr_factor <= 1:
-        fail("safety.window must be >= 1 and safety.lr_factor in (0, 1].")
-    for key in ("max_flip_rate", "max_first_vote_drift", "flip_confident"):
-        v = getattr(sf, key)
-        if v is not None and not 0 <= v <= 1:
-            fail(f"safety.{key}={v} must lie in [0, 1] (a share of prompts), or be null to switch it off.")
-    if sf.anchor_prompts < 0:
-        fail(f"safety.anchor_prompts={sf.anchor_prompts} must be >= 0 (0: no anchor pass).")
-    if sf.action == "rollback" and sf.max_eval_drop is not None and not (c.trainer.save_every
-                                                                         and c.eval.every_n_steps):
-        fail("safety.action=rollback with safety.max_eval_drop needs trainer.save_every > 0 and "
-             "eval.every_n_steps > 0 (it rolls back to the best evaluated checkpoint).")
-    if t.max_skipped_steps < 1:
-        fail(f"trainer.max_skipped_steps={t.max_skipped_steps} must be at least 1.")
+    require(not (sf.action == "rollback" and sf.max_eval_drop is not None)
+            or bool(t.save_every and e.every_n_steps),
+            "safety.action=rollback with safety.max_eval_drop needs trainer.save_every > 0 and"
+            " eval.every_n_steps > 0 (it rolls back to the best evaluated checkpoint).")
 
-    if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
-        fail(f"trainer.warmup_ratio={t.warmup_ratio} must be in [0, 1).")
+    se, rw = c.ser, c.reward
+    require(not (se.enabled and se.then_policy) or (rw.name == "reward_model" and rw.path == "ser"),
+            f"ser.enabled=true trains a reward model and then (ser.then_policy=true) the policy, but the policy"
+            f" stage would use reward={rw.name}{'' if rw.name != 'reward_model' else ' from ' + str(rw.path)}, not"
+            " it: add reward=reward_model reward.path=ser, or ser.then_policy=false to run SER alone.")
+    require(not (rw.name == "reward_model" and rw.path == "ser") or bool(se.enabled and se.then_policy),
+            "reward.path=ser means the reward model that this run's SER stage trains: set ser.enabled=true"
+            " (and ser.then_policy=true), or point reward.path to a reward model dir.")
 
-    se = c.ser
-    if se.mode not in ("pairwise", "pointwise"):
-        fail(f"ser.mode={se.mode!r} is not one of pairwise, pointwise.")
-    if se.source not in ("synthetic", "jsonl", "hf"):
-        fail(f"ser.source={se.source!r} is not one of synthetic, jsonl, hf.")
-    if se.source == "jsonl" and not se.local_path:
-        fail("ser.source=jsonl needs ser.local_path (a .jsonl/.json/.parquet file of preference pairs).")
-    if se.source == "hf" and not se.hf_name:
-        fail("ser.source=hf needs ser.hf_name (a Hugging Face dataset).")
-    if se.synthetic_style not in ("boxed", "worked"):
-        fail(f"ser.synthetic_style={se.synthetic_style!r} is not one of boxed, worked.")
-    if se.mode == "pointwise" and se.source == "hf":
-        fail("ser.mode=pointwise reads the synthetic task or a JSON Lines file of graded responses"
-             " (ser.source=synthetic or jsonl), not a hub dataset.")
-    if not 0 < se.seed_fraction <= 1:
-        fail(f"ser.seed_fraction={se.seed_fraction} must be in (0, 1].")
-    if not 0 <= se.low <= se.high <= 1:
-        fail(f"ser.low={se.low} and ser.high={se.high} must satisfy 0 <= low <= high <= 1.")
-    if not 0 <= se.min_gap < 1:
-        fail(f"ser.min_gap={se.min_gap} must be in [0, 1): it bounds |p_a - p_b| of two probabilities.")
-    if not 0 <= se.eval_fraction < 1:
-        fail(f"ser.eval_fraction={se.eval_fraction} must be in [0, 1).")
-    if se.max_rounds < 0 or se.patience < 1:
-        fail("ser.max_rounds must be >= 0 and ser.patience >= 1.")
-    if se.rm_zero_stage not in (0, 1, 2, 3) or se.rm_num_workers < 1 or se.rm_micro_batch_size < 1:
-        fail("ser.rm_zero_stage must be 0-3, ser.rm_num_workers and ser.rm_micro_batch_size at least 1.")
-    if se.rm_batch_size % (se.rm_num_workers * se.rm_micro_batch_size):
-        fail(f"ser.rm_batch_size={se.rm_batch_size} must be divisible by ser.rm_num_workers*ser.rm_micro_batch_size"
-             f"={se.rm_num_workers * se.rm_micro_batch_size} (each rank takes whole micro-batches).")
-    if se.rm_lr <= 0 or se.rm_epochs < 1 or se.rm_min_steps < 0:
-        fail("ser.rm_lr must be > 0, ser.rm_epochs >= 1 and ser.rm_min_steps >= 0.")
-    if se.rm_lr_schedule not in ("cosine", "constant", "linear"):
-        fail(f"ser.rm_lr_schedule={se.rm_lr_schedule!r} is not one of cosine, constant, linear.")
-    if "{a}" not in se.rm_template:
-        fail("ser.rm_template must contain '{a}' (the response; '{q}' is the prompt).")
-    if se.reward_transform not in (None, "raw", "sigmoid"):
-        fail(f"ser.reward_transform={se.reward_transform!r} must be raw, sigmoid or null.")
-    if se.enabled and se.then_policy and not (rw.name == "reward_model" and rw.path == "ser"):
-        fail(f"ser.enabled=true trains a reward model and then (ser.then_policy=true) the policy, but the policy"
-             f" stage would use reward={rw.name}{'' if rw.name != 'reward_model' else ' from ' + str(rw.path)}, not"
-             " it: add reward=reward_model reward.path=ser, or ser.then_policy=false to run SER alone.")
-    if rw.name == "reward_model" and rw.path == "ser" and not (se.enabled and se.then_policy):
-        fail("reward.path=ser means the reward model that this run's SER stage trains: set ser.enabled=true"
-             " (and ser.then_policy=true), or point reward.path to a reward model dir.")
 
-    cl = c.cluster
-    if cl.address not in (None, "auto", "local") and ":" not in str(cl.address):
-        fail(f"cluster.address={cl.address!r} must be null, 'auto' or 'host:port'.")
-    if cl.nodes < 1 or cl.gpus_per_node < 0 or cl.cpus_per_node < 1:
-        fail("cluster.nodes and cluster.cpus_per_node must be at least 1, cluster.gpus_per_node at least 0.")
-    for group in ("trainer_resources", "engine_resources"):
-        for name, amount in dict(getattr(cl, group) or {}).items():
-            if name in ("CPU", "GPU", "memory"):
-                fail(f"cluster.{group}.{name}: CPU, GPU and memory are set by the run itself; name a custom"
-                     " resource of `ray start --resources` here.")
-            if not amount > 0:
-                fail(f"cluster.{group}.{name}={amount} must be > 0.")
+# ── validation machinery: schema walk and type checks ─────────────────────
+def _root_schema(cfg: Any) -> type:
+    """The dataclass a config follows (TTRLConfig, or a subclass such as ttrl-serve's)."""
+    kind = type(cfg) if is_dataclass(cfg) else OmegaConf.get_type(cfg)
+    return kind if isinstance(kind, type) and issubclass(kind, TTRLConfig) else TTRLConfig
+
+
+_hint_cache: dict[type, dict[str, Any]] = {}
+
+
+def _hints(schema: type) -> dict[str, Any]:
+    """Field name -> type annotation, in declaration order (base classes first)."""
+    if schema not in _hint_cache:
+        hints = typing.get_type_hints(schema)
+        _hint_cache[schema] = {f.name: hints[f.name] for f in fields(schema)}
+    return _hint_cache[schema]
+
+
+def _optional(hint: Any) -> Any:
+    """X for Optional[X], else None."""
+    if typing.get_origin(hint) is Union:
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(inner) == 1 and len(typing.get_args(hint)) == 2:
+            return inner[0]
+    return None
+
+
+def _value(node: Any, name: str, key: str) -> Any:
+    try:
+        return node[name] if isinstance(node, DictConfig) else getattr(node, name)
+    except Exception as err:  # an interpolation that does not resolve, most often
+        raise ConfigError(f"{key} cannot be read: {str(err).splitlines()[0]}.") from None
+
+
+def _sections(node: Any, schema: type, path: str) -> Iterable[tuple[Any, type, str]]:
+    """This section and every section below it: (node, dataclass, dotted path)."""
+    yield node, schema, path
+    for name, hint in _hints(schema).items():
+        if is_dataclass(hint):
+            key = f"{path}.{name}" if path else name
+            yield from _sections(_value(node, name, key), hint, key)
+
+
+_NOUNS = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}
+_PLURALS = {bool: "booleans", int: "whole numbers", float: "finite numbers", str: "strings"}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` has the annotated type (floats finite, ints not bools)."""
+    inner = _optional(hint)
+    if inner is not None:
+        return value is None or _fits(value, inner)
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        return isinstance(value, (list, tuple, ListConfig)) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, (dict, DictConfig)) and all(
+            isinstance(k, str) and _fits(v, args[1]) for k, v in value.items())
+    return True
+
+
+def _type_noun(hint: Any) -> str:
+    inner = _optional(hint)
+    if inner is not None:
+        return f"{_type_noun(inner)} or null"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        return f"a list of {_PLURALS.get(args[0], 'values')}"
+    if origin is dict:
+        return f"a mapping of names to {_PLURALS.get(args[1], 'values')}"
+    return _NOUNS.get(hint, "a value of the right type")
+
+
+def _check_types(node: Any, schema: type, path: str) -> None:
+    """Unknown keys and values of the wrong type, in this section and below."""
+    for sub, sub_schema, sub_path in _sections(node, schema, path):
+        hints = _hints(sub_schema)
+        where = sub_path or "the config"
+        if not (is_dataclass(sub) or isinstance(sub, DictConfig)):
+            raise ConfigError(f"{where} must be a section of keys, not {_show(sub)}.")
+        if isinstance(sub, DictConfig):
+            for name in sub.keys():
+                if name not in hints:
+                    key = f"{sub_path}.{name}" if sub_path else str(name)
+                    hint = did_you_mean(name, hints)
+                    raise ConfigError(f"{key} is not a known key of {where}{hint}{'' if hint else '.'}")
+        for name, hint in hints.items():
+            key = f"{sub_path}.{name}" if sub_path else name
+            if isinstance(sub, DictConfig) and name not in sub.keys():
+                raise ConfigError(f"{key} is missing from {where}.")
+            if is_dataclass(hint):
+                continue
+            if OmegaConf.is_missing(sub, name) if isinstance(sub, DictConfig) else getattr(sub, name) == MISSING:
+                raise ConfigError(f"{key} must be set (it is ??? in the config).")
+            value = _value(sub, name, key)
+            if not _fits(value, hint):
+                raise ConfigError(f"{key}={_show(value)} must be {_type_noun(hint)}.")
+
+
+def _check_rules(node: Any, schema: type, path: str) -> None:
+    for sub, sub_schema, sub_path in _sections(node, schema, path):
+        check = _RULES.get(sub_schema)
+        if check is not None:
+            check(Section(sub, sub_path, sub_schema))
 
 
 def to_container(cfg: DictConfig) -> dict:
