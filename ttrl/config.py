@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, NoReturn, Optional, Union
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ttrl.registry import Registry, did_you_mean
 
@@ -895,6 +896,15 @@ def validate(cfg: DictConfig | TTRLConfig) -> None:
     TTRLConfig instance (whose types nothing else has checked).
     """
     schema = _root_schema(cfg)
+    if isinstance(cfg, DictConfig):
+        # One resolving pass, then plain Python values: reading a DictConfig
+        # key by key costs more than everything else here together.
+        try:
+            plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        except OmegaConfBaseException as err:  # an interpolation that does not resolve
+            raise ConfigError(f"{getattr(err, 'full_key', '') or 'the config'} cannot be resolved:"
+                              f" {str(err).splitlines()[0]}.") from None
+        cfg = _Keys(plain, schema)  # type: ignore[assignment]
     _check_types(cfg, schema, "")
     _check_rules(cfg, schema, "")
     _check_across(cfg)
@@ -975,11 +985,24 @@ def _optional(hint: Any) -> Any:
     return None
 
 
-def _value(node: Any, name: str, key: str) -> Any:
-    try:
-        return node[name] if isinstance(node, DictConfig) else getattr(node, name)
-    except Exception as err:  # an interpolation that does not resolve, most often
-        raise ConfigError(f"{key} cannot be read: {str(err).splitlines()[0]}.") from None
+class _Keys:
+    """A section of a resolved DictConfig (a plain dict) read by attribute, like a dataclass instance."""
+
+    __slots__ = ("_data", "_schema")
+
+    def __init__(self, data: dict[str, Any], schema: type):
+        self._data, self._schema = data, schema
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            value = self._data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+        hint = _hints(self._schema).get(name)
+        return _Keys(value, hint) if is_dataclass(hint) and isinstance(value, dict) else value
+
+    def keys(self) -> Iterable[str]:
+        return self._data.keys()
 
 
 def _sections(node: Any, schema: type, path: str) -> Iterable[tuple[Any, type, str]]:
@@ -988,7 +1011,7 @@ def _sections(node: Any, schema: type, path: str) -> Iterable[tuple[Any, type, s
     for name, hint in _hints(schema).items():
         if is_dataclass(hint):
             key = f"{path}.{name}" if path else name
-            yield from _sections(_value(node, name, key), hint, key)
+            yield from _sections(getattr(node, name), hint, key)
 
 
 _NOUNS = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}
@@ -1036,9 +1059,9 @@ def _check_types(node: Any, schema: type, path: str) -> None:
     for sub, sub_schema, sub_path in _sections(node, schema, path):
         hints = _hints(sub_schema)
         where = sub_path or "the config"
-        if not (is_dataclass(sub) or isinstance(sub, DictConfig)):
+        if not (is_dataclass(sub) or isinstance(sub, _Keys)):
             raise ConfigError(f"{where} must be a section of keys, not {_show(sub)}.")
-        if isinstance(sub, DictConfig):
+        if isinstance(sub, _Keys):
             for name in sub.keys():
                 if name not in hints:
                     key = f"{sub_path}.{name}" if sub_path else str(name)
@@ -1046,13 +1069,13 @@ def _check_types(node: Any, schema: type, path: str) -> None:
                     raise ConfigError(f"{key} is not a known key of {where}{hint}{'' if hint else '.'}")
         for name, hint in hints.items():
             key = f"{sub_path}.{name}" if sub_path else name
-            if isinstance(sub, DictConfig) and name not in sub.keys():
+            if isinstance(sub, _Keys) and name not in sub.keys():
                 raise ConfigError(f"{key} is missing from {where}.")
             if is_dataclass(hint):
                 continue
-            if OmegaConf.is_missing(sub, name) if isinstance(sub, DictConfig) else getattr(sub, name) == MISSING:
+            value = getattr(sub, name)
+            if isinstance(value, str) and value == MISSING:
                 raise ConfigError(f"{key} must be set (it is ??? in the config).")
-            value = _value(sub, name, key)
             if not _fits(value, hint):
                 raise ConfigError(f"{key}={_show(value)} must be {_type_noun(hint)}.")
 
