@@ -39,9 +39,10 @@ class ConfigError(ValueError):
 
 # ── how a section states its rules ─────────────────────────────────────────
 # A rule function per dataclass, registered with `@_rules(RolloutConfig)` right
-# below it. It reads values as attributes, which works the same on a
-# DictConfig and on a dataclass instance; types (and unknown keys) are checked
-# for every section before any rule runs, so rules can trust them.
+# below it, reads the section's values as attributes of a `Section`. They are
+# plain Python values whether validate() got a DictConfig (resolved first) or
+# a dataclass instance, and their types (and unknown keys) are checked for
+# every section before any rule runs, so rules can trust them.
 _RULES: dict[type, Callable[[Section], None]] = {}
 
 
