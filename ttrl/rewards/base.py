@@ -1,9 +1,11 @@
 """What a reward is, the registry of rewards, and the one way the loop calls one.
 
-A reward is an object with a `needs_ground_truth` flag, called as
+A reward is a `Reward`: a `needs_ground_truth` flag, a call
 `reward(prompts, completions, answers) -> RewardOutput` where completions and
-answers are [prompt][sample] lists (answers already extracted). Rewards are
-registered by name in `REWARDS` and built from config with `build_reward`.
+answers are [prompt][sample] lists (answers already extracted), and `close()`
+(a no-op unless the reward holds something, like a reward model's actor),
+which the run calls once at its end. Rewards are registered by name in
+`REWARDS` and built from config with `build_reward`.
 
 `compute_rewards` is the only entry point the training loop uses. It hands a
 reward `Prompt.scrubbed()` copies (answer None) unless the reward declares
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from ttrl.labeling.vote import Vote
 from ttrl.registry import Registry
@@ -35,16 +37,22 @@ class RewardOutput:
     none_count: int = 0
 
 
-class Reward(Protocol):
+class Reward:
+    """What every registered reward is (they subclass it)."""
+
     # True only for rewards that grade against the ground truth (oracles).
-    needs_ground_truth: bool
+    needs_ground_truth: bool = False
 
     def __call__(
         self,
         prompts: list[Prompt],
         completions: list[list[str]],  # [prompts][samples]
         answers: list[list[str | None]],  # [prompts][samples]
-    ) -> RewardOutput: ...
+    ) -> RewardOutput:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Let go of what the reward holds; called once, when the run ends."""
 
 
 REWARDS: Registry[type] = Registry("reward")

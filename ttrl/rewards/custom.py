@@ -23,14 +23,14 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
-from ttrl.rewards.base import REWARDS, RewardOutput
+from ttrl.rewards.base import REWARDS, Reward, RewardOutput
 from ttrl.types import Prompt
 
 __all__ = ["CustomReward", "load_function"]
 
 
 @REWARDS.register("custom")
-class CustomReward:
+class CustomReward(Reward):
     def __init__(self, fn: str, needs_ground_truth: bool = False):
         self.path = fn
         self.fn = load_function(fn)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from ttrl.labeling.grade import is_equivalent
 from ttrl.labeling.vote import majority_votes
-from ttrl.rewards.base import REWARDS, RewardOutput
+from ttrl.rewards.base import REWARDS, Reward, RewardOutput
 from ttrl.types import Prompt
 
 __all__ = ["GroundTruthReward"]
 
 
 @REWARDS.register("ground_truth")
-class GroundTruthReward:
+class GroundTruthReward(Reward):
     needs_ground_truth = True
 
     def __call__(

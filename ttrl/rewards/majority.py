@@ -14,14 +14,14 @@ hands it scrubbed prompts, and a test checks that scrubbing changes nothing.
 from __future__ import annotations
 
 from ttrl.labeling.vote import majority_votes
-from ttrl.rewards.base import REWARDS, RewardOutput
+from ttrl.rewards.base import REWARDS, Reward, RewardOutput
 from ttrl.types import Prompt
 
 __all__ = ["MajorityVoteReward"]
 
 
 @REWARDS.register("majority_vote")
-class MajorityVoteReward:
+class MajorityVoteReward(Reward):
     needs_ground_truth = False
 
     def __init__(self, min_ratio: float = 0.0):

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import random
 
-from ttrl.rewards.base import REWARDS, RewardOutput
+from ttrl.rewards.base import REWARDS, Reward, RewardOutput
 from ttrl.types import Prompt
 
 __all__ = ["RandomReward"]
 
 
 @REWARDS.register("random")
-class RandomReward:
+class RandomReward(Reward):
     needs_ground_truth = False
 
     def __init__(self, p: float = 0.5, seed: int = 0):

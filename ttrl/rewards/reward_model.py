@@ -9,7 +9,7 @@ logit or its sigmoid. Each sample's reward is the RM's score of (the
 prompt's problem, the completion).
 
 This module only turns scores into rewards. The model itself runs wherever
-the code that builds the run puts it: `ttrl.loop.reward_options` checks the
+the code that builds the run puts it: `ttrl.parts.reward_options` checks the
 dir with `check_reward_model_dir` and hands in a scorer
 (`ttrl.trainer.reward_model.RemoteRewardModel`, a Ray actor started on first
 use) through the `RewardScorer` protocol below; tests hand in a fake. The
@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from ttrl.rewards.base import REWARDS, RewardOutput
+from ttrl.rewards.base import REWARDS, Reward, RewardOutput
 from ttrl.types import Prompt
 
 __all__ = ["SER_PATH", "RewardModelReward", "RewardScorer", "check_reward_model_dir"]
@@ -60,7 +60,7 @@ def check_reward_model_dir(path: str | None) -> str:
 
 
 @REWARDS.register("reward_model")
-class RewardModelReward:
+class RewardModelReward(Reward):
     needs_ground_truth = False
 
     def __init__(self, scorer: RewardScorer):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from ttrl.labeling.grade import is_equivalent
 from ttrl.labeling.vote import Vote, majority_vote
-from ttrl.rewards.base import RewardOutput
+from ttrl.rewards.base import Reward, RewardOutput
 from ttrl.types import Prompt
 
 
@@ -103,7 +103,7 @@ def confirmed_label(label: str | None, ratings: Sequence[Rating]) -> str | None:
     return label
 
 
-class FeedbackVoteReward:
+class FeedbackVoteReward(Reward):
     """The base reward, with the rows of rated prompts replaced by the corrected vote."""
 
     needs_ground_truth = False
