@@ -1,4 +1,4 @@
-"""`ttrl-train`: compose the config with Hydra, validate it, run the loop.
+"""`ttrl-train`: compose the config with Hydra, validate it, run the training run.
 
 Validation happens before any Ray actor, vLLM engine or DeepSpeed worker
 starts, and the resolved config is written into the run dir first, so a
@@ -34,7 +34,8 @@ def _main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     write_resolved_config(cfg, run_dir)
     from ttrl.distributed.group import WorkerDiedError  # heavy imports (torch, ray) only now
-    from ttrl.loop import RunStopped, SetupError, run
+    from ttrl.parts import SetupError
+    from ttrl.run import RunStopped, run
 
     try:
         if cfg.ser.enabled:

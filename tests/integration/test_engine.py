@@ -8,6 +8,7 @@ and do not match before it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -50,17 +51,18 @@ def _mean_abs_diff(a, b):
 
 def _start(overrides):
     from ttrl.distributed.runtime import Runtime
-    from ttrl.loop import Ctx, algo_options, prepare
+    from ttrl.parts import build_parts
+    from ttrl.step import StepContext, StepOptions
 
     cfg = compose_config(*BASE, *overrides)
-    setup = prepare(cfg)
+    setup = build_parts(cfg)
     rt = Runtime(cfg, setup.model_path, total_opt_steps=8)
-    ctx = Ctx(cfg, rt, setup.reward, setup.tokenizer, algo_options(cfg), random.Random(0))
+    ctx = StepContext(rt, setup.reward, setup.tokenizer, StepOptions.from_config(cfg), random.Random(0))
     return cfg, setup, rt, ctx
 
 
 def _train_and_check_sync(overrides, steps=2):
-    from ttrl.loop import step
+    from ttrl.step import step
 
     cfg, setup, rt, ctx = _start(overrides)
     try:
@@ -90,7 +92,7 @@ def _train_and_check_sync(overrides, steps=2):
 
         batch["old_logp"] = rt.logprobs(batch, 1.0)
         batch["advantages"] = torch.ones_like(batch["old_logp"])
-        rt.train_policy(batch, {**ctx.algo, "kl_coef": 0.0, "ppo_epochs": 1})
+        rt.train_policy(batch, dataclasses.replace(ctx.opts.update, kl_coef=0.0, ppo_epochs=1))
         trainer_now = _trainer_logprobs(rt, prompt, completion)
         for e in range(len(rt.engines)):
             stale = rt.engine_score([prompt], [completion], engine=e)[0]

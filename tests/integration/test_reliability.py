@@ -121,13 +121,14 @@ def test_killed_rollout_engine_is_restarted_and_resynced():
 
     from tests.conftest import compose_config
     from ttrl.distributed.runtime import Runtime
-    from ttrl.loop import Ctx, algo_options, prepare, step
+    from ttrl.parts import build_parts
+    from ttrl.step import StepContext, StepOptions, step
 
     cfg = compose_config("experiment=debug", *FAKE)
-    setup = prepare(cfg)
+    setup = build_parts(cfg)
     rt = Runtime(cfg, setup.model_path, total_opt_steps=4)
     try:
-        ctx = Ctx(cfg, rt, setup.reward, setup.tokenizer, algo_options(cfg), random.Random(0))
+        ctx = StepContext(rt, setup.reward, setup.tokenizer, StepOptions.from_config(cfg), random.Random(0))
         k = cfg.data.prompts_per_step
         step(ctx, setup.prompts[:k])
         old_pid = ray.get(rt.engines[0].info.remote())["pid"]

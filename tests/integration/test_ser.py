@@ -37,9 +37,10 @@ def test_one_ser_round_then_one_ppo_step_with_the_learned_rm(tmp_path):
     import ray
 
     from ttrl.distributed.runtime import Runtime
-    from ttrl.loop import Ctx, algo_options, prepare, step
+    from ttrl.parts import build_parts
     from ttrl.rewards import build_reward, compute_rewards
     from ttrl.ser.loop import run_ser
+    from ttrl.step import StepContext, StepOptions, step
     from ttrl.trainer.reward_model import RemoteRewardModel, RewardModelScorer
     from ttrl.types import Group, Sample
 
@@ -78,11 +79,11 @@ def test_one_ser_round_then_one_ppo_step_with_the_learned_rm(tmp_path):
     # ── one PPO step against it ───────────────────────────────────────────
     # (built by hand, as ttrl.ser.chain does through the loop once it passes reward.path)
     pcfg = compose_config(*OVERRIDES, "reward=majority_vote", "ser.enabled=false")
-    setup = prepare(pcfg)
+    setup = build_parts(pcfg)
     setup.reward = build_reward("reward_model", scorer=RemoteRewardModel(str(final)))
     rt = Runtime(pcfg, setup.model_path, total_opt_steps=4)
     try:
-        ctx = Ctx(pcfg, rt, setup.reward, setup.tokenizer, algo_options(pcfg), random.Random(0))
+        ctx = StepContext(rt, setup.reward, setup.tokenizer, StepOptions.from_config(pcfg), random.Random(0))
         # The reward scores exactly what the RM dir scores, through its Ray actor.
         prompt = setup.prompts[0]
         g = Group(prompt, [], [Sample(text="\\boxed{1}"), Sample(text="\\boxed{22}")])

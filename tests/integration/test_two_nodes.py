@@ -22,6 +22,7 @@ test process keeps no Ray state and no auth token of its own:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -169,8 +170,10 @@ def _driver(address: str, out: Path) -> None:
     from ttrl.distributed.group import WorkerGroup
     from ttrl.distributed.ray_setup import actor_env
     from ttrl.distributed.runtime import Runtime
-    from ttrl.loop import Ctx, algo_options, prepare, step
+    from ttrl.parts import build_parts
+    from ttrl.step import StepContext, StepOptions, step
     from ttrl.trainer.batch import pack_batch
+    from ttrl.trainer.options import UpdateOptions
     from ttrl.trainer.worker import PolicyWorker
 
     # split: each trainer rank and engine has its own slot, so the ranks can go to node 2 (2 CPUs)
@@ -179,7 +182,7 @@ def _driver(address: str, out: Path) -> None:
                          "+cluster.trainer_resources.node2=0.1", "cluster.placement_timeout_s=120", "reward=custom",
                          "reward.fn=tests.integration.rewards_fake:digit_share", "logger.progress=false",
                          "trainer.lr=1e-3", "trainer.lr_schedule=constant")
-    setup = prepare(cfg)
+    setup = build_parts(cfg)
     res: dict = {}
 
     t0 = time.monotonic()
@@ -217,8 +220,8 @@ def _driver(address: str, out: Path) -> None:
     batch["old_logp"] = logp[None].clone()
     batch["advantages"] = torch.ones_like(batch["old_logp"])
     batch["returns"] = torch.zeros_like(batch["old_logp"])
-    algo = algo_options(cfg) | {"kl_coef": 0.0, "inject_nan": False, "tis_cap": None}
-    stats = group.call("train_step", batch, float(batch["response_mask"].sum()), algo)[0]
+    opts = dataclasses.replace(UpdateOptions.from_config(cfg, overlap=False), kl_coef=0.0)
+    stats = group.call("train_step", batch, float(batch["response_mask"].sum()), opts)[0]
     res["probe"] = {"node": _node_of(group.actors[0]), "logp": logp.tolist(), "logp_len": len(logp),
                     "completion_len": len(completion), "grad_norm": stats["grad_norm"],
                     "fingerprint_before": before, "fingerprint_after": group.call("fingerprint")[0]}
@@ -229,7 +232,7 @@ def _driver(address: str, out: Path) -> None:
     # 2. What `ttrl-train cluster=ray +cluster.trainer_resources.node2=0.1` builds and runs.
     rt = Runtime(cfg, setup.model_path, total_opt_steps=1)
     try:
-        ctx = Ctx(cfg, rt, setup.reward, tok, algo_options(cfg), __import__("random").Random(0))
+        ctx = StepContext(rt, setup.reward, tok, StepOptions.from_config(cfg), __import__("random").Random(0))
         say("runtime up")
         row = step(ctx, setup.prompts[:cfg.data.prompts_per_step])
         say("step done")

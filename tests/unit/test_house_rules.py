@@ -44,3 +44,25 @@ def test_labeling_and_rewards_never_read_the_answer_field():
                 if "prompt" in owner or owner == "p":
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {owner}.answer")
     assert not offenders, f"ground truth read in label-free code: {offenders}"
+
+
+def test_the_step_grades_only_below_its_metrics_banner():
+    """ttrl/step.py reads no ground-truth answer, and grades (label_quality) only under `# ── metrics`."""
+    path = ROOT / "ttrl" / "step.py"
+    src = path.read_text()
+    tree = ast.parse(src)
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "step")
+    lines = src.splitlines()
+    banner = next((i for i in range(fn.lineno, fn.end_lineno + 1) if lines[i - 1].strip().startswith("# ── metrics")),
+                  None)
+    assert banner is not None, "step() has no `# ── metrics` banner"
+    offenders = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "answer":
+            owner = ast.unparse(node.value)
+            if "prompt" in owner or owner == "p":
+                offenders.append(f"step.py:{node.lineno}: {owner}.answer")
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "label_quality" \
+                and not banner < node.lineno <= fn.end_lineno:
+            offenders.append(f"step.py:{node.lineno}: label_quality outside step()'s metrics stage")
+    assert not offenders, f"ground truth above the metrics banner: {offenders}"

@@ -216,14 +216,14 @@ def graph() -> tuple[set[str], list[Edge]]:
 def test_the_graph_is_read(graph) -> None:
     """Guards the other tests against passing on an empty graph."""
     modules, edges = graph
-    assert {"ttrl.loop", "ttrl.train", "ttrl.labeling.grade", "ttrl.rewards.base"} <= modules
+    assert {"ttrl.run", "ttrl.step", "ttrl.train", "ttrl.labeling.grade", "ttrl.rewards.base"} <= modules
     assert ENTRY <= modules and LIBRARY_SCRIPTS <= modules
     pairs = {(e.src, e.dst) for e in edges}
-    assert ("ttrl.loop", "ttrl.rewards") in pairs  # `from ttrl.rewards import build_reward`
+    assert ("ttrl.parts", "ttrl.rewards") in pairs  # `from ttrl.rewards import Reward, build_reward`
     assert ("ttrl.labeling", "ttrl.labeling.extract") in pairs
     assert ("ttrl.serve.__main__", "ttrl.serve.cli") in pairs
-    # function-level imports are seen too: train.py imports the loop only when it runs
-    assert any(e.src == "ttrl.train" and e.dst == "ttrl.loop" and not e.top for e in edges)
+    # function-level imports are seen too: train.py imports the run only when it runs
+    assert any(e.src == "ttrl.train" and e.dst == "ttrl.run" and not e.top for e in edges)
 
 
 def test_relative_imports_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

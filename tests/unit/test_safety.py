@@ -13,8 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from ttrl.config import TTRLConfig
-from ttrl.loop import Guard
-from ttrl.metrics.safety import CollapseDetector
+from ttrl.metrics.safety import CollapseDetector, Guard
 
 
 def _cfg(**safety):
@@ -69,7 +68,7 @@ def test_disabled_thresholds_never_fire():
 def test_guard_applies_each_action(action, tmp_path):
     cfg = _cfg(window=2, max_majority_ratio=0.9, action=action, lr_factor=0.5, max_eval_drop=0.5)
     rt = FakeRuntime()
-    guard = Guard(cfg, rt, tmp_path, quiet=True)
+    guard = Guard(cfg, rt, tmp_path)
     guard.saved(tmp_path / "checkpoints" / "step_2", eval_pass1=0.6)
     guard.saved(tmp_path / "checkpoints" / "step_4", eval_pass1=0.4)  # worse: not the rollback target
     rows = [{"step": s, "label/majority_ratio": r} for s, r in [(5, 0.5), (6, 0.95), (7, 0.99)]]
@@ -91,7 +90,7 @@ def test_guard_applies_each_action(action, tmp_path):
 def test_guard_rollback_limit_then_stop(tmp_path):
     cfg = _cfg(window=1, max_majority_ratio=0.9, action="rollback", max_rollbacks=1, max_eval_drop=0.5)
     rt = FakeRuntime()
-    guard = Guard(cfg, rt, tmp_path, quiet=True)
+    guard = Guard(cfg, rt, tmp_path)
     guard.saved(Path("ck/step_1"), eval_pass1=0.5)
     assert guard.check({"step": 2, "label/majority_ratio": 1.0}) is None  # first rollback
     rt.calls.clear()
@@ -106,7 +105,7 @@ def test_guard_rollback_limit_then_stop(tmp_path):
 def test_guard_without_a_checkpoint_stops(tmp_path):
     cfg = _cfg(window=1, max_majority_ratio=0.9, action="rollback")
     rt = FakeRuntime()
-    guard = Guard(cfg, rt, tmp_path, quiet=True)
+    guard = Guard(cfg, rt, tmp_path)
     reason = guard.check({"step": 1, "label/majority_ratio": 1.0})
     assert reason and "no checkpoint to roll back to" in reason and rt.calls == []
 
@@ -116,7 +115,7 @@ def test_label_free_guard_rolls_back_to_the_start_and_logs_its_first_step(tmp_pa
     # ground-truth score, however good a later evaluated checkpoint looked.
     cfg = _cfg(window=1, max_flip_rate=0.3, action="rollback", lr_factor=0.5)
     rt = FakeRuntime()
-    guard = Guard(cfg, rt, tmp_path, quiet=True)
+    guard = Guard(cfg, rt, tmp_path)
     guard.saved(tmp_path / "checkpoints" / "step_0", eval_pass1=0.5)
     guard.saved(tmp_path / "checkpoints" / "step_10", eval_pass1=0.9)
     first = {"step": 11, "label/flip_rate": 0.5}
@@ -130,7 +129,7 @@ def test_label_free_guard_rolls_back_to_the_start_and_logs_its_first_step(tmp_pa
 
 def test_vote_signals_are_off_for_a_ground_truth_reward(tmp_path):
     cfg = _cfg(window=1, max_flip_rate=0.3, max_first_vote_drift=0.2)
-    guard = Guard(cfg, FakeRuntime(), tmp_path, quiet=True, label_free=False)
+    guard = Guard(cfg, FakeRuntime(), tmp_path, label_free=False)
     row = {"step": 5, "label/flip_rate": 0.9, "label/first_vote_drift": 0.9}
     assert guard.check(row) is None and "safety/collapse_step" not in row
 
@@ -138,7 +137,7 @@ def test_vote_signals_are_off_for_a_ground_truth_reward(tmp_path):
 def test_guard_counts_consecutive_skips(tmp_path):
     cfg = _cfg()
     cfg.trainer.max_skipped_steps = 2
-    guard = Guard(cfg, FakeRuntime(), tmp_path, quiet=True)
+    guard = Guard(cfg, FakeRuntime(), tmp_path)
     assert guard.check({"step": 1, "train/skipped": 1.0}) is None
     assert guard.check({"step": 2, "train/skipped": 0.0}) is None  # streak broken
     assert guard.check({"step": 3, "train/skipped": 1.0}) is None
@@ -209,7 +208,7 @@ SERIES = json.loads((Path(__file__).parent / "data" / "guard_series.json").read_
 
 def _replay(rows, **safety):
     """The first step the guard (defaults + `safety`) fires on, seeing only label-free keys."""
-    guard = Guard(_cfg(**safety), FakeRuntime(), Path("unused"), quiet=True)
+    guard = Guard(_cfg(**safety), FakeRuntime(), Path("unused"))
     for row in rows:
         guard.check({k: v for k, v in row.items() if not k.startswith("eval/")})
     return guard.fired_at

@@ -1,4 +1,4 @@
-"""`ttrl-serve` sets up its model, tokenizer and reward through the training set-up (`ttrl.loop.prepare`).
+"""`ttrl-serve` sets up its model, tokenizer and reward through the training set-up (`ttrl.parts.build_parts`).
 
 It used to carry its own copy of that set-up; this shows that every reward a
 training run can build, `reward=reward_model` included, is built the same way
@@ -51,14 +51,16 @@ def test_serve_builds_the_reward_model_reward_like_training(rm_dir, cache):
     cfg = _compose("serve", *overrides, f"serve.dir={cache / 'serve'}")
     validate_serve(cfg)
     # The data is never read (data.local_path does not exist): serving has no dataset.
-    model_path, tokenizer, reward = _setup(cfg)
+    parts = _setup(cfg)
+    model_path, tokenizer, reward = parts.model_path, parts.tokenizer, parts.reward
+    assert parts.rt is None, "no actor at set-up"
     assert isinstance(reward, RewardModelReward) and isinstance(reward.scorer, RemoteRewardModel)
     assert reward.scorer.path == str(rm_dir)
     assert reward.scorer._actor is None, "no actor before the first score"
     assert tokenizer.pad_token_id is not None and model_path
 
     # Training builds the same reward from the same keys.
-    from ttrl.loop import reward_options
+    from ttrl.parts import reward_options
 
     tcfg = _compose("config", *overrides[:2])
     validate(tcfg)

@@ -19,6 +19,7 @@ runs after ttrl's cluster is shut down, in a process of its own
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
@@ -59,28 +60,25 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _steps(ctx: Any, prompts: list, sampler: Any, n: int, overlap: bool) -> list[dict]:
-    """n training steps the way `ttrl.loop.run` drives them (sync or overlapped)."""
-    from ttrl.loop import finish_rollout, learn, start_rollout
+def _steps(ctx: Any, cfg: Any, prompts: list, sampler: Any, n: int, overlap: bool) -> list[dict]:
+    """n training steps the way `ttrl.run.run` drives them (sync or overlapped), with `cfg`'s options now."""
+    from ttrl.step import StepOptions, step
 
-    ctx.algo["tis_cap"] = ctx.cfg.rollout.tis_cap if overlap else None
-    rows, pending, t_last = [], None, time.perf_counter()
+    ctx = dataclasses.replace(ctx, opts=StepOptions.from_config(cfg, overlap=overlap), pending=None)
+    rows, upcoming, t_last = [], None, time.perf_counter()
     for i in range(n):
-        if pending is None:
-            pending = start_rollout(ctx, [prompts[j] for j in sampler.next_batch()])
-        ro, pending = finish_rollout(ctx, pending), None
-        if overlap and i < n - 1:
-            pending = start_rollout(ctx, [prompts[j] for j in sampler.next_batch()])
-        rows.append(learn(ctx, ro, t_last))
+        batch = upcoming if upcoming is not None else [prompts[j] for j in sampler.next_batch()]
+        upcoming = [prompts[j] for j in sampler.next_batch()] if overlap and i < n - 1 else None
+        rows.append(step(ctx, batch, next_prompts=upcoming, t0=t_last))
         t_last = time.perf_counter()
     return rows
 
 
-def _overlapped(rt: Any, ctx: Any, prompts: list, sampler: Any, n: int) -> list[dict]:
+def _overlapped(rt: Any, ctx: Any, cfg: Any, prompts: list, sampler: Any, n: int) -> list[dict]:
     """n overlapped steps with the engines' threads as an overlapped run would have them."""
     rt.set_engine_threads(overlap=True)
     try:
-        return _steps(ctx, prompts, sampler, n, overlap=True)
+        return _steps(ctx, cfg, prompts, sampler, n, overlap=True)
     finally:
         rt.set_engine_threads(overlap=False)
 
@@ -88,8 +86,8 @@ def _overlapped(rt: Any, ctx: Any, prompts: list, sampler: Any, n: int) -> list[
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from ttrl.bench import suite
     from ttrl.data.sampler import PromptSampler
-    from ttrl.distributed.runtime import Runtime
-    from ttrl.loop import Ctx, algo_options, prepare
+    from ttrl.parts import build_parts
+    from ttrl.step import StepContext, StepOptions, rollout
 
     quick = args.quick
     n_prompts, votes, n_train, max_tok = (16, 16, 8, 40) if quick else (32, 16, 8, 40)
@@ -115,26 +113,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # A section may run in parts (trl: ttrl's side, then TRL's after the shutdown).
         res[f"{name}.bench_s"] = res.get(f"{name}.bench_s", 0.0) + time.perf_counter() - t0
 
-    setup = prepare(cfg)
+    setup = build_parts(cfg)
     prompts = setup.prompts
-    rt = Runtime(cfg, setup.model_path, total_opt_steps=1000)
-    ctx = Ctx(cfg, rt, setup.reward, setup.tokenizer, algo_options(cfg), random.Random(0))
+    rt = setup.start_runtime(total_opt_steps=1000)
+    ctx = StepContext(rt, setup.reward, setup.tokenizer, StepOptions.from_config(cfg), random.Random(0))
     sampler = PromptSampler(len(prompts), cfg.data.prompts_per_step, True, 0)
     res["startup_s"] = rt.startup_s
     try:
-        section("rollout", lambda: suite.bench_rollout(ctx, prompts[:n_prompts * 2], setup.model_path,
+        section("rollout", lambda: suite.bench_rollout(cfg, ctx, prompts[:n_prompts * 2], setup.model_path,
                                                       n=votes, max_tokens=max_tok, repeats=3))
 
         def labeling():
-            from ttrl.loop import finish_rollout, start_rollout
-
             n = 64  # the paper's votes per prompt
-            r = cfg.rollout
-            old = r.n_votes
-            r.n_votes = n
-            ro = finish_rollout(ctx, start_rollout(ctx, prompts[:16]))
-            r.n_votes = old
-            model_groups = [[s.text for s in g.samples] for g in ro.groups]
+            groups = rollout(dataclasses.replace(ctx, opts=dataclasses.replace(ctx.opts, n_votes=n)), prompts[:16])
+            model_groups = [[s.text for s in g.samples] for g in groups]
             out = {f"{k}": v for k, v in suite.bench_labeling(model_groups, repeats=3).items()}
             shared = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "math500.jsonl"
             if shared.exists():
@@ -146,8 +138,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         section("labeling", labeling)
 
         def sync_and_steps():
-            rows = _steps(ctx, prompts, sampler, 1 if quick else 2, overlap=False)  # warm-up
-            rows = _steps(ctx, prompts, sampler, 3 if quick else 5, overlap=False)
+            rows = _steps(ctx, cfg, prompts, sampler, 1 if quick else 2, overlap=False)  # warm-up
+            rows = _steps(ctx, cfg, prompts, sampler, 3 if quick else 5, overlap=False)
             sync_s, step_s = column_mean(rows, "timing/sync"), column_mean(rows, "timing/step")
             nbytes = rows[-1]["sync/bytes"]
             return {
@@ -172,8 +164,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             section("sync", sync_and_steps)
 
             def overlap():
-                sync_rows = _steps(ctx, prompts, sampler, 4, overlap=False)
-                over_rows = _overlapped(rt, ctx, prompts, sampler, 4)
+                sync_rows = _steps(ctx, cfg, prompts, sampler, 4, overlap=False)
+                over_rows = _overlapped(rt, ctx, cfg, prompts, sampler, 4)
                 s, o = column_mean(sync_rows[1:], "timing/step"), column_mean(over_rows[1:], "timing/step")
                 return {"overlap.sync_step_s": s, "overlap.overlap_step_s": o, "overlap_speedup": s / o,
                         "overlap.logprob_diff": column_mean(over_rows[1:], "rollout/logprob_diff"),
@@ -187,7 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 out, xs, ys = {}, [], []
                 for v in ((8, 16, 32) if quick else (8, 16, 32, 64)):
                     r.n_votes = v
-                    rows = _steps(ctx, prompts, sampler, 2, overlap=False)
+                    rows = _steps(ctx, cfg, prompts, sampler, 2, overlap=False)
                     tokens = statistics.mean(r["rollout/tokens_per_s"] * r["timing/generate"] for r in rows)
                     step_s = column_mean(rows, "timing/step")
                     out[f"scaling.votes_{v}.step_s"] = step_s
@@ -209,9 +201,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 r = cfg.rollout
                 r.n_votes = n_train
                 try:
-                    _steps(ctx, prompts, sampler, 1, overlap=False)  # warm-up at this size
-                    sync_rows = _steps(ctx, prompts, sampler, 5, overlap=False)
-                    over_rows = _overlapped(rt, ctx, prompts, sampler, 6)
+                    _steps(ctx, cfg, prompts, sampler, 1, overlap=False)  # warm-up at this size
+                    sync_rows = _steps(ctx, cfg, prompts, sampler, 5, overlap=False)
+                    over_rows = _overlapped(rt, ctx, cfg, prompts, sampler, 6)
                 finally:
                     r.n_votes = votes
                 return {"trl.ttrl_step_s": column_mean(sync_rows, "timing/step"),
@@ -220,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             section("trl", ttrl_equal_workload)
     finally:
-        rt.shutdown()
+        setup.close()
     if "trl" not in args.skip and "trl.ttrl_step_s" in res:
         def trl():
             from ttrl.bench import trl_step

@@ -61,23 +61,24 @@ class BareVLLM:
         return dt, sum(len(o.token_ids) for q in outs for o in q.outputs)
 
 
-def bench_rollout(ctx: Any, prompts: list, model_path: str, n: int, max_tokens: int, repeats: int) -> dict:
+def bench_rollout(cfg: Any, ctx: Any, prompts: list, model_path: str, n: int, max_tokens: int,
+                  repeats: int) -> dict:
     """tokens/s of ttrl's rollout phase (Ray engine actor + answer extraction) / bare vLLM, same params."""
     import ray
 
-    from ttrl.loop import finish_rollout, start_rollout
+    from ttrl.step import rollout, token_ids
 
-    r, rt = ctx.cfg.rollout, ctx.rt
-    ids = [ctx.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+    r, rt = cfg.rollout, ctx.rt
+    ids = token_ids(ctx.tokenizer, prompts)
     threads = ray.get(rt.engines[0].__ray_call__.remote(lambda self: torch.get_num_threads()))
 
     def ttrl_once():
         t0 = time.perf_counter()
-        ro = finish_rollout(ctx, start_rollout(ctx, prompts))
-        return time.perf_counter() - t0, sum(len(s.token_ids) for g in ro.groups for s in g.samples)
+        groups = rollout(ctx, prompts)
+        return time.perf_counter() - t0, sum(len(s.token_ids) for g in groups for s in g.samples)
 
     kwargs = dict(model=model_path, dtype=rt.engine_dtype, enforce_eager=rt.device == "cpu",
-                  max_model_len=ctx.cfg.model.max_model_len, seed=0, enable_prefix_caching=r.enable_prefix_caching,
+                  max_model_len=cfg.model.max_model_len, seed=0, enable_prefix_caching=r.enable_prefix_caching,
                   logprobs_mode="processed_logprobs")
     opts: dict[str, Any] = {"num_cpus": 0, "num_gpus": 0}  # runs only while ttrl's engine is idle
     if rt.device != "cpu":

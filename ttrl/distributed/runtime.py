@@ -1,9 +1,10 @@
-"""The actors of a run and the verbs the loop uses on them.
+"""The actors of a run and the verbs a step uses on them.
 
 `Runtime` starts (or joins) Ray, places the rollout engines and the trainer
-worker groups, and exposes what a step needs: generate, log-probs, values,
-train, sync weights, save and load. It splits batches across ranks and
-engines; it knows nothing of rewards, votes or ground truth.
+worker groups, and implements the seam a step talks through
+(`ttrl.distributed.seam.StepRuntime`): generate, log-probs, values, train,
+sync weights, save and load. It splits batches across ranks and engines; it
+knows nothing of rewards, votes or ground truth.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from ttrl.distributed.placement import Placement
 from ttrl.distributed.ray_setup import Needs, engine_cpu_threads, start_ray, stop_ray, usable_cpus
 from ttrl.rollout.vllm_engine import EngineArgs, VLLMEngine
 from ttrl.trainer.batch import Batch, batch_size, concat, select, split
-from ttrl.trainer.worker import CriticWorker, PolicyWorker
+from ttrl.trainer.options import UpdateOptions
+from ttrl.trainer.worker import ADDITIVE_STATS, CriticWorker, PolicyWorker
 
-# Metrics that are sums over ranks (each rank's share of a globally
-# normalised loss); everything else is averaged over ranks.
-_SUMMED = {"pg_loss", "kl_loss", "entropy_sum", "entropy_n", "vf_loss", "logprob_diff_sum", "logprob_diff_n"}
+# Ray restarts a dead rollout engine this many times over the run (the
+# generation itself is retried rollout.max_retries times per call).
+ENGINE_MAX_RESTARTS = 2
 
 
 def resolve_device(device: str) -> str:
@@ -43,6 +45,11 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 class Runtime:
+    need_ref: bool
+    need_critic: bool
+    mini: int
+    weights_version: int
+
     def __init__(self, cfg: Any, model_path: str, total_opt_steps: int):
         t0 = time.perf_counter()
         self.cfg = cfg
@@ -84,7 +91,7 @@ class Runtime:
             cpu_threads=0 if gpu else self.engine_threads(r.overlap))
         engine_cls = ray.remote(VLLMEngine)
         self.engines = [
-            engine_cls.options(name=f"rollout-{i}", max_restarts=2, max_task_retries=0,
+            engine_cls.options(name=f"rollout-{i}", max_restarts=ENGINE_MAX_RESTARTS, max_task_retries=0,
                                **self.placement.engine(i)).remote(EngineArgs(**{**asdict(eargs), "seed": eargs.seed + i}))
             for i in range(r.num_engines)
         ]
@@ -228,30 +235,31 @@ class Runtime:
         return torch.cat(parts, 0)[:B]
 
     # ── updates ───────────────────────────────────────────────────────────
-    def _train_group(self, group: WorkerGroup, batch: Batch, algo: dict, mode: str) -> dict[str, float]:
+    def _train_group(self, group: WorkerGroup, batch: Batch, opts: UpdateOptions, mode: str,
+                     *extra: Any) -> dict[str, float]:
         """Mini-batch loop over the step batch; one optimizer step per mini-batch."""
         B = batch_size(batch)
         stats: list[dict[str, float]] = []
-        for _ in range(algo["ppo_epochs"]):
+        for _ in range(opts.ppo_epochs):
             for i in range(0, B, self.mini):
                 mb = select(batch, slice(i, i + self.mini))
                 norm = float(aggregation_normalizer(mb["response_mask"], mode))
-                per_rank = group.call_sharded("train_step", split(mb, group.world_size), norm, algo)
+                per_rank = group.call_sharded("train_step", split(mb, group.world_size), norm, opts, *extra)
                 merged = {}
                 for k in per_rank[0]:
                     vals = [r[k] for r in per_rank if k in r]
-                    merged[k] = sum(vals) if k in _SUMMED else sum(vals) / len(vals)
+                    merged[k] = sum(vals) if k in ADDITIVE_STATS else sum(vals) / len(vals)
                 stats.append(merged)
         # Report the mean over optimizer steps.
         keys = {k for s in stats for k in s}
         return {k: sum(s.get(k, 0.0) for s in stats) / len(stats) for k in keys}
 
-    def train_policy(self, batch: Batch, algo: dict) -> dict[str, float]:
-        return self._train_group(self.policy, batch, algo, algo["loss_agg"])
+    def train_policy(self, batch: Batch, opts: UpdateOptions, inject_nan: bool = False) -> dict[str, float]:
+        return self._train_group(self.policy, batch, opts, opts.loss_agg, inject_nan)
 
-    def train_critic(self, batch: Batch, algo: dict) -> dict[str, float]:
+    def train_critic(self, batch: Batch, opts: UpdateOptions) -> dict[str, float]:
         assert self.critic is not None
-        return self._train_group(self.critic, batch, algo, "token_mean")
+        return self._train_group(self.critic, batch, opts, "token_mean")
 
     # ── weights ───────────────────────────────────────────────────────────
     def sync_weights(self) -> dict[str, float]:

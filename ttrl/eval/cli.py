@@ -27,30 +27,25 @@ from ttrl.config import ConfigError, register_configs, validate
 
 
 def run_eval(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
-    from ttrl.distributed.runtime import resolve_device, resolve_dtype
     from ttrl.eval.runner import evaluate
-    from ttrl.loop import prepare
-    from ttrl.rollout.vllm_engine import EngineArgs, VLLMEngine
+    from ttrl.parts import build_parts
+    from ttrl.step import token_ids
 
     e = cfg.eval
     if e.checkpoint:
         cfg = OmegaConf.merge(cfg, {"model": {"path": e.checkpoint}})
-    setup = prepare(cfg)
-    device = resolve_device(cfg.device)
-    r = cfg.rollout
-    engine = VLLMEngine(EngineArgs(
-        model_path=setup.model_path, dtype=resolve_dtype(cfg.model.dtype, device),
-        max_model_len=cfg.model.max_model_len, seed=cfg.seed,
-        enforce_eager=(device == "cpu") if r.enforce_eager is None else r.enforce_eager,
-        enable_prefix_caching=r.enable_prefix_caching, gpu_memory_utilization=r.gpu_memory_utilization,
-        tensor_parallel_size=r.tensor_parallel_size, cpu_kv_cache_gb=r.cpu_kv_cache_gb, device=device))
-    ids = [setup.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in setup.prompts]
-    t0 = time.perf_counter()
-    summary, records = evaluate(engine.generate, setup.prompts, ids, n=e.n_samples, temperature=e.temperature,
-                                top_p=e.top_p, max_tokens=e.max_new_tokens or r.max_new_tokens, ks=list(e.ks),
-                                greedy=e.greedy)
+    parts = build_parts(cfg)
+    try:
+        engine = parts.local_engine()
+        t0 = time.perf_counter()
+        summary, records = evaluate(engine.generate, parts.prompts, token_ids(parts.tokenizer, parts.prompts),
+                                    n=e.n_samples, temperature=e.temperature, top_p=e.top_p,
+                                    max_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, ks=list(e.ks),
+                                    greedy=e.greedy)
+    finally:
+        parts.close()
     result = {
-        "model": setup.model_path, "data": cfg.data.name, "n_samples": 1 if e.greedy else e.n_samples,
+        "model": parts.model_path, "data": cfg.data.name, "n_samples": 1 if e.greedy else e.n_samples,
         "temperature": 0.0 if e.greedy else e.temperature, "top_p": e.top_p, "greedy": e.greedy,
         "metrics": summary, "wall_s": time.perf_counter() - t0,
     }
@@ -71,7 +66,13 @@ def _main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"ttrl-eval: config error: {err}", file=sys.stderr)
         sys.exit(2)
-    run_eval(cfg, Path(HydraConfig.get().runtime.output_dir))
+    from ttrl.parts import SetupError
+
+    try:
+        run_eval(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except SetupError as err:
+        print(f"ttrl-eval: cannot start: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ can be started.
 A `Grader` holds what a check depends on: its `GradeOptions` (time bound,
 backend, worker count), its cache, its workers and its counters. The
 module-level functions use the process's grader, which a run sets from its
-config with `use(GradeOptions(timeout_s=...))` (ttrl.loop.prepare) before it
+config with `use(GradeOptions(timeout_s=...))` (ttrl.parts.build_parts) before it
 grades; code that wants other settings builds its own `Grader`.
 
 Must never: raise (a failed or timed-out check is "not equivalent"), block

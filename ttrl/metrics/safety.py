@@ -5,16 +5,25 @@ itself (majority ratio climbs to 1) on wrong answers, its entropy
 collapses, or its responses shrink or balloon. `CollapseDetector` watches
 the metrics rows a run logs and returns an event for each threshold a
 moving average crosses, and for eval/pass@1 falling too far below its best.
-Pure Python on metric rows: no model, no ground truth beyond what the
-metrics (eval) already computed.
+`VoteTracker` derives the label-free vote signals it watches. `Guard` is
+what a run checks after every step: skipped updates, the detectors, and the
+action (warn, stop, roll back). Pure Python on metric rows: no model, no
+ground truth beyond what the metrics (eval) already computed; the guard
+reaches the actors only through the `StepRuntime` it is handed, and must
+never import ray, vllm or deepspeed.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ttrl.distributed.seam import StepRuntime
 
 
 @dataclass
@@ -133,3 +142,95 @@ class VoteTracker:
         if confident:
             out["label/flip_rate"] = flips / confident
         return out
+
+
+class Guard:
+    """Numerical and self-training safety, checked after every step of a run.
+
+    Counts skipped (non-finite) updates and stops after
+    `trainer.max_skipped_steps` in a row; runs the collapse detectors and
+    applies `safety.action`: warn, stop, or rollback with a lower learning
+    rate. The rollback target is the best evaluated checkpoint when the guard
+    watches eval/pass@1 (`safety.max_eval_drop`, which grades against ground
+    truth); a label-free guard picks no checkpoint by a graded score and rolls
+    back to the starting weights. The first step it fires is logged as
+    `safety/collapse_step` with `safety/reason`. It reaches the actors only
+    through `rt` (load, scale_lr, sync_weights of the `StepRuntime` seam).
+    """
+
+    def __init__(self, cfg: Any, rt: StepRuntime, run_dir: Path, label_free: bool = True):
+        self.cfg, self.rt, self.run_dir = cfg, rt, run_dir
+        self.label_free = label_free
+        # The vote signals watch a run that makes its own labels; a reward
+        # that reads the ground truth moves votes for the right reasons.
+        self.detector = CollapseDetector(cfg.safety, vote_signals=label_free)
+        self.skips = 0
+        self.rollbacks = 0
+        self.fired_at: int | None = None
+        self.best_ckpt: Path | None = None
+        self.best_eval: float | None = None
+        self.by_eval = cfg.safety.max_eval_drop is not None
+
+    def saved(self, path: Path, eval_pass1: float | None) -> None:
+        """A checkpoint was written: the starting one, or a better-evaluated one, becomes the rollback target."""
+        if self.best_ckpt is None and int(path.name.split("_")[-1]) == 0:
+            self.best_ckpt, self.best_eval = path, eval_pass1  # the starting weights: always a safe target
+        elif self.by_eval and eval_pass1 is not None and (self.best_eval is None or eval_pass1 > self.best_eval):
+            self.best_ckpt, self.best_eval = path, eval_pass1
+
+    def _say(self, msg: str) -> None:
+        print(f"ttrl: {msg}", file=sys.stderr, flush=True)
+
+    def check(self, row: dict[str, Any]) -> str | None:
+        """Add event/* and safety/* keys to `row`; return a reason when the run must stop."""
+        if row.get("train/skipped"):
+            self.skips += 1
+            row["event/skipped_update"] = f"non-finite loss or gradient norm: update skipped ({self.skips} in a row)"
+            self._say(row["event/skipped_update"])
+            if self.skips >= self.cfg.trainer.max_skipped_steps:
+                return (f"{self.skips} updates in a row had a non-finite loss or gradient norm; stopping. "
+                        f"The last checkpoint in {self.run_dir / 'checkpoints'} is intact.")
+        else:
+            self.skips = 0
+        events = self.detector.update(row)
+        if not events:
+            return None
+        msg = "; ".join(e.message for e in events)
+        row["event/collapse"] = msg
+        if self.fired_at is None:
+            self.fired_at = int(row["step"])
+            row["safety/collapse_step"] = self.fired_at
+            row["safety/reason"] = msg
+        action = self.cfg.safety.action
+        row["event/action"] = action
+        self._say(f"collapse warning at step {row['step']}: {msg} (action: {action})")
+        if action == "stop":
+            return f"collapse detected ({msg}); stopping as safety.action=stop asks."
+        if action == "rollback":
+            return self._rollback(row, msg)
+        return None
+
+    def _rollback(self, row: dict[str, Any], msg: str) -> str | None:
+        if self.best_ckpt is None:
+            row["event/action"] = "rollback impossible"
+            return f"collapse detected ({msg}) and no checkpoint to roll back to; stopping."
+        where = (f"{self.best_ckpt} (eval pass@1 {self.best_eval:.3f})" if self.best_eval is not None
+                 else f"{self.best_ckpt} (the starting weights)")
+        if self.rollbacks >= self.cfg.safety.max_rollbacks:
+            # Out of retries: leave the engines and trainer on the best weights
+            # seen, so what the run ends with is never the collapsed model.
+            self.rt.load(str(self.best_ckpt))
+            self.rt.sync_weights()
+            row["event/action"] = "restored best, stopping"
+            row["event/rollback_to"] = str(self.best_ckpt)
+            return (f"collapse detected ({msg}) and no rollback left ({self.rollbacks} done); restored "
+                    f"{where} and stopping.")
+        self.rt.load(str(self.best_ckpt))
+        lr = self.rt.scale_lr(self.cfg.safety.lr_factor ** (self.rollbacks + 1))
+        self.rt.sync_weights()
+        self.rollbacks += 1
+        self.detector.reset()
+        row["event/rollback_to"] = str(self.best_ckpt)
+        row["event/lr_after_rollback"] = lr
+        self._say(f"rolled back to {where}; lr now {lr:.3g}")
+        return None

@@ -4,7 +4,7 @@
 into <run dir>/ser/final_rm (or reuses it when the run is resumed and it is
 already there), points `reward.path` at it when the config says
 `reward.path=ser`, rewrites the run dir's config.yaml with the real path,
-and hands over to the ordinary training loop (`ttrl.loop.run`), e.g. PPO
+and hands over to the ordinary training run (`ttrl.run.run`), e.g. PPO
 with `reward=reward_model`. Ray is stopped between the stages: each stage
 sizes its own local cluster.
 """
@@ -37,6 +37,6 @@ def run_ser_then_policy(cfg: Any, run_dir: Path) -> float | None:
     if cfg.reward.name == "reward_model" and cfg.reward.path == SER_PATH:
         cfg.reward.path = str(final.resolve())
         write_resolved_config(cfg, run_dir)
-    from ttrl.loop import run
+    from ttrl.run import run
 
     return run(cfg, run_dir)

@@ -36,8 +36,8 @@ def _main(cfg: DictConfig) -> None:
     serve_dir = Path(cfg.serve.dir).expanduser().resolve()  # Ray workers write versions there too
     write_resolved_config(cfg, serve_dir)
     from ttrl.distributed.group import WorkerDiedError  # heavy imports (torch, ray) only now
-    from ttrl.loop import SetupError
     from ttrl.models.resolve import ModelError
+    from ttrl.parts import SetupError
     from ttrl.serve.server import run_server
 
     try:

@@ -14,8 +14,9 @@ A round (every `serve.learn.every_queries` queries, or `every_seconds`):
        whose n_votes samples (current weights) agree >= gate.min_agreement are
        frozen, held out of training for good
     3. score the current weights on it (staging holds them at this point)
-    4. `learn.steps` TTRL steps with `ttrl.loop.learn` (majority-vote reward,
-       corrected by user feedback), rollouts on staging, synced every step
+    4. `learn.steps` TTRL steps with `ttrl.step.step`, the step training runs
+       (majority-vote reward, corrected by user feedback), on `StagingRuntime`:
+       rollouts on staging, synced every step
     5. score the candidate on the same set, same sampling seed
     6. `gate.decide`: promote (save v<N+1>, hot-swap the serving engines from
        disk) or reject (trainer and staging roll back to the served version
@@ -46,6 +47,9 @@ from ttrl.serve.feedback import FeedbackVoteReward, Rating, confirmed_label
 from ttrl.serve.gate import EvalResult, GateDecision, decide, freezable, score_samples
 from ttrl.serve.store import Store
 from ttrl.serve.versions import Versions
+from ttrl.step import StepContext, StepOptions, step
+from ttrl.trainer.batch import Batch
+from ttrl.trainer.options import UpdateOptions
 from ttrl.types import Prompt
 
 STAGING_TAG = 1_000_000  # weights_version tags of the staging engine (internal, never served)
@@ -56,21 +60,36 @@ class _Aborted(RuntimeError):
 
 
 class StagingRuntime:
-    """The `Runtime` verbs `ttrl.loop.learn` uses, with rollouts and syncs on the staging engine only."""
+    """The step's seam (`ttrl.distributed.seam.StepRuntime`) for the learner.
+
+    Rollouts and weight syncs go to the staging engine only; the trainer
+    (log-probs, updates, saved state) is the server's `Runtime`, shared.
+    """
+
+    need_ref: bool
+    need_critic: bool
+    mini: int
 
     def __init__(self, rt: Any, staging: Any):
         self.rt, self.staging = rt, staging
         self.need_ref, self.need_critic, self.mini = rt.need_ref, rt.need_critic, rt.mini
         self.syncs = 0
 
+    @property
+    def weights_version(self) -> int:
+        """Syncs into the staging engine (tagged STAGING_TAG + this, never a served version)."""
+        return self.syncs
+
     # rollout: the staging engine
-    def submit_generate(self, prompt_ids, n, temperature, top_p, top_k, max_tokens, seed=None):
+    def submit_generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, top_k: int,
+                        max_tokens: int, seed: int | None = None) -> Any:
         return self.staging.generate.remote(prompt_ids, n, temperature, top_p, top_k, max_tokens, seed)
 
-    def collect(self, handle) -> list[list[dict]]:
+    def collect(self, handle: Any) -> list[list[dict]]:
         return ray.get(handle)
 
-    def generate(self, prompt_ids, n, temperature, top_p, top_k, max_tokens, seed=None):
+    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, top_k: int,
+                 max_tokens: int, seed: int | None = None) -> list[list[dict]]:
         return self.collect(self.submit_generate(prompt_ids, n, temperature, top_p, top_k, max_tokens, seed))
 
     def sync_weights(self) -> dict[str, float]:
@@ -85,18 +104,33 @@ class StagingRuntime:
     def wake_engines(self) -> None:
         ray.get(self.staging.wake_up.remote())
 
-    # trainer: unchanged
-    def logprobs(self, *a, **kw):
-        return self.rt.logprobs(*a, **kw)
+    # trainer: the server's, unchanged
+    def logprobs(self, batch: Batch, temperature: float, which: str = "policy") -> Any:
+        return self.rt.logprobs(batch, temperature, which)
 
-    def values(self, *a, **kw):
-        return self.rt.values(*a, **kw)
+    def values(self, batch: Batch) -> Any:
+        return self.rt.values(batch)
 
-    def train_policy(self, *a, **kw):
-        return self.rt.train_policy(*a, **kw)
+    def train_policy(self, batch: Batch, opts: UpdateOptions, inject_nan: bool = False) -> dict[str, float]:
+        return self.rt.train_policy(batch, opts, inject_nan)
 
-    def train_critic(self, *a, **kw):
-        return self.rt.train_critic(*a, **kw)
+    def train_critic(self, batch: Batch, opts: UpdateOptions) -> dict[str, float]:
+        return self.rt.train_critic(batch, opts)
+
+    def save(self, path: str, export_hf: bool = True) -> None:
+        self.rt.save(path, export_hf)
+
+    def load(self, path: str) -> None:
+        self.rt.load(path)
+
+    def fingerprint(self) -> float:
+        return self.rt.fingerprint()
+
+    def scale_lr(self, factor: float) -> float:
+        return self.rt.scale_lr(factor)
+
+    def shutdown(self) -> None:
+        """Nothing to let go: the staging engine and the trainer are the server's Runtime's, which it shuts down."""
 
 
 class Learner:
@@ -104,8 +138,6 @@ class Learner:
                  base_reward: Any, swap: Callable[[int], dict], served: Callable[[], int],
                  trainer_lock: threading.Lock, labelled: list[Prompt] | None = None,
                  on_round: Callable[[dict], None] | None = None, alert: Callable[[str, dict], None] | None = None):
-        from ttrl.loop import algo_options
-
         self.cfg, self.rt, self.store, self.versions, self.tokenizer = cfg, rt, store, versions, tokenizer
         self.staging = StagingRuntime(rt, staging)
         self.base_reward = base_reward
@@ -114,8 +146,8 @@ class Learner:
         self.labelled = labelled
         self.on_round = on_round or (lambda summary: None)
         self.alert = alert or (lambda msg, payload: None)
-        self.algo = algo_options(cfg)
-        self.algo["tis_cap"] = None  # staging is synced every step: rollouts are on-policy
+        # Staging is synced every step: its rollouts are on-policy, whatever rollout.overlap says.
+        self.opts = StepOptions.from_config(cfg, overlap=False)
         self.rng = random.Random(cfg.seed)
         self.state = "idle"
         self.last_error: str | None = None
@@ -272,7 +304,6 @@ class Learner:
         return {p.id: by_text[p.text] for p in prompts if p.text in by_text}
 
     def run_round(self, why: str = "manual") -> dict[str, Any]:
-        from ttrl.loop import Ctx, finish_rollout, learn, start_rollout
         from ttrl.metrics.safety import CollapseDetector
 
         cfg, ln = self.cfg, self.cfg.serve.learn
@@ -310,9 +341,8 @@ class Learner:
                     prompts = [Prompt(id=f"{q['id']}:{q['idx']}", problem=q["prompt"], answer=None, text=q["prompt"])
                                for q in chosen]
                     reward = FeedbackVoteReward(self.base_reward, self._ratings(prompts))
-                    ctx = Ctx(cfg, self.staging, reward, self.tokenizer, self.algo, self.rng)
-                    t0 = time.perf_counter()
-                    row = learn(ctx, finish_rollout(ctx, start_rollout(ctx, prompts)), t0)
+                    ctx = StepContext(self.staging, reward, self.tokenizer, self.opts, self.rng)
+                    row = step(ctx, prompts)
                     corrected += reward.corrected
                     step_rows.append(row)
                     if row.get("train/skipped"):

@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from ttrl.rundir import write_atomic
 from ttrl.serve.auth import resolve_admin_token
 from ttrl.serve.config import is_loopback
@@ -116,12 +114,11 @@ class ServeController:
 
 
 def _setup(cfg: Any):
-    """Model dir, tokenizer and reward, built by `ttrl.loop.prepare` exactly as a training run builds
-    them (grading bound, model resolution, every reward including `reward_model`), without its data."""
-    from ttrl.loop import prepare
+    """The run's parts, built by `ttrl.parts.build_parts` exactly as a training run builds them
+    (grading bound, model resolution, every reward including `reward_model`), without its data."""
+    from ttrl.parts import build_parts
 
-    setup = prepare(cfg, with_prompts=False)
-    return setup.model_path, setup.tokenizer, setup.reward
+    return build_parts(cfg, with_prompts=False)
 
 
 def _labelled_set(cfg: Any, tokenizer: Any):
@@ -144,7 +141,6 @@ def write_server_file(serve_dir: Path, info: dict[str, Any]) -> Path:
 def run_server(cfg: Any, serve_dir: Path) -> None:
     import ray
 
-    from ttrl.distributed.runtime import Runtime
     from ttrl.serve.learner import Learner
 
     s = cfg.serve
@@ -153,16 +149,18 @@ def run_server(cfg: Any, serve_dir: Path) -> None:
     if not is_loopback(s.host):
         print(f"ttrl-serve: WARNING: listening on {s.host}, not loopback: the OpenAI API has no authentication; "
               "put it behind an authenticating proxy", file=sys.stderr, flush=True)
-    model_path, tokenizer, reward = _setup(cfg)
+    parts = _setup(cfg)
+    model_path, tokenizer, reward = parts.model_path, parts.tokenizer, parts.reward
     labelled = _labelled_set(cfg, tokenizer)
     store = Store(s.store or serve_dir / "store.sqlite")
     versions = Versions(serve_dir / "versions")
-    # One more engine than asked for: the staging engine (learner rollouts, gate).
-    rt_cfg = OmegaConf.merge(cfg, {"rollout": {"num_engines": cfg.rollout.num_engines + 1, "weight_sync": "ray"}})
     if not quiet:
         print(f"ttrl-serve: starting Ray, {cfg.rollout.num_engines} serving + 1 staging vLLM engine(s), "
               f"{cfg.trainer.num_workers} DeepSpeed rank(s) ...", file=sys.stderr, flush=True)
-    rt = Runtime(rt_cfg, model_path, total_opt_steps=int(cfg.trainer.total_steps or 1_000_000))
+    # One more engine than asked for: the staging engine (learner rollouts, gate). Versions reach
+    # the engines from disk and staging through push_weights: no NCCL weight group.
+    rt = parts.start_runtime(int(cfg.trainer.total_steps or 1_000_000),
+                             overrides={"rollout": {"num_engines": cfg.rollout.num_engines + 1, "weight_sync": "ray"}})
     serving, staging = rt.engines[:-1], rt.engines[-1]
     learner = None
     try:
@@ -202,11 +200,9 @@ def run_server(cfg: Any, serve_dir: Path) -> None:
     finally:
         if learner is not None:
             learner.stop()
-        if hasattr(reward, "close"):  # a reward that holds an actor (reward_model) lets it go
-            reward.close()
         store.add_event("stopped", pid=os.getpid())
         store.close()
-        rt.shutdown()
+        parts.close()  # the reward (reward_model's actor), then the runtime
         print("ttrl-serve: stopped", file=sys.stderr, flush=True)
 
 

@@ -24,7 +24,7 @@ Four pieces:
 - `RewardModelScorer`: plain torch, one process: loads a saved RM dir and
   scores batches.
 - `RemoteRewardModel`: a `RewardModelScorer` in a Ray actor, started on first
-  use: the scorer that the run's set-up (`ttrl.loop.reward_options`) hands
+  use: the scorer that the run's set-up (`ttrl.parts.reward_options`) hands
   to `reward=reward_model` (ttrl/rewards/ knows it only as a protocol).
 
 Every saved RM dir holds `ttrl_rm.json`: the input template, max length and

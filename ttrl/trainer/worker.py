@@ -19,10 +19,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from ttrl.trainer.options import UpdateOptions
+
 WorkerSpec = dict[str, Any]
-# Per-micro-batch stats that add up (global normaliser, or sums and counts);
-# the others are averaged over micro-batches.
-_ADDITIVE = ("pg_loss", "kl_loss", "entropy_sum", "entropy_n", "logprob_diff_sum", "logprob_diff_n")
+# Update stats that add up, over a rank's micro-batches and over ranks: losses
+# normalised by the whole mini-batch's count (each part is a share of the
+# total), and sums with their counts. Every other stat is averaged.
+ADDITIVE_STATS = frozenset({"pg_loss", "kl_loss", "vf_loss", "entropy_sum", "entropy_n", "logprob_diff_sum",
+                            "logprob_diff_n"})
 
 
 def _setup_env(rank: int, world_size: int, master_addr: str, master_port: int, device: str) -> None:
@@ -230,8 +234,12 @@ class PolicyWorker(_DSWorker):
         return self._scatter_rows(parts, batch)
 
     # ── update ────────────────────────────────────────────────────────────
-    def train_step(self, batch: dict, normalizer: float, algo: dict) -> dict[str, float]:
-        """One optimizer step on this rank's share of a mini-batch (micro-batched)."""
+    def train_step(self, batch: dict, normalizer: float, opts: UpdateOptions,
+                   inject_nan: bool = False) -> dict[str, float]:
+        """One optimizer step on this rank's share of a mini-batch (micro-batched).
+
+        `inject_nan` makes the loss NaN (a fault for the guard's tests).
+        """
 
         from ttrl.algos import aggregate, kl, policy_loss
         from ttrl.trainer.batch import batch_size
@@ -248,8 +256,8 @@ class PolicyWorker(_DSWorker):
         for _, mb in self._micro_batches(batch):
             mb = self._to_dev(mb)
             mask = mb["response_mask"]
-            logp, ent = self._logp(self.engine, mb, algo["temperature"], with_entropy=True,
-                                   entropy_grad=algo["entropy_coef"] > 0)
+            logp, ent = self._logp(self.engine, mb, opts.temperature, with_entropy=True,
+                                   entropy_grad=opts.entropy_coef > 0)
             old_logp = mb.get("old_logp")
             extra: dict[str, Any] = {}
             if old_logp is None:
@@ -259,27 +267,27 @@ class PolicyWorker(_DSWorker):
                 extra["logprob_diff_sum"] = ((mb["behavior_logp"] - old_logp).abs() * mask).sum()
                 extra["logprob_diff_n"] = mask.sum()
             loss, stats = policy_loss(
-                algo["policy_loss"], logp, old_logp, mb["advantages"], mask,
-                clip_low=algo["clip_low"], clip_high=algo["clip_high"], dual_clip=algo["dual_clip"],
-                agg_mode=algo["loss_agg"], normalizer=normalizer,
+                opts.policy_loss, logp, old_logp, mb["advantages"], mask,
+                clip_low=opts.clip_low, clip_high=opts.clip_high, dual_clip=opts.dual_clip,
+                agg_mode=opts.loss_agg, normalizer=normalizer,
                 # Off-policy samples (overlap mode): reweight by pi_old / pi_behaviour, capped.
-                behavior_logp=mb["behavior_logp"] if algo.get("tis_cap") else None,
-                tis_cap=algo.get("tis_cap"))
-            if algo["kl_coef"] > 0 and not algo["kl_in_reward"]:
-                kl_tok = kl(algo["kl_estimator"], logp, mb["ref_logp"])
-                kl_loss = aggregate(kl_tok, mask, algo["loss_agg"], normalizer=normalizer)
-                loss = loss + algo["kl_coef"] * kl_loss
+                behavior_logp=mb["behavior_logp"] if opts.tis_cap else None,
+                tis_cap=opts.tis_cap)
+            if opts.kl_coef > 0 and not opts.kl_in_reward:
+                kl_tok = kl(opts.kl_estimator, logp, mb["ref_logp"])                   # [b, R]
+                kl_loss = aggregate(kl_tok, mask, opts.loss_agg, normalizer=normalizer)
+                loss = loss + opts.kl_coef * kl_loss
                 stats["kl_loss"] = kl_loss.detach()
-            ent_mean = aggregate(ent, mask, algo["loss_agg"], normalizer=normalizer)
+            ent_mean = aggregate(ent, mask, opts.loss_agg, normalizer=normalizer)
             stats["pg_loss"] = loss.detach()
-            if algo["entropy_coef"] > 0:
-                loss = loss - algo["entropy_coef"] * ent_mean
+            if opts.entropy_coef > 0:
+                loss = loss - opts.entropy_coef * ent_mean
             # Reported per token whatever the loss aggregation, so that the metric (and
             # the guard's threshold on it) means the same for every algorithm.
             stats["entropy_sum"] = (ent.detach() * mask).sum()
             stats["entropy_n"] = mask.sum()
             stats |= extra
-            if algo.get("inject_nan"):
+            if inject_nan:
                 loss = loss * float("nan")  # fault injection (tests of the guard)
             self.engine.backward(loss * scale)
             self.engine.step()
@@ -289,7 +297,7 @@ class PolicyWorker(_DSWorker):
                 # micro-batches; ratio-like stats are averaged.
                 val = float(v)
                 sums[k] = sums.get(k, 0.0) + val
-        out = {k: (v if k in _ADDITIVE else v / n_micro) for k, v in sums.items()}
+        out = {k: (v if k in ADDITIVE_STATS else v / n_micro) for k, v in sums.items()}
         gn = self.engine.get_global_grad_norm()
         out["grad_norm"] = float(gn) if gn is not None else float("nan")
         out["lr"] = lr_used
@@ -503,7 +511,7 @@ class CriticWorker(_DSWorker):
                 parts.append((rows, self._values(self._to_dev(mb))))
         return self._scatter_rows(parts, batch)
 
-    def train_step(self, batch: dict, normalizer: float, algo: dict) -> dict[str, float]:
+    def train_step(self, batch: dict, normalizer: float, opts: UpdateOptions) -> dict[str, float]:
         from ttrl.algos import value_loss
         from ttrl.trainer.batch import batch_size
 
@@ -515,7 +523,7 @@ class CriticWorker(_DSWorker):
             mb = self._to_dev(mb)
             v = self._values(mb)
             loss, stats = value_loss(v, mb["values"], mb["returns"], mb["response_mask"],
-                                     clip_eps=algo["value_clip"], agg_mode="token_mean", normalizer=normalizer)
+                                     clip_eps=opts.value_clip, agg_mode="token_mean", normalizer=normalizer)
             self.engine.backward(loss * scale)
             self.engine.step()
             total += float(loss)
