@@ -264,6 +264,7 @@ def _metrics(groups: list[Group], batch: Batch, out: RewardOutput, kept_rewards:
         # Nats per response token, under the policy before this update.
         "train/entropy": trained.pop("entropy_sum", float("nan")) / max(trained.pop("entropy_n", 1.0), 1.0),
         "train/clip_frac": trained.pop("clip_frac", float("nan")),
+        # The clipped surrogate alone; the KL term is train/kl_loss (times algorithm.kl_coef in the loss).
         "train/pg_loss": trained.pop("pg_loss", float("nan")),
         "train/grad_norm": trained.pop("grad_norm", float("nan")),
         "train/lr": trained.pop("lr", float("nan")),

@@ -238,7 +238,9 @@ class PolicyWorker(_DSWorker):
                    inject_nan: bool = False) -> dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch (micro-batched).
 
-        `inject_nan` makes the loss NaN (a fault for the guard's tests).
+        loss = pg_loss + kl_coef * kl_loss - entropy_coef * entropy; pg_loss
+        and kl_loss are reported apart. `inject_nan` makes the loss NaN (a
+        fault for the guard's tests).
         """
 
         from ttrl.algos import aggregate, kl, policy_loss
@@ -273,13 +275,13 @@ class PolicyWorker(_DSWorker):
                 # Off-policy samples (overlap mode): reweight by pi_old / pi_behaviour, capped.
                 behavior_logp=mb["behavior_logp"] if opts.tis_cap else None,
                 tis_cap=opts.tis_cap)
+            stats["pg_loss"] = loss.detach()
             if opts.kl_coef > 0 and not opts.kl_in_reward:
                 kl_tok = kl(opts.kl_estimator, logp, mb["ref_logp"])                   # [b, R]
                 kl_loss = aggregate(kl_tok, mask, opts.loss_agg, normalizer=normalizer)
                 loss = loss + opts.kl_coef * kl_loss
                 stats["kl_loss"] = kl_loss.detach()
             ent_mean = aggregate(ent, mask, opts.loss_agg, normalizer=normalizer)
-            stats["pg_loss"] = loss.detach()
             if opts.entropy_coef > 0:
                 loss = loss - opts.entropy_coef * ent_mean
             # Reported per token whatever the loss aggregation, so that the metric (and
@@ -303,7 +305,7 @@ class PolicyWorker(_DSWorker):
         out["lr"] = lr_used
         # ZeRO skips the optimizer step itself when the gradient norm is not
         # finite; report whether it did, so the loop can count skips.
-        finite = math.isfinite(out["pg_loss"]) and math.isfinite(out["grad_norm"])
+        finite = all(math.isfinite(out[k]) for k in ("pg_loss", "kl_loss", "grad_norm") if k in out)
         out["skipped"] = float(not (self.engine.was_step_applied() and finite))
         return out
 
