@@ -69,16 +69,18 @@ def run(cfg: Any, run_dir: Path) -> float | None:
                 say(f"before training: {eval_line(history[-1])}")
         guard = start_guard(cfg, ctx, prompts, run_dir, start, history[-1] if history else None, sampler, quiet)
 
+        def draw() -> list[Prompt]:
+            return [prompts[i] for i in sampler.next_batch()]
+
         row: dict[str, Any] = {}
         upcoming: list[Prompt] | None = None
         t_last = t_loop = time.perf_counter()
         for step_no in range(start + 1, steps + 1):
-            batch = upcoming if upcoming is not None else [prompts[i] for i in sampler.next_batch()]
+            batch = upcoming if upcoming is not None else draw()
             # What a checkpoint of this step records: the batches drawn up to this one.
             sampler_state = sampler.state_dict()
             # Overlap: the next batch is sampled while this one trains, one step off-policy.
-            upcoming = ([prompts[i] for i in sampler.next_batch()] if cfg.rollout.overlap and step_no < steps
-                        else None)
+            upcoming = draw() if cfg.rollout.overlap and step_no < steps else None
             row = {"step": step_no, **step(ctx, batch, next_prompts=upcoming, t0=t_last,
                                            inject_nan=step_no in cfg.faults.nan_loss_at_steps), **resumed}
             resumed = {}

@@ -61,7 +61,7 @@ class StepOptions:
 
     @classmethod
     def from_config(cls, cfg: Any, overlap: bool | None = None) -> StepOptions:
-        """`overlap` (default: rollout.overlap): whether the samples may come from the weights before the last sync."""
+        """`overlap` (default: rollout.overlap): samples may come from the weights before the last sync."""
         r, a, lg = cfg.rollout, cfg.algorithm, cfg.logger
         return cls(n_votes=r.n_votes, n_train=r.n_train, subsample=r.subsample, temperature=r.temperature,
                    top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,

@@ -53,8 +53,8 @@ def test_the_step_grades_only_below_its_metrics_banner():
     tree = ast.parse(src)
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "step")
     lines = src.splitlines()
-    banner = next((i for i in range(fn.lineno, fn.end_lineno + 1) if lines[i - 1].strip().startswith("# ── metrics")),
-                  None)
+    banner = next((i for i in range(fn.lineno, fn.end_lineno + 1)
+                   if lines[i - 1].strip().startswith("# ── metrics")), None)
     assert banner is not None, "step() has no `# ── metrics` banner"
     offenders = []
     for node in ast.walk(tree):

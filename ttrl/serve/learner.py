@@ -130,7 +130,7 @@ class StagingRuntime:
         return self.rt.scale_lr(factor)
 
     def shutdown(self) -> None:
-        """Nothing to let go: the staging engine and the trainer are the server's Runtime's, which it shuts down."""
+        """Nothing: the staging engine and the trainer belong to the server's Runtime, which it shuts down."""
 
 
 class Learner:
