@@ -47,7 +47,7 @@ REQUIRED_EXTRAS = {
     ("data", "jsonl"): ["data.local_path=some.jsonl"],
     ("data", "hf"): ["data.hf_name=ORG/NAME"],
     ("model", "plain"): ["model.path=Qwen/Qwen2.5-Math-1.5B"],
-    ("reward", "custom"): ["reward.fn=tests.unit.reward_fns_fake:length"],
+    ("reward", "custom"): ["reward.fn=tests.unit.rewards.reward_fns_fake:length"],
     ("reward", "reward_model"): ["reward.path=some/rm_dir"],
     # The demo model reads 256 tokens: its responses must be shorter.
     ("model", "tiny_arith"): ["rollout.max_new_tokens=32"],

@@ -6,7 +6,7 @@ classes implement them: `ttrl.distributed.runtime.Runtime` (training and
 the bench: every engine is a rollout engine) and
 `ttrl.serve.learner.StagingRuntime` (`ttrl-serve`'s learner: rollouts and
 syncs on the staging engine only, the trainer shared with the server).
-tests/unit/test_seam.py checks that both have every member, with the same
+tests/unit/distributed/test_seam.py checks that both have every member, with the same
 parameters. This module holds the protocol only: it must never import
 ray, vllm, deepspeed or torch at run time, nor start anything.
 """

@@ -245,7 +245,7 @@ def test_pure_core_imports_nothing_heavy() -> None:
         "import sys, ttrl.labeling, ttrl.rewards; "
         "print(sorted({'torch', 'ray', 'vllm', 'deepspeed'} & {m.split('.')[0] for m in sys.modules}))"
     )
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
     )

@@ -139,7 +139,7 @@ for i in range(200):
 def test_every_answered_query_survives_a_sigkill(tmp_path):
     db = tmp_path / "crash.sqlite"
     proc = subprocess.run([sys.executable, "-c", CRASH, str(db)], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).parents[2], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+                          cwd=Path(__file__).parents[3], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[3])})
     assert proc.returncode == -9, proc.stderr[-2000:]
     answered = set(proc.stdout.split())
     assert len(answered) == 151

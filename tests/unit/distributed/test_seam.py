@@ -20,7 +20,7 @@ from ttrl.distributed.seam import StepRuntime
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 IMPLEMENTATIONS = {"Runtime": ROOT / "ttrl" / "distributed" / "runtime.py",
                    "StagingRuntime": ROOT / "ttrl" / "serve" / "learner.py"}
 

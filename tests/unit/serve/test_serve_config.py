@@ -13,7 +13,7 @@ from ttrl.config import ConfigError
 from ttrl.serve.config import is_loopback, validate_serve
 from ttrl.serve.protocol import Defaults, RequestError, apply_stop, parse_chat, parse_completion, render_chat
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def compose_serve(*overrides: str):
