@@ -328,6 +328,9 @@ class RolloutConfig:
     # A rollout engine that dies is restarted by Ray, re-synced with the
     # current weights, and the generation retried up to this many times.
     max_retries: int = 2
+    # Ray restarts a dead engine at most this many times over the whole run
+    # (each restart is re-synced with the current weights).
+    max_restarts: int = 2
     # How new weights reach the engines: "ray" (packed bytes through the
     # object store; works everywhere), "nccl" (broadcast from trainer rank 0's
     # GPU; needs cluster.placement=split), "auto" (nccl where it can, else ray).
@@ -350,7 +353,7 @@ def _check_rollout(s: Section) -> None:
     s.within(0, 1, "gpu_memory_utilization", low_open=True)
     s.above(0, "cpu_kv_cache_gb")
     s.at_least(1, "cpu_threads", why="null shares the CPUs out")
-    s.at_least(0, "seed", "max_retries")
+    s.at_least(0, "seed", "max_retries", "max_restarts")
     s.at_least(1, "tis_cap", why="it caps an importance weight")
     s.one_of("weight_sync", ("auto", "ray", "nccl"))
 

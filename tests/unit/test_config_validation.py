@@ -108,6 +108,7 @@ BAD: dict[str, Any] = {
     "rollout.seed": -1,
     "rollout.tis_cap": 0.5,
     "rollout.max_retries": -1,
+    "rollout.max_restarts": -1,
     "rollout.weight_sync": "gloo",
     "rollout.sync_bucket_mb": 0,
     # label

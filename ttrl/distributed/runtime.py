@@ -27,11 +27,6 @@ from ttrl.trainer.batch import Batch, batch_size, concat, select, split
 from ttrl.trainer.options import UpdateOptions
 from ttrl.trainer.worker import ADDITIVE_STATS, CriticWorker, PolicyWorker
 
-# Ray restarts a dead rollout engine this many times over the run (the
-# generation itself is retried rollout.max_retries times per call).
-ENGINE_MAX_RESTARTS = 2
-
-
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -91,7 +86,7 @@ class Runtime:
             cpu_threads=0 if gpu else self.engine_threads(r.overlap))
         engine_cls = ray.remote(VLLMEngine)
         self.engines = [
-            engine_cls.options(name=f"rollout-{i}", max_restarts=ENGINE_MAX_RESTARTS, max_task_retries=0,
+            engine_cls.options(name=f"rollout-{i}", max_restarts=r.max_restarts, max_task_retries=0,
                                **self.placement.engine(i)).remote(EngineArgs(**{**asdict(eargs), "seed": eargs.seed + i}))
             for i in range(r.num_engines)
         ]
