@@ -167,7 +167,8 @@ def step(ctx: StepContext, prompts: list[Prompt], *, next_prompts: list[Prompt] 
                       sampling_s=t_sampled - ro.t_submit)
     stats |= ctx.votes.update([g.prompt.id for g in groups], votes)
     stats |= label_quality(groups, votes, kept_rewards, keep)
-    ctx.vote_rows = [{"id": g.prompt.id, "label": v.label, "ratio": round(v.ratio, 4), "classes": len(v.counts)}
+    ctx.vote_rows = [{"id": g.prompt.id, "label": v.label, "ratio": round(v.ratio, 4),
+                       "margin": round(v.margin, 4), "classes": len(v.counts)}
                      for g, v in zip(groups, votes)]
     ctx.samples = sample_rows(groups, votes, out.rewards, o.samples_prompts, o.samples_per_prompt)
     return stats | timings

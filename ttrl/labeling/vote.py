@@ -37,6 +37,18 @@ class Vote:
     # Index of the winning class; None if no sample answered.
     winner: int | None = None
 
+    @property
+    def margin(self) -> float:
+        """How far the winner leads the runner-up, as a share of all samples.
+
+        A vote of 7 against 6 (of 16) has ratio 0.44 but margin 0.06: a coin
+        toss between two answers, which a ratio alone does not show.
+        """
+        if self.winner is None:
+            return 0.0
+        sizes = sorted(self.counts.values(), reverse=True)
+        return (sizes[0] - (sizes[1] if len(sizes) > 1 else 0)) / len(self.assignment)
+
     def agrees(self, sample: int) -> bool:
         """Whether sample `sample`'s answer is in the winning class."""
         return self.winner is not None and self.assignment[sample] == self.winner

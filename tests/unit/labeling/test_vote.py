@@ -52,6 +52,17 @@ def test_majority_wins_over_first_seen() -> None:
     assert list(vote.counts) == ["1", "2", "3"]  # first-seen order
 
 
+@pytest.mark.parametrize("answers, margin", [
+    (["1", "2", "2", "3", "2", "1"], 1 / 6),      # 3 against 2: a lead of one sample in six
+    (["7", "7", "7", "7"], 1.0),                  # unanimous
+    (["4", None, None, "4", "2", None], 1 / 6),   # missing answers count in the denominator
+    (["5", "7", "7", "5"], 0.0),                  # a tie: the winner leads nobody
+    ([None, None], 0.0),                          # no vote at all
+])
+def test_margin_is_the_lead_over_the_runner_up(answers: list, margin: float) -> None:
+    assert majority_vote(answers).margin == pytest.approx(margin)
+
+
 def test_grading_cost_is_bounded_by_distinct_answers() -> None:
     # 64 samples, 5 distinct answers (two of which are equivalent spellings,
     # one rewritten with extra spaces): the vote must not compare 64 x 64 pairs.
