@@ -319,6 +319,8 @@ def _wandb_records(path: Path) -> list[bytes]:
         if kind == 0 and length == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):  # the writer is mid-chunk: the tail is not a record yet
+            break
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind == 1:  # full
@@ -356,16 +358,25 @@ def read_wandb_run(path: Path, wait_s: float = 30.0) -> dict[str, Any]:
     def key(item: Any) -> str:
         return item.key or "/".join(item.nested_key)
 
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + wait_s
     while True:
-        records = []
+        records, torn = [], None
         for raw in _wandb_records(path):
             rec = pb.Record()
-            rec.ParseFromString(raw)
+            try:
+                rec.ParseFromString(raw)
+            except DecodeError as exc:  # read while W&B's service was still writing: read again
+                torn = exc
+                break
             records.append(rec)
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+        done = torn is None and any(r.WhichOneof("record_type") == "exit" for r in records)
+        if done or time.monotonic() > deadline:
             break
         time.sleep(0.1)
+    if torn is not None:
+        raise ValueError(f"{path}: record {len(records)} does not parse ({torn}); the file is damaged")
     for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
