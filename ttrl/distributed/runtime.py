@@ -27,6 +27,7 @@ from ttrl.trainer.batch import Batch, batch_size, concat, select, split
 from ttrl.trainer.options import UpdateOptions
 from ttrl.trainer.worker import ADDITIVE_STATS, CriticWorker, PolicyWorker
 
+
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
