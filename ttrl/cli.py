@@ -22,16 +22,23 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _suggest(err: BaseException, full_key: str) -> str:
-    """', did you mean rollout.n_votes?' when a close key exists."""
+    """'; did you mean rollout.n_votes?' when a close key exists; '; it is ser.rm.lr now.' for a moved one."""
     import difflib
+    from dataclasses import is_dataclass
 
+    from ttrl.config import moved_key
+
+    head, _, leaf = full_key.rpartition(".")
+    schema = getattr(err, "object_type", None)
+    moved = moved_key(schema, head, leaf) if isinstance(schema, type) and is_dataclass(schema) else None
+    if moved:
+        return f"; it is {moved} now."
     parent = getattr(err, "parent_node", None) or getattr(err, "object_type", None)
     keys: list[str] = []
     if parent is not None and not isinstance(parent, type) and hasattr(parent, "keys"):
         keys = [str(k) for k in parent.keys()]
     elif isinstance(parent, type) and hasattr(parent, "__dataclass_fields__"):
         keys = list(parent.__dataclass_fields__)
-    head, _, leaf = full_key.rpartition(".")
     close = difflib.get_close_matches(leaf, keys, n=1)
     return f"; did you mean {head + '.' if head else ''}{close[0]}?" if close else ""
 

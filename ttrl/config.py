@@ -716,6 +716,57 @@ def _check_faults(s: Section) -> None:
               f"{s.key('nan_loss_at_steps')}={_show(s.nan_loss_at_steps)} must list steps >= 1.")
 
 
+# ── ser.rm: the reward model that SER trains ──────────────────────────────
+@dataclass
+class SERRewardModelConfig:
+    """The reward model's trainer (ser.rm.*): the policy trainer's knobs, for the RM's own DeepSpeed ranks.
+
+    A section of its own rather than rm_-prefixed keys in ser, so the names
+    match trainer.* (ser.rm.lr beside trainer.lr) and a misspelt one gets the
+    same did-you-mean as any other key.
+    """
+
+    # null: the policy's model (model.path) is the RM's backbone
+    path: Optional[str] = None
+    template: str = "Question: {q}\n\nAnswer: {a}"
+    max_length: int = 1024
+    append_eos: bool = False
+    num_workers: int = 1
+    zero_stage: int = 2
+    lr: float = 1e-5
+    lr_schedule: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    epochs: int = 1
+    # At least this many optimizer steps per round (small seed sets run more epochs).
+    min_steps: int = 0
+    batch_size: int = 32  # pairs (or items) per optimizer step
+    micro_batch_size: int = 8  # per rank and forward pass
+    center_coef: float = 0.01
+    offload: bool = False
+    gradient_checkpointing: bool = False
+    # added to the run's seed
+    seed: int = 0
+
+
+@_rules(SERRewardModelConfig)
+def _check_ser_rm(s: Section) -> None:
+    s.filled("path")
+    s.require("{a}" in s.template,
+              f"{s.key('template')} must contain '{{a}}' (the response; '{{q}}' is the prompt).")
+    s.at_least(1, "max_length", "num_workers", "epochs", "batch_size", "micro_batch_size")
+    s.one_of("zero_stage", (0, 1, 2, 3))
+    s.require(s.batch_size % (s.num_workers * s.micro_batch_size) == 0,
+              f"{s.key('batch_size')}={s.batch_size} must be divisible by"
+              f" {s.key('num_workers')}*{s.key('micro_batch_size')}"
+              f"={s.num_workers * s.micro_batch_size} (each rank takes whole micro-batches).")
+    s.above(0, "lr")
+    s.one_of("lr_schedule", _LR_SCHEDULES)
+    s.within(0, 1, "warmup_ratio", high_open=True)
+    s.at_least(0, "weight_decay", "grad_clip", "center_coef", "min_steps", "seed")
+
+
 # ── ser ────────────────────────────────────────────────────────────────────
 @dataclass
 class SERConfig:
@@ -775,27 +826,8 @@ class SERConfig:
     patience: int = 1
     # true: each round retrains from the backbone; false: continues from the last RM.
     reinit_each_round: bool = True
-    # ── the reward model (null rm_path = the policy's model)
-    rm_path: Optional[str] = None
-    rm_template: str = "Question: {q}\n\nAnswer: {a}"
-    rm_max_length: int = 1024
-    rm_append_eos: bool = False
-    rm_num_workers: int = 1
-    rm_zero_stage: int = 2
-    rm_lr: float = 1e-5
-    rm_lr_schedule: str = "cosine"
-    rm_warmup_ratio: float = 0.03
-    rm_weight_decay: float = 0.0
-    rm_grad_clip: float = 1.0
-    rm_epochs: int = 1
-    # At least this many optimizer steps per round (small seed sets run more epochs).
-    rm_min_steps: int = 0
-    rm_batch_size: int = 32  # pairs (or items) per optimizer step
-    rm_micro_batch_size: int = 8  # per rank and forward pass
-    rm_center_coef: float = 0.01
-    rm_offload: bool = False
-    rm_gradient_checkpointing: bool = False
-    rm_seed: int = 0
+    # ── the reward model's trainer: ser.rm.lr, ser.rm.path, ... (SERRewardModelConfig)
+    rm: SERRewardModelConfig = field(default_factory=SERRewardModelConfig)
     score_batch_size: int = 64
     lora: bool = False
     lora_r: int = 8
@@ -833,21 +865,7 @@ def _check_ser(s: Section) -> None:
     s.within(0, 1, "min_gap", high_open=True, why="it bounds |p_a - p_b| of two probabilities")
     s.at_least(0, "max_rounds")
     s.at_least(1, "patience")
-    # ── the reward model: the trainer's knobs, each with an rm_ prefix
-    s.filled("rm_path")
-    s.require("{a}" in s.rm_template,
-              f"{s.key('rm_template')} must contain '{{a}}' (the response; '{{q}}' is the prompt).")
-    s.at_least(1, "rm_max_length", "rm_num_workers", "rm_epochs", "rm_batch_size", "rm_micro_batch_size",
-               "score_batch_size")
-    s.one_of("rm_zero_stage", (0, 1, 2, 3))
-    s.require(s.rm_batch_size % (s.rm_num_workers * s.rm_micro_batch_size) == 0,
-              f"{s.key('rm_batch_size')}={s.rm_batch_size} must be divisible by"
-              f" {s.key('rm_num_workers')}*{s.key('rm_micro_batch_size')}"
-              f"={s.rm_num_workers * s.rm_micro_batch_size} (each rank takes whole micro-batches).")
-    s.above(0, "rm_lr")
-    s.one_of("rm_lr_schedule", _LR_SCHEDULES)
-    s.within(0, 1, "rm_warmup_ratio", high_open=True)
-    s.at_least(0, "rm_weight_decay", "rm_grad_clip", "rm_center_coef", "rm_min_steps", "rm_seed")
+    s.at_least(1, "score_batch_size")
     s.at_least(1, "lora_r", "lora_alpha")
     s.within(0, 1, "lora_dropout", high_open=True)
     s.require(len(s.lora_target_modules) > 0 and all(m.strip() for m in s.lora_target_modules),
@@ -1069,8 +1087,9 @@ def _check_types(node: Any, schema: type, path: str) -> None:
             for name in sub.keys():
                 if name not in hints:
                     key = f"{sub_path}.{name}" if sub_path else str(name)
-                    hint = did_you_mean(name, hints)
-                    raise ConfigError(f"{key} is not a known key of {where}{hint}{'' if hint else '.'}")
+                    moved = moved_key(sub_schema, sub_path, name)
+                    hint = f"; it is {moved} now." if moved else did_you_mean(name, hints) or "."
+                    raise ConfigError(f"{key} is not a known key of {where}{hint}")
         for name, hint in hints.items():
             key = f"{sub_path}.{name}" if sub_path else name
             if isinstance(sub, _Keys) and name not in sub.keys():
@@ -1082,6 +1101,21 @@ def _check_types(node: Any, schema: type, path: str) -> None:
                 raise ConfigError(f"{key} must be set (it is ??? in the config).")
             if not _fits(value, hint):
                 raise ConfigError(f"{key}={_show(value)} must be {_type_noun(hint)}.")
+
+
+def moved_key(schema: type, path: str, name: str) -> str | None:
+    """The nested key an unknown flat one now lives at (ser.rm_lr -> ser.rm.lr), or None.
+
+    Keys that once carried their section's name as a prefix (ser.rm_lr) moved
+    into that section (ser.rm.lr); an old command line or YAML file should be
+    told the new name, not a look-alike key of the old section. Shared by
+    validate() and ttrl.cli, whose unknown-key sentences both use it.
+    """
+    for sub, hint in _hints(schema).items():
+        rest = name[len(sub) + 1:]
+        if is_dataclass(hint) and name.startswith(f"{sub}_") and rest in _hints(hint):
+            return ".".join(p for p in (path, sub, rest) if p)
+    return None
 
 
 def _check_rules(node: Any, schema: type, path: str) -> None:
@@ -1102,5 +1136,6 @@ __all__ = [
     "TTRLConfig",
     "register_configs",
     "validate",
+    "moved_key",
     "to_container",
 ]

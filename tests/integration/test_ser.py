@@ -25,7 +25,7 @@ OVERRIDES = [
     "ser.synthetic_num_pairs=80",
     "ser.synthetic_num_eval=24",
     "ser.seed_fraction=0.25",
-    "ser.rm_min_steps=3",
+    "ser.rm.min_steps=3",
     # Wide thresholds: a barely trained RM still keeps some pairs, so the round retrains.
     "ser.high=0.5",
     "ser.low=0.5",
@@ -112,8 +112,8 @@ def test_pointwise_ser_with_lora_on_zero2(tmp_path):
     cfg = compose_config("ser=synthetic_pointwise", "ser.then_policy=false", "model=tiny", "device=cpu",
                          "logger.progress=false", "ser.synthetic_num_pairs=40", "ser.synthetic_num_eval=10",
                          "ser.seed_fraction=0.25", "ser.max_rounds=1", "ser.high=0.5", "ser.low=0.5",
-                         "ser.rm_num_workers=1", "ser.rm_zero_stage=2", "ser.rm_batch_size=8",
-                         "ser.rm_micro_batch_size=4", "ser.rm_min_steps=3", "ser.rm_lr=1e-3", "ser.lora=true",
+                         "ser.rm.num_workers=1", "ser.rm.zero_stage=2", "ser.rm.batch_size=8",
+                         "ser.rm.micro_batch_size=4", "ser.rm.min_steps=3", "ser.rm.lr=1e-3", "ser.lora=true",
                          "ser.lora_r=4")
     res = run_ser(cfg, tmp_path)
     assert not ray.is_initialized()

@@ -231,22 +231,22 @@ BAD: dict[str, Any] = {
     "ser.min_gap": 1.0,
     "ser.max_rounds": -1,
     "ser.patience": 0,
-    "ser.rm_path": "",
-    "ser.rm_template": "Question: {q}",
-    "ser.rm_max_length": 0,
-    "ser.rm_num_workers": 0,
-    "ser.rm_zero_stage": 4,
-    "ser.rm_lr": 0.0,
-    "ser.rm_lr_schedule": "step",
-    "ser.rm_warmup_ratio": 1.0,
-    "ser.rm_weight_decay": -0.1,
-    "ser.rm_grad_clip": -1.0,
-    "ser.rm_epochs": 0,
-    "ser.rm_min_steps": -1,
-    "ser.rm_batch_size": 0,
-    "ser.rm_micro_batch_size": 0,
-    "ser.rm_center_coef": -0.1,
-    "ser.rm_seed": -1,
+    "ser.rm.path": "",
+    "ser.rm.template": "Question: {q}",
+    "ser.rm.max_length": 0,
+    "ser.rm.num_workers": 0,
+    "ser.rm.zero_stage": 4,
+    "ser.rm.lr": 0.0,
+    "ser.rm.lr_schedule": "step",
+    "ser.rm.warmup_ratio": 1.0,
+    "ser.rm.weight_decay": -0.1,
+    "ser.rm.grad_clip": -1.0,
+    "ser.rm.epochs": 0,
+    "ser.rm.min_steps": -1,
+    "ser.rm.batch_size": 0,
+    "ser.rm.micro_batch_size": 0,
+    "ser.rm.center_coef": -0.1,
+    "ser.rm.seed": -1,
     "ser.score_batch_size": 0,
     "ser.lora_r": 0,
     "ser.lora_alpha": 0,
@@ -451,6 +451,30 @@ def test_an_unknown_key_in_an_open_config_is_refused_with_a_suggestion():
     plain.rollout.n_votez = 3
     with pytest.raises(ConfigError, match=r"^rollout\.n_votez is not a known key of rollout; did you mean 'n_votes'\?$"):
         validate(plain)
+
+
+def _sentence(*overrides: str) -> str:
+    try:
+        compose_config(*overrides)
+    except Exception as err:  # ConfigError, or Hydra's wrapper of OmegaConf's error  # noqa: BLE001
+        sentence = _one_sentence(err)
+        assert sentence is not None, err
+        return sentence
+    raise AssertionError(f"{overrides} were accepted")
+
+
+@pytest.mark.parametrize("overrides, words", [
+    # SER's reward-model keys were flat (ser.rm_lr) before they became the ser.rm section.
+    (["ser.rm_lr=1e-5"], "config error: ser.rm_lr is not a known key; it is ser.rm.lr now."),
+    (["experiment=debug_ser", "ser.rm_micro_batch_size=2"],
+     "config error: ser.rm_micro_batch_size is not a known key; it is ser.rm.micro_batch_size now."),
+    # `+` adds the key past Hydra; validate() says the same.
+    (["+ser.rm_epochs=2"], "config error: ser.rm_epochs is not a known key of ser; it is ser.rm.epochs now."),
+    # A misspelt key inside the section still gets its did-you-mean.
+    (["ser.rm.lrr=1e-5"], "config error: ser.rm.lrr is not a known key; did you mean ser.rm.lr?"),
+])
+def test_an_old_flat_key_names_the_nested_key_it_became(overrides, words):
+    assert _sentence(*overrides) == words
 
 
 def test_no_config_key_is_shadowed_by_a_rule_helper():

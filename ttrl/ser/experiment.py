@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--reuse-all", default=None, metavar="DIR",
                     help="take (c) from DIR/results.json (same seeds, same recipe) instead of retraining it")
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. ser.rm_lr=1e-4)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. ser.rm.lr=1e-4)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
     base = compose(DEFAULTS + args.overrides)
     owns = start_ray(base.cluster.address, "cpu" if base.device in ("cpu", "auto") else base.device,
-                     Needs(cpus=base.ser.rm_num_workers, gpus=0), base.cluster.num_cpus, base.cluster.num_gpus)
+                     Needs(cpus=base.ser.rm.num_workers, gpus=0), base.cluster.num_cpus, base.cluster.num_gpus)
     # Runs of other seeds already in --out stay in the table (one seed per call is fine).
     old = out / "results.json"
     results = [r for r in (json.loads(old.read_text()) if old.exists() else []) if r["seed"] not in args.seeds]

@@ -303,14 +303,14 @@ def run_ser(cfg: Any, run_dir: Path, quiet: bool | None = None) -> SERResult:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     task = build_task(cfg)
-    model_path = s.rm_path or resolve_model_path(cfg.model, cfg.data)
+    model_path = s.rm.path or resolve_model_path(cfg.model, cfg.data)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.truncation_side = "left"
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.trainer.dtype, device)
-    W = s.rm_num_workers
+    W = s.rm.num_workers
     owns = start_ray(cfg.cluster.address, device, Needs(cpus=W, gpus=W if device == "cuda" else 0),
                      cfg.cluster.num_cpus, cfg.cluster.num_gpus)
     log = _Log(Path(run_dir), quiet)

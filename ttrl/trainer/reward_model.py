@@ -357,20 +357,20 @@ class RewardModelTrainer:
 
     @classmethod
     def from_config(cls, cfg: Any, model_path: str, tokenizer: Any, device: str, dtype: str) -> RewardModelTrainer:
-        s = cfg.ser
-        fmt = RMFormat(template=s.rm_template, max_length=s.rm_max_length, append_eos=s.rm_append_eos,
+        s, r = cfg.ser, cfg.ser.rm
+        fmt = RMFormat(template=r.template, max_length=r.max_length, append_eos=r.append_eos,
                        mode=s.mode, transform=s.reward_transform or ("sigmoid" if s.mode == "pointwise" else "raw"))
         lora = ({"r": s.lora_r, "alpha": s.lora_alpha, "dropout": s.lora_dropout,
                  "target_modules": list(s.lora_target_modules)} if s.lora else None)
         gpu = device == "cuda"
-        return cls(model_path, tokenizer, fmt, num_workers=s.rm_num_workers, zero_stage=s.rm_zero_stage,
-                   batch_size=s.rm_batch_size, micro_batch_size=s.rm_micro_batch_size, lr=s.rm_lr,
-                   lr_schedule=s.rm_lr_schedule, warmup_ratio=s.rm_warmup_ratio, min_lr_ratio=0.0,
-                   weight_decay=s.rm_weight_decay, grad_clip=s.rm_grad_clip, epochs=s.rm_epochs,
-                   min_steps=s.rm_min_steps, device=device, dtype=dtype, seed=cfg.seed + s.rm_seed, lora=lora,
-                   offload=s.rm_offload, gradient_checkpointing=s.rm_gradient_checkpointing,
+        return cls(model_path, tokenizer, fmt, num_workers=r.num_workers, zero_stage=r.zero_stage,
+                   batch_size=r.batch_size, micro_batch_size=r.micro_batch_size, lr=r.lr,
+                   lr_schedule=r.lr_schedule, warmup_ratio=r.warmup_ratio, min_lr_ratio=0.0,
+                   weight_decay=r.weight_decay, grad_clip=r.grad_clip, epochs=r.epochs,
+                   min_steps=r.min_steps, device=device, dtype=dtype, seed=cfg.seed + r.seed, lora=lora,
+                   offload=r.offload, gradient_checkpointing=r.gradient_checkpointing,
                    score_micro_batch_size=s.score_batch_size, num_gpus_per_worker=1.0 if gpu else 0.0,
-                   center_coef=s.rm_center_coef)
+                   center_coef=r.center_coef)
 
     # ── tokens ────────────────────────────────────────────────────────────
     def _ids(self, prompt: str, response: str) -> list[int]:

@@ -198,9 +198,9 @@ def test_ser_experiments_compose():
 @pytest.mark.parametrize("overrides, message", [
     (["ser=synthetic", "ser.high=0.4"], "ser.low=0.45 and ser.high=0.4"),
     (["ser=synthetic", "ser.seed_fraction=0"], "ser.seed_fraction=0"),
-    (["ser=synthetic", "ser.rm_batch_size=30", "ser.rm_micro_batch_size=8"], "ser.rm_batch_size=30"),
+    (["ser=synthetic", "ser.rm.batch_size=30", "ser.rm.micro_batch_size=8"], "ser.rm.batch_size=30"),
     (["ser=synthetic", "ser.mode=listwise"], "ser.mode='listwise'"),
-    (["ser=synthetic", "ser.rm_template=no answer here"], "ser.rm_template"),
+    (["ser=synthetic", "ser.rm.template=no answer here"], "ser.rm.template"),
     (["reward=reward_model", "reward.path=ser"], "reward.path=ser means"),
     (["reward=reward_model"], "reward.path must point to a reward model dir"),
     (["ser=jsonl"], "ser.source=jsonl needs ser.local_path"),
