@@ -361,7 +361,8 @@ def _check_rollout(s: Section) -> None:
 # ── label ──────────────────────────────────────────────────────────────────
 @dataclass
 class LabelConfig:
-    # How a sample's answer is pulled out of its text.
+    # How a sample's answer is pulled out of its text (ttrl.labeling.extract.EXTRACTORS):
+    # for the step's vote and rewards, label quality, eval and ttrl-serve alike.
     extractor: str = "boxed"
     # Upper bound on one math-verify equivalence check, in seconds.
     grade_timeout_s: float = 5.0

@@ -144,7 +144,7 @@ def evaluate(cfg: Any, ctx: StepContext, prompts: list[Prompt]) -> dict[str, flo
     summary, _ = grade_policy(ctx.rt.generate, prompts, token_ids(ctx.tokenizer, prompts), n=e.n_samples,
                               temperature=e.temperature, top_p=e.top_p,
                               max_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, ks=list(e.ks),
-                              greedy=e.greedy)
+                              greedy=e.greedy, extractor=ctx.opts.extractor)
     return {f"eval/{k}": v for k, v in summary.items() if k not in ("n_problems", "n_samples")}
 
 
@@ -191,7 +191,7 @@ def anchor_votes(cfg: Any, ctx: StepContext, prompts: list[Prompt]) -> float:
     r = cfg.rollout
     outs = ctx.rt.generate(token_ids(ctx.tokenizer, prompts), n=r.n_votes, temperature=r.temperature,
                            top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens)
-    votes = majority_votes([[extract_answer(o["text"]) for o in out] for out in outs])
+    votes = majority_votes([[extract_answer(o["text"], ctx.opts.extractor) for o in out] for out in outs])
     ctx.votes.anchor([p.id for p in prompts], votes)
     return sum(v.ratio for v in votes) / max(len(votes), 1)
 

@@ -55,6 +55,8 @@ class StepOptions:
     gamma: float
     lam: float
     update: UpdateOptions
+    # label.extractor: how every sample's answer is read, for the vote, the reward and the metrics alike.
+    extractor: str = "boxed"
     # The sample table a step leaves for the loggers: prompts x completions.
     samples_prompts: int = 4
     samples_per_prompt: int = 4
@@ -66,7 +68,8 @@ class StepOptions:
         return cls(n_votes=r.n_votes, n_train=r.n_train, subsample=r.subsample, temperature=r.temperature,
                    top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                    sleep_between_steps=r.sleep_between_steps, advantage=a.advantage, gamma=a.gamma, lam=a.lam,
-                   update=UpdateOptions.from_config(cfg, overlap), samples_prompts=lg.samples_prompts,
+                   update=UpdateOptions.from_config(cfg, overlap), extractor=cfg.label.extractor,
+                   samples_prompts=lg.samples_prompts,
                    samples_per_prompt=lg.samples_per_prompt)
 
 
@@ -187,8 +190,9 @@ def submit(ctx: StepContext, prompts: list[Prompt]) -> Rollout:
 def collect(ctx: StepContext, ro: Rollout) -> list[Group]:
     """Wait for a rollout's samples and extract each one's answer."""
     outs = ctx.rt.collect(ro.handle)                                                 # [P][n_votes]
+    extractor = ctx.opts.extractor
     return [Group(p, ids, [Sample(text=s["text"], token_ids=s["token_ids"], logprobs=s["logprobs"],
-                                  answer=extract_answer(s["text"]), finish_reason=s["finish_reason"])
+                                  answer=extract_answer(s["text"], extractor), finish_reason=s["finish_reason"])
                            for s in out])
             for p, ids, out in zip(ro.prompts, ro.prompt_ids, outs)]
 

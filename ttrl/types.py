@@ -35,7 +35,7 @@ class Sample:
     token_ids: list[int] = field(default_factory=list)
     # Log-probs of `token_ids` under the engine's weights at sampling time.
     logprobs: list[float] = field(default_factory=list)
-    # The extracted final answer (None when the completion has no \\boxed{}).
+    # The extracted final answer, by label.extractor (None when there is none, e.g. no \\boxed{}).
     answer: str | None = None
     finish_reason: str | None = None
 

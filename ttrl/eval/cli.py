@@ -41,7 +41,7 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         summary, records = evaluate(engine.generate, parts.prompts, token_ids(parts.tokenizer, parts.prompts),
                                     n=e.n_samples, temperature=e.temperature, top_p=e.top_p,
                                     max_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, ks=list(e.ks),
-                                    greedy=e.greedy)
+                                    greedy=e.greedy, extractor=cfg.label.extractor)
     finally:
         parts.close()
     result = {

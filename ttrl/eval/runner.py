@@ -23,9 +23,10 @@ from ttrl.types import Prompt
 GenerateFn = Callable[..., list[list[dict]]]
 
 
-def grade_samples(prompts: Sequence[Prompt], texts: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
-    """Per problem: answers, each sample's correctness, and the majority vote's verdict."""
-    answers = [[extract_answer(t) for t in row] for row in texts]
+def grade_samples(prompts: Sequence[Prompt], texts: Sequence[Sequence[str]],
+                  extractor: str = "boxed") -> list[dict[str, Any]]:
+    """Per problem: answers (read by `extractor`), each sample's correctness, and the majority vote's verdict."""
+    answers = [[extract_answer(t, extractor) for t in row] for row in texts]
     votes = majority_votes(answers)
     records = []
     for p, row, vote in zip(prompts, answers, votes):
@@ -59,8 +60,11 @@ def summarize(records: Sequence[dict[str, Any]], ks: Sequence[int]) -> dict[str,
 
 def evaluate(generate: GenerateFn, prompts: Sequence[Prompt], prompt_ids: Sequence[Sequence[int]], *,
              n: int, temperature: float, top_p: float, max_tokens: int, ks: Sequence[int],
-             greedy: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Sample, grade and summarise; returns (summary, per-problem records)."""
+             greedy: bool = False, extractor: str = "boxed") -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Sample, grade and summarise; returns (summary, per-problem records).
+
+    `extractor` is the run's label.extractor: eval reads answers as training votes on them.
+    """
     t0 = time.perf_counter()
     if greedy:
         n, temperature, top_p = 1, 0.0, 1.0
@@ -68,7 +72,7 @@ def evaluate(generate: GenerateFn, prompts: Sequence[Prompt], prompt_ids: Sequen
                     max_tokens=max_tokens)
     gen_s = time.perf_counter() - t0
     tokens = sum(len(o["token_ids"]) for row in outs for o in row)
-    records = grade_samples(prompts, [[o["text"] for o in row] for row in outs])
+    records = grade_samples(prompts, [[o["text"] for o in row] for row in outs], extractor)
     summary = summarize(records, [k for k in ks if k <= n])
     summary |= {"time_s": time.perf_counter() - t0, "tokens_per_s": tokens / max(gen_s, 1e-9)}
     return summary, records

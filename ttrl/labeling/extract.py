@@ -1,8 +1,12 @@
 """Pull a sample's final answer out of its text: the last `\\boxed{...}`.
 
 Extractors are registered by name in `EXTRACTORS`; `label.extractor` names
-one and config validation checks the name against this registry. "boxed",
-the default, works as follows.
+one and config validation checks the name against this registry. A run
+hands the name to every place that reads answers through its options
+(StepOptions.extractor for the vote, rewards and metrics of a step; eval's
+and ttrl-serve's `extractor` arguments), never through a module global, so
+votes, grades and served answers all read the same answer. "boxed", the
+default, works as follows.
 
 The answer is the content of the last `\\boxed{...}` or `\\fbox{...}` (a space
 before the brace is fine, nested braces are fine), stripped. The bare form

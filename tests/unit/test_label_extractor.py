@@ -1,0 +1,108 @@
+"""`label.extractor` is what a run reads answers with: the step's vote and rewards, and eval's grades.
+
+A test-only extractor (`_fake_last_number`: the last number in the text) is
+registered for each test and removed after it. The completions below put
+one answer in a `\\boxed{}` and another as the last number, so the two
+extractors vote for different labels; the config alone picks which one the
+run's own path (StepOptions.from_config -> rollout -> compute_rewards, and
+ttrl.run.evaluate) uses.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from tests.conftest import compose_config
+from ttrl.labeling.extract import EXTRACTORS
+from ttrl.types import Prompt
+
+pytestmark = pytest.mark.unit
+
+FAKE = "_fake_last_number"
+
+# One prompt's samples. boxed reads 1, 1, 2, None (label 1); the last number
+# reads 7, 7, 7, 9 (label 7, the ground truth).
+TEXTS = ["\\boxed{1} is what I wrote, but 7", "\\boxed{1}, hmm, 7", "\\boxed{2} or 7", "no box: 9"]
+
+
+def _last_number(text: str) -> str | None:
+    found = re.findall(r"-?\d+", text) if isinstance(text, str) else []
+    return found[-1] if found else None
+
+
+@pytest.fixture
+def fake_extractor(monkeypatch):
+    # monkeypatch takes it out of the registry again when the test ends.
+    monkeypatch.setitem(EXTRACTORS._items, FAKE, _last_number)
+    yield FAKE
+    assert FAKE in EXTRACTORS
+
+
+class FakeRuntime:
+    """The engines' side of the seam: every prompt gets TEXTS as its samples."""
+
+    def _outs(self, prompt_ids, n):
+        assert n == len(TEXTS)
+        return [[{"text": t, "token_ids": [1, 2], "logprobs": [-0.1, -0.1], "finish_reason": "stop"} for t in TEXTS]
+                for _ in prompt_ids]
+
+    def submit_generate(self, prompt_ids, n, temperature, top_p, top_k, max_tokens, seed=None):
+        return self._outs(prompt_ids, n)
+
+    def collect(self, handle):
+        return handle
+
+    def generate(self, prompt_ids, n, temperature, top_p, top_k, max_tokens, seed=None):
+        return self._outs(prompt_ids, n)
+
+
+def _ctx(*overrides: str):
+    from ttrl.parts import reward_options
+    from ttrl.rewards import build_reward
+    from ttrl.step import StepContext, StepOptions
+
+    cfg = compose_config("experiment=debug", "reward=majority_vote", f"rollout.n_votes={len(TEXTS)}",
+                         f"rollout.n_train={len(TEXTS)}", "eval.n_samples=4", "eval.ks=[1]", "eval.greedy=false",
+                         *overrides)
+    reward = build_reward(cfg.reward.name, **reward_options(cfg))
+
+    def tokenizer(text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    return cfg, StepContext(FakeRuntime(), reward, tokenizer, StepOptions.from_config(cfg), random.Random(0))
+
+
+PROMPTS = [Prompt("p0", "1+6=", "7", "1+6=")]
+
+
+def _vote_and_rewards(ctx):
+    """Stages 1-3 of `ttrl.step.step`, as it runs them."""
+    from ttrl.rewards import compute_rewards
+    from ttrl.step import rollout
+
+    groups = rollout(ctx, PROMPTS)
+    out = compute_rewards(ctx.reward, groups)
+    return [s.answer for s in groups[0].samples], out.votes[0].label, out.rewards[0]
+
+
+def test_the_default_extractor_votes_on_the_boxed_answers():
+    _, ctx = _ctx()
+    assert ctx.opts.extractor == "boxed"
+    assert _vote_and_rewards(ctx) == (["1", "1", "2", None], "1", [1.0, 1.0, 0.0, 0.0])
+
+
+def test_a_configured_extractor_changes_the_steps_vote_and_rewards(fake_extractor):
+    _, ctx = _ctx(f"label.extractor={fake_extractor}")
+    assert _vote_and_rewards(ctx) == (["7", "7", "7", "9"], "7", [1.0, 1.0, 1.0, 0.0])
+
+
+def test_a_configured_extractor_changes_what_eval_grades(fake_extractor):
+    from ttrl.run import evaluate
+
+    cfg, ctx = _ctx()
+    assert evaluate(cfg, ctx, PROMPTS)["eval/pass@1"] == 0.0  # boxed: 1, 1, 2, none; the answer is 7
+    cfg, ctx = _ctx(f"label.extractor={fake_extractor}")
+    assert evaluate(cfg, ctx, PROMPTS)["eval/pass@1"] == pytest.approx(0.75)
