@@ -20,6 +20,7 @@ runs against fakes in unit tests.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +80,8 @@ class ServiceConfig:
     defaults: P.Defaults
     request_timeout_s: float
     admin_token: str | None
+    # label.extractor: how a served answer is read, for the vote and the stored record, as the learner reads it.
+    extractor: str = "boxed"
 
 
 class Service:
@@ -112,7 +115,8 @@ class Service:
         selection = None
         if s.votes > 1:
             # Grading equivalent answers can take a while (math-verify): off the event loop.
-            selection = await asyncio.get_running_loop().run_in_executor(None, select_completion, samples)
+            pick = functools.partial(select_completion, samples, extractor=self.scfg.extractor)
+            selection = await asyncio.get_running_loop().run_in_executor(None, pick)
             picked = [samples[selection.index]]
             self.metrics.agreement.observe(selection.agreement)
         else:
@@ -143,11 +147,12 @@ class Service:
         records, choices, extras = [], [], []
         version = min(v for _, _, v, _ in results)
         for i, (text, (picked, samples, v, sel)) in enumerate(zip(prompts, results)):
-            answers = sel.answers if sel is not None else [extract_answer(o["text"]) for o in samples]
+            answers = (sel.answers if sel is not None
+                       else [extract_answer(o["text"], self.scfg.extractor) for o in samples])
             records.append(QueryRecord(
                 id=rid, idx=i, endpoint=endpoint, prompt=text, version=v, votes=s.votes,
                 response=[c["text"] for c in picked],
-                answer=sel.answer if sel is not None else extract_answer(picked[0]["text"]),
+                answer=sel.answer if sel is not None else extract_answer(picked[0]["text"], self.scfg.extractor),
                 agreement=sel.agreement if sel is not None else None,
                 samples=[{"text": o["text"], "answer": a, "mean_logprob": _finite(mean_logprob(o)),
                           "tokens": len(o["token_ids"]), "chosen": sel is not None and j == sel.index}

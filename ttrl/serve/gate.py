@@ -69,13 +69,16 @@ class GateDecision:
     delta: float = 0.0  # candidate score - current score
 
 
-def score_samples(labels: Sequence[str], samples: Sequence[Sequence[dict]]) -> EvalResult:
-    """Score one model's samples ([items][n] engine dicts) against the items' labels."""
+def score_samples(labels: Sequence[str], samples: Sequence[Sequence[dict]], extractor: str = "boxed") -> EvalResult:
+    """Score one model's samples ([items][n] engine dicts) against the items' labels.
+
+    Answers are read by `extractor` (label.extractor), as the learner's votes read them.
+    """
     if len(labels) != len(samples):
         raise ValueError(f"{len(labels)} labels for {len(samples)} items")
     scores, agree, n_samples, answered, tokens, nll = [], [], 0, 0, 0, 0.0
     for label, row in zip(labels, samples):
-        answers = [extract_answer(s["text"]) for s in row]
+        answers = [extract_answer(s["text"], extractor) for s in row]
         vote = majority_vote(answers)
         # Grade each answer class once against the label.
         class_ok = [is_equivalent(rep, label) for rep in vote.counts]

@@ -240,14 +240,14 @@ class Learner:
         g = self.cfg.serve.gate
         temperature, max_tokens = self._gate_sampling()
         outs = self.staging.generate(self._ids(prompts), g.n_samples, temperature, 1.0, -1, max_tokens, g.seed)
-        return score_samples(labels, outs)
+        return score_samples(labels, outs, self.opts.extractor)
 
     def _prompt_ratings(self, texts: list[str]) -> dict[str, list[Rating]]:
         """Prompt text -> every user rating of an answer the server gave to it."""
         if not self.cfg.serve.learn.feedback:
             return {}
         fb = self.store.feedback_by_prompt(texts)
-        return {t: [Rating(extract_answer(f["rated"]) if f["rated"] is not None else None, float(f["score"]))
+        return {t: [Rating(extract_answer(f["rated"], self.opts.extractor) if f["rated"] is not None else None, float(f["score"]))
                     for f in rows] for t, rows in fb.items()}
 
     def regression_set(self, rows: list[dict]) -> tuple[list[str], list[str], set[tuple[str, int]]]:
@@ -274,7 +274,7 @@ class Learner:
             probe = distinct[:min(need, max(1, len(rows) // 2))]
             outs = self.staging.generate(self._ids([q["prompt"] for q in probe]), r.n_votes, r.temperature,
                                          r.top_p, r.top_k, r.max_new_tokens, g.seed)
-            votes = majority_votes([[extract_answer(o["text"]) for o in row] for row in outs])
+            votes = majority_votes([[extract_answer(o["text"], self.opts.extractor) for o in row] for row in outs])
             ratings = self._prompt_ratings([q["prompt"] for q in probe])
             confident = set(freezable([v.ratio for v in votes], [v.label for v in votes], g.min_agreement))
             new = []

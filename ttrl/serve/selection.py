@@ -39,12 +39,15 @@ def _best(candidates: Sequence[int], samples: Sequence[dict]) -> int:
 
 
 def select_completion(samples: Sequence[dict], answers: Sequence[str | None] | None = None,
-                      vote: Vote | None = None) -> Selection:
-    """Pick the completion to serve among `samples` (engine dicts with "text" and "logprobs")."""
+                      vote: Vote | None = None, extractor: str = "boxed") -> Selection:
+    """Pick the completion to serve among `samples` (engine dicts with "text" and "logprobs").
+
+    Without `answers`, each sample's answer is read by `extractor` (label.extractor).
+    """
     if not samples:
         raise ValueError("select_completion needs at least one sample")
     if answers is None:
-        answers = [extract_answer(s["text"]) for s in samples]
+        answers = [extract_answer(s["text"], extractor) for s in samples]
     answers = list(answers)
     vote = vote if vote is not None else majority_vote(answers)
     if vote.winner is None:

@@ -222,7 +222,8 @@ async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, contro
                         max_tokens=int(s.max_tokens or r.max_new_tokens), votes=int(s.votes),
                         max_model_len=int(cfg.model.max_model_len))
     scfg = ServiceConfig(model_name=s.model_name or cfg.model.name, defaults=defaults,
-                         request_timeout_s=float(s.request_timeout_s), admin_token=admin_token)
+                         request_timeout_s=float(s.request_timeout_s), admin_token=admin_token,
+                         extractor=cfg.label.extractor)
     service = Service(scfg, tokenizer, cfg.model, pool, store, controller)
     m = service.metrics
 

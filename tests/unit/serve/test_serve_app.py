@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import httpx
@@ -51,14 +52,14 @@ def _answers(ids, version, j):
     return boxed("5", (-0.01,)) if j == 1 else boxed("7", (-0.5, -0.5 - 0.1 * j))
 
 
-async def _client(tmp_path, admin_token=TOKEN, votes=1):
+async def _client(tmp_path, admin_token=TOKEN, votes=1, answers=_answers, extractor="boxed"):
     store = Store(tmp_path / "store.sqlite")
-    pool = EnginePool([FakeEngine(_answers, delay=0.005)], 0, death_errors=(FakeDeath,))
+    pool = EnginePool([FakeEngine(answers, delay=0.005)], 0, death_errors=(FakeDeath,))
     await pool.start()
     ctl = FakeController()
     defaults = Defaults(temperature=1.0, top_p=1.0, max_tokens=16, votes=votes, max_model_len=256)
-    svc = Service(ServiceConfig("tiny-arith", defaults, 30.0, admin_token), FakeTokenizer(), MODEL_CFG, pool, store,
-                  ctl)
+    svc = Service(ServiceConfig("tiny-arith", defaults, 30.0, admin_token, extractor), FakeTokenizer(), MODEL_CFG,
+                  pool, store, ctl)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(svc)), base_url="http://serve")
     return client, svc, ctl, store, pool
 
@@ -98,6 +99,38 @@ def test_the_openai_client_gets_completions_and_chat_and_every_answer_is_stored(
     assert store.get_query(ch.id)["prompt"] == "Q: 1+1=\nA:", "chat on a plain model: the template is applied"
     assert [r["idx"] for r in store.get_request(multi.id)] == [0, 1]
     assert store.count_queries() == 5 and ctl.new == 5
+
+
+def _boxed_then_number(ids, version, j):
+    # boxed reads 1, 1, 2, 2, 2 (label 2); the last number reads 7, 7, 7, 9, 9 (label 7).
+    text = ["\\boxed{1} 7", "\\boxed{1} 7", "\\boxed{2} 7", "\\boxed{2} 9", "\\boxed{2} 9"][j]
+    return {"text": text, "token_ids": [7], "logprobs": [-0.5], "finish_reason": "stop"}
+
+
+@pytest.mark.parametrize("extractor, answer, answers, chosen", [
+    ("boxed", "2", ["1", "1", "2", "2", "2"], {2, 3, 4}),
+    ("_fake_last_number", "7", ["7", "7", "7", "9", "9"], {0, 1, 2}),
+])
+def test_the_served_vote_reads_answers_with_the_configured_extractor(tmp_path, monkeypatch, extractor, answer,
+                                                                   answers, chosen):
+    from ttrl.labeling.extract import EXTRACTORS
+
+    # A test-only extractor, out of the registry again when the test ends.
+    monkeypatch.setitem(EXTRACTORS._items, "_fake_last_number", lambda text: re.findall(r"\d+", text)[-1])
+
+    async def main():
+        client, svc, _, store, pool = await _client(tmp_path, votes=5, answers=_boxed_then_number,
+                                                    extractor=extractor)
+        r = await client.post("/v1/completions", json={"model": "tiny-arith", "prompt": "1+6="})
+        await pool.stop()
+        svc.close()
+        return r.json(), store
+
+    body, store = run(main())
+    row = store.get_query(body["id"])
+    assert row["answer"] == answer and [s["answer"] for s in row["samples"]] == answers
+    picked = [i for i, s in enumerate(row["samples"]) if s["chosen"]]
+    assert len(picked) == 1 and picked[0] in chosen, "the served completion is one of the winning class"
 
 
 def test_bad_requests_get_openai_errors_naming_the_parameter(tmp_path):
