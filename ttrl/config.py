@@ -179,7 +179,9 @@ class WarmStartConfig:
 
     steps: int = 500
     lr: float = 1e-3
-    # Cosine decay from lr to lr * min_lr_ratio over `steps`.
+    # Linear warm-up over the first warmup_steps, then cosine decay from lr to
+    # lr * min_lr_ratio over the rest (the trainer's schedule).
+    warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     batch_size: int = 256
     # Share of 2-number sums in the easy split (the rest have data.synthetic.terms numbers).
@@ -195,6 +197,9 @@ class WarmStartConfig:
 def _check_warmstart(s: Section) -> None:
     s.at_least(1, "steps", "batch_size")
     s.above(0, "lr")
+    s.at_least(0, "warmup_steps")
+    s.require(s.warmup_steps < s.steps,
+              f"{s.key('warmup_steps')}={s.warmup_steps} must be below {s.key('steps')}={s.steps}.")
     s.share("min_lr_ratio", "short_share", "slip")
     s.at_least(0, "seed")
 

@@ -19,7 +19,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -77,6 +76,7 @@ BAD: dict[str, Any] = {
     "model.warmstart.short_share": 1.5,
     "model.warmstart.slip": -0.1,
     "model.warmstart.seed": -1,
+    "model.warmstart.warmup_steps": -1,
     # data
     "data.name": "",
     "data.hf_name": "",
@@ -499,14 +499,13 @@ def test_importing_the_config_does_not_import_torch():
 ])
 def test_ttrl_train_stops_a_typo_before_ray_starts(tmp_path, override, words):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | {"HF_HUB_OFFLINE": "1"}
-    started = time.perf_counter()
     proc = subprocess.run([TTRL_TRAIN, "experiment=debug", override, f"hydra.run.dir={tmp_path / 'run'}"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
-    elapsed = time.perf_counter() - started
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("ttrl-train: config error: "), proc.stderr
     for word in words:
         assert word in proc.stderr, proc.stderr
     assert "starting ray" not in (proc.stdout + proc.stderr).lower()
+    # Seconds, not minutes, is a speed claim measured elsewhere (no timed assertion): nothing that
+    # takes long has run if neither Ray nor the run dir was started.
     assert not (tmp_path / "run" / "config.yaml").exists(), "stopped before the run dir was written"
-    assert elapsed < 30, f"took {elapsed:.1f} s"
