@@ -46,7 +46,7 @@ import pytest
 
 from tests.conftest import compose_config
 
-# The first test also builds the demo's warm start on a fresh machine (~8 of these minutes).
+# The first test also builds its 300-step warm start on a fresh machine (~3 of these minutes).
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2700)]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +55,10 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EXTRA = os.environ.get("TTRL_SERVE_TEST_ARGS", "").split()
 # One trainer rank leaves the two cores to the engines; rounds only when the test asks
 # (serve.learn.every_queries=0), so what each round learns from is known.
-BASE = ["experiment=demo", "serve.port=0", "trainer.num_workers=1", "logger.progress=false",
+# A 300-step warm start, not the demo's 700: a model that gets about half its samples right
+# is all these tests need (there is room to learn and to be harmed), at under half the build.
+WARM = ["model.warmstart.steps=300"]
+BASE = ["experiment=demo", *WARM, "serve.port=0", "trainer.num_workers=1", "logger.progress=false",
         "serve.learn.every_queries=0", *EXTRA]
 N_PROMPTS, REPS = 64, 8  # 512 graded plain answers per measurement: s.e. about 0.022 at accuracy 0.5
 # Chapter 1 learns with TTRL + feedback; the gate's frozen set is grown from the first queries.
@@ -212,8 +215,8 @@ def demo():
     from ttrl.data.templates import render_prompt
     from ttrl.types import Prompt
 
-    cfg = compose_config("experiment=demo", *(a for a in EXTRA if not a.startswith("serve.")))
-    # Build (or find) the demo's warm start here, where it may take its ~8 minutes on a
+    cfg = compose_config("experiment=demo", *WARM, *(a for a in EXTRA if not a.startswith("serve.")))
+    # Build (or find) the warm start here, where it may take its ~3 minutes on a
     # fresh machine, rather than inside the server's start-up deadline.
     from ttrl.models.resolve import resolve_model_path
 
