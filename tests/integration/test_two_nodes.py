@@ -191,8 +191,19 @@ def _driver(address: str, out: Path) -> None:
         print(f"[driver {time.monotonic() - t0:5.1f}s] {what}", file=sys.stderr, flush=True)
 
     # This driver runs on the head (no raylet answers at 127.0.0.1: say which node is ours).
-    ray.init(address=address, runtime_env={"env_vars": actor_env("cpu")}, log_to_driver=False,
-             _node_ip_address=HEAD_IP)
+    # The fixture only waits for the head's GCS port; on a loaded box the head's raylet can
+    # register a little later, and ray.init then finds no node at HEAD_IP: try again briefly.
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            ray.init(address=address, runtime_env={"env_vars": actor_env("cpu")}, log_to_driver=False,
+                     _node_ip_address=HEAD_IP)
+            break
+        except ConnectionError:
+            ray.shutdown()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
     deadline = time.monotonic() + 90
     while not ray.cluster_resources().get("node2"):
         assert time.monotonic() < deadline, "node 2 did not join within 90 s"
