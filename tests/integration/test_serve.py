@@ -33,10 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,13 +42,11 @@ import httpx
 import pytest
 
 from tests.conftest import compose_config
+from tests.integration.serving import AUTH, Server
 
 # The first test also builds its 300-step warm start on a fresh machine (~3 of these minutes).
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2700)]
 
-ROOT = Path(__file__).resolve().parents[2]
-TOKEN = "integration-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EXTRA = os.environ.get("TTRL_SERVE_TEST_ARGS", "").split()
 # One trainer rank leaves the two cores to the engines; rounds only when the test asks
 # (serve.learn.every_queries=0), so what each round learns from is known.
@@ -74,78 +69,6 @@ LEARN = ["trainer.lr=1e-4", f"serve.learn.steps={LEARN_STEPS}", "serve.gate.regr
 # a restart resumes the trainer's optimizer and schedule from the served version.)
 HARMFUL = ["reward=custom", "reward.fn=ttrl.serve.testing:contrarian_reward", "serve.learn.feedback=false",
            "serve.learn.steps=6"]
-
-
-class Server:
-    def __init__(self, serve_dir: Path, *overrides: str):
-        self.dir, self.overrides = serve_dir, list(overrides)
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
-        self.log = serve_dir.parent / f"{serve_dir.name}.log"
-        self.startup_s: list[float] = []
-
-    def start(self, *overrides: str, timeout: float = 900) -> Server:
-        if overrides:
-            self.overrides = list(overrides)
-        (self.dir / "server.json").unlink(missing_ok=True)
-        t0 = time.monotonic()
-        fh = self.log.open("a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "ttrl.serve", *BASE, f"serve.dir={self.dir}",
-                                      *self.overrides], stdout=fh, stderr=fh, cwd=ROOT, start_new_session=True,
-                                     env={**os.environ, "TTRL_ADMIN_TOKEN": TOKEN})
-        deadline = time.monotonic() + timeout
-        while not (self.dir / "server.json").exists():
-            assert self.proc.poll() is None, f"ttrl-serve exited: {self.tail()}"
-            assert time.monotonic() < deadline, f"ttrl-serve not up within {timeout}s: {self.tail()}"
-            time.sleep(0.5)
-        self.url = json.loads((self.dir / "server.json").read_text())["url"]
-        assert httpx.get(f"{self.url}/health", timeout=10).json()["status"] == "ok"
-        self.startup_s.append(time.monotonic() - t0)
-        return self
-
-    def tail(self, n: int = 4000) -> str:
-        return self.log.read_text()[-n:] if self.log.exists() else ""
-
-    def kill(self) -> None:
-        """SIGKILL the server and everything it started (Ray, engines, trainer): a crash."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(60)
-
-    def stop(self) -> None:
-        """SIGTERM to the server alone (it stops its learner, then Ray); SIGKILL the group if it hangs."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever is left of its process group
-        except ProcessLookupError:
-            pass
-        self.proc.wait(60)
-
-    def versions(self) -> dict:
-        r = httpx.get(f"{self.url}/admin/versions", headers=AUTH, timeout=30)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def learner(self) -> dict:
-        return httpx.get(f"{self.url}/health", timeout=30).json()["learner"]
-
-    def learn(self) -> None:
-        httpx.post(f"{self.url}/admin/learn", headers=AUTH, timeout=30).raise_for_status()
-
-    def wait_rounds(self, n: int, timeout: float = 900) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while True:
-            done = [r for r in self.versions()["rounds"] if r["finished"]]
-            if len(done) >= n:
-                return sorted(done, key=lambda r: r["round"])
-            assert time.monotonic() < deadline, f"no {n} finished learning rounds in {timeout}s: {self.tail()}"
-            time.sleep(1.0)
 
 
 def _grade(text: str | None, answer: str) -> bool:
@@ -227,7 +150,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("serve") / "serve")
+    srv = Server(tmp_path_factory.mktemp("serve") / "serve", BASE)
     yield srv
     srv.stop()
 

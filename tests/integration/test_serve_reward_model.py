@@ -13,23 +13,15 @@ builder a training run uses (`ttrl.parts.build_parts`).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import compose_config
+from tests.integration.serving import Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
-
-ROOT = Path(__file__).resolve().parents[2]
-TOKEN = "integration-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def _constant_reward_model(policy_dir: Path, out: Path) -> Path:
@@ -59,46 +51,18 @@ def test_a_round_is_scored_by_the_reward_model(tmp_path):
     regression = tmp_path / "regression.jsonl"
     regression.write_text("".join(json.dumps({"id": f"r{i}", "problem": f"{i}+{i}=", "answer": str(2 * i)}) + "\n"
                                   for i in range(1, 5)))
-    serve_dir, log = tmp_path / "serve", tmp_path / "serve.log"
-    args = [sys.executable, "-m", "ttrl.serve", *base, "serve.port=0", f"serve.dir={serve_dir}",
-            "reward=reward_model", f"reward.path={rm}", "serve.learn.every_queries=0", "serve.learn.steps=1",
-            "serve.learn.feedback=false", "serve.learn.min_queries=4", f"serve.gate.regression_set={regression}",
-            "serve.gate.n_samples=2"]
-    with log.open("w") as fh:
-        proc = subprocess.Popen(args, stdout=fh, stderr=fh, cwd=ROOT, start_new_session=True,
-                                env={**os.environ, "TTRL_ADMIN_TOKEN": TOKEN})
+    srv = Server(tmp_path / "serve", [*base, "serve.port=0"], "reward=reward_model", f"reward.path={rm}",
+                 "serve.learn.every_queries=0", "serve.learn.steps=1", "serve.learn.feedback=false",
+                 "serve.learn.min_queries=4", f"serve.gate.regression_set={regression}", "serve.gate.n_samples=2")
     try:
-        deadline = time.monotonic() + 900
-        while not (serve_dir / "server.json").exists():
-            assert proc.poll() is None, f"ttrl-serve exited: {log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"ttrl-serve not up: {log.read_text()[-4000:]}"
-            time.sleep(0.5)
-        url = json.loads((serve_dir / "server.json").read_text())["url"]
+        srv.start()
         for i in range(4):
-            r = httpx.post(f"{url}/v1/completions", json={"prompt": f"{10 + i}+{20 + i}="}, timeout=300)
+            r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": f"{10 + i}+{20 + i}="}, timeout=300)
             assert r.status_code == 200, r.text
-        httpx.post(f"{url}/admin/learn", headers=AUTH, timeout=30).raise_for_status()
-        deadline = time.monotonic() + 900
-        while True:
-            rounds = httpx.get(f"{url}/admin/versions", headers=AUTH, timeout=30).json()["rounds"]
-            done = [x for x in rounds if x["finished"]]
-            if done:
-                break
-            assert proc.poll() is None, f"ttrl-serve exited: {log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"no finished round: {log.read_text()[-4000:]}"
-            time.sleep(1.0)
-        metrics = done[0]["metrics"]
-        assert metrics["reward_mean"] == pytest.approx(0.5, abs=1e-6), (metrics, log.read_text()[-4000:])
-        assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
+        srv.learn()
+        (first, *_) = srv.wait_rounds(1)
+        metrics = first["metrics"]
+        assert metrics["reward_mean"] == pytest.approx(0.5, abs=1e-6), (metrics, srv.tail())
+        assert httpx.get(f"{srv.url}/health", timeout=30).json()["status"] == "ok"
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(60)
+        srv.stop()
