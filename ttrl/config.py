@@ -366,9 +366,13 @@ def _check_rollout(s: Section) -> None:
 # ── label ──────────────────────────────────────────────────────────────────
 @dataclass
 class LabelConfig:
-    # How a sample's answer is pulled out of its text (ttrl.labeling.extract.EXTRACTORS):
-    # for the step's vote and rewards, label quality, eval and ttrl-serve alike.
+    # How a sample's answer is pulled out of its text (ttrl.labeling.extract.EXTRACTORS),
+    # and so how answers compare: for the step's vote and rewards, label quality, eval
+    # and ttrl-serve alike. boxed (last \boxed{}, math-verify) | choice (a letter A-J,
+    # compared exactly) | number (the last number, compared numerically) | custom.
     extractor: str = "boxed"
+    # For `custom`: "package.module:function", a `text -> str | None` (answers compare as boxed ones).
+    custom_extractor: Optional[str] = None
     # Upper bound on one math-verify equivalence check, in seconds.
     grade_timeout_s: float = 5.0
 
@@ -378,13 +382,23 @@ def _check_label(s: Section) -> None:
     from ttrl.labeling.extract import EXTRACTORS
 
     s.registered("extractor", EXTRACTORS)
+    s.require(s.extractor != "custom" or bool(s.custom_extractor),
+              f"{s.key('custom_extractor')} must name a function ('package.module:function') when"
+              f" {s.key('extractor')}=custom.")
+    s.require(s.custom_extractor is None or bool(_FUNCTION_PATH.fullmatch(s.custom_extractor)),
+              f"{s.key('custom_extractor')}={_show(s.custom_extractor)} must name a function as"
+              " 'package.module:function'.")
+    s.require(s.custom_extractor is None or s.extractor == "custom",
+              f"{s.key('custom_extractor')} is only read by {s.key('extractor')}=custom, not"
+              f" {s.key('extractor')}={s.extractor}.")
     s.above(0, "grade_timeout_s")
 
 
 # ── reward ─────────────────────────────────────────────────────────────────
 @dataclass
 class RewardConfig:
-    # majority_vote (label-free) | ground_truth (oracle) | custom | reward_model | random (control)
+    # majority_vote (label-free) | soft_majority | token_entropy | self_certainty | trajectory_logprob
+    # (label-free) | ground_truth (oracle) | custom | reward_model | random (control)
     name: str = "majority_vote"
     # For `custom`: "package.module:function", TRL-style reward function.
     fn: Optional[str] = None
@@ -398,6 +412,8 @@ class RewardConfig:
     # For `random`: the chance of a 1, and the generator's seed (null: the run's seed).
     p: float = 0.5
     seed: Optional[int] = None
+    # For `trajectory_logprob`: the mean log-prob per token rather than the sum.
+    per_token: bool = False
 
 
 # What ttrl.rewards.custom.load_function imports: "package.module:function" (or a dotted path).
@@ -421,6 +437,9 @@ def _check_reward(s: Section) -> None:
               f"{s.key('path')} must point to a reward model dir when {s.key('name')}=reward_model.")
     s.share("min_ratio", "p")
     s.at_least(0, "seed")
+    s.require(not s.per_token or s.name == "trajectory_logprob",
+              f"{s.key('per_token')}=true is only read by {s.key('name')}=trajectory_logprob, not"
+              f" {s.key('name')}={s.name}.")
 
 
 # ── algorithm ──────────────────────────────────────────────────────────────

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from ttrl.data.loader import load_prompts
 from ttrl.data.templates import render_prompt
 from ttrl.labeling import grade
+from ttrl.labeling.extract import configured_extractor
 from ttrl.models import resolve_model_path
 from ttrl.rewards import Reward, build_reward
 from ttrl.types import Prompt
@@ -82,7 +83,8 @@ def build_parts(cfg: Any, with_prompts: bool = True) -> Parts:
     """Resolve the model, load the tokenizer, load and template the prompts, build the reward.
 
     `with_prompts=False`: no data is read (ttrl-serve). Raises SetupError
-    (a ValueError) naming the bad data file, model dir or reward.
+    (a ValueError) naming the bad data file, model dir, reward or custom answer
+    extractor.
     """
     grade.use(grade.GradeOptions(timeout_s=cfg.label.grade_timeout_s))
     try:
@@ -94,7 +96,8 @@ def build_parts(cfg: Any, with_prompts: bool = True) -> Parts:
             tokenizer.pad_token = tokenizer.eos_token
         prompts = [Prompt(p.id, p.problem, p.answer, render_prompt(p.problem, cfg.model, tokenizer))
                    for p in load_prompts(cfg.data)] if with_prompts else []
-        reward = build_reward(cfg.reward.name, **reward_options(cfg))
+        # Imports a custom extractor now: a bad label.custom_extractor fails here, naming it.
+        reward = build_reward(cfg.reward.name, extractor=configured_extractor(cfg.label), **reward_options(cfg))
     except (ValueError, FileNotFoundError) as err:
         raise SetupError(str(err)) from err
     return Parts(cfg, model_path, tokenizer, prompts, reward)
@@ -117,6 +120,8 @@ def reward_options(cfg: Any) -> dict[str, Any]:
         return {"scorer": RemoteRewardModel(check_reward_model_dir(r.path))}
     if r.name == "majority_vote":
         return {"min_ratio": r.min_ratio}
+    if r.name == "trajectory_logprob":
+        return {"per_token": r.per_token}
     if r.name == "random":
         return {"p": r.p, "seed": cfg.seed if r.seed is None else r.seed}
     return {}

@@ -16,8 +16,17 @@ T = TypeVar("T")
 
 
 def close_match(name: object, choices: Iterable[object]) -> str | None:
-    """The choice a mistyped `name` most likely meant ('ppo_clp' -> 'ppo_clip'), or None."""
-    found = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    """The choice a mistyped `name` most likely meant ('ppo_clp' -> 'ppo_clip'), or None.
+
+    A name that is the start of exactly one choice means that choice
+    ('majority' -> 'majority_vote', though 'soft_majority' is as close by
+    edit distance); otherwise the closest by difflib's ratio.
+    """
+    options = [str(c) for c in choices]
+    starts = [c for c in options if c.startswith(str(name))]
+    if len(starts) == 1 and name:
+        return starts[0]
+    found = difflib.get_close_matches(str(name), options, n=1)
     return found[0] if found else None
 
 

@@ -191,7 +191,9 @@ def anchor_votes(cfg: Any, ctx: StepContext, prompts: list[Prompt]) -> float:
     r = cfg.rollout
     outs = ctx.rt.generate(token_ids(ctx.tokenizer, prompts), n=r.n_votes, temperature=r.temperature,
                            top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens)
-    votes = majority_votes([[extract_answer(o["text"], ctx.opts.extractor) for o in out] for out in outs])
+    extractor = ctx.opts.extractor
+    votes = majority_votes([[extract_answer(o["text"], extractor, prompt=p.id) for o in out]
+                            for p, out in zip(prompts, outs)], extractor=extractor)
     ctx.votes.anchor([p.id for p in prompts], votes)
     return sum(v.ratio for v in votes) / max(len(votes), 1)
 

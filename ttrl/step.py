@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ttrl.algos import compute_advantages, kl, kl_penalty, masked_mean
 from ttrl.distributed.seam import StepRuntime
-from ttrl.labeling.extract import extract_answer
+from ttrl.labeling.extract import CustomExtractorError, configured_extractor, extract_answer
 from ttrl.labeling.vote import majority_votes
 from ttrl.metrics.label_quality import label_quality
 from ttrl.metrics.logger import sample_rows
@@ -68,7 +68,7 @@ class StepOptions:
         return cls(n_votes=r.n_votes, n_train=r.n_train, subsample=r.subsample, temperature=r.temperature,
                    top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                    sleep_between_steps=r.sleep_between_steps, advantage=a.advantage, gamma=a.gamma, lam=a.lam,
-                   update=UpdateOptions.from_config(cfg, overlap), extractor=cfg.label.extractor,
+                   update=UpdateOptions.from_config(cfg, overlap), extractor=configured_extractor(cfg.label),
                    samples_prompts=lg.samples_prompts,
                    samples_per_prompt=lg.samples_per_prompt)
 
@@ -123,7 +123,14 @@ def step(ctx: StepContext, prompts: list[Prompt], *, next_prompts: list[Prompt] 
     ro = ctx.pending or submit(ctx, prompts)
     ctx.pending = None
     assert [p.id for p in ro.prompts] == [p.id for p in prompts], "the rollout in flight is of other prompts"
-    groups = collect(ctx, ro)                                                        # [P][n_votes]
+    try:
+        groups = collect(ctx, ro)                                                    # [P][n_votes]
+    except CustomExtractorError as err:
+        # A user's extractor failed on a sample: scoring that sample 0 would
+        # train on a made-up verdict, so the step is skipped, its reason logged
+        # (the guard counts it with the other skipped updates).
+        return {"train/skipped": 1.0, "event/skip_reason": str(err),
+                "timing/step": time.perf_counter() - t_step}
     t_sampled = time.perf_counter()
     timings["timing/generate"] = t_sampled - t  # the wait only, when it overlapped the last step
     if next_prompts:
@@ -131,8 +138,13 @@ def step(ctx: StepContext, prompts: list[Prompt], *, next_prompts: list[Prompt] 
 
     # ── 2+3. label without labels, reward agreement with the vote ─────────
     t = time.perf_counter()
-    out = compute_rewards(ctx.reward, groups)                                        # [P][n_votes]
-    votes = out.votes if out.votes is not None else majority_votes([g.answers() for g in groups])
+    token_stats = None
+    if "token_stats" in getattr(ctx.reward, "needs", ()):
+        # Intrinsic rewards read each token's whole distribution: one trainer pass.
+        token_stats = _token_stats(rt, groups, ctx.tokenizer.pad_token_id, o.temperature)  # [P][n_votes]
+        timings["timing/token_stats"] = time.perf_counter() - t
+    out = compute_rewards(ctx.reward, groups, token_stats)                           # [P][n_votes]
+    votes = out.votes if out.votes is not None else majority_votes([g.answers() for g in groups], o.extractor)
     timings["timing/label"] = time.perf_counter() - t
 
     # ── keep n_train of the n_votes samples per prompt ────────────────────
@@ -169,7 +181,7 @@ def step(ctx: StepContext, prompts: list[Prompt], *, next_prompts: list[Prompt] 
     stats |= _metrics(groups, batch, out, kept_rewards, trained, sync, fused_old,
                       sampling_s=t_sampled - ro.t_submit)
     stats |= ctx.votes.update([g.prompt.id for g in groups], votes)
-    stats |= label_quality(groups, votes, kept_rewards, keep)
+    stats |= label_quality(groups, votes, kept_rewards, keep, extractor=o.extractor)
     ctx.vote_rows = [{"id": g.prompt.id, "label": v.label, "ratio": round(v.ratio, 4),
                        "margin": round(v.margin, 4), "classes": len(v.counts)}
                      for g, v in zip(groups, votes)]
@@ -192,7 +204,8 @@ def collect(ctx: StepContext, ro: Rollout) -> list[Group]:
     outs = ctx.rt.collect(ro.handle)                                                 # [P][n_votes]
     extractor = ctx.opts.extractor
     return [Group(p, ids, [Sample(text=s["text"], token_ids=s["token_ids"], logprobs=s["logprobs"],
-                                  answer=extract_answer(s["text"], extractor), finish_reason=s["finish_reason"])
+                                  answer=extract_answer(s["text"], extractor, prompt=p.id),
+                                  finish_reason=s["finish_reason"])
                            for s in out])
             for p, ids, out in zip(ro.prompts, ro.prompt_ids, outs)]
 
@@ -218,6 +231,26 @@ def _pack(groups: list[Group], keep: list[list[int]], pad_id: int) -> Batch:
     kept = [g.samples[i] for g, rows in zip(groups, keep) for i in rows]
     return pack_batch([g.prompt_token_ids for g, rows in zip(groups, keep) for _ in rows],
                       [s.token_ids for s in kept], pad_id=pad_id, behavior_logps=[s.logprobs for s in kept])
+
+
+def _token_stats(rt: StepRuntime, groups: list[Group], pad_id: int,
+                 temperature: float) -> list[list[dict[str, float]]]:
+    """Each sample's mean token entropy and self-certainty under the policy, and its token count.
+
+    [P][n] dicts {"entropy", "self_certainty", "tokens"}; the means are NaN for a sample with no tokens.
+    """
+    batch = _pack(groups, [list(range(len(g.samples))) for g in groups], pad_id)
+    per_token = rt.token_stats(batch, temperature)                                  # name -> [B, R]
+    mask = batch["response_mask"].float()
+    n = mask.sum(1)
+    means = {k: torch.where(n > 0, (v * mask).sum(1) / n.clamp(min=1), torch.nan).tolist()
+             for k, v in per_token.items()}
+    means["tokens"] = n.tolist()
+    out, row = [], 0
+    for g in groups:
+        out.append([{k: means[k][row + i] for k in means} for i in range(len(g.samples))])
+        row += len(g.samples)
+    return out
 
 
 def _score(rt: StepRuntime, batch: Batch, o: StepOptions) -> tuple[bool, Tensor | None, dict[str, float]]:
@@ -257,6 +290,8 @@ def _metrics(groups: list[Group], batch: Batch, out: RewardOutput, kept_rewards:
     trained = dict(trained)
     stats = {
         "reward/mean": float(torch.tensor(out.rewards).float().mean()),
+        # Intrinsic rewards live on their own scales (nats, log-probs): their spread says more than 0/1's.
+        "reward/std": float(torch.tensor(out.rewards).float().std(correction=0)),
         "reward/train_mean": float(torch.tensor(kept_rewards).mean()),
         # Over the time the engines had: from submit to the samples being in.
         "rollout/tokens_per_s": n_tokens / max(sampling_s, 1e-9),

@@ -34,9 +34,11 @@ def test_quick_bench_writes_every_ratio(tmp_path):
     errors = {k: v for k, v in res.items() if k.endswith("error")}
     assert not errors, errors
     for key in ("rollout_vs_vllm", "rollout.vllm_tokens_per_s", "rollout.ttrl_tokens_per_s", "sync_share",
-                "sync_vs_memcpy", "step.seconds", "step_vs_trl", "step_vs_trl_overlap", "trl.step_s"):
+                "sync_vs_memcpy", "step.seconds", "step_vs_trl", "step_vs_trl_overlap", "trl.step_s",
+                "token_stats_vs_generate", "token_stats.seconds"):
         assert math.isfinite(res[key]) and res[key] > 0, (key, res.get(key))
     assert res["sync_share"] < 1 and res["sync.bytes"] > 0
+    assert res["token_stats.samples"] == 16 * 16  # the quick bench's prompts x votes, one pass over all
     # TRL generated with vLLM (its colocated engine, weights pushed by reload_weights), not HF generate.
     assert res["trl.use_vllm"] == 1.0 and res["trl.vllm_weight_push"] == "reload_weights"
     # Both sides of the step comparison drew completions of about the same length.

@@ -113,6 +113,7 @@ BAD: dict[str, Any] = {
     "rollout.sync_bucket_mb": 0,
     # label
     "label.extractor": "no_such_extractor",
+    "label.custom_extractor": "no_module_path",
     "label.grade_timeout_s": 0.0,
     # reward
     "reward.name": "majority",

@@ -1,5 +1,8 @@
 """`label.extractor` is what a run reads answers with: the step's vote and rewards, and eval's grades.
 
+Its config: an unknown name, and `custom` without its function, fail naming
+the key; `custom` threads "custom:<path>" (configured_extractor).
+
 A test-only extractor (`_fake_last_number`: the last number in the text) is
 registered for each test and removed after it. The completions below put
 one answer in a `\\boxed{}` and another as the last number, so the two
@@ -12,11 +15,13 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 
 import pytest
 
 from tests.conftest import compose_config
-from ttrl.labeling.extract import EXTRACTORS
+from ttrl.config import ConfigError
+from ttrl.labeling.extract import EXTRACTORS, configured_extractor
 from ttrl.types import Prompt
 
 pytestmark = pytest.mark.unit
@@ -67,7 +72,8 @@ def _ctx(*overrides: str):
     cfg = compose_config("experiment=debug", "reward=majority_vote", f"rollout.n_votes={len(TEXTS)}",
                          f"rollout.n_train={len(TEXTS)}", "eval.n_samples=4", "eval.ks=[1]", "eval.greedy=false",
                          *overrides)
-    reward = build_reward(cfg.reward.name, **reward_options(cfg))
+    # As ttrl.parts.build_parts builds it.
+    reward = build_reward(cfg.reward.name, extractor=configured_extractor(cfg.label), **reward_options(cfg))
 
     def tokenizer(text, add_special_tokens=False):
         return {"input_ids": [ord(c) for c in text]}
@@ -106,3 +112,52 @@ def test_a_configured_extractor_changes_what_eval_grades(fake_extractor):
     assert evaluate(cfg, ctx, PROMPTS)["eval/pass@1"] == 0.0  # boxed: 1, 1, 2, none; the answer is 7
     cfg, ctx = _ctx(f"label.extractor={fake_extractor}")
     assert evaluate(cfg, ctx, PROMPTS)["eval/pass@1"] == pytest.approx(0.75)
+
+
+def test_the_choice_extractor_votes_on_letters_through_the_step(monkeypatch):
+    # Four completions of a multiple-choice question: C, C, B, and a hedge that states no single letter.
+    monkeypatch.setattr(sys.modules[__name__], "TEXTS", ["The answer is (C).", r"\boxed{C}", "Answer: B", "A or B"])
+    _, ctx = _ctx("label.extractor=choice")
+    assert ctx.opts.extractor == "choice" and ctx.reward.extractor == "choice"
+    assert _vote_and_rewards(ctx) == (["C", "C", "B", None], "C", [1.0, 1.0, 0.0, 0.0])
+
+
+def test_the_number_extractor_grades_eval_numerically(monkeypatch):
+    from ttrl.run import evaluate
+
+    monkeypatch.setattr(sys.modules[__name__], "TEXTS", ["so 7.0", "it is 7", "$7$ apples", "1,234"])
+    cfg, ctx = _ctx("label.extractor=number")
+    assert evaluate(cfg, ctx, PROMPTS)["eval/pass@1"] == pytest.approx(0.75)
+
+
+# ── its config ─────────────────────────────────────────────────────────────
+def test_an_unknown_extractor_is_named_with_the_choices():
+    with pytest.raises(ConfigError) as err:
+        compose_config("label.extractor=letters")
+    message = str(err.value)
+    assert message.startswith("label.extractor='letters' is not an answer extractor")
+    assert "boxed, choice, custom, number" in message
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    (["label.extractor=custom"], ["label.custom_extractor must name a function", "label.extractor=custom"]),
+    (["label.extractor=custom", "label.custom_extractor='not a path'"],
+     ["label.custom_extractor='not a path' must name a function as 'package.module:function'"]),
+    (["label.custom_extractor=my_pkg.answers:read"],
+     ["label.custom_extractor is only read by label.extractor=custom, not label.extractor=boxed"]),
+])
+def test_a_custom_extractor_config_mistake_names_the_key(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        compose_config(*overrides)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_a_custom_extractor_config_threads_its_path():
+    path = "tests.unit.labeling.test_answer_types:after_hash"
+    cfg = compose_config("label.extractor=custom", f"label.custom_extractor={path}")
+    assert configured_extractor(cfg.label) == f"custom:{path}"
+    # The path is imported when the run is set up, not when the config is validated.
+    cfg = compose_config("label.extractor=custom", "label.custom_extractor=no_such_pkg_xyz.answers:read")
+    with pytest.raises(ValueError, match="label.custom_extractor='no_such_pkg_xyz.answers:read'"):
+        configured_extractor(cfg.label)

@@ -23,6 +23,7 @@ from ttrl.algos.losses import (
     logprobs_from_logits,
     policy_loss,
     ppo_clip,
+    self_certainty_from_logits,
     truncated_is_weight,
     value_loss,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "outcome_advantages",
     "policy_loss",
     "ppo_clip",
+    "self_certainty_from_logits",
     "truncated_is_weight",
     "value_loss",
 ]

@@ -29,6 +29,7 @@ never steps an optimiser or reduces across processes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -321,5 +322,21 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 
     def one(z: Tensor) -> Tensor:
         return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
+
+    return _rowwise_float32(one, logits)
+
+
+def self_certainty_from_logits(logits: Tensor) -> Tensor:
+    """KL(uniform || softmax(logits)) per position: [batch, seq, vocab] -> [batch, seq].
+
+    Intuitor's self-certainty (Zhao et al., 2025, arXiv 2505.19590): how far the
+    next-token distribution sits from uniform, 0 for a uniform one, growing as
+    the model grows sure. With log p_v = z_v - logsumexp(z),
+    KL(U || p) = -log V - mean_v log p_v = logsumexp(z) - mean_v z_v - log V,
+    so no log-softmax over the vocabulary is materialised.
+    """
+
+    def one(z: Tensor) -> Tensor:
+        return torch.logsumexp(z, dim=-1) - z.mean(dim=-1) - math.log(z.shape[-1])
 
     return _rowwise_float32(one, logits)

@@ -224,6 +224,12 @@ class Runtime:
                                          temperature, which)
         return torch.cat(parts, 0)[:B]
 
+    def token_stats(self, batch: Batch, temperature: float) -> dict[str, torch.Tensor]:
+        padded, B = self._pad_to_ranks(batch)
+        parts = self.policy.call_sharded("compute_token_stats", split(padded, self.policy.world_size), temperature)
+        return {"entropy": torch.cat([p[0] for p in parts], 0)[:B],
+                "self_certainty": torch.cat([p[1] for p in parts], 0)[:B]}
+
     def values(self, batch: Batch) -> torch.Tensor:
         assert self.critic is not None
         padded, B = self._pad_to_ranks(batch)

@@ -59,6 +59,10 @@ class StepRuntime(Protocol):
         """Log-probs [B, R] of the response tokens under the policy (or `which="ref"`)."""
         ...
 
+    def token_stats(self, batch: Batch, temperature: float) -> dict[str, torch.Tensor]:
+        """Per response token [B, R] under the policy: "entropy" and "self_certainty" (KL(uniform || p))."""
+        ...
+
     def values(self, batch: Batch) -> torch.Tensor:
         """Critic values [B, R]."""
         ...

@@ -28,6 +28,7 @@ from ttrl.config import ConfigError, register_configs, validate
 
 def run_eval(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     from ttrl.eval.runner import evaluate
+    from ttrl.labeling.extract import configured_extractor
     from ttrl.parts import build_parts
     from ttrl.step import token_ids
 
@@ -41,7 +42,7 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         summary, records = evaluate(engine.generate, parts.prompts, token_ids(parts.tokenizer, parts.prompts),
                                     n=e.n_samples, temperature=e.temperature, top_p=e.top_p,
                                     max_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, ks=list(e.ks),
-                                    greedy=e.greedy, extractor=cfg.label.extractor)
+                                    greedy=e.greedy, extractor=configured_extractor(cfg.label))
     finally:
         parts.close()
     result = {

@@ -25,14 +25,17 @@ GenerateFn = Callable[..., list[list[dict]]]
 
 def grade_samples(prompts: Sequence[Prompt], texts: Sequence[Sequence[str]],
                   extractor: str = "boxed") -> list[dict[str, Any]]:
-    """Per problem: answers (read by `extractor`), each sample's correctness, and the majority vote's verdict."""
-    answers = [[extract_answer(t, extractor) for t in row] for row in texts]
-    votes = majority_votes(answers)
+    """Per problem: answers (read by `extractor`), each sample's correctness, and the majority vote's verdict.
+
+    Answers are voted on and graded as `extractor` compares them (letters, numbers or math-verify).
+    """
+    answers = [[extract_answer(t, extractor, prompt=p.id) for t in row] for p, row in zip(prompts, texts)]
+    votes = majority_votes(answers, extractor=extractor)
     records = []
     for p, row, vote in zip(prompts, answers, votes):
         if p.answer is None:
             raise ValueError(f"problem {p.id} has no answer to grade against")
-        class_ok = [is_equivalent(rep, p.answer) for rep in vote.counts]
+        class_ok = [is_equivalent(rep, p.answer, extractor) for rep in vote.counts]
         correct = [cls is not None and class_ok[cls] for cls in vote.assignment]
         records.append({
             "id": p.id, "answer": p.answer, "answers": row, "correct": correct,

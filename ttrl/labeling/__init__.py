@@ -1,8 +1,10 @@
 """Labeling without labels: extract answers, grade equivalence, vote.
 
-extract.py pulls the final answer out of a completion, grade.py decides
-whether two answers are equivalent (math-verify, bounded in time), vote.py
-turns a prompt's answers into a majority-vote pseudo-label. Nothing here
+extract.py pulls the final answer out of a completion (by answer type:
+boxed, choice, number, custom), grade.py decides whether two answers are
+equivalent (match.py for letters and numbers, math-verify bounded in time
+for the rest), vote.py turns a prompt's answers into a majority-vote
+pseudo-label. Nothing here
 sees a ground-truth answer unless a caller passes one as `ref`, and nothing
 here imports torch, ray, vllm or deepspeed.
 """

@@ -6,6 +6,11 @@ the strings that `extract_answer` returns: "1/2" ≡ "0.5" ≡ "\\frac{1}{2}",
 "5\\text{ cm}" ≡ "5". `equivalence_classes` groups a list of answers with it
 (the vote in vote.py is built on it).
 
+Both take the run's extractor (label.extractor, "boxed" by default): the
+answers of a typed extractor ("choice", "number") compare as match.py says
+(letters exactly, numbers numerically), with none of the steps below;
+"boxed" and custom extractors' answers take the math path below.
+
 How a check runs, cheapest first:
   1. light normalisation; identical strings are equal (normalise.py);
   2. a numeric compare of plain numbers ("0.5" vs "1/2", "142.0" vs "142");
@@ -38,10 +43,11 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ttrl.labeling import sandbox
+from ttrl.labeling.match import matching
 from ttrl.labeling.mathverify import DIFFERENT, EQUAL, TIMED_OUT, forget_parses, signals_usable, verify_here
 from ttrl.labeling.normalise import fast_verdict, normalize_answer
 
@@ -118,8 +124,11 @@ class Grader:
         self._verify_cached = functools.lru_cache(maxsize=1 << 16)(self._verify)
 
     # ── the checks ─────────────────────────────────────────────────────────
-    def is_equivalent(self, pred: str, ref: str) -> bool:
-        """True when answer `pred` is mathematically equivalent to the reference `ref`; never raises."""
+    def is_equivalent(self, pred: str, ref: str, extractor: str = "boxed") -> bool:
+        """True when answer `pred` is equivalent to the reference `ref`, as `extractor` reads them; never raises."""
+        typed = matching(extractor)
+        if typed is not None:
+            return _typed_check(typed.equivalent, pred, ref)
         self._count("calls")
         try:
             if not isinstance(pred, str) or not isinstance(ref, str):
@@ -142,8 +151,9 @@ class Grader:
             log.debug("equivalence check failed; counted as not equivalent", exc_info=True)
             return False
 
-    def equivalence_classes(self, answers: Sequence[str | None]) -> tuple[list[str], list[int | None]]:
-        """Group answers into classes of equivalent ones.
+    def equivalence_classes(self, answers: Sequence[str | None],
+                            extractor: str = "boxed") -> tuple[list[str], list[int | None]]:
+        """Group answers (read by `extractor`) into classes of equivalent ones.
 
         Returns (representatives, assignment): a class's representative is its
         first-seen member, classes are in first-seen order, and `assignment[i]`
@@ -153,6 +163,9 @@ class Grader:
         normalise to the same string share one lookup, so U distinct answers in C
         classes cost at most U * C checks, however many samples there are.
         """
+        typed = matching(extractor)
+        if typed is not None:
+            return typed.classes(answers)
         representatives: list[str] = []
         class_of_key: dict[str, int] = {}
         assignment: list[int | None] = []
@@ -298,19 +311,28 @@ def configure(
     use(dataclasses.replace(grader().options, **changes))
 
 
-def is_equivalent(pred: str, ref: str) -> bool:
-    """True when answer `pred` is mathematically equivalent to the reference `ref`.
+def _typed_check(check: Callable[[str, str], bool], pred: str, ref: str) -> bool:
+    try:
+        return check(pred, ref)
+    except Exception:  # match.py never raises by design; this keeps the promise if it ever did
+        log.debug("typed equivalence check failed; counted as not equivalent", exc_info=True)
+        return False
+
+
+def is_equivalent(pred: str, ref: str, extractor: str = "boxed") -> bool:
+    """True when answer `pred` is equivalent to the reference `ref`, as answers `extractor` reads.
 
     Never raises; a check that fails or runs out of time is False. Bounded by
     the process grader's `timeout_s` from any thread (see the module docstring
     for the two exceptions: a worker's start-up and queueing for a free worker).
     """
-    return grader().is_equivalent(pred, ref)
+    return grader().is_equivalent(pred, ref, extractor)
 
 
-def equivalence_classes(answers: Sequence[str | None]) -> tuple[list[str], list[int | None]]:
+def equivalence_classes(answers: Sequence[str | None],
+                        extractor: str = "boxed") -> tuple[list[str], list[int | None]]:
     """`Grader.equivalence_classes` with the process's grader."""
-    return grader().equivalence_classes(answers)
+    return grader().equivalence_classes(answers, extractor)
 
 
 def parallel_checks() -> int:

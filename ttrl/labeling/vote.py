@@ -4,7 +4,9 @@ Equivalent answers ("1/2", "0.5", "\\frac{1}{2}") form one class; the largest
 class wins and its first-seen member is the pseudo-label. A tie goes to the
 class seen first. Missing answers (no `\\boxed{}`) vote for nothing but
 count in the denominator of the majority ratio, so a prompt where most
-samples give no answer has a low ratio.
+samples give no answer has a low ratio. Which answers are equivalent
+depends on the run's extractor (grade.py, match.py): "C" and "(C)" under
+"choice", "0.5" and "1/2" under "number" and "boxed".
 
 The `Vote` keeps each sample's class, so rewards and metrics read the
 verdict from it instead of grading again. This module must never see a
@@ -13,11 +15,13 @@ ground-truth answer, and imports neither torch, ray, vllm nor deepspeed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ttrl.labeling.grade import equivalence_classes, parallel_checks
+from ttrl.labeling.match import matching
 
 __all__ = ["Vote", "majority_vote", "majority_votes"]
 
@@ -54,9 +58,9 @@ class Vote:
         return self.winner is not None and self.assignment[sample] == self.winner
 
 
-def majority_vote(answers: Sequence[str | None]) -> Vote:
-    """Vote over one prompt's extracted answers (None where a sample gave none)."""
-    representatives, assignment = equivalence_classes(answers)
+def majority_vote(answers: Sequence[str | None], extractor: str = "boxed") -> Vote:
+    """Vote over one prompt's answers, read by `extractor` (None where a sample gave none)."""
+    representatives, assignment = equivalence_classes(answers, extractor)
     if not representatives:
         return Vote(label=None, ratio=0.0, assignment=assignment)
     sizes = [0] * len(representatives)
@@ -75,15 +79,18 @@ def majority_vote(answers: Sequence[str | None]) -> Vote:
     )
 
 
-def majority_votes(answer_lists: Sequence[Sequence[str | None]]) -> list[Vote]:
+def majority_votes(answer_lists: Sequence[Sequence[str | None]], extractor: str = "boxed") -> list[Vote]:
     """One vote per prompt, prompts voted side by side when grading allows it.
 
     A prompt whose samples give many distinct symbolic answers can need
     thousands of checks (~10 ms each in sympy); the checks run in grading
     worker processes, so threads here spread them over those workers.
+    Typed answers (`extractor` "choice" or "number") compare in microseconds,
+    in this thread.
     """
-    lanes = min(parallel_checks(), len(answer_lists))
+    lanes = 1 if matching(extractor) is not None else min(parallel_checks(), len(answer_lists))
     if lanes <= 1:
-        return [majority_vote(answers) for answers in answer_lists]
+        return [majority_vote(answers, extractor) for answers in answer_lists]
+    vote = functools.partial(majority_vote, extractor=extractor)
     with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="ttrl-vote") as pool:
-        return list(pool.map(majority_vote, answer_lists))
+        return list(pool.map(vote, answer_lists))

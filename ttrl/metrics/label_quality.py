@@ -4,7 +4,9 @@ Given the votes and rewards a label-free step produced, it grades them
 against the true answers: are the pseudo-labels right (`label/accuracy`),
 do the rewards equal the rewards ground truth would have given
 (`reward/accuracy`), and how often is a single sample right
-(`train/pass@1`). Nothing it computes flows back into training.
+(`train/pass@1`). Answers are graded as the run's extractor reads them
+(`extractor`, label.extractor), as the vote compared them. Nothing it
+computes flows back into training.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ttrl.types import Group
 
 
 def label_quality(groups: Sequence[Group], votes: Sequence[Vote], rewards: Sequence[Sequence[float]],
-                  train_rows: Sequence[Sequence[int]]) -> dict[str, float]:
+                  train_rows: Sequence[Sequence[int]], extractor: str = "boxed") -> dict[str, float]:
     """Metrics over all n_votes samples of every prompt (rewards on the kept rows)."""
     label_right, ratios, correct, reward_match, reward_total, extract_fail, n_samples = 0, [], 0, 0, 0, 0, 0
     graded = 0
@@ -31,7 +33,7 @@ def label_quality(groups: Sequence[Group], votes: Sequence[Vote], rewards: Seque
             continue
         graded += 1
         # Grade each equivalence class once, not each sample.
-        class_ok = {c: is_equivalent(rep, gt) for c, rep in enumerate(vote.counts)}
+        class_ok = {c: is_equivalent(rep, gt, extractor) for c, rep in enumerate(vote.counts)}
         ok = [a is not None and vote.assignment[i] is not None and class_ok[vote.assignment[i]]
               for i, a in enumerate(answers)]
         correct += sum(ok)

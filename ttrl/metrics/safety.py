@@ -185,10 +185,11 @@ class Guard:
         """Add event/* and safety/* keys to `row`; return a reason when the run must stop."""
         if row.get("train/skipped"):
             self.skips += 1
-            row["event/skipped_update"] = f"non-finite loss or gradient norm: update skipped ({self.skips} in a row)"
+            why = row.get("event/skip_reason") or "non-finite loss or gradient norm"
+            row["event/skipped_update"] = f"{why}: update skipped ({self.skips} in a row)"
             self._say(row["event/skipped_update"])
             if self.skips >= self.cfg.trainer.max_skipped_steps:
-                return (f"{self.skips} updates in a row had a non-finite loss or gradient norm; stopping. "
+                return (f"{self.skips} updates in a row were skipped (the last: {why}); stopping. "
                         f"The last checkpoint in {self.run_dir / 'checkpoints'} is intact.")
         else:
             self.skips = 0

@@ -1,5 +1,7 @@
 """Rewards, registered by name: `majority_vote` (TTRL, label-free),
-`ground_truth` (the oracle baseline), `random` (the control arm) and
+`soft_majority` (EMPO), `token_entropy`, `self_certainty` and
+`trajectory_logprob` (intrinsic, label-free), `ground_truth` (the oracle
+baseline), `random` (the control arm), `reward_model` (a learned scorer) and
 `custom` (a TRL-style user function).
 
 Build one with `build_reward(name, **options)` and call it only through
@@ -8,13 +10,15 @@ label-free rewards. Nothing here imports torch, ray, vllm or deepspeed.
 """
 
 # Importing the modules registers their rewards.
-from ttrl.rewards import custom, ground_truth, majority, random_reward  # noqa: F401
+from ttrl.rewards import custom, ground_truth, intrinsic, majority, random_reward, soft_majority  # noqa: F401
 from ttrl.rewards.base import REWARDS, Reward, RewardOutput, build_reward, compute_rewards
 from ttrl.rewards.custom import CustomReward
 from ttrl.rewards.ground_truth import GroundTruthReward
+from ttrl.rewards.intrinsic import SelfCertaintyReward, TokenEntropyReward, TrajectoryLogprobReward
 from ttrl.rewards.majority import MajorityVoteReward
 from ttrl.rewards.random_reward import RandomReward
 from ttrl.rewards.reward_model import RewardModelReward  # noqa: F401  (registers reward_model)
+from ttrl.rewards.soft_majority import SoftMajorityReward
 
 __all__ = [
     "REWARDS",
@@ -24,6 +28,10 @@ __all__ = [
     "RandomReward",
     "Reward",
     "RewardOutput",
+    "SelfCertaintyReward",
+    "SoftMajorityReward",
+    "TokenEntropyReward",
+    "TrajectoryLogprobReward",
     "build_reward",
     "compute_rewards",
 ]

@@ -42,6 +42,14 @@ class Reward:
 
     # True only for rewards that grade against the ground truth (oracles).
     needs_ground_truth: bool = False
+    # Per-sample inputs beyond text and answer, each handed as a keyword of
+    # the call, [prompts][samples] like the rest: "logprobs", the engine's
+    # log-prob of each sampled token (free: the rollout returns them);
+    # "token_stats", {"entropy", "self_certainty"} of the policy's next-token
+    # distribution averaged over the sample's response tokens (and "tokens",
+    # their number), which the step
+    # asks the trainer for (one forward pass) only when a reward needs them.
+    needs: frozenset[str] = frozenset()
 
     def __call__(
         self,
@@ -58,9 +66,15 @@ class Reward:
 REWARDS: Registry[type] = Registry("reward")
 
 
-def build_reward(name: str, **options: Any) -> Reward:
-    """Build the reward registered as `name` from its config options."""
+def build_reward(name: str, extractor: str | None = None, **options: Any) -> Reward:
+    """Build the reward registered as `name` from its config options.
+
+    `extractor` (the run's label.extractor) goes only to rewards whose
+    constructor takes an `extractor` parameter: those that compare answers.
+    """
     cls = REWARDS.get(name)
+    if extractor is not None and "extractor" in inspect.signature(cls).parameters:
+        options["extractor"] = extractor
     # Checked here so that a wrong option gets one sentence naming the reward,
     # not a TypeError from deep inside a constructor.
     try:
@@ -70,13 +84,25 @@ def build_reward(name: str, **options: Any) -> Reward:
     return cls(**options)
 
 
-def compute_rewards(reward: Reward, groups: list[Group]) -> RewardOutput:
-    """Reward every sample of every group; the loop's only way to call a reward."""
+def compute_rewards(reward: Reward, groups: list[Group],
+                    token_stats: list[list[dict[str, float]]] | None = None) -> RewardOutput:
+    """Reward every sample of every group; the loop's only way to call a reward.
+
+    `token_stats` ([prompts][samples]) must be given when the reward `needs` them.
+    """
     needs_truth = bool(getattr(reward, "needs_ground_truth", False))
     prompts = [g.prompt if needs_truth else g.prompt.scrubbed() for g in groups]
     completions = [[s.text for s in g.samples] for g in groups]
     answers = [[s.answer for s in g.samples] for g in groups]
-    out = reward(prompts, completions, answers)
+    needs = getattr(reward, "needs", frozenset())
+    extras: dict[str, Any] = {}
+    if "logprobs" in needs:
+        extras["logprobs"] = [[list(s.logprobs) for s in g.samples] for g in groups]
+    if "token_stats" in needs:
+        if token_stats is None:
+            raise ValueError(f"reward {type(reward).__name__} needs token_stats and none were computed")
+        extras["token_stats"] = token_stats
+    out = reward(prompts, completions, answers, **extras)
 
     shape = [len(g.samples) for g in groups]
     got = [len(row) for row in out.rewards]

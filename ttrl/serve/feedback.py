@@ -17,7 +17,8 @@ Ratings of a response without an extractable answer say nothing about the
 new samples and are ignored. Prompts nobody rated keep the base reward
 (the configured label-free reward, majority vote by default). This is a
 reward like the others: `compute_rewards` hands it scrubbed prompts; it
-reads feedback by prompt id, never a ground-truth answer.
+reads feedback by prompt id, never a ground-truth answer. Answers compare
+as the run's `extractor` (label.extractor) reads them, as in the vote.
 """
 
 from __future__ import annotations
@@ -41,12 +42,12 @@ class Rating:
 MAJORITY_LEFT = 0.5
 
 
-def _vetoed(vote: Vote, ratings: Sequence[Rating]) -> set[int]:
+def _vetoed(vote: Vote, ratings: Sequence[Rating], extractor: str = "boxed") -> set[int]:
     downs = [r for r in ratings if r.answer is not None and r.score < 0.5]
-    return {i for i, rep in enumerate(vote.counts) if any(is_equivalent(rep, r.answer) for r in downs)}
+    return {i for i, rep in enumerate(vote.counts) if any(is_equivalent(rep, r.answer, extractor) for r in downs)}
 
 
-def corrected_label(vote: Vote, ratings: Sequence[Rating]) -> tuple[str | None, bool]:
+def corrected_label(vote: Vote, ratings: Sequence[Rating], extractor: str = "boxed") -> tuple[str | None, bool]:
     """(label, changed): the pseudo-label after the ratings of this prompt.
 
     `changed` is False when no usable rating exists (the vote stands). A label
@@ -59,7 +60,7 @@ def corrected_label(vote: Vote, ratings: Sequence[Rating]) -> tuple[str | None, 
     if ups:
         return ups[-1].answer, True
     reps = list(vote.counts)
-    vetoed = _vetoed(vote, usable)
+    vetoed = _vetoed(vote, usable, extractor)
     sizes = [(vote.counts[rep], -i) for i, rep in enumerate(reps) if i not in vetoed]
     if not sizes:
         return None, True
@@ -69,26 +70,26 @@ def corrected_label(vote: Vote, ratings: Sequence[Rating]) -> tuple[str | None, 
     return reps[-neg_i], True
 
 
-def corrected_rewards(vote: Vote, ratings: Sequence[Rating]) -> list[float] | None:
+def corrected_rewards(vote: Vote, ratings: Sequence[Rating], extractor: str = "boxed") -> list[float] | None:
     """The rewards of one prompt's samples after its ratings; None when no rating applies."""
-    label, changed = corrected_label(vote, ratings)
+    label, changed = corrected_label(vote, ratings, extractor)
     if not changed:
         return None
     if label is not None:
-        return rewards_for_label(vote, label)
-    vetoed = _vetoed(vote, ratings)
+        return rewards_for_label(vote, label, extractor)
+    vetoed = _vetoed(vote, ratings, extractor)
     return [0.0 if cls is None or cls in vetoed else 1.0 for cls in vote.assignment]
 
 
-def rewards_for_label(vote: Vote, label: str | None) -> list[float]:
+def rewards_for_label(vote: Vote, label: str | None, extractor: str = "boxed") -> list[float]:
     """1.0 for each sample whose answer is equivalent to `label`, else 0.0."""
     if label is None:
         return [0.0] * len(vote.assignment)
-    class_ok = [is_equivalent(rep, label) for rep in vote.counts]
+    class_ok = [is_equivalent(rep, label, extractor) for rep in vote.counts]
     return [1.0 if cls is not None and class_ok[cls] else 0.0 for cls in vote.assignment]
 
 
-def confirmed_label(label: str | None, ratings: Sequence[Rating]) -> str | None:
+def confirmed_label(label: str | None, ratings: Sequence[Rating], extractor: str = "boxed") -> str | None:
     """A regression item's label in the light of user ratings of its prompt.
 
     A thumbs-up answer (the newest) replaces it; a thumbs-down on it drops the
@@ -98,7 +99,7 @@ def confirmed_label(label: str | None, ratings: Sequence[Rating]) -> str | None:
     ups = [r for r in usable if r.score >= 0.5]
     if ups:
         return ups[-1].answer
-    if label is not None and any(r.score < 0.5 and is_equivalent(label, r.answer) for r in usable):
+    if label is not None and any(r.score < 0.5 and is_equivalent(label, r.answer, extractor) for r in usable):
         return None
     return label
 
@@ -108,9 +109,10 @@ class FeedbackVoteReward(Reward):
 
     needs_ground_truth = False
 
-    def __init__(self, base, ratings: Mapping[str, Sequence[Rating]]):
+    def __init__(self, base, ratings: Mapping[str, Sequence[Rating]], extractor: str = "boxed"):
         self.base = base
         self.ratings = dict(ratings)
+        self.extractor = extractor
         self.corrected = 0  # prompts whose label a rating changed, in the last call
 
     def __call__(self, prompts: list[Prompt], completions: list[list[str]],
@@ -123,8 +125,8 @@ class FeedbackVoteReward(Reward):
             ratings = self.ratings.get(prompt.id)
             if not ratings:
                 continue
-            vote = votes[p] if votes is not None else majority_vote(answers[p])
-            fixed = corrected_rewards(vote, ratings)
+            vote = votes[p] if votes is not None else majority_vote(answers[p], self.extractor)
+            fixed = corrected_rewards(vote, ratings, self.extractor)
             if fixed is not None:
                 rewards[p] = fixed
                 self.corrected += 1

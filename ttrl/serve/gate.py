@@ -72,16 +72,16 @@ class GateDecision:
 def score_samples(labels: Sequence[str], samples: Sequence[Sequence[dict]], extractor: str = "boxed") -> EvalResult:
     """Score one model's samples ([items][n] engine dicts) against the items' labels.
 
-    Answers are read by `extractor` (label.extractor), as the learner's votes read them.
+    Answers are read and compared by `extractor` (label.extractor), as the learner's votes read them.
     """
     if len(labels) != len(samples):
         raise ValueError(f"{len(labels)} labels for {len(samples)} items")
     scores, agree, n_samples, answered, tokens, nll = [], [], 0, 0, 0, 0.0
     for label, row in zip(labels, samples):
         answers = [extract_answer(s["text"], extractor) for s in row]
-        vote = majority_vote(answers)
+        vote = majority_vote(answers, extractor)
         # Grade each answer class once against the label.
-        class_ok = [is_equivalent(rep, label) for rep in vote.counts]
+        class_ok = [is_equivalent(rep, label, extractor) for rep in vote.counts]
         ok = [cls is not None and class_ok[cls] for cls in vote.assignment]
         scores.append(sum(ok) / max(len(row), 1))
         agree.append(vote.ratio)

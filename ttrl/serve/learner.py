@@ -108,6 +108,9 @@ class StagingRuntime:
     def logprobs(self, batch: Batch, temperature: float, which: str = "policy") -> Any:
         return self.rt.logprobs(batch, temperature, which)
 
+    def token_stats(self, batch: Batch, temperature: float) -> dict[str, Any]:
+        return self.rt.token_stats(batch, temperature)
+
     def values(self, batch: Batch) -> Any:
         return self.rt.values(batch)
 
@@ -274,7 +277,8 @@ class Learner:
             probe = distinct[:min(need, max(1, len(rows) // 2))]
             outs = self.staging.generate(self._ids([q["prompt"] for q in probe]), r.n_votes, r.temperature,
                                          r.top_p, r.top_k, r.max_new_tokens, g.seed)
-            votes = majority_votes([[extract_answer(o["text"], self.opts.extractor) for o in row] for row in outs])
+            votes = majority_votes([[extract_answer(o["text"], self.opts.extractor, prompt=q["id"]) for o in row]
+                                    for q, row in zip(probe, outs)], extractor=self.opts.extractor)
             ratings = self._prompt_ratings([q["prompt"] for q in probe])
             confident = set(freezable([v.ratio for v in votes], [v.label for v in votes], g.min_agreement))
             new = []
@@ -292,7 +296,7 @@ class Learner:
         ratings = self._prompt_ratings([it["prompt"] for it in items])
         prompts, labels = [], []
         for it in items:
-            label = confirmed_label(it["label"], ratings.get(it["prompt"], []))
+            label = confirmed_label(it["label"], ratings.get(it["prompt"], []), self.opts.extractor)
             if label is not None:
                 prompts.append(it["prompt"])
                 labels.append(label)
@@ -340,7 +344,7 @@ class Learner:
                     chosen = [order[(s * P + i) % len(order)] for i in range(P)]
                     prompts = [Prompt(id=f"{q['id']}:{q['idx']}", problem=q["prompt"], answer=None, text=q["prompt"])
                                for q in chosen]
-                    reward = FeedbackVoteReward(self.base_reward, self._ratings(prompts))
+                    reward = FeedbackVoteReward(self.base_reward, self._ratings(prompts), self.opts.extractor)
                     ctx = StepContext(self.staging, reward, self.tokenizer, self.opts, self.rng)
                     row = step(ctx, prompts)
                     corrected += reward.corrected

@@ -42,14 +42,15 @@ def select_completion(samples: Sequence[dict], answers: Sequence[str | None] | N
                       vote: Vote | None = None, extractor: str = "boxed") -> Selection:
     """Pick the completion to serve among `samples` (engine dicts with "text" and "logprobs").
 
-    Without `answers`, each sample's answer is read by `extractor` (label.extractor).
+    Without `answers`, each sample's answer is read by `extractor` (label.extractor); without
+    `vote`, they are voted on as `extractor` compares them.
     """
     if not samples:
         raise ValueError("select_completion needs at least one sample")
     if answers is None:
         answers = [extract_answer(s["text"], extractor) for s in samples]
     answers = list(answers)
-    vote = vote if vote is not None else majority_vote(answers)
+    vote = vote if vote is not None else majority_vote(answers, extractor)
     if vote.winner is None:
         return Selection(_best(range(len(samples)), samples), None, 0.0, answers, {})
     members = [i for i, cls in enumerate(vote.assignment) if cls == vote.winner]

@@ -210,6 +210,7 @@ async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, contro
                  startup_s) -> None:
     import uvicorn
 
+    from ttrl.labeling.extract import configured_extractor
     from ttrl.serve.app import Service, ServiceConfig, build_app
     from ttrl.serve.engines import EnginePool
 
@@ -223,7 +224,7 @@ async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, contro
                         max_model_len=int(cfg.model.max_model_len))
     scfg = ServiceConfig(model_name=s.model_name or cfg.model.name, defaults=defaults,
                          request_timeout_s=float(s.request_timeout_s), admin_token=admin_token,
-                         extractor=cfg.label.extractor)
+                         extractor=configured_extractor(cfg.label))
     service = Service(scfg, tokenizer, cfg.model, pool, store, controller)
     m = service.metrics
 

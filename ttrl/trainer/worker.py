@@ -233,6 +233,33 @@ class PolicyWorker(_DSWorker):
                 parts.append((rows, logp))
         return self._scatter_rows(parts, batch)
 
+    def compute_token_stats(self, batch: dict, temperature: float) -> tuple[Any, Any]:
+        """Entropy and self-certainty [b, R] of the policy's next-token distribution at each response token.
+
+        For the intrinsic rewards (token_entropy, self_certainty): they need the
+        whole distribution, which the engines do not return (only the sampled
+        token's log-prob). Each micro-batch's [b, r, V] logits are reduced to
+        two numbers per token before the next one is computed, as the
+        log-prob pass does, so the memory is the log-prob pass's.
+        """
+        import torch
+
+        from ttrl.algos import entropy_from_logits, self_certainty_from_logits
+        from ttrl.trainer.batch import response_slice
+
+        self.engine.eval()
+        ent_parts, sc_parts = [], []
+        with torch.no_grad():
+            for rows, mb in self._micro_batches(batch):
+                mb = self._to_dev(mb)
+                out = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                                  position_ids=mb["position_ids"], use_cache=False)
+                logits = out.logits[:, response_slice(mb)] / temperature  # [b, r, V]
+                ent_parts.append((rows, entropy_from_logits(logits)))
+                sc_parts.append((rows, self_certainty_from_logits(logits)))
+                del out, logits
+        return self._scatter_rows(ent_parts, batch), self._scatter_rows(sc_parts, batch)
+
     # ── update ────────────────────────────────────────────────────────────
     def train_step(self, batch: dict, normalizer: float, opts: UpdateOptions,
                    inject_nan: bool = False) -> dict[str, float]:

@@ -15,6 +15,7 @@ from ttrl.algos.losses import (
     logprobs_from_logits,
     policy_loss,
     ppo_clip,
+    self_certainty_from_logits,
     truncated_is_weight,
     value_loss,
 )
@@ -310,3 +311,20 @@ def test_entropy_is_finite_for_extreme_logits_and_in_bf16():
     logits = torch.randn(2, 3, 40).to(torch.bfloat16)
     p = torch.softmax(logits.float(), dim=-1)
     close(entropy_from_logits(logits), -(p * p.log()).sum(-1), atol=1e-5)
+
+
+def test_self_certainty_by_hand():
+    # Uniform: no certainty at all. [1, 2, 3, 0]: KL(U || p) = sum_v (1/4) log((1/4) / p_v).
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 0.0]]])
+    z = math.exp(1) + math.exp(2) + math.exp(3) + 1.0
+    p = [math.exp(v) / z for v in (1.0, 2.0, 3.0, 0.0)]
+    close(self_certainty_from_logits(logits), [[0.0, sum(0.25 * math.log(0.25 / q) for q in p)]], atol=1e-5)
+
+
+def test_self_certainty_grows_with_confidence_and_holds_in_bf16():
+    sharp = torch.tensor([[[8.0, 0.0, 0.0, 0.0]]])
+    mild = torch.tensor([[[2.0, 0.0, 0.0, 0.0]]])
+    assert float(self_certainty_from_logits(sharp)) > float(self_certainty_from_logits(mild)) > 0
+    logits = torch.randn(2, 3, 40).to(torch.bfloat16)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    close(self_certainty_from_logits(logits), -math.log(40) - logp.mean(-1), atol=1e-5)

@@ -142,7 +142,19 @@ def test_guard_counts_consecutive_skips(tmp_path):
     assert guard.check({"step": 2, "train/skipped": 0.0}) is None  # streak broken
     assert guard.check({"step": 3, "train/skipped": 1.0}) is None
     reason = guard.check({"step": 4, "train/skipped": 1.0})
-    assert reason and "2 updates in a row" in reason
+    assert reason and "2 updates in a row" in reason and "non-finite" in reason
+
+
+def test_a_step_skipped_for_a_failing_extractor_says_why(tmp_path):
+    cfg = _cfg()
+    cfg.trainer.max_skipped_steps = 2
+    guard = Guard(cfg, FakeRuntime(), tmp_path)
+    why = "custom answer extractor 'pkg.mod:fn' raised ValueError: bad (prompt 'p7')"
+    row = {"step": 1, "train/skipped": 1.0, "event/skip_reason": why}
+    assert guard.check(row) is None
+    assert row["event/skipped_update"].startswith(why)
+    reason = guard.check({"step": 2, "train/skipped": 1.0, "event/skip_reason": why})
+    assert reason and "2 updates in a row" in reason and "pkg.mod:fn" in reason and "p7" in reason
 
 
 # ── label-free vote signals ──────────────────────────────────────────────

@@ -76,12 +76,18 @@ def test_random_reward_is_seeded_and_ignores_answers() -> None:
 
 
 @pytest.mark.parametrize("name, options", [("majority_vote", {}), ("majority_vote", {"min_ratio": 0.6}),
-                                           ("random", {"seed": 1})])
+                                           ("random", {"seed": 1}), ("soft_majority", {}),
+                                           ("token_entropy", {}), ("self_certainty", {}),
+                                           ("trajectory_logprob", {}), ("trajectory_logprob", {"per_token": True})])
 def test_ground_truth_scrub_changes_nothing(name: str, options: dict) -> None:
     """Label-free means label-free: hiding or corrupting every ground-truth
     answer leaves the rewards and votes of every label-free reward unchanged."""
-    groups = step_groups()
-    baseline = compute_rewards(build_reward(name, **options), groups)
+    groups = [dataclasses.replace(g, samples=[dataclasses.replace(s, logprobs=[-0.1 * (i + 1)] * (j + 1))
+                                              for j, s in enumerate(g.samples)])
+              for i, g in enumerate(step_groups())]
+    token_stats = [[{"entropy": 0.1 * j + i, "self_certainty": 2.0 - 0.1 * j} for j in range(len(g.samples))]
+                   for i, g in enumerate(groups)]
+    baseline = compute_rewards(build_reward(name, **options), groups, token_stats)
 
     rng = random.Random(0)
     garbage = lambda: "".join(rng.choices(string.printable, k=12))  # noqa: E731
@@ -90,7 +96,7 @@ def test_ground_truth_scrub_changes_nothing(name: str, options: dict) -> None:
             dataclasses.replace(g, prompt=dataclasses.replace(g.prompt, answer=replace_answer()))
             for g in groups
         ]
-        again = compute_rewards(build_reward(name, **options), scrubbed)  # fresh: random's draws restart
+        again = compute_rewards(build_reward(name, **options), scrubbed, token_stats)  # fresh: random restarts
         assert again.rewards == baseline.rewards
         assert again.votes == baseline.votes
 
