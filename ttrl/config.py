@@ -397,8 +397,8 @@ def _check_label(s: Section) -> None:
 # ── reward ─────────────────────────────────────────────────────────────────
 @dataclass
 class RewardConfig:
-    # majority_vote (label-free) | soft_majority | token_entropy | self_certainty | trajectory_logprob
-    # (label-free) | ground_truth (oracle) | custom | reward_model | random (control)
+    # majority_vote (label-free) | soft_majority | token_entropy | self_certainty | trajectory_logprob |
+    # co_reward (label-free) | ground_truth (oracle) | custom | reward_model | random (control)
     name: str = "majority_vote"
     # For `custom`: "package.module:function", TRL-style reward function.
     fn: Optional[str] = None
@@ -414,6 +414,9 @@ class RewardConfig:
     seed: Optional[int] = None
     # For `trajectory_logprob`: the mean log-prob per token rather than the sum.
     per_token: bool = False
+    # For `co_reward`: how the second view of a problem is made, a view of
+    # ttrl/data/views.py (reorder_terms) or "package.module:function".
+    view: Optional[str] = None
 
 
 # What ttrl.rewards.custom.load_function imports: "package.module:function" (or a dotted path).
@@ -437,6 +440,16 @@ def _check_reward(s: Section) -> None:
               f"{s.key('path')} must point to a reward model dir when {s.key('name')}=reward_model.")
     s.share("min_ratio", "p")
     s.at_least(0, "seed")
+    s.require(s.name != "co_reward" or bool(s.view),
+              f"{s.key('view')} must name a view (reorder_terms, or 'package.module:function') when"
+              f" {s.key('name')}=co_reward.")
+    if s.view and ":" not in s.view and "." not in s.view:  # a registered view, not a user's function
+        from ttrl.data.views import VIEWS
+
+        s.registered("view", VIEWS)
+    s.require(s.view is None or s.name == "co_reward",
+              f"{s.key('view')}={_show(s.view)} is only read by {s.key('name')}=co_reward, not"
+              f" {s.key('name')}={s.name}.")
     s.require(not s.per_token or s.name == "trajectory_logprob",
               f"{s.key('per_token')}=true is only read by {s.key('name')}=trajectory_logprob, not"
               f" {s.key('name')}={s.name}.")

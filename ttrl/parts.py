@@ -98,9 +98,30 @@ def build_parts(cfg: Any, with_prompts: bool = True) -> Parts:
                    for p in load_prompts(cfg.data)] if with_prompts else []
         # Imports a custom extractor now: a bad label.custom_extractor fails here, naming it.
         reward = build_reward(cfg.reward.name, extractor=configured_extractor(cfg.label), **reward_options(cfg))
+        if "views" in reward.needs:
+            prompts = with_views(prompts, cfg, tokenizer)
     except (ValueError, FileNotFoundError) as err:
         raise SetupError(str(err)) from err
     return Parts(cfg, model_path, tokenizer, prompts, reward)
+
+
+def with_views(prompts: list[Prompt], cfg: Any, tokenizer: Any) -> list[Prompt]:
+    """The prompts with their second view (`reward.view` of the problem alone), templated; ValueError names one."""
+    from dataclasses import replace
+
+    from ttrl.data.views import load_view
+
+    view = load_view(cfg.reward.view)
+    out = []
+    for p in prompts:
+        try:
+            text = view(p.problem)
+        except Exception as err:  # noqa: BLE001 - a user's view function: name it and the prompt
+            raise ValueError(f"reward.view={cfg.reward.view!r} failed on prompt {p.id!r}: {err}") from err
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"reward.view={cfg.reward.view!r} gave {text!r} for prompt {p.id!r}, not a problem")
+        out.append(replace(p, view_text=render_prompt(text, cfg.model, tokenizer)))
+    return out
 
 
 def reward_options(cfg: Any) -> dict[str, Any]:
@@ -118,7 +139,7 @@ def reward_options(cfg: Any) -> dict[str, Any]:
         from ttrl.trainer.reward_model import RemoteRewardModel
 
         return {"scorer": RemoteRewardModel(check_reward_model_dir(r.path))}
-    if r.name == "majority_vote":
+    if r.name in ("majority_vote", "co_reward"):
         return {"min_ratio": r.min_ratio}
     if r.name == "trajectory_logprob":
         return {"per_token": r.per_token}
@@ -127,4 +148,4 @@ def reward_options(cfg: Any) -> dict[str, Any]:
     return {}
 
 
-__all__ = ["Parts", "SetupError", "build_parts", "reward_options"]
+__all__ = ["Parts", "SetupError", "build_parts", "reward_options", "with_views"]

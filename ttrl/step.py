@@ -81,6 +81,8 @@ class Rollout:
     prompt_ids: list[list[int]]  # [P][prompt tokens]
     handle: Any
     t_submit: float
+    # Each prompt's second view was sampled too (after the P prompts, in the same call).
+    with_views: bool = False
 
 
 @dataclass
@@ -191,23 +193,35 @@ def step(ctx: StepContext, prompts: list[Prompt], *, next_prompts: list[Prompt] 
 
 # ── the stages' details ───────────────────────────────────────────────────
 def submit(ctx: StepContext, prompts: list[Prompt]) -> Rollout:
-    """Start sampling n_votes completions per prompt on the engines; returns at once."""
+    """Start sampling n_votes completions per prompt (and per second view, when the reward votes on one)."""
     o = ctx.opts
     ids = token_ids(ctx.tokenizer, prompts)
-    handle = ctx.rt.submit_generate(ids, n=o.n_votes, temperature=o.temperature, top_p=o.top_p, top_k=o.top_k,
-                                    max_tokens=o.max_new_tokens)
-    return Rollout(prompts, ids, handle, time.perf_counter())
+    views = "views" in getattr(ctx.reward, "needs", ())
+    asked = ids
+    if views:
+        missing = [p.id for p in prompts if not p.view_text]
+        if missing:
+            raise ValueError(f"reward {type(ctx.reward).__name__} votes on a second view of each prompt, and "
+                             f"prompt {missing[0]!r} has none (reward.view makes them when the prompts load)")
+        asked = ids + [ctx.tokenizer(p.view_text, add_special_tokens=False)["input_ids"] for p in prompts]
+    handle = ctx.rt.submit_generate(asked, n=o.n_votes, temperature=o.temperature, top_p=o.top_p,
+                                    top_k=o.top_k, max_tokens=o.max_new_tokens)
+    return Rollout(prompts, ids, handle, time.perf_counter(), with_views=views)
 
 
 def collect(ctx: StepContext, ro: Rollout) -> list[Group]:
     """Wait for a rollout's samples and extract each one's answer."""
-    outs = ctx.rt.collect(ro.handle)                                                 # [P][n_votes]
+    outs = ctx.rt.collect(ro.handle)                                  # [P][n_votes], then [P][n_votes] views
     extractor = ctx.opts.extractor
-    return [Group(p, ids, [Sample(text=s["text"], token_ids=s["token_ids"], logprobs=s["logprobs"],
-                                  answer=extract_answer(s["text"], extractor, prompt=p.id),
-                                  finish_reason=s["finish_reason"])
-                           for s in out])
-            for p, ids, out in zip(ro.prompts, ro.prompt_ids, outs)]
+
+    def samples(p: Prompt, out: list[dict]) -> list[Sample]:
+        return [Sample(text=s["text"], token_ids=s["token_ids"], logprobs=s["logprobs"],
+                       answer=extract_answer(s["text"], extractor, prompt=p.id), finish_reason=s["finish_reason"])
+                for s in out]
+
+    P = len(ro.prompts)
+    return [Group(p, ids, samples(p, outs[i]), view_samples=samples(p, outs[P + i]) if ro.with_views else None)
+            for i, (p, ids) in enumerate(zip(ro.prompts, ro.prompt_ids))]
 
 
 def rollout(ctx: StepContext, prompts: list[Prompt]) -> list[Group]:

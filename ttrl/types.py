@@ -21,6 +21,8 @@ class Prompt:
     answer: str | None = None
     # The text fed to the engine after the model's template was applied.
     text: str = ""
+    # A second view of the problem (same answer), templated: for co_reward only, else "".
+    view_text: str = ""
 
     def scrubbed(self) -> Prompt:
         """A copy with the ground-truth answer removed."""
@@ -47,6 +49,8 @@ class Group:
     prompt: Prompt
     prompt_token_ids: list[int]
     samples: list[Sample]
+    # Samples of the prompt's second view (`Prompt.view_text`), when the reward votes on one.
+    view_samples: list[Sample] | None = None
 
     def answers(self) -> list[str | None]:
         return [s.answer for s in self.samples]

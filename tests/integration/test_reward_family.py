@@ -19,12 +19,12 @@ from tests.conftest import compose_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-FAMILY = ["soft_majority", "token_entropy", "self_certainty", "trajectory_logprob", "random"]
+FAMILY = ["soft_majority", "token_entropy", "self_certainty", "trajectory_logprob", "co_reward", "random"]
 
 
 def test_each_label_free_reward_trains_a_real_step():
     from ttrl.distributed.runtime import Runtime
-    from ttrl.parts import build_parts, reward_options
+    from ttrl.parts import build_parts, reward_options, with_views
     from ttrl.rewards import build_reward
     from ttrl.rewards.intrinsic import TokenEntropyReward
     from ttrl.step import StepContext, StepOptions, step
@@ -51,7 +51,13 @@ def test_each_label_free_reward_trains_a_real_step():
         for i, name in enumerate(FAMILY):
             cfg.reward.name = name  # what reward_options reads, as `reward=<name>` would set it
             ctx.reward = Recorded() if name == "token_entropy" else build_reward(name, **reward_options(cfg))
-            rows[name] = step(ctx, setup.prompts[(i * per) % len(setup.prompts):][:per])
+            prompts = setup.prompts[(i * per) % len(setup.prompts):][:per]
+            if name == "co_reward":  # its prompts carry their second view, as build_parts makes them
+                cfg.reward.view = "reorder_terms"
+                prompts = with_views(prompts, cfg, setup.tokenizer)
+                assert all(p.view_text and p.view_text != p.text for p in prompts)
+            rows[name] = step(ctx, prompts)
+            cfg.reward.view = None
         before = rt.policy.call("fingerprint")[0]
         rows["again"] = step(ctx, setup.prompts[:per])
         assert rt.policy.call("fingerprint")[0] != pytest.approx(before, rel=1e-9), "the step did not train"
@@ -61,8 +67,8 @@ def test_each_label_free_reward_trains_a_real_step():
     for name, row in rows.items():
         for key in ("reward/mean", "reward/std", "train/pg_loss", "train/entropy"):
             assert math.isfinite(row[key]), (name, key, row[key])
-    # The tiny random model writes no \boxed{}: the vote has nothing to pay.
-    assert rows["soft_majority"]["reward/mean"] == 0.0
+    # The tiny random model writes no \boxed{}: the votes have nothing to pay.
+    assert rows["soft_majority"]["reward/mean"] == 0.0 and rows["co_reward"]["reward/mean"] == 0.0
     # The intrinsic rewards tell samples apart, on their own scales.
     for name in ("token_entropy", "self_certainty", "trajectory_logprob"):
         assert rows[name]["reward/std"] > 0, name

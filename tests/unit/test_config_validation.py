@@ -123,6 +123,7 @@ BAD: dict[str, Any] = {
     "reward.min_ratio": 1.5,
     "reward.p": -0.1,
     "reward.seed": -1,
+    "reward.view": "reorder_terms",  # no base uses reward=co_reward, the only reader
     # algorithm
     "algorithm.advantage": "gpro",
     "algorithm.gamma": 0.0,
@@ -436,6 +437,10 @@ def test_a_newly_registered_name_is_valid_without_touching_the_config(monkeypatc
     (["model.system_prompt=Think."], "model.system_prompt is only read by model.template=chat"),
     (["trainer.warmup_steps=5", "trainer.warmup_ratio=0.1"], "trainer.warmup_ratio=0.1 is ignored"),
     (["reward.needs_ground_truth=true"], "reward.needs_ground_truth=true is only read by reward.name=custom"),
+    (["reward.per_token=true"], "reward.per_token=true is only read by reward.name=trajectory_logprob"),
+    (["reward.view=reorder_terms"], "reward.view='reorder_terms' is only read by reward.name=co_reward"),
+    (["reward=co_reward", "reward.view=reorder_term"], "did you mean 'reorder_terms'?"),
+    (["reward=co_reward", "reward.view=null"], "reward.view must name a view"),
     (["model.trust_remote_code=true"], "model.trust_remote_code=true is not supported"),
     (["model=plain"], "model.path must be set"),  # `path: ???` in conf/model/plain.yaml
 ])

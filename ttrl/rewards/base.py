@@ -48,7 +48,9 @@ class Reward:
     # "token_stats", {"entropy", "self_certainty"} of the policy's next-token
     # distribution averaged over the sample's response tokens (and "tokens",
     # their number), which the step
-    # asks the trainer for (one forward pass) only when a reward needs them.
+    # asks the trainer for (one forward pass) only when a reward needs them;
+    # "views", the answers of the samples of each prompt's second view
+    # (`view_answers`), which the step samples beside the prompt's own.
     needs: frozenset[str] = frozenset()
 
     def __call__(
@@ -98,6 +100,10 @@ def compute_rewards(reward: Reward, groups: list[Group],
     extras: dict[str, Any] = {}
     if "logprobs" in needs:
         extras["logprobs"] = [[list(s.logprobs) for s in g.samples] for g in groups]
+    if "views" in needs:
+        if any(g.view_samples is None for g in groups):
+            raise ValueError(f"reward {type(reward).__name__} needs the second view's samples of every prompt")
+        extras["view_answers"] = [[s.answer for s in g.view_samples] for g in groups]
     if "token_stats" in needs:
         if token_stats is None:
             raise ValueError(f"reward {type(reward).__name__} needs token_stats and none were computed")

@@ -78,12 +78,14 @@ def test_random_reward_is_seeded_and_ignores_answers() -> None:
 @pytest.mark.parametrize("name, options", [("majority_vote", {}), ("majority_vote", {"min_ratio": 0.6}),
                                            ("random", {"seed": 1}), ("soft_majority", {}),
                                            ("token_entropy", {}), ("self_certainty", {}),
-                                           ("trajectory_logprob", {}), ("trajectory_logprob", {"per_token": True})])
+                                           ("trajectory_logprob", {}), ("trajectory_logprob", {"per_token": True}),
+                                           ("co_reward", {}), ("co_reward", {"min_ratio": 0.5})])
 def test_ground_truth_scrub_changes_nothing(name: str, options: dict) -> None:
     """Label-free means label-free: hiding or corrupting every ground-truth
     answer leaves the rewards and votes of every label-free reward unchanged."""
     groups = [dataclasses.replace(g, samples=[dataclasses.replace(s, logprobs=[-0.1 * (i + 1)] * (j + 1))
-                                              for j, s in enumerate(g.samples)])
+                                              for j, s in enumerate(g.samples)],
+                                  view_samples=g.samples[::-1])
               for i, g in enumerate(step_groups())]
     token_stats = [[{"entropy": 0.1 * j + i, "self_certainty": 2.0 - 0.1 * j} for j in range(len(g.samples))]
                    for i, g in enumerate(groups)]
