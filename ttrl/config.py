@@ -273,30 +273,88 @@ def _check_synthetic(s: Section) -> None:
 
 
 @dataclass
+class ChoicesConfig:
+    """Multiple choice: rows with one right and several wrong option texts become lettered questions.
+
+    Off while correct_key is null. On, each row's problem is followed by its
+    options, placed by random.Random(f"{seed}:{row id}") (the same letters on
+    every machine), and the answer is the right option's letter, which
+    label.extractor=choice reads. data=synthetic_choice uses letters, seed
+    and instruction for its sums.
+    """
+
+    # The field holding the right option's text (GPQA: "Correct Answer"); null = plain rows.
+    correct_key: Optional[str] = None
+    # The fields holding the wrong options' texts (GPQA: "Incorrect Answer 1".."3").
+    incorrect_keys: list[str] = field(default_factory=list)
+    # One letter per option, in display order.
+    letters: str = "ABCD"
+    seed: int = 0
+    # Written after the options ("" = none).
+    instruction: str = "Answer with the letter of the correct option."
+
+
+# What label.extractor=choice reads back (ttrl.data.choices.READABLE_LETTERS, not imported: this module stays light).
+_CHOICE_LETTERS = "ABCDEFGHIJ"
+
+
+@_rules(ChoicesConfig)
+def _check_choices(s: Section) -> None:
+    s.filled("correct_key")
+    s.at_least(0, "seed")
+    s.require(len(s.letters) >= 2 and len(set(s.letters)) == len(s.letters)
+              and all(c in _CHOICE_LETTERS for c in s.letters),
+              f"{s.key('letters')}={s.letters!r} must be at least 2 distinct letters of {_CHOICE_LETTERS}"
+              " (what label.extractor=choice reads).")
+    keys = list(s.incorrect_keys)
+    s.require(all(k.strip() for k in keys) and len(set(keys)) == len(keys) and s.correct_key not in keys,
+              f"{s.key('incorrect_keys')}={_show(keys)} must name distinct non-empty fields, none of them"
+              f" {s.key('correct_key')}.")
+    if s.correct_key is None:
+        s.require(not keys, f"{s.key('incorrect_keys')} is only read with {s.key('correct_key')} set.")
+        return
+    s.require(bool(keys), f"{s.key('incorrect_keys')} must name the wrong options' fields when"
+                          f" {s.key('correct_key')} is set.")
+    s.require(len(s.letters) == len(keys) + 1,
+              f"{s.key('letters')}={s.letters!r} must hold one letter per option: {len(keys) + 1}"
+              f" ({s.key('correct_key')} and {len(keys)} {s.key('incorrect_keys')}).")
+
+
+@dataclass
 class DataConfig:
-    # "synthetic", "jsonl" or a benchmark name (aime24, amc, math500, ...).
+    # "synthetic", "synthetic_choice", "jsonl" or a benchmark name (aime24, amc, math500, gpqa_diamond, ...).
     name: str = "synthetic"
     hf_name: Optional[str] = None
     hf_subset: Optional[str] = None
     hf_split: str = "test"
-    # A local .jsonl/.json/.parquet file that replaces the hub download.
+    # A local .jsonl/.json/.parquet/.csv file that replaces the hub download.
     local_path: Optional[str] = None
     id_key: str = "id"
     problem_key: str = "problem"
+    # Not read when choices.correct_key is set (the answer is then a letter).
     answer_key: str = "answer"
     limit: Optional[int] = None
     prompts_per_step: int = 8
     shuffle: bool = True
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    choices: ChoicesConfig = field(default_factory=ChoicesConfig)
+
+
+# data.name values generated in code (ttrl.data.loader.SYNTHETIC_TASKS), unless local_path is set.
+_SYNTHETIC_TASKS = ("synthetic", "synthetic_choice")
 
 
 @_rules(DataConfig)
 def _check_data(s: Section) -> None:
     s.filled("name", "hf_name", "hf_subset", "hf_split", "local_path", "id_key", "problem_key", "answer_key")
     s.at_least(1, "limit", "prompts_per_step")
-    s.require(s.name == "synthetic" or s.local_path is not None or s.hf_name is not None,
+    generated = s.name in _SYNTHETIC_TASKS and s.local_path is None
+    s.require(generated or s.local_path is not None or s.hf_name is not None,
               f"{s.key('name')}={s.name!r} needs {s.key('hf_name')} (a hub dataset) or {s.key('local_path')}"
               " (a file).")
+    s.require(s.choices.correct_key is None or not generated,
+              f"{s.key('choices.correct_key')}={_show(s.choices.correct_key)} names a field of file or hub rows;"
+              f" {s.key('name')}={s.name} generates its problems (set it to null, or set {s.key('local_path')}).")
 
 
 # ── rollout ────────────────────────────────────────────────────────────────
@@ -989,6 +1047,11 @@ def _check_across(c: Any) -> None:
             " trainer rank 0 and an engine worker on the same GPU.")
     require(a.advantage != "rloo" or r.n_train >= 2,
             "algorithm.advantage=rloo needs rollout.n_train >= 2 (it subtracts the mean of the other samples).")
+    # Multiple-choice answers are letters: another extractor reads none, so every vote would come out empty.
+    lettered = d.choices.correct_key is not None or (d.name == "synthetic_choice" and d.local_path is None)
+    require(not lettered or c.label.extractor in ("choice", "custom"),
+            f"label.extractor={c.label.extractor} cannot read the letter answers of data.name={d.name}"
+            " (multiple choice): add label.extractor=choice.")
 
     step_batch = d.prompts_per_step * r.n_train
     mini = t.mini_batch_size or step_batch

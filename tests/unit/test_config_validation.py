@@ -47,6 +47,7 @@ ANY_VALUE = {
     "logger.wandb.name": "a W&B run name (null: derived from the overrides)",
     "logger.wandb.notes": "free text shown in W&B",
     "logger.wandb.tags": "free W&B tags",
+    "data.choices.instruction": "free text written after a question's options (empty: none)",
 }
 
 # A value each key must refuse, whatever the base config. Booleans not listed
@@ -92,6 +93,10 @@ BAD: dict[str, Any] = {
     "data.synthetic.terms": 0,
     "data.synthetic.digits": 0,
     "data.synthetic.seed": -1,
+    "data.choices.correct_key": "",
+    "data.choices.incorrect_keys": ["a", "b", "c"],  # without correct_key: never read
+    "data.choices.letters": "ABCA",
+    "data.choices.seed": -1,
     # rollout
     "rollout.n_votes": 0,
     "rollout.n_train": 0,

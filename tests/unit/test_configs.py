@@ -46,6 +46,9 @@ QWEN_MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer
 REQUIRED_EXTRAS = {
     ("data", "jsonl"): ["data.local_path=some.jsonl"],
     ("data", "hf"): ["data.hf_name=ORG/NAME"],
+    # Multiple choice: answers are letters, which only the choice extractor reads.
+    ("data", "gpqa_diamond"): ["label.extractor=choice"],
+    ("data", "synthetic_choice"): ["label.extractor=choice"],
     ("model", "plain"): ["model.path=Qwen/Qwen2.5-Math-1.5B"],
     ("reward", "custom"): ["reward.fn=tests.unit.rewards.reward_fns_fake:length"],
     ("reward", "reward_model"): ["reward.path=some/rm_dir"],

@@ -11,6 +11,12 @@ the test's length but never contains a test problem; its worked solutions
 come from a careless teacher who forgets a carry now and then, so the model
 learns to slip the same way (see `scratchpad`). Answers are carried for
 metrics (and, for the easy split only, for supervised warm-starting).
+
+`choice_problems` asks the same test split as multiple choice, for
+`label.extractor=choice`: "37+48+12= A) 97 B) 87 C) 98 D) 107", answer
+"A". The wrong options are totals the careless teacher could have written
+(its slips at one or more steps), so they look like the model's own mistakes;
+the sums, and so the arithmetic task itself, are unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
+from ttrl.data.choices import arrange, option_rng, render
 from ttrl.types import Prompt
 
 
@@ -90,3 +97,48 @@ def easy_stream(terms: int, digits: int, short_share: float, seed: int, exclude:
         if problem in exclude:
             continue
         yield problem, scratchpad(nums, slip, rng)
+
+
+def slipped_totals(total: int, count: int, steps: int, rng: random.Random) -> list[int]:
+    """`count` distinct wrong totals the careless teacher could write for a sum with `total`.
+
+    The teacher slips by one of SLIPS at each of the sum's `steps` additions,
+    so the candidates are `total` moved by one up to `steps` slips (37+48+12:
+    off by 1, 2, 9, 10, 11 or 20, either way), drawn uniformly: a right answer
+    surrounded only by off-by-one-slip options would give itself away as the
+    one in the middle. Totals below zero are left out; when too few remain
+    (tiny sums, many letters), totals more slips away make up the rest.
+    """
+    out: list[int] = []
+    reached, seen, slips = {0}, {0}, 0
+    while len(out) < count:
+        pool: list[int] = []
+        # One tier: everything up to `steps` slips at first, then one slip more at a time.
+        while True:
+            slips += 1
+            reached = {r + s for r in reached for s in SLIPS}
+            pool += sorted(r for r in reached - seen if total + r >= 0)
+            seen |= reached
+            if slips >= steps:
+                break
+        rng.shuffle(pool)
+        out += [total + r for r in pool[: count - len(out)]]
+    return out
+
+
+def choice_problems(num_problems: int, terms: int, digits: int, seed: int, letters: str = "ABCD",
+                    choice_seed: int = 0, instruction: str = "") -> list[Prompt]:
+    """The test split of `arithmetic_problems` as multiple choice: '37+48+12= A) 97 B) 87 C) 98 D) 107', answer 'A'.
+
+    The same sums in the same order; each gets len(letters)-1 slipped totals
+    as wrong options and a letter order, both from `option_rng(choice_seed, id)`.
+    """
+    out = []
+    for i, p in enumerate(arithmetic_problems(num_problems, terms, digits, seed)):
+        pid = f"arith-mc-{i}"
+        rng = option_rng(choice_seed, pid)
+        wrong = slipped_totals(int(p.answer), len(letters) - 1, max(1, terms - 1), rng)
+        options, answer = arrange(p.answer, [str(w) for w in wrong], letters, rng)
+        out.append(Prompt(id=pid, problem=render(p.problem, options, letters, instruction, one_line=True),
+                          answer=answer))
+    return out
