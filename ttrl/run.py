@@ -68,6 +68,8 @@ def run(cfg: Any, run_dir: Path) -> float | None:
             if not quiet:
                 say(f"before training: {eval_line(history[-1])}")
         guard = start_guard(cfg, ctx, prompts, run_dir, start, history[-1] if history else None, sampler, quiet)
+        # The anchor votes (if any) as step 0 of votes.jsonl: a guard signal can be replayed on a finished run.
+        log.log_votes(0, ctx.vote_rows)
 
         def draw() -> list[Prompt]:
             return [prompts[i] for i in sampler.next_batch()]
@@ -195,6 +197,8 @@ def anchor_votes(cfg: Any, ctx: StepContext, prompts: list[Prompt]) -> float:
     votes = majority_votes([[extract_answer(o["text"], extractor, prompt=p.id) for o in out]
                             for p, out in zip(prompts, outs)], extractor=extractor)
     ctx.votes.anchor([p.id for p in prompts], votes)
+    ctx.vote_rows = [{"id": p.id, "label": v.label, "ratio": round(v.ratio, 4), "margin": round(v.margin, 4),
+                      "classes": len(v.counts)} for p, v in zip(prompts, votes)]
     return sum(v.ratio for v in votes) / max(len(votes), 1)
 
 

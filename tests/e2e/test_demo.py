@@ -72,3 +72,8 @@ def test_cut_down_demo_prints_the_table_and_writes_the_plot(tmp_path):
         assert 0.0 <= r["label/accuracy"] <= 1.0 and 0.0 <= r["label/majority_ratio"] <= 1.0
     evals = [r for r in rows if "eval/pass@1" in r]
     assert len(evals) == 2, "the demo evaluates the test split before and after training"
+    # The guard's anchor votes are step 0 of votes.jsonl (one per prompt), so its signals can be replayed.
+    votes = [json.loads(line) for line in (run_dir / "votes.jsonl").read_text().splitlines()]
+    anchor = [v for v in votes if v["step"] == 0]
+    assert len(anchor) == 24 and len({v["id"] for v in anchor}) == 24
+    assert all(0.0 <= v["ratio"] <= 1.0 for v in anchor)
