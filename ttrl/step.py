@@ -32,7 +32,7 @@ from ttrl.labeling.vote import majority_votes
 from ttrl.metrics.label_quality import label_quality
 from ttrl.metrics.logger import sample_rows
 from ttrl.metrics.safety import VoteTracker
-from ttrl.rewards import Reward, RewardOutput, compute_rewards
+from ttrl.rewards import Reward, RewardError, RewardOutput, compute_rewards
 from ttrl.trainer.batch import Batch, pack_batch
 from ttrl.trainer.options import UpdateOptions
 from ttrl.types import Group, Prompt, Sample
@@ -145,7 +145,11 @@ def step(ctx: StepContext, prompts: list[Prompt], *, next_prompts: list[Prompt] 
         # Intrinsic rewards read each token's whole distribution: one trainer pass.
         token_stats = _token_stats(rt, groups, ctx.tokenizer.pad_token_id, o.temperature)  # [P][n_votes]
         timings["timing/token_stats"] = time.perf_counter() - t
-    out = compute_rewards(ctx.reward, groups, token_stats)                           # [P][n_votes]
+    try:
+        out = compute_rewards(ctx.reward, groups, token_stats)                       # [P][n_votes]
+    except RewardError as err:
+        # A user's reward failed on these samples: skip the step, say why (the guard counts skips).
+        return {"train/skipped": 1.0, "event/skip_reason": str(err), "timing/step": time.perf_counter() - t_step}
     votes = out.votes if out.votes is not None else majority_votes([g.answers() for g in groups], o.extractor)
     timings["timing/label"] = time.perf_counter() - t
 

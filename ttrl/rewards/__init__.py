@@ -11,7 +11,7 @@ label-free rewards. Nothing here imports torch, ray, vllm or deepspeed.
 
 # Importing the modules registers their rewards.
 from ttrl.rewards import co_reward, custom, ground_truth, intrinsic, majority, random_reward, soft_majority  # noqa: F401
-from ttrl.rewards.base import REWARDS, Reward, RewardOutput, build_reward, compute_rewards
+from ttrl.rewards.base import REWARDS, Reward, RewardError, RewardOutput, build_reward, compute_rewards
 from ttrl.rewards.co_reward import CoReward
 from ttrl.rewards.custom import CustomReward
 from ttrl.rewards.ground_truth import GroundTruthReward
@@ -29,6 +29,7 @@ __all__ = [
     "MajorityVoteReward",
     "RandomReward",
     "Reward",
+    "RewardError",
     "RewardOutput",
     "SelfCertaintyReward",
     "SoftMajorityReward",

@@ -23,7 +23,12 @@ from ttrl.labeling.vote import Vote
 from ttrl.registry import Registry
 from ttrl.types import Group, Prompt
 
-__all__ = ["REWARDS", "Reward", "RewardOutput", "build_reward", "compute_rewards"]
+__all__ = ["REWARDS", "Reward", "RewardError", "RewardOutput", "build_reward", "compute_rewards"]
+
+
+class RewardError(ValueError):
+    """A reward failed on a step's samples (a user's function raised, or returned the wrong number or kind
+    of values): the step is skipped with this message, never scored as zeros."""
 
 
 @dataclass
@@ -113,7 +118,7 @@ def compute_rewards(reward: Reward, groups: list[Group],
     shape = [len(g.samples) for g in groups]
     got = [len(row) for row in out.rewards]
     if got != shape:
-        raise ValueError(
+        raise RewardError(
             f"reward {type(reward).__name__} returned rewards of shape {got} "
             f"(samples per prompt), expected {shape}"
         )

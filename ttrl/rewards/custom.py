@@ -23,10 +23,16 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
-from ttrl.rewards.base import REWARDS, Reward, RewardOutput
+from ttrl.rewards.base import REWARDS, Reward, RewardError, RewardOutput
 from ttrl.types import Prompt
 
 __all__ = ["CustomReward", "load_function"]
+
+
+def _ids(prompts: list[Prompt]) -> str:
+    """The distinct prompt ids, in order, shortened: where an error happened."""
+    ids = list(dict.fromkeys(p.id for p in prompts))
+    return ", ".join(map(repr, ids[:5])) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
 
 
 @REWARDS.register("custom")
@@ -58,8 +64,12 @@ class CustomReward(Reward):
                 )
             kwargs["ground_truth"] = [p.answer for p in flat_prompts]
 
-        values = self.fn(prompts=[p.problem for p in flat_prompts], completions=flat_completions, **kwargs)
-        flat, none_count = self._validate(values, expected=len(flat_completions))
+        try:
+            values = self.fn(prompts=[p.problem for p in flat_prompts], completions=flat_completions, **kwargs)
+        except Exception as err:  # noqa: BLE001 - the user's code: name it and where, skip the step
+            raise RewardError(f"reward function {self.path!r} raised {type(err).__name__}: {err} "
+                              f"(on the step's prompts {_ids(prompts)})") from err
+        flat, none_count = self._validate(values, expected=len(flat_completions), prompts=flat_prompts)
 
         rewards, start = [], 0
         for row in completions:
@@ -82,17 +92,18 @@ class CustomReward(Reward):
                 f"Give it a **kwargs parameter to ignore what it does not use."
             ) from None
 
-    def _validate(self, values: Any, expected: int) -> tuple[list[float], int]:
+    def _validate(self, values: Any, expected: int, prompts: list[Prompt]) -> tuple[list[float], int]:
         try:
             values = list(values)
         except TypeError:
-            raise ValueError(
+            raise RewardError(
                 f"reward function {self.path!r} must return a list of float | None, "
-                f"got {type(values).__name__}"
+                f"got {type(values).__name__} (on the step's prompts {_ids(prompts)})"
             ) from None
         if len(values) != expected:
-            raise ValueError(
-                f"reward function {self.path!r} returned {len(values)} rewards for {expected} completions"
+            raise RewardError(
+                f"reward function {self.path!r} returned {len(values)} rewards for {expected} completions "
+                f"(on the step's prompts {_ids(prompts)})"
             )
         flat, none_count = [], 0
         for i, value in enumerate(values):
@@ -103,8 +114,8 @@ class CustomReward(Reward):
             elif isinstance(value, numbers.Real) and math.isfinite(value):
                 flat.append(float(value))
             else:
-                raise ValueError(
-                    f"reward function {self.path!r} returned {value!r} at index {i}; "
+                raise RewardError(
+                    f"reward function {self.path!r} returned {value!r} at index {i} (prompt {prompts[i].id!r}); "
                     f"rewards must be finite numbers or None"
                 )
         return flat, none_count

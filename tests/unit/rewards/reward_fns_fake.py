@@ -37,3 +37,7 @@ class Scorers:
     @staticmethod
     def zero(prompts, completions, **kwargs):
         return [0.0] * len(completions)
+
+
+def raises(prompts, completions, **kwargs):
+    raise ZeroDivisionError("division by zero in the user's scorer")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ttrl.rewards import REWARDS, RewardOutput, build_reward, compute_rewards
+from ttrl.rewards import REWARDS, RewardError, RewardOutput, build_reward, compute_rewards
 from ttrl.types import Group, Prompt, Sample
 
 pytestmark = pytest.mark.unit
@@ -140,7 +140,7 @@ def test_compute_rewards_checks_the_shape() -> None:
             return RewardOutput(rewards=[[1.0]] * len(prompts))
 
     with pytest.raises(
-        ValueError, match=r"Broken returned rewards of shape \[1, 1, 1, 1\].*expected \[4, 4, 4, 4\]"
+        RewardError, match=r"Broken returned rewards of shape \[1, 1, 1, 1\].*expected \[4, 4, 4, 4\]"
     ):
         compute_rewards(Broken(), step_groups())
 
@@ -227,14 +227,16 @@ def test_custom_reward_build_errors_name_the_path(options: dict, message: str) -
 @pytest.mark.parametrize(
     ("fn", "message"),
     [
-        ("too_few", r"'reward_fns_fake:too_few' returned 7 rewards for 8 completions"),
+        ("too_few", r"'reward_fns_fake:too_few' returned 7 rewards for 8 completions .*'p0', 'p1'"),
         ("not_a_list", r"'reward_fns_fake:not_a_list' must return a list of float \| None, got float"),
-        ("nan_reward", r"'reward_fns_fake:nan_reward' returned nan at index 0"),
+        ("nan_reward", r"'reward_fns_fake:nan_reward' returned nan at index 0 \(prompt 'p0'\)"),
+        ("raises", r"'reward_fns_fake:raises' raised ZeroDivisionError: division by zero.*'p0', 'p1'"),
     ],
 )
-def test_custom_reward_bad_returns_name_the_path(fn: str, message: str) -> None:
+def test_custom_reward_bad_returns_name_the_path_and_prompts(fn: str, message: str) -> None:
+    """A failing user reward is a RewardError: the step skips with this message instead of scoring zeros."""
     reward = build_reward("custom", fn=f"{FAKES}:{fn}")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(RewardError, match=message):
         compute_rewards(reward, step_groups()[:2])
 
 
