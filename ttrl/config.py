@@ -763,11 +763,19 @@ class SafetyConfig:
     # in every run whose reward does not read the ground truth: the share of
     # confident votes (previous ratio >= flip_confident) that changed since the
     # prompt's last visit, and the share of revisited prompts whose vote
-    # differs from their first (or anchor) one. Calibrated on the demo task:
-    # healthy runs peaked at 0.06 and 0.22 (3-step averages), a collapsing run
-    # reached 0.51 and 0.81 (README, Reliability).
+    # differs from their first (or anchor) one. Calibrated on the demo task
+    # (README, Reliability): healthy runs peaked at 0.06 and 0.22 (3-step
+    # averages; 0.12 drift on the grid's warm starts), collapsing ones reached
+    # 0.51 and 0.81; a drift limit of 0.3 caught the old 1:1 warm start's
+    # collapse at step 8, 0.25 at step 4.
     max_flip_rate: Optional[float] = 0.2
-    max_first_vote_drift: Optional[float] = 0.3
+    max_first_vote_drift: Optional[float] = 0.25
+    # The votes losing their consensus: the paired change of each revisited
+    # prompt's majority ratio since its first (or anchor) vote, averaged over
+    # the window, falling below minus this. Calibrated on the demo grid
+    # (README, Reliability): healthy runs never averaged below -0.005, the
+    # random-reward control fell through -0.03 by about step 11.
+    max_consensus_drop: Optional[float] = 0.03
     flip_confident: float = 0.5
     # Before the first step, vote on this many prompts (n_votes samples each,
     # the rollout's sampling) with the starting policy, so vote drift is
@@ -790,7 +798,7 @@ def _check_safety(s: Section) -> None:
     s.one_of("action", ("warn", "stop", "rollback"))
     s.at_least(1, "window")
     s.share("max_flip_rate", "max_first_vote_drift", "flip_confident", why="a share of prompts")
-    s.share("max_majority_ratio", "max_eval_drop")
+    s.share("max_majority_ratio", "max_eval_drop", "max_consensus_drop")
     s.at_least(0, "anchor_prompts", why="0 is no anchor pass")
     s.at_least(0, "min_entropy", "min_response_length", "max_response_length", "max_rollbacks")
     lo, hi = s.min_response_length, s.max_response_length

@@ -131,8 +131,7 @@ def step(ctx: StepContext, prompts: list[Prompt], *, next_prompts: list[Prompt] 
         # A user's extractor failed on a sample: scoring that sample 0 would
         # train on a made-up verdict, so the step is skipped, its reason logged
         # (the guard counts it with the other skipped updates).
-        return {"train/skipped": 1.0, "event/skip_reason": str(err),
-                "timing/step": time.perf_counter() - t_step}
+        return _skipped(err, t_step)
     t_sampled = time.perf_counter()
     timings["timing/generate"] = t_sampled - t  # the wait only, when it overlapped the last step
     if next_prompts:
@@ -143,13 +142,13 @@ def step(ctx: StepContext, prompts: list[Prompt], *, next_prompts: list[Prompt] 
     token_stats = None
     if "token_stats" in getattr(ctx.reward, "needs", ()):
         # Intrinsic rewards read each token's whole distribution: one trainer pass.
-        token_stats = _token_stats(rt, groups, ctx.tokenizer.pad_token_id, o.temperature)  # [P][n_votes]
+        token_stats = sample_token_stats(rt, groups, ctx.tokenizer.pad_token_id, o.temperature)  # [P][n_votes]
         timings["timing/token_stats"] = time.perf_counter() - t
     try:
         out = compute_rewards(ctx.reward, groups, token_stats)                       # [P][n_votes]
     except RewardError as err:
         # A user's reward failed on these samples: skip the step, say why (the guard counts skips).
-        return {"train/skipped": 1.0, "event/skip_reason": str(err), "timing/step": time.perf_counter() - t_step}
+        return _skipped(err, t_step)
     votes = out.votes if out.votes is not None else majority_votes([g.answers() for g in groups], o.extractor)
     timings["timing/label"] = time.perf_counter() - t
 
@@ -251,7 +250,12 @@ def _pack(groups: list[Group], keep: list[list[int]], pad_id: int) -> Batch:
                       [s.token_ids for s in kept], pad_id=pad_id, behavior_logps=[s.logprobs for s in kept])
 
 
-def _token_stats(rt: StepRuntime, groups: list[Group], pad_id: int,
+def _skipped(err: Exception, t_step: float) -> dict[str, Any]:
+    """The row of a step skipped before its update: the reason, for the log and the guard."""
+    return {"train/skipped": 1.0, "event/skip_reason": str(err), "timing/step": time.perf_counter() - t_step}
+
+
+def sample_token_stats(rt: StepRuntime, groups: list[Group], pad_id: int,
                  temperature: float) -> list[list[dict[str, float]]]:
     """Each sample's mean token entropy and self-certainty under the policy, and its token count.
 
@@ -331,5 +335,5 @@ def _metrics(groups: list[Group], batch: Batch, out: RewardOutput, kept_rewards:
     return stats | {f"train/{k}" if "/" not in k else k: v for k, v in trained.items()}
 
 
-__all__ = ["Rollout", "StepContext", "StepOptions", "collect", "rollout", "step", "submit", "subsample",
-           "token_ids"]
+__all__ = ["Rollout", "StepContext", "StepOptions", "collect", "rollout", "sample_token_stats", "step", "submit",
+           "subsample", "token_ids"]

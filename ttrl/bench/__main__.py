@@ -140,14 +140,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def token_stats():
             # The intrinsic rewards' extra trainer pass (token_entropy, self_certainty)
             # against the rollout it follows, on the same samples.
-            from ttrl.step import _token_stats
+            from ttrl.step import sample_token_stats
 
             t0 = time.perf_counter()
             groups = rollout(ctx, prompts[:n_prompts])
             gen_s = time.perf_counter() - t0
             pad, temp = setup.tokenizer.pad_token_id, ctx.opts.temperature
-            _token_stats(rt, groups, pad, temp)  # warm-up
-            secs, _ = suite.median_time(lambda: _token_stats(rt, groups, pad, temp), repeats=3)
+            sample_token_stats(rt, groups, pad, temp)  # warm-up
+            secs, _ = suite.median_time(lambda: sample_token_stats(rt, groups, pad, temp), repeats=3)
             return {"token_stats.seconds": secs, "token_stats.generate_s": gen_s,
                     "token_stats_vs_generate": secs / gen_s,
                     "token_stats.samples": sum(len(g.samples) for g in groups)}

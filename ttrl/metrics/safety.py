@@ -56,6 +56,8 @@ class CollapseDetector:
         checks = [
             ("label/flip_rate", c.max_flip_rate if self.vote_signals else None, "above"),
             ("label/first_vote_drift", c.max_first_vote_drift if self.vote_signals else None, "above"),
+            ("label/consensus_change",
+             -c.max_consensus_drop if self.vote_signals and c.max_consensus_drop is not None else None, "below"),
             ("train/entropy", c.min_entropy, "below"),
             ("label/majority_ratio", c.max_majority_ratio, "above"),
             ("rollout/response_length", c.min_response_length, "below"),
@@ -96,24 +98,33 @@ class VoteTracker:
       visit, or from their anchor vote: `anchor` takes votes of the starting
       policy drawn before training, so drift is measured from step 1 instead
       of from the first revisit;
+    - `label/consensus_change`: over the same revisited (or anchored)
+      prompts, the mean change of the majority ratio since that first (or
+      anchor) vote, paired prompt by prompt so that which prompts a step
+      drew cancels out. Healthy test-time training sharpens the votes it
+      has (the change climbs from 0); a reward that pushes the policy
+      anywhere but toward its own consensus (the random control) spreads the
+      answers, and the change goes negative while the votes that remain stay
+      mostly where they were, so neither drift nor flips see it;
     - `label/distinct_answers`: distinct answers per prompt (missing ones not
       counted), which shrinks as the policy's answers narrow.
 
-    It keeps the label and ratio of each prompt's first and last vote (two
-    small dicts), compares labels as normalised strings, and sees no ground
-    truth.
+    It keeps the label and ratio of each prompt's first and last vote (small
+    dicts), compares labels as normalised strings, and sees no ground truth.
     """
 
     def __init__(self, confident: float = 0.5):
         # A prompt's first vote (or its anchor vote), and its last vote with its ratio.
         self.confident = confident
         self.first: dict[str, str | None] = {}
+        self.first_ratio: dict[str, float] = {}
         self.last: dict[str, tuple[str | None, float]] = {}
 
     def anchor(self, prompt_ids: Sequence[str], votes: Sequence[Any]) -> None:
         """Votes of the starting policy: the reference each prompt's later votes drift from."""
         for pid, vote in zip(prompt_ids, votes):
             self.first[pid] = self._key(vote.label)
+            self.first_ratio[pid] = float(vote.ratio)
 
     @staticmethod
     def _key(label: str | None) -> str | None:
@@ -122,14 +133,17 @@ class VoteTracker:
     def update(self, prompt_ids: Sequence[str], votes: Sequence[Any]) -> dict[str, float]:
         flips = confident = drift = revisits = 0
         distinct = 0
+        consensus = 0.0
         for pid, vote in zip(prompt_ids, votes):
             label = self._key(vote.label)
             distinct += len(vote.counts)
             if pid in self.first:
                 revisits += 1
                 drift += int(label != self.first[pid])
+                consensus += float(vote.ratio) - self.first_ratio[pid]
             else:
                 self.first[pid] = label
+                self.first_ratio[pid] = float(vote.ratio)
             if pid in self.last:
                 prev, prev_ratio = self.last[pid]
                 if prev_ratio >= self.confident:
@@ -139,6 +153,7 @@ class VoteTracker:
         out = {"label/distinct_answers": distinct / max(len(votes), 1)}
         if revisits:
             out["label/first_vote_drift"] = drift / revisits
+            out["label/consensus_change"] = consensus / revisits
         if confident:
             out["label/flip_rate"] = flips / confident
         return out

@@ -199,8 +199,34 @@ def test_vote_tracker_anchor_measures_drift_from_the_first_step():
     assert "label/flip_rate" not in row  # flips need a previous training-time vote
 
 
+def test_vote_tracker_consensus_change_pairs_each_prompt_with_its_anchor():
+    from ttrl.metrics.safety import VoteTracker
+
+    t = VoteTracker()
+    t.anchor(["a", "b"], [_vote("1", 0.6), _vote("2", 0.4)])
+    # a: 0.6 -> 0.3 (its vote holds, its consensus halves); b: 0.4 -> 0.5; c: a first visit, no pair yet.
+    row = t.update(["a", "b", "c"], [_vote("1", 0.3), _vote("7", 0.5), _vote("3", 0.9)])
+    assert row["label/consensus_change"] == pytest.approx(((0.3 - 0.6) + (0.5 - 0.4)) / 2)
+    # c's first visit is its reference from now on; the anchors stay the reference for a and b.
+    row = t.update(["c", "a"], [_vote("3", 0.7), _vote("1", 0.8)])
+    assert row["label/consensus_change"] == pytest.approx(((0.7 - 0.9) + (0.8 - 0.6)) / 2)
+
+
+def test_consensus_drop_fires_below_its_negative_limit_and_only_for_label_free_runs():
+    rows = [{"label/consensus_change": v} for v in (-0.01, -0.05, -0.06)]  # averages -0.04 at the third
+    det = CollapseDetector(_cfg(window=3, max_consensus_drop=0.03).safety)
+    assert [det.update(r) for r in rows[:2]] == [[], []]
+    events = det.update(rows[2])
+    assert [e.signal for e in events] == ["label/consensus_change"] and "below -0.03" in events[0].message
+    quiet = CollapseDetector(_cfg(window=3, max_consensus_drop=0.03).safety, vote_signals=False)
+    assert [quiet.update(r) for r in rows] == [[], [], []]
+    off = CollapseDetector(_cfg(window=3, max_consensus_drop=None).safety)
+    assert [off.update(r) for r in rows] == [[], [], []]
+
+
 @pytest.mark.parametrize("key, value", [("max_flip_rate", 1.5), ("max_first_vote_drift", -0.1),
-                                        ("flip_confident", 2.0), ("anchor_prompts", -1)])
+                                        ("flip_confident", 2.0), ("anchor_prompts", -1),
+                                        ("max_consensus_drop", 1.5)])
 def test_vote_signal_settings_are_validated_naming_the_key(key, value):
     from tests.conftest import compose_config
     from ttrl.config import ConfigError, validate

@@ -1,0 +1,139 @@
+"""Replay the collapse guard's label-free vote signals on a finished run.
+
+A run writes every vote it took to votes.jsonl (the anchor votes as step 0,
+then one row per prompt and step: label, majority ratio, number of answer
+classes). `replay_run` feeds those rows, step by step, through the same
+`VoteTracker` and `CollapseDetector` a live run uses, with whatever safety
+limits it is given, and says at which step the guard would have fired. It
+is how the limits in SafetyConfig were calibrated and how a user checks a
+new limit against runs they already have, without re-running anything.
+
+    python -m ttrl.metrics.replay RUN_DIR [RUN_DIR ...] [max_consensus_drop=0.05 ...]
+
+Reads votes.jsonl and metrics.jsonl only; never reads a graded key (eval/*,
+label/accuracy) into the guard, and must never write into the run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ttrl.metrics.safety import CollapseDetector, VoteTracker
+
+# The metric keys a replay recomputes from the votes; every other label-free
+# key of a step (entropy, majority ratio, lengths) comes from metrics.jsonl.
+VOTE_KEYS = ("label/flip_rate", "label/first_vote_drift", "label/consensus_change", "label/distinct_answers")
+
+
+@dataclass
+class _Vote:
+    label: str | None
+    ratio: float
+    classes: int
+
+    @property
+    def counts(self) -> range:  # VoteTracker only takes len(counts)
+        return range(self.classes)
+
+
+@dataclass
+class Replay:
+    fired_at: int | None
+    reason: str | None
+    anchored: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not a JSON row ({e.msg})") from None
+    return rows
+
+
+def replay_votes(vote_rows: Iterable[dict[str, Any]], safety: Any,
+                 metric_rows: Iterable[dict[str, Any]] = ()) -> Replay:
+    """The guard's course over recorded votes (and the label-free keys of the matching metric rows)."""
+    by_step: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in vote_rows:
+        by_step[int(r["step"])].append(r)
+    extra = {int(r["step"]): {k: v for k, v in r.items() if k.startswith(("train/", "rollout/", "label/majority"))}
+             for r in metric_rows if "step" in r}
+    tracker = VoteTracker(safety.flip_confident)
+    anchor = by_step.pop(0, [])
+    tracker.anchor([r["id"] for r in anchor], [_vote(r) for r in anchor])
+    detector = CollapseDetector(safety)
+    out = Replay(None, None, len(anchor))
+    for step in sorted(by_step):
+        rows = by_step[step]
+        row = {"step": step, **extra.get(step, {}),
+               **tracker.update([r["id"] for r in rows], [_vote(r) for r in rows])}
+        events = detector.update(row)
+        if events and out.fired_at is None:
+            out.fired_at, out.reason = step, "; ".join(e.message for e in events)
+        out.rows.append(row)
+    return out
+
+
+def _vote(r: dict[str, Any]) -> _Vote:
+    return _Vote(r.get("label"), float(r["ratio"]), int(r.get("classes", 1)))
+
+
+def replay_run(run_dir: str | Path, **limits: Any) -> Replay:
+    """`replay_votes` on a run dir, with the run's own safety config overridden by `limits`."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    votes = run_dir / "votes.jsonl"
+    if not votes.exists():
+        raise FileNotFoundError(f"{votes}: no votes recorded (a reward that does not vote writes none)")
+    cfg_path = run_dir / "config.yaml"
+    from ttrl.config import SafetyConfig
+
+    safety = OmegaConf.structured(SafetyConfig)
+    if cfg_path.exists():
+        safety = OmegaConf.merge(safety, OmegaConf.load(cfg_path).get("safety", {}))
+    for key, value in limits.items():
+        if key not in safety:
+            raise KeyError(f"safety.{key}: no such key (choices: {', '.join(safety.keys())})")
+        safety[key] = value
+    metrics = run_dir / "metrics.jsonl"
+    return replay_votes(_read_jsonl(votes), safety, _read_jsonl(metrics) if metrics.exists() else ())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    dirs = [a for a in argv if "=" not in a]
+    limits = {}
+    for a in argv:
+        if "=" in a:
+            k, v = a.split("=", 1)
+            limits[k.removeprefix("safety.")] = None if v in ("null", "None") else json.loads(v)
+    if not dirs:
+        print(__doc__.split("\n\n")[2].strip(), file=sys.stderr)
+        return 2
+    for d in dirs:
+        r = replay_run(d, **limits)
+        worst = min((x["label/consensus_change"] for x in r.rows if "label/consensus_change" in x), default=None)
+        peak = max((x["label/first_vote_drift"] for x in r.rows if "label/first_vote_drift" in x), default=None)
+        verdict = f"fired at step {r.fired_at}: {r.reason}" if r.fired_at else "quiet"
+        print(f"{d}: {verdict} "
+              f"(anchor votes {r.anchored}; steps {len(r.rows)}; "
+              f"lowest consensus change {worst if worst is None else round(worst, 3)}, "
+              f"highest drift {peak if peak is None else round(peak, 3)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
