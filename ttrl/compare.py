@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--entity", default=None)
     ap.add_argument("--grid", action="store_true",
                     help="the demo grid's before/after table (grid.md, grid.json, grid.png) instead")
+    ap.add_argument("--replay-guard", action="store_true",
+                    help="with --grid: the guard's verdict replayed on each run's votes.jsonl with today's "
+                         "default limits, instead of the verdict the run logged")
     args = ap.parse_args(argv)
     try:
         runs = list(args.runs)
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.grid:
             from ttrl.grid_report import grid_report
 
-            md = grid_report(runs, args.out)
+            md = grid_report(runs, args.out, replay_guard=args.replay_guard)
             print(md.read_text())
             print(f"ttrl-compare: wrote {md}, grid.json and grid.png in {args.out}", file=sys.stderr)
             return

@@ -41,7 +41,10 @@ def _mean(rows: list[dict], key: str) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def run_row(run: dict[str, Any]) -> dict[str, Any]:
+def run_row(run: dict[str, Any], replay_guard: bool = False) -> dict[str, Any]:
+    """One run's line. `replay_guard`: the guard's verdict replayed on the run's
+    votes with today's default limits (ttrl.metrics.replay) instead of the one the
+    run logged, so that runs from before a guard change are judged alike."""
     cfg, rows = run["config"], [r for r in run["rows"] if "step" in r]
     model = cfg.get("model", {})
     tiny, ws = model.get("tiny", {}) or {}, model.get("warmstart", {}) or {}
@@ -66,6 +69,13 @@ def run_row(run: dict[str, Any]) -> dict[str, Any]:
         "guard_step": fired[0]["safety/collapse_step"] if fired else None,
         "guard_reason": fired[0].get("safety/reason") if fired else None,
     }
+    reward = cfg.get("reward", {}).get("name")
+    if replay_guard and reward != "ground_truth" and (Path(run["dir"]) / "votes.jsonl").exists():
+        from ttrl.metrics.replay import replay_run
+
+        replayed = replay_run(run["dir"], own_config=False)
+        out["guard_step"], out["guard_reason"] = replayed.fired_at, replayed.reason
+        out["guard_replayed"] = True
     out["gain"] = out["pass1_after"] - out["pass1_before"]
     out["maj_change"] = out["maj_after"] - out["maj_before"]
     out["meets_bar"] = bool(out["gain"] >= MIN_GAIN and out["maj_change"] >= -MAX_MAJ_DROP)
@@ -109,6 +119,8 @@ def markdown(table: list[dict], summary: dict[str, Any]) -> str:
     for r in sorted(table, key=lambda r: (ORDER.get(r["arm"], 3), r["warm_start"], str(r["seed"]))):
         guard = (f"fired at {r['guard_step']}" if r["guard_step"] is not None
                  else "off (graded reward)" if r["arm"] == "oracle" else "quiet")
+        if r.get("guard_replayed"):
+            guard += " (replayed)"
         bar = ("yes" if r["meets_bar"] else "**no**") if r["arm"] == "ttrl" else ""
         lines.append(f"| {r['arm']} | {r['warm_start']} | {r['seed']} | {_f(r['pass1_before'])} | "
                      f"{_f(r['pass1_after'])} | {_f(r['gain'], True)} | {_f(r['maj_before'])} | "
@@ -156,9 +168,9 @@ def plot(table: list[dict], out: Path) -> Path:
     return out
 
 
-def grid_report(paths: list[Path], out: Path) -> Path:
+def grid_report(paths: list[Path], out: Path, replay_guard: bool = False) -> Path:
     runs = [load_run(d) for d in expand_run_dirs(paths)]
-    table = [run_row(r) for r in runs]
+    table = [run_row(r, replay_guard) for r in runs]
     summary = summarize(table)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "grid.md"

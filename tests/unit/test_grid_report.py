@@ -67,3 +67,24 @@ def test_run_plot_marks_the_guard_and_gives_each_signal_a_panel(tmp_path):
     assert collapse_step(rows) == 6 and collapse_step(rows[:5]) is None
     out = plot_run(rows, tmp_path / "training.png", title="t")
     assert out.exists() and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_grid_report_can_judge_old_runs_by_todays_guard(tmp_path):
+    # A random-reward run whose logged guard stayed quiet, but whose votes thin
+    # out (ratio 0.8 -> 0.5 with the same labels): today's consensus signal fires.
+    sweep = tmp_path / "grid"
+    run = _run(sweep, "random_ws0-0_s0", "random", (0, 0), 0, (0.46, 0.80), (0.40, 0.70))
+    votes = [{"step": 0, "id": f"p{i}", "label": "7", "ratio": 0.8, "classes": 2} for i in range(4)]
+    votes += [{"step": s, "id": f"p{i}", "label": "7", "ratio": 0.8 - 0.04 * s, "classes": 3}
+              for s in range(1, 9) for i in range(4)]
+    (run / "votes.jsonl").write_text("".join(json.dumps(v) + "\n" for v in votes))
+    _run(sweep, "oracle_ws0-0_s0", "ground_truth", (0, 0), 0, (0.46, 0.80), (0.86, 1.0))
+    main([str(sweep), "--grid", "--out", str(tmp_path / "logged")])
+    assert "fired at" not in (tmp_path / "logged" / "grid.md").read_text()
+    main([str(sweep), "--grid", "--replay-guard", "--out", str(tmp_path / "replayed")])
+    runs = {Path(r["dir"]).name: r for r in json.loads((tmp_path / "replayed" / "grid.json").read_text())["runs"]}
+    # Changes -0.04, -0.08, -0.12: the first full 3-step window averages -0.08, below the default -0.03.
+    assert runs["random_ws0-0_s0"]["guard_step"] == 3
+    assert "consensus_change" in runs["random_ws0-0_s0"]["guard_reason"]
+    assert runs["oracle_ws0-0_s0"]["guard_step"] is None  # a graded reward is never replayed
+    assert "fired at 3 (replayed)" in (tmp_path / "replayed" / "grid.md").read_text()

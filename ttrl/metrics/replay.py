@@ -90,8 +90,10 @@ def _vote(r: dict[str, Any]) -> _Vote:
     return _Vote(r.get("label"), float(r["ratio"]), int(r.get("classes", 1)))
 
 
-def replay_run(run_dir: str | Path, **limits: Any) -> Replay:
-    """`replay_votes` on a run dir, with the run's own safety config overridden by `limits`."""
+def replay_run(run_dir: str | Path, own_config: bool = True, **limits: Any) -> Replay:
+    """`replay_votes` on a run dir: the run's own safety config (or, with
+    `own_config=False`, today's defaults, to judge an old run by the current
+    guard), overridden by `limits`."""
     from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)
@@ -102,7 +104,7 @@ def replay_run(run_dir: str | Path, **limits: Any) -> Replay:
     from ttrl.config import SafetyConfig
 
     safety = OmegaConf.structured(SafetyConfig)
-    if cfg_path.exists():
+    if own_config and cfg_path.exists():
         safety = OmegaConf.merge(safety, OmegaConf.load(cfg_path).get("safety", {}))
     for key, value in limits.items():
         if key not in safety:
