@@ -413,6 +413,13 @@ def _check_rollout(s: Section) -> None:
     s.within(0, 1, "top_p", low_open=True)
     s.require(s.top_k == -1 or s.top_k >= 1, f"{s.key('top_k')}={s.top_k} must be -1 (off) or at least 1.")
     s.at_least(1, "max_new_tokens", "num_engines", "tensor_parallel_size", "sync_bucket_mb")
+    # Until engines place one 1-GPU bundle per TP rank (vLLM's Ray executor
+    # rejects a multi-GPU bundle, and an engine actor holding the GPUs starves
+    # its own workers), a TP engine would fail deep inside vLLM: refuse it here.
+    s.require(s.tensor_parallel_size == 1,
+              f"{s.key('tensor_parallel_size')}={s.tensor_parallel_size}: tensor-parallel rollout engines are not "
+              "supported yet; use rollout.tensor_parallel_size=1 and more engines (rollout.num_engines), each "
+              "holding a whole copy of the model on one GPU.")
     s.within(0, 1, "gpu_memory_utilization", low_open=True)
     s.above(0, "cpu_kv_cache_gb")
     s.at_least(1, "cpu_threads", why="null shares the CPUs out")

@@ -59,7 +59,7 @@ class Parts:
 
     def local_engine(self) -> VLLMEngine:
         """One vLLM engine in this process: no Ray, no trainer (ttrl-eval)."""
-        from ttrl.distributed.runtime import resolve_device, resolve_dtype
+        from ttrl.distributed.device import resolve_device, resolve_dtype
         from ttrl.rollout.vllm_engine import EngineArgs, VLLMEngine
 
         cfg, r = self.cfg, self.cfg.rollout

@@ -329,6 +329,14 @@ def _error_with(cfg: Any, key: str, value: Any) -> str | None:
 
 
 # ── every key ───────────────────────────────────────────────────────────────
+def test_tensor_parallel_engines_are_refused_before_anything_starts():
+    from tests.conftest import compose_config
+    from ttrl.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"rollout.tensor_parallel_size=2: tensor-parallel .* not supported yet"):
+        validate(compose_config("experiment=debug", "rollout.tensor_parallel_size=2"))
+
+
 def test_every_key_has_a_bad_value_or_a_reason():
     booleans = {k for k, hint in LEAVES.items() if _is_bool(hint)}
     uncovered = set(LEAVES) - set(BAD) - set(ANY_VALUE) - booleans

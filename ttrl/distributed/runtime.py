@@ -19,6 +19,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from ttrl.algos import aggregation_normalizer
+from ttrl.distributed.device import resolve_device, resolve_dtype
 from ttrl.distributed.group import WorkerGroup
 from ttrl.distributed.placement import Placement
 from ttrl.distributed.ray_setup import Needs, engine_cpu_threads, start_ray, stop_ray, usable_cpus
@@ -26,18 +27,6 @@ from ttrl.rollout.vllm_engine import EngineArgs, VLLMEngine
 from ttrl.trainer.batch import Batch, batch_size, concat, select, split
 from ttrl.trainer.options import UpdateOptions
 from ttrl.trainer.worker import ADDITIVE_STATS, CriticWorker, PolicyWorker
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device == "cuda" else "float32"
 
 
 class Runtime:

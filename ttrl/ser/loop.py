@@ -291,8 +291,8 @@ def run_ser(cfg: Any, run_dir: Path, quiet: bool | None = None) -> SERResult:
     import torch
     from transformers import AutoTokenizer
 
+    from ttrl.distributed.device import resolve_device, resolve_dtype
     from ttrl.distributed.ray_setup import Needs, start_ray, stop_ray
-    from ttrl.distributed.runtime import resolve_device, resolve_dtype
     from ttrl.models import resolve_model_path
     from ttrl.trainer.reward_model import RewardModelTrainer
 

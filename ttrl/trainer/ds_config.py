@@ -35,9 +35,13 @@ def build_ds_config(*, zero_stage: int, micro_batch_size: int, grad_accum: int, 
     if train:
         cfg["gradient_clipping"] = grad_clip
         params: dict[str, Any] = {"lr": lr, "betas": list(betas), "weight_decay": weight_decay}
-        if device == "cpu" or offload:
-            # DeepSpeed's own CPU Adam needs a compiled op; torch's AdamW does not.
-            params["torch_adam"] = True
+        # torch's AdamW everywhere: DeepSpeed's own Adams are ops compiled at
+        # start-up (CPU Adam needs a C++ toolchain, FusedAdam an nvcc matching
+        # torch's CUDA), which most hosts and our image lack. On a GPU torch's
+        # fused AdamW is one kernel, shipped compiled with torch.
+        params["torch_adam"] = True
+        if device == "cuda" and not offload:
+            params["fused"] = True
         cfg["optimizer"] = {"type": "AdamW", "params": params}
     return cfg
 

@@ -54,6 +54,16 @@ def test_ds_config_from_trainer_settings():
     assert cpu["optimizer"]["params"]["torch_adam"] is True
 
 
+def test_gpu_ds_config_needs_no_compiled_optimizer():
+    # DeepSpeed's FusedAdam / CPU Adam compile at start-up (nvcc / a C++ toolchain); torch's AdamW does not.
+    def opt(device, offload):
+        return build_ds_config(zero_stage=2, micro_batch_size=1, grad_accum=1, world_size=1, lr=1.0,
+                               betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, dtype="bfloat16",
+                               device=device, offload=offload)["optimizer"]["params"]
+    assert opt("cuda", False)["torch_adam"] is True and opt("cuda", False)["fused"] is True
+    assert opt("cuda", True)["torch_adam"] is True and "fused" not in opt("cuda", True)  # CPU-side states
+
+
 def test_lr_schedules():
     cos = lr_lambda("cosine", warmup_steps=2, total_steps=12, min_ratio=0.1)
     assert cos(0) == pytest.approx(0.5) and cos(1) == pytest.approx(1.0)
