@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ttrl.rollout.weights import check_weights, checkpoint_shapes, unpack
+from ttrl.rollout.weights import check_manifest, check_weights, checkpoint_shapes, unpack
 
 
 def sampled_logprobs(lps: Any, ids: list[int]) -> list[float]:
@@ -129,15 +129,30 @@ class VLLMEngine:
         return result
 
     # ── weights ───────────────────────────────────────────────────────────
-    def load_weights(self, blobs: list[bytes], version: int) -> dict[str, float]:
-        """Check, then load a full set of weights in place; reset the prefix cache."""
+    def load_weights(self, blobs: list, version: int, manifest: list | None = None) -> dict[str, float]:
+        """Check, then load a full set of weights in place; reset the prefix cache.
+
+        `blobs`: packed buckets, as bytes or as object refs (the trainer puts
+        each bucket in the object store once and every engine reads it there,
+        instead of a copy pickled into each call). With the sender's
+        `manifest` (names and shapes; it checked finiteness before packing)
+        the buckets are checked without unpacking; without it (serve's
+        versions, tests) they are unpacked and checked in full.
+        """
+        import ray
+
         t0 = time.perf_counter()
-        received: dict[str, Any] = {}
-        for blob in blobs:
-            received.update(unpack(blob))
+        if any(isinstance(b, ray.ObjectRef) for b in blobs):
+            blobs = ray.get(list(blobs))
         # A tied lm_head is not stored separately in the checkpoint.
-        check_weights(received, self.expected_shapes, optional=("lm_head.weight",))
-        del received
+        if manifest is not None:
+            check_manifest(manifest, self.expected_shapes, optional=("lm_head.weight",))
+        else:
+            received: dict[str, Any] = {}
+            for blob in blobs:
+                received.update(unpack(blob))
+            check_weights(received, self.expected_shapes, optional=("lm_head.weight",))
+            del received
         self.llm.collective_rpc("ttrl_load_weights", args=(blobs,))
         self.llm.reset_prefix_cache()
         self.weights_version = version

@@ -355,7 +355,7 @@ class PolicyWorker(_DSWorker):
         """Gather the policy and load it into every rollout engine (rank 0 sends)."""
         import ray
 
-        from ttrl.rollout.weights import iter_buckets
+        from ttrl.rollout.weights import iter_checked_buckets
 
         t0 = time.perf_counter()
         td = {"float32": None, "bfloat16": __import__("torch").bfloat16, "float16": __import__("torch").float16}
@@ -364,10 +364,15 @@ class PolicyWorker(_DSWorker):
             for _ in named:  # take part in every gather
                 pass
             return {}
-        blobs = [ray.put(b) for b in iter_buckets(named, bucket_mb << 20)]
+        refs, manifest = [], []
+        for blob, names in iter_checked_buckets(named, bucket_mb << 20):  # refuses NaN/inf here, not per engine
+            refs.append(ray.put(blob))
+            manifest.append(names)
+            del blob
         gather_s = time.perf_counter() - t0
-        # One copy in the object store, read by every engine.
-        results = ray.get([e.load_weights.remote(ray.get(blobs), version) for e in engines])
+        # One copy in the object store, read by every engine: the refs travel
+        # inside a list, so Ray passes them as refs, not as the bytes.
+        results = ray.get([e.load_weights.remote(refs, version, manifest) for e in engines])
         total = time.perf_counter() - t0
         return {"gather_s": gather_s, "total_s": total, "bytes": results[0]["bytes"],
                 "engine_load_s": max(r["load_s"] for r in results)}
