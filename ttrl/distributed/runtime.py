@@ -23,6 +23,7 @@ from ttrl.distributed.device import resolve_device, resolve_dtype
 from ttrl.distributed.group import WorkerGroup
 from ttrl.distributed.placement import Placement
 from ttrl.distributed.ray_setup import Needs, engine_cpu_threads, start_ray, stop_ray, usable_cpus
+from ttrl.distributed.startup import bring_up, engines_size_first
 from ttrl.rollout.vllm_engine import EngineArgs, VLLMEngine
 from ttrl.trainer.batch import Batch, batch_size, concat, select, split
 from ttrl.trainer.options import UpdateOptions
@@ -75,11 +76,16 @@ class Runtime:
             device=self.device, enable_sleep_mode=gpu and r.sleep_between_steps,
             cpu_threads=0 if gpu else self.engine_threads(r.overlap))
         engine_cls = ray.remote(VLLMEngine)
-        self.engines = [
-            engine_cls.options(name=f"rollout-{i}", max_restarts=r.max_restarts, max_task_retries=0,
-                               **self.placement.engine(i)).remote(EngineArgs(**{**asdict(eargs), "seed": eargs.seed + i}))
-            for i in range(r.num_engines)
-        ]
+
+        def start_engines():
+            self.engines = [
+                engine_cls.options(name=f"rollout-{i}", max_restarts=r.max_restarts, max_task_retries=0,
+                                   **self.placement.engine(i)).remote(
+                    EngineArgs(**{**asdict(eargs), "seed": eargs.seed + i}))
+                for i in range(r.num_engines)
+            ]
+            refs = [e.info.remote() for e in self.engines]
+            return lambda: ray.get(refs)
 
         # ── trainer groups ───────────────────────────────────────────────
         step_batch = cfg.data.prompts_per_step * r.n_train
@@ -92,18 +98,23 @@ class Runtime:
                     warmup_steps=t.warmup_steps or round((t.warmup_ratio or 0.0) * total_opt_steps),
                     min_lr_ratio=t.min_lr_ratio, gradient_checkpointing=t.gradient_checkpointing,
                     with_ref=self.need_ref)
-        self.policy = WorkerGroup(PolicyWorker, W, spec, name="policy",
-                                  placement=lambda rank: self.placement.trainer(0, rank))
-        self.critic = WorkerGroup(CriticWorker, W, spec, name="critic",
-                                  placement=lambda rank: self.placement.trainer(1, rank)) if self.need_critic else None
-        # Start everything at once: engines load while DeepSpeed initialises.
-        setups = self.policy.call_async("setup", self.policy.master_addr, self.policy.master_port,
-                                        model_path, total_opt_steps)
-        if self.critic:
-            setups += self.critic.call_async("setup", self.critic.master_addr, self.critic.master_port,
-                                             model_path, total_opt_steps)
-        infos = ray.get([e.info.remote() for e in self.engines])
-        ray.get(setups)
+
+        def start_trainers():
+            self.policy = WorkerGroup(PolicyWorker, W, spec, name="policy",
+                                      placement=lambda rank: self.placement.trainer(0, rank))
+            self.critic = WorkerGroup(CriticWorker, W, spec, name="critic",
+                                      placement=lambda rank: self.placement.trainer(1, rank)) \
+                if self.need_critic else None
+            setups = self.policy.call_async("setup", self.policy.master_addr, self.policy.master_port,
+                                            model_path, total_opt_steps)
+            if self.critic:
+                setups += self.critic.call_async("setup", self.critic.master_addr, self.critic.master_port,
+                                                 model_path, total_opt_steps)
+            return lambda: ray.get(setups)
+
+        # Engines and DeepSpeed initialise at once, except where they share a
+        # GPU: there the engines size their KV cache first (startup.py).
+        infos, _ = bring_up(start_engines, start_trainers, engines_size_first(gpu, colocate))
         self.startup_s = time.perf_counter() - t0
         self.engine_startup_s = max(i["startup_s"] for i in infos)
         self.weights_version = 0
