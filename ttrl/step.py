@@ -176,9 +176,7 @@ def step(ctx: StepContext, prompts: list[Prompt], *, next_prompts: list[Prompt] 
 
     # ── 6. push the new weights into every rollout engine ─────────────────
     t = time.perf_counter()
-    if o.sleep_between_steps:
-        rt.wake_engines()
-    sync = rt.sync_weights()
+    sync = push_weights(rt, o.sleep_between_steps)
     timings["timing/sync"] = time.perf_counter() - t
     timings["timing/step"] = time.perf_counter() - t_step
 
@@ -248,6 +246,21 @@ def _pack(groups: list[Group], keep: list[list[int]], pad_id: int) -> Batch:
     kept = [g.samples[i] for g, rows in zip(groups, keep) for i in rows]
     return pack_batch([g.prompt_token_ids for g, rows in zip(groups, keep) for _ in rows],
                       [s.token_ids for s in kept], pad_id=pad_id, behavior_logps=[s.logprobs for s in kept])
+
+
+def push_weights(rt: StepRuntime, asleep: bool) -> dict[str, float]:
+    """Sync the new weights into the engines, waking sleeping engines in the order memory allows.
+
+    Weights first, then the sync writes into them, then the KV cache, which
+    is the large part: waking both before the sync would need the cache's
+    memory while the trainer's buffers still hold theirs.
+    """
+    if asleep:
+        rt.wake_engines(["weights"])
+    sync = rt.sync_weights()
+    if asleep:
+        rt.wake_engines(["kv_cache"])
+    return sync
 
 
 def _skipped(err: Exception, t_step: float) -> dict[str, Any]:
@@ -335,5 +348,5 @@ def _metrics(groups: list[Group], batch: Batch, out: RewardOutput, kept_rewards:
     return stats | {f"train/{k}" if "/" not in k else k: v for k, v in trained.items()}
 
 
-__all__ = ["Rollout", "StepContext", "StepOptions", "collect", "rollout", "sample_token_stats", "step", "submit",
+__all__ = ["Rollout", "StepContext", "StepOptions", "collect", "push_weights", "rollout", "sample_token_stats", "step", "submit",
            "subsample", "token_ids"]

@@ -206,8 +206,13 @@ class Runtime:
     def sleep_engines(self) -> None:
         ray.get([e.sleep.remote() for e in self.engines])
 
-    def wake_engines(self) -> None:
-        ray.get([e.wake_up.remote() for e in self.engines])
+    def wake_engines(self, tags: list[str] | None = None) -> None:
+        if tags is None or "weights" in tags:
+            # Engines wake into the driver's free memory: empty the trainers' allocator cache first.
+            self.policy.call("release_memory")
+            if self.critic:
+                self.critic.call("release_memory")
+        ray.get([e.wake_up.remote(tags) for e in self.engines])
 
     # ── trainer forward passes ────────────────────────────────────────────
     def _pad_to_ranks(self, batch: Batch) -> tuple[Batch, int]:

@@ -51,7 +51,8 @@ class StepRuntime(Protocol):
         """Free the engines' KV cache while the trainer needs the GPU memory."""
         ...
 
-    def wake_engines(self) -> None:
+    def wake_engines(self, tags: list[str] | None = None) -> None:
+        """Reallocate what sleep freed: "weights" or "kv_cache" alone, or (None) both."""
         ...
 
     # ── trainer ───────────────────────────────────────────────────────────

@@ -200,6 +200,7 @@ class VLLMEngine:
         if self.args.enable_sleep_mode:
             self.llm.sleep(level=1)
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Reallocate what sleep freed: `tags` "weights" or "kv_cache" alone, or (None) everything."""
         if self.args.enable_sleep_mode:
-            self.llm.wake_up()
+            self.llm.wake_up(tags)

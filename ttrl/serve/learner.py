@@ -101,8 +101,8 @@ class StagingRuntime:
     def sleep_engines(self) -> None:
         ray.get(self.staging.sleep.remote())
 
-    def wake_engines(self) -> None:
-        ray.get(self.staging.wake_up.remote())
+    def wake_engines(self, tags: list[str] | None = None) -> None:
+        ray.get(self.staging.wake_up.remote(tags))
 
     # trainer: the server's, unchanged
     def logprobs(self, batch: Batch, temperature: float, which: str = "policy") -> Any:

@@ -32,3 +32,28 @@ def test_engines_size_before_trainers_only_where_they_share_a_gpu(gpu, colocate,
     out = bring_up(_recording_side("engines", log), _recording_side("trainers", log),
                    engines_size_first(gpu, colocate))
     assert out == ("engines", "trainers") and log == order
+
+
+class RecordingRuntime:
+    """Records the engine-memory calls `push_weights` makes (the rest of StepRuntime is not needed)."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def wake_engines(self, tags=None):
+        self.calls.append(("wake", tuple(tags) if tags else None))
+
+    def sync_weights(self):
+        self.calls.append(("sync",))
+        return {"bytes": 1.0}
+
+
+def test_sleeping_engines_wake_weights_then_sync_then_kv_cache():
+    from ttrl.step import push_weights
+
+    rt = RecordingRuntime()
+    assert push_weights(rt, asleep=True) == {"bytes": 1.0}
+    assert rt.calls == [("wake", ("weights",)), ("sync",), ("wake", ("kv_cache",))]
+    awake = RecordingRuntime()
+    push_weights(awake, asleep=False)
+    assert awake.calls == [("sync",)]
