@@ -34,3 +34,47 @@ def test_deepspeed_builds_torch_adamw_from_the_gpu_config_not_a_jit_op():
     w.grad = torch.ones(3)
     opt.step()
     assert opt.param_groups[0]["fused"] is True and float(w[0]) < 1.0
+
+
+def _runner_calls() -> dict[str, set[str]]:
+    """Each `self.model_runner.<method>(...)` our worker extension makes, with the keywords it passes."""
+    import ast
+    import inspect
+
+    from ttrl.rollout import vllm_ext
+
+    calls: dict[str, set[str]] = {}
+    for node in ast.walk(ast.parse(inspect.getsource(vllm_ext))):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "model_runner"):
+            calls.setdefault(node.func.attr, set()).update(k.arg for k in node.keywords if k.arg)
+    return calls
+
+
+@pytest.mark.parametrize("runner", [
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner",   # V1: what CPU CI's engines descend from
+    "vllm.v1.worker.gpu.model_runner:GPUModelRunner",   # V2: vLLM 0.32's default on CUDA
+    "vllm.v1.worker.cpu_model_runner:CPUModelRunner",
+])
+def test_every_model_runner_offers_what_the_weight_reload_calls(runner):
+    import importlib
+    import inspect
+
+    mod, name = runner.split(":")
+    cls = getattr(importlib.import_module(mod), name)
+    calls = _runner_calls()
+    assert {"reload_weights", "get_model", "reset_lora_state"} <= set(calls)  # the parse found the calls
+    for method, keywords in calls.items():
+        assert hasattr(cls, method), f"{runner} has no {method}: the weight sync would fail on it"
+        params = inspect.signature(getattr(cls, method)).parameters
+        assert keywords <= set(params), f"{runner}.{method} takes no {keywords - set(params)}"
+
+
+def test_the_layerwise_reload_the_nccl_path_streams_into_exists_in_the_pinned_vllm():
+    import inspect
+
+    from vllm.config import set_current_vllm_config  # noqa: F401  (the extension enters it)
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    assert list(inspect.signature(initialize_layerwise_reload).parameters)[:1] == ["model"]
+    assert callable(finalize_layerwise_reload)  # wrapped by a decorator: (*args, **kwargs)
