@@ -78,3 +78,36 @@ def test_the_layerwise_reload_the_nccl_path_streams_into_exists_in_the_pinned_vl
 
     assert list(inspect.signature(initialize_layerwise_reload).parameters)[:1] == ["model"]
     assert callable(finalize_layerwise_reload)  # wrapped by a decorator: (*args, **kwargs)
+
+
+def test_bf16_training_accumulates_gradients_in_fp32_under_zero2(tmp_path, monkeypatch):
+    """The GPU dtype (bf16) with our DeepSpeed config, really initialised (gloo, one rank) and stepped."""
+    import deepspeed
+
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561", "RANK": "0", "LOCAL_RANK": "0",
+                 "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = build_ds_config(zero_stage=2, micro_batch_size=2, grad_accum=2, world_size=1, lr=1e-2,
+                          betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, dtype="bfloat16", device="cpu",
+                          offload=False)
+    assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                      dist_init_required=True)
+    try:
+        before = [p.detach().float().clone() for p in engine.module.parameters()]
+        for _ in range(2):  # two micro-batches, one optimizer step
+            x = torch.randn(2, 8, dtype=torch.bfloat16)
+            loss = engine(x).float().pow(2).mean()
+            engine.backward(loss)
+            engine.step()
+        assert engine.optimizer.gradient_accumulation_dtype == torch.float32
+        after = list(engine.module.parameters())
+        assert all(a.dtype == torch.bfloat16 for a in after)
+        assert any(not torch.equal(b, a.detach().float()) for b, a in zip(before, after))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -28,6 +28,9 @@ def build_ds_config(*, zero_stage: int, micro_batch_size: int, grad_accum: int, 
         "train_batch_size": micro_batch_size * grad_accum * world_size,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bfloat16"},
+        # bf16 weights, but gradients accumulated over micro-batches in fp32:
+        # a bf16 sum of many small per-micro-batch gradients drops bits.
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if dtype == "bfloat16" else {}),
         "fp16": {"enabled": dtype == "float16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

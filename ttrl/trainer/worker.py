@@ -497,12 +497,30 @@ class PolicyWorker(_DSWorker):
                 "engine_load_s": max(r["load_s"] for r in results)}
 
     def fingerprint(self) -> float | None:
-        """Sum of |w| over all (gathered) parameters: a cheap "did the weights move" check."""
-        total = 0.0
-        for _, t in self._full_named_params():
-            if t is not None:
-                total += float(t.double().abs().sum())
-        return total if self.rank == 0 else None
+        """Sum of |w| over all parameters: a cheap "did the weights move" check (rank 0 returns it).
+
+        Each rank sums what it holds where it holds it (its ZeRO-3 shard, or
+        under ZeRO-1/2 the full tensors, summed by rank 0 alone), in float64
+        one tensor at a time, then one all-reduce: nothing is gathered or
+        copied to the CPU, so it costs a read of the shard, not of the model.
+        """
+        import torch
+        import torch.distributed as dist
+
+        zero3 = self.spec["zero_stage"] == 3
+        if not zero3 and self.rank != 0:
+            return None
+        params = list(self.engine.module.parameters())
+        device = params[0].device if params else torch.device("cpu")
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for p in params:
+            t = getattr(p, "ds_tensor", None) if zero3 else None
+            t = p.data if t is None else t
+            if t.numel():
+                total += t.double().abs().sum().to(total.device)
+        if zero3:
+            dist.all_reduce(total)
+        return float(total) if self.rank == 0 else None
 
     def save_hf(self, path: str, tokenizer_path: str) -> str | None:
         """Export the policy as a Hugging Face model dir (rank 0 writes)."""
