@@ -13,7 +13,7 @@ HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 VLLM_VERSION := 0.32.0
 EXTRAS := engine,slurm,bench,dev
 
-.PHONY: help install run test test-unit test-integration bench lint format clean
+.PHONY: help install run test test-unit test-integration bench gpu-check lint format clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -51,6 +51,9 @@ test-integration: $(STAMP) ## integration and end-to-end tests only
 
 bench: $(STAMP) ## the performance suite; writes outputs/bench/latest.json
 	$(PY) -m ttrl.bench
+
+gpu-check: $(STAMP) ## on a GPU node: install, two colocated GRPO steps, parity, one table (exits 2 without a GPU)
+	$(PY) -m ttrl.bench.gpu_check
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check ttrl tests

@@ -1,0 +1,45 @@
+"""`make gpu-check`: its refusal on a machine without a GPU, and its table (pure parts, no GPU needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttrl.bench import gpu_check
+
+pytestmark = pytest.mark.unit
+
+
+def test_without_a_gpu_it_says_so_in_one_sentence_and_exits_2(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gpu-check: no GPU to check on this machine (") and err.count("\n") == 0
+    assert "run it on a GPU node" in err
+
+
+def _rows(diff=0.01, loss=0.1):
+    row = {"train/pg_loss": loss, "rollout/logprob_diff": diff, "rollout/tokens_per_s": 5e4, "sync/bytes": 4e9,
+           "timing/sync": 2.0, "check/train_tokens": 1e4, "timing/train": 1.0}
+    return [dict(row), dict(row)]
+
+
+def test_the_table_gives_every_measure_a_verdict_and_fails_on_bad_parity_or_memory():
+    lines = gpu_check.run_lines(_rows(), n_params=10**9, copy_rate=4e12, matmul_rate=1e15,
+                                peak=[50 * 2**30], total=[80 * 2**30])
+    by = {x.measure: x for x in lines}
+    assert by["engine/trainer log-prob parity"].verdict == "ok"
+    assert "2.00 GB/s (0.1% of the device copy 4000 GB/s)" in by["weight sync"].value
+    assert by["trainer MFU"].value.startswith("6.0%")  # 6 * 1e9 params * 1e4 tokens / 1 s / 1e15 FLOP/s
+    assert by["peak memory, GPU 0"].verdict == "ok"
+    bad = gpu_check.run_lines(_rows(diff=0.3, loss=float("nan")), 10**9, 4e12, 1e15, [79 * 2**30], [80 * 2**30])
+    assert {x.measure for x in bad if x.verdict == "FAIL"} == {
+        "GRPO steps, colocated", "engine/trainer log-prob parity", "peak memory, GPU 0"}
+    text = gpu_check.table(bad)
+    assert text.count("\n") == len(bad) - 1 and "[FAIL]" in text
+
+
+def test_install_lines_read_the_optimizer_our_config_asks_deepspeed_for():
+    by = {x.measure: x for x in gpu_check.install_lines()}
+    assert by["DeepSpeed optimizer"].verdict == "ok"
+    assert by["torch CUDA build"].verdict == ("ok" if torch.version.cuda else "FAIL")
