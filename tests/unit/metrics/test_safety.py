@@ -271,3 +271,30 @@ def test_default_guard_stays_quiet_on_the_recorded_healthy_run():
     assert evals[-1]["eval/pass@1"] - evals[0]["eval/pass@1"] > 0.15  # it was a good run
     # The majority ratio climbs steadily in a healthy run (0.49 -> 0.79): it is no collapse signal by itself.
     assert rows[-1]["label/majority_ratio"] > 0.75
+
+
+# ── the default guard on recorded votes (anchored, as runs record them now) ──
+VOTES = json.loads((Path(__file__).parent / "data" / "guard_votes.json").read_text())
+
+
+def _replay_votes(name, **safety):
+    from ttrl.metrics.replay import replay_votes
+
+    rows = [{"step": s, "id": i, "label": lab, "ratio": r, "classes": c} for s, i, lab, r, c in VOTES[name]]
+    return replay_votes(rows, _cfg(**safety).safety)
+
+
+def test_consensus_signal_catches_the_recorded_random_reward_run_that_drift_and_flips_miss():
+    # A random reward: the votes keep their labels while ever fewer samples agree (eval maj@16 0.984 -> 0.875
+    # by step 20). Drift and flips stay under their limits for 30 steps; the consensus change fires at step 11.
+    r = _replay_votes("random_ws0-0_s0")
+    assert r.anchored == 128 and r.fired_at == 11 and "label/consensus_change" in r.reason
+    assert _replay_votes("random_ws0-0_s0", max_consensus_drop=None).fired_at is None
+    assert max(x["label/first_vote_drift"] for x in r.rows) < 0.25
+
+
+def test_default_guard_stays_quiet_on_the_recorded_healthy_votes():
+    r = _replay_votes("majority_vote_ws0-0_s0")
+    assert r.fired_at is None
+    # Healthy test-time training sharpens its votes: the consensus climbs.
+    assert r.rows[-1]["label/consensus_change"] > 0.05
