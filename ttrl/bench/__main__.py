@@ -36,16 +36,9 @@ SECTIONS = ("rollout", "labeling", "token_stats", "sync", "trl", "scaling", "mem
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
+    from ttrl.bench.suite import compose
 
-    from ttrl.cli import CONF_DIR
-    from ttrl.config import register_configs, validate
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    validate(cfg)
-    return cfg
+    return compose(overrides)
 
 
 def _versions() -> dict[str, str]:

@@ -189,11 +189,11 @@ def gpu_steps(steps: int, overrides: list[str]) -> tuple[list[dict], int]:
     """`steps` real GRPO steps with colocated engines; the rows and the policy's parameter count."""
     import random
 
-    from ttrl.bench.__main__ import _compose
+    from ttrl.bench.suite import compose
     from ttrl.parts import build_parts
     from ttrl.step import StepContext, StepOptions, step, token_ids
 
-    cfg = _compose(["experiment=demo", "device=cuda", "cluster.placement=colocate", "algorithm=grpo",
+    cfg = compose(["experiment=demo", "device=cuda", "cluster.placement=colocate", "algorithm=grpo",
                     "eval.at_start=false", "eval.at_end=false", "eval.every_n_steps=0", "logger.progress=false",
                     "data.prompts_per_step=16", "rollout.n_votes=8", "rollout.n_train=8",
                     "rollout.sleep_between_steps=true", "trainer.num_workers=1", "rollout.num_engines=1",
