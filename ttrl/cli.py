@@ -21,6 +21,20 @@ from pathlib import Path
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def compose(overrides: list[str]):
+    """The run config from conf/ with `overrides`, validated: for code that composes without a console script."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    from ttrl.config import register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hcompose(config_name="config", overrides=overrides)
+    validate(cfg)
+    return cfg
+
+
 def _suggest(err: BaseException, full_key: str) -> str:
     """'; did you mean rollout.n_votes?' when a close key exists; '; it is ser.rm.lr now.' for a moved one."""
     import difflib

@@ -36,7 +36,7 @@ SECTIONS = ("rollout", "labeling", "token_stats", "sync", "trl", "scaling", "mem
 
 
 def _compose(overrides: list[str]):
-    from ttrl.bench.suite import compose
+    from ttrl.cli import compose
 
     return compose(overrides)
 

@@ -189,7 +189,7 @@ def gpu_steps(steps: int, overrides: list[str]) -> tuple[list[dict], int]:
     """`steps` real GRPO steps with colocated engines; the rows and the policy's parameter count."""
     import random
 
-    from ttrl.bench.suite import compose
+    from ttrl.cli import compose
     from ttrl.parts import build_parts
     from ttrl.step import StepContext, StepOptions, step, token_ids
 

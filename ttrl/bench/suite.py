@@ -20,21 +20,6 @@ from typing import Any
 import torch
 
 
-def compose(overrides: list[str]) -> Any:
-    """The run config the bench (and gpu-check) measure: Hydra-composed from conf/ and validated."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-
-    from ttrl.cli import CONF_DIR
-    from ttrl.config import register_configs, validate
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = hcompose(config_name="config", overrides=overrides)
-    validate(cfg)
-    return cfg
-
-
 def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     times, out = [], None
     for _ in range(repeats):

@@ -24,21 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ttrl.cli import compose  # noqa: F401  (this module's callers compose through it)
+
 DEFAULTS = ["experiment=ser_synthetic", "logger.progress=false", "ser.synthetic_num_test=1000"]
-
-
-def compose(overrides: list[str]) -> Any:
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-
-    from ttrl.cli import CONF_DIR
-    from ttrl.config import register_configs, validate
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = hcompose(config_name="config", overrides=overrides)
-    validate(cfg)
-    return cfg
 
 
 def _mean_sd(xs: list[float]) -> str:
