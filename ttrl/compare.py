@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--replay-guard", action="store_true",
                     help="with --grid: the guard's verdict replayed on each run's votes.jsonl with today's "
                          "default limits, instead of the verdict the run logged")
+    ap.add_argument("--arms", action="store_true",
+                    help="one line and one pass@1 curve per arm (logger.wandb.job_type, else algorithm/reward), "
+                         "with the spread across seeds (arms.md, arms.json, arms.png) instead")
     args = ap.parse_args(argv)
     try:
         runs = list(args.runs)
@@ -307,6 +310,13 @@ def main(argv: list[str] | None = None) -> None:
             md = grid_report(runs, args.out, replay_guard=args.replay_guard)
             print(md.read_text())
             print(f"ttrl-compare: wrote {md}, grid.json and grid.png in {args.out}", file=sys.stderr)
+            return
+        if args.arms:
+            from ttrl.arms_report import arms_report
+
+            md = arms_report(runs, args.out)
+            print(md.read_text())
+            print(f"ttrl-compare: wrote {md}, arms.json and arms.png in {args.out}", file=sys.stderr)
             return
         md, pngs = compare(runs, args.out)
     except CompareError as err:

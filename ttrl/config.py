@@ -681,6 +681,10 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
     # null: "<experiment>/<the job's overrides>", e.g. "debug/algorithm=ppo,seed=1".
     name: Optional[str] = None
+    # W&B's job type, which its UI groups and filters by: one per arm of a
+    # comparison. null: "<algorithm>/<reward>", with "ser+" in front when the run
+    # trains its own reward model first (e.g. "ser+ppo/reward_model").
+    job_type: Optional[str] = None
     mode: str = "offline"  # online | offline | disabled
     notes: Optional[str] = None
 
@@ -1091,7 +1095,9 @@ def _check_across(c: Any) -> None:
             f"ser.enabled=true trains a reward model and then (ser.then_policy=true) the policy, but the policy"
             f" stage would use reward={rw.name}{'' if rw.name != 'reward_model' else ' from ' + str(rw.path)}, not"
             " it: add reward=reward_model reward.path=ser, or ser.then_policy=false to run SER alone.")
-    require(not (rw.name == "reward_model" and rw.path == "ser") or bool(se.enabled and se.then_policy),
+    # With ser.then_policy=false no policy runs, so reward.path=ser names nothing and harms nothing:
+    # `experiment=ser_demo ser.then_policy=false` trains the RM alone without a reward override.
+    require(not (rw.name == "reward_model" and rw.path == "ser") or bool(se.enabled),
             "reward.path=ser means the reward model that this run's SER stage trains: set ser.enabled=true"
             " (and ser.then_policy=true), or point reward.path to a reward model dir.")
 

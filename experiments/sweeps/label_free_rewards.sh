@@ -1,6 +1,7 @@
 #!/bin/bash
 # Every label-free reward on the demo task, beside the ground-truth oracle and
-# the random control, at least 2 seeds each; then one table and one plot.
+# the random control, at least 2 seeds each; then one table (report/grid.md)
+# and one plot of pass@1 over steps per reward (report/arms.png).
 #   experiments/sweeps/label_free_rewards.sh [more overrides]     # e.g. algorithm=grpo
 #   REWARDS="majority_vote self_certainty" SEEDS="0 1 2" experiments/sweeps/label_free_rewards.sh
 # Each run is `ttrl-train experiment=demo reward=<name>` on one warm start
@@ -35,4 +36,5 @@ for r in $REWARDS; do
     tail -n 8 "$dir.log" | grep -E "pass@1|maj@|collapse|done in" || true
   done
 done
-"${BIN}ttrl-compare" "$OUT" --grid --out "$OUT/report"
+"${BIN}ttrl-compare" "$OUT" --grid --out "$OUT/report"          # grid.md: per run and per reward, before/after
+"${BIN}ttrl-compare" "$OUT" --arms --out "$OUT/report" >/dev/null # arms.png: pass@1 over steps per reward, seed band

@@ -6,7 +6,8 @@ each a real training step on Ray + vLLM (CPU) + DeepSpeed, each in its own
 run dir, with W&B in offline mode. Then:
 - each job started its own local Ray cluster and shut it down (two Ray
   sessions under the test's own RAY_TMPDIR, no Ray process left after);
-- both W&B runs share the sweep's group and are named by their overrides;
+- both W&B runs share the sweep's group, are named by their overrides and
+  carry their arm as job type;
   their config and metrics are read back from the offline `.wandb` files;
 - `ttrl-compare` on the sweep dir writes a table naming grpo and ppo, and plots.
 """
@@ -88,6 +89,8 @@ def test_grpo_ppo_sweep_then_compare(tmp_path):
         run = wb[algo]
         assert run["run"]["name"].startswith("debug/") and f"algorithm={algo}" in run["run"]["name"]
         assert algo in run["run"]["tags"]
+        # One W&B job type per arm (the UI groups and filters by it).
+        assert run["run"]["job_type"] == f"{algo}/{run['config']['reward']['name']}"
         assert run["config"]["algorithm"]["name"] == algo and run["config"]["trainer"]["total_steps"] == 1
         logged = next(h for h in run["history"] if "reward/mean" in h)
         assert logged["step"] == 1

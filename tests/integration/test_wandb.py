@@ -125,12 +125,17 @@ def test_sweep_jobs_share_a_group_and_are_named_by_their_overrides(tmp_path):
     from omegaconf import open_dict
 
     from ttrl.cli import CONF_DIR
+    from ttrl.config import register_configs
     from ttrl.metrics.logger import run_identity
+
+    register_configs()  # the schema conf/config.yaml extends (so this test also runs alone)
 
     def job(overrides: list[str], **wandb_keys):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="config", return_hydra_config=True,
-                          overrides=["experiment=debug", "logger=wandb", *overrides,
+                          overrides=[*(["experiment=debug"] if not any(o.startswith("experiment=")
+                                                                        for o in overrides) else []),
+                                     "logger=wandb", *overrides,
                                      *[f"logger.wandb.{k}={v}" for k, v in wandb_keys.items()]])
         with open_dict(cfg):
             cfg.hydra.mode = RunMode.MULTIRUN
@@ -147,9 +152,13 @@ def test_sweep_jobs_share_a_group_and_are_named_by_their_overrides(tmp_path):
     assert a["group"] == b["group"] == "debug/2026-01-02_03-04-05"
     assert a["name"] == "debug/algorithm=grpo,seed=1" and b["name"] == "debug/algorithm=ppo,seed=1"
     assert "ppo" in b["tags"]
-    # An explicit group and name win.
-    c = job(["algorithm=ppo"], group="ablation", name="mine")
-    assert (c["group"], c["name"]) == ("ablation", "mine")
+    # One job type per arm: algorithm and reward, and "ser+" when the run trains its own RM first.
+    assert (a["job_type"], b["job_type"]) == ("grpo/majority_vote", "ppo/majority_vote")
+    s = job(["experiment=debug_ser"])
+    assert s["job_type"] == "ser+ppo/reward_model"
+    # An explicit group, name and job type win.
+    c = job(["algorithm=ppo"], group="ablation", name="mine", job_type="ppo-vs-rm")
+    assert (c["group"], c["name"], c["job_type"]) == ("ablation", "mine", "ppo-vs-rm")
 
 
 def test_sample_rows_show_the_vote_beside_each_completion():

@@ -45,6 +45,7 @@ ANY_VALUE = {
     "logger.wandb.entity": "a W&B account name (null: the default one)",
     "logger.wandb.group": "a W&B group name (null: derived from the sweep)",
     "logger.wandb.name": "a W&B run name (null: derived from the overrides)",
+    "logger.wandb.job_type": "a W&B job type (null: <algorithm>/<reward>, ser+ in front when SER runs first)",
     "logger.wandb.notes": "free text shown in W&B",
     "logger.wandb.tags": "free W&B tags",
     "data.choices.instruction": "free text written after a question's options (empty: none)",

@@ -158,6 +158,15 @@ def _is_multirun(hc: Any) -> bool:
     return hc.mode == RunMode.MULTIRUN
 
 
+def arm_name(cfg: Any) -> str:
+    """The arm a run belongs to (a mapping or an OmegaConf config): logger.wandb.job_type, else the default."""
+    w = (cfg.get("logger") or {}).get("wandb") or {}
+    if w.get("job_type"):
+        return str(w["job_type"])
+    ser = cfg.get("ser") or {}
+    return ("ser+" if ser.get("enabled") else "") + f"{cfg['algorithm']['name']}/{cfg['reward']['name']}"
+
+
 def run_identity(cfg: Any) -> dict[str, Any]:
     """W&B name, group and tags of this run, from the config and (when there is one) Hydra's job.
 
@@ -165,6 +174,8 @@ def run_identity(cfg: Any) -> dict[str, Any]:
     group: `logger.wandb.group`, else, in a `-m` sweep, "<experiment>/<sweep dir name>"
     (the same for every job of the sweep), else none.
     tags: `logger.wandb.tags` plus the experiment, algorithm and reward names.
+    job_type: `logger.wandb.job_type`, else "<algorithm>/<reward>" ("ser+" in front
+    when the run trains its own reward model first): one per arm of a comparison.
     """
     w = cfg.logger.wandb
     hc = _hydra()
@@ -175,7 +186,9 @@ def run_identity(cfg: Any) -> dict[str, Any]:
         group = f"{cfg.experiment}/{Path(str(hc.sweep.dir)).name}"
     tags = list(dict.fromkeys([*map(str, w.tags), str(cfg.experiment), str(cfg.algorithm.name),
                                str(cfg.reward.name)]))
-    return {"name": name[:128], "group": group[:128] if group else None, "tags": [t[:64] for t in tags]}
+    job_type = arm_name(cfg)
+    return {"name": name[:128], "group": group[:128] if group else None, "tags": [t[:64] for t in tags],
+            "job_type": str(job_type)[:64]}
 
 
 class WandbSetupError(RuntimeError):
@@ -212,13 +225,14 @@ class WandbLogger:
                          "overrides": list(hc.overrides.task) if hc is not None else []}
         try:
             self.run = wandb.init(project=w.project, entity=w.entity, group=ident["group"], tags=ident["tags"],
-                                  name=ident["name"], notes=w.notes, mode=w.mode, dir=str(run_dir), config=config,
+                                  job_type=ident["job_type"], name=ident["name"], notes=w.notes, mode=w.mode, dir=str(run_dir), config=config,
                                   id=run_id, resume="allow", reinit="finish_previous")
         except wandb.errors.UsageError as err:
             raise WandbSetupError(
                 f"logger.wandb.mode={w.mode}: {err} (or set WANDB_API_KEY; logger.wandb.mode=offline logs"
                 " without an account, for a later `wandb sync`)") from err
         id_file.write_text(json.dumps({"id": run_id, "name": ident["name"], "group": ident["group"],
+                                       "job_type": ident["job_type"],
                                        "project": w.project, "entity": w.entity, "mode": w.mode,
                                        "dir": str(self.run.dir).removesuffix("/files")}))
         # Plot everything against our step (not W&B's internal counter, which a
@@ -382,7 +396,7 @@ def read_wandb_run(path: Path, wait_s: float = 30.0) -> dict[str, Any]:
         if kind == "run":
             r = rec.run
             out["run"] = {"id": r.run_id, "project": r.project, "entity": r.entity, "group": r.run_group,
-                          "name": r.display_name, "tags": list(r.tags), "notes": r.notes}
+                          "job_type": r.job_type, "name": r.display_name, "tags": list(r.tags), "notes": r.notes}
             out["config"].update({key(i): json.loads(i.value_json) for i in r.config.update})
         elif kind == "config":
             out["config"].update({key(i): json.loads(i.value_json) for i in rec.config.update})

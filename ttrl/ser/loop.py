@@ -249,7 +249,10 @@ def ser_round_loop(cfg: Any, rm: Any, task: _Pairwise | _Pointwise, out_dir: Pat
                "ser/fit_seconds": fit.seconds, "ser/best_round": float(round_no if improved else best_round)}
         if improved:
             best_round = round_no
-            rm.save(final, ser_round=round_no, held_out_accuracy=acc)
+            # The test accuracy rides along (it never picks the round): reports of the
+            # policies this RM rewards read it from ttrl_rm.json (ttrl.arms_report).
+            rm.save(final, ser_round=round_no, held_out_accuracy=acc,
+                    **({"test_accuracy": ev["ser/test_accuracy"]} if "ser/test_accuracy" in ev else {}))
         return row
 
     t = time.perf_counter()
