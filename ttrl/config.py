@@ -843,6 +843,17 @@ class SERRewardModelConfig:
 
     # null: the policy's model (model.path) is the RM's backbone
     path: Optional[str] = None
+    # With model=tiny_arith and no ser.rm.path: the RM's backbone is the demo's
+    # warm-start recipe run for this many steps instead of model.warmstart.steps
+    # (built and cached like the policy's): a weaker judge than the policy.
+    warmstart_steps: Optional[int] = None
+    # scalar: a linear head on the last token's hidden state (the usual RM) |
+    # likelihood: the score is the backbone's own log-likelihood of the response
+    # (sum over its tokens), scaled and offset once from the seed data so that
+    # sigmoid(score) is a usable probability; the whole LM is then trained by the
+    # same loss. A backbone that already ranks answers by likelihood starts as a
+    # judge instead of relearning judgement through a fresh head.
+    head: str = "scalar"
     template: str = "Question: {q}\n\nAnswer: {a}"
     max_length: int = 1024
     append_eos: bool = False
@@ -868,6 +879,9 @@ class SERRewardModelConfig:
 @_rules(SERRewardModelConfig)
 def _check_ser_rm(s: Section) -> None:
     s.filled("path")
+    s.one_of("head", ("scalar", "likelihood"))
+    s.require(s.warmstart_steps is None or s.warmstart_steps >= 1,
+              f"{s.key('warmstart_steps')}={_show(s.warmstart_steps)} must be >= 1 (or null: the policy's model).")
     s.require("{a}" in s.template,
               f"{s.key('template')} must contain '{{a}}' (the response; '{{q}}' is the prompt).")
     s.at_least(1, "max_length", "num_workers", "epochs", "batch_size", "micro_batch_size")
@@ -1091,6 +1105,10 @@ def _check_across(c: Any) -> None:
             " eval.every_n_steps > 0 (it rolls back to the best evaluated checkpoint).")
 
     se, rw = c.ser, c.reward
+    require(se.rm.warmstart_steps is None or (c.model.path == "tiny-arith" and se.rm.path is None),
+            f"ser.rm.warmstart_steps={se.rm.warmstart_steps} builds the RM's backbone from the tiny-arith warm start:"
+            f" it needs model=tiny_arith (model.path is {c.model.path}) and no ser.rm.path"
+            f"{'' if se.rm.path is None else ' (it is ' + str(se.rm.path) + ')'}.")
     require(not (se.enabled and se.then_policy) or (rw.name == "reward_model" and rw.path == "ser"),
             f"ser.enabled=true trains a reward model and then (ser.then_policy=true) the policy, but the policy"
             f" stage would use reward={rw.name}{'' if rw.name != 'reward_model' else ' from ' + str(rw.path)}, not"

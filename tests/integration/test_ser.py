@@ -125,3 +125,36 @@ def test_pointwise_ser_with_lora_on_zero2(tmp_path):
     assert meta["mode"] == "pointwise" and meta["transform"] == "sigmoid"
     model = AutoModelForSequenceClassification.from_pretrained(res.final_rm)
     assert not any("lora" in n for n, _ in model.named_parameters())  # merged into the weights
+
+
+def test_likelihood_head_ser_on_zero3_saves_a_causal_lm_that_scores_as_trained(tmp_path):
+    """ser.rm.head=likelihood: the RM is the backbone's own response log-likelihood, calibrated
+    once from the seed pairs, trained on 2 ZeRO-3 ranks; a self-labelling round (the reset keeps
+    the calibration); the saved dir is a plain causal LM whose scores are scale * loglik + bias."""
+    import ray
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ttrl.ser.loop import run_ser
+    from ttrl.trainer.reward_model import RewardModelScorer
+
+    cfg = compose_config(*OVERRIDES, "ser.rm.head=likelihood", "ser.then_policy=false")
+    res = run_ser(cfg, tmp_path)
+    assert not ray.is_initialized()
+    rows = [json.loads(line) for line in (tmp_path / "ser" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["ser/round"] for r in rows] == [0, 1]
+    assert all(math.isfinite(r["ser/train_loss"]) and 0 <= r["ser/rm_accuracy"] <= 1 for r in rows)
+    meta = json.loads((res.final_rm / "ttrl_rm.json").read_text())
+    assert meta["head"] == "likelihood" and math.isfinite(meta["head_scale"]) and meta["head_scale"] > 0
+    # The calibration came from the seed pairs' log-likelihoods (finite, some offset).
+    assert math.isfinite(meta["head_bias"])
+    lm = AutoModelForCausalLM.from_pretrained(res.final_rm)
+    tok = AutoTokenizer.from_pretrained(res.final_rm)
+    prompt, response = "12+34+56=", "\\boxed{102}"
+    n = len(tok(prompt)["input_ids"])
+    ids = tok(prompt + response, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(lm(ids).logits[0].float(), -1)
+    ll = sum(float(logp[t - 1, ids[0, t]]) for t in range(n, ids.shape[1]))
+    got = RewardModelScorer(str(res.final_rm), device="cpu").score([prompt], [response])[0]
+    assert got == pytest.approx(meta["head_scale"] * ll + meta["head_bias"], abs=1e-3)

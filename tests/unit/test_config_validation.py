@@ -241,6 +241,8 @@ BAD: dict[str, Any] = {
     "ser.max_rounds": -1,
     "ser.patience": 0,
     "ser.rm.path": "",
+    "ser.rm.head": "linear",
+    "ser.rm.warmstart_steps": 0,
     "ser.rm.template": "Question: {q}",
     "ser.rm.max_length": 0,
     "ser.rm.num_workers": 0,
@@ -530,3 +532,11 @@ def test_ttrl_train_stops_a_typo_before_ray_starts(tmp_path, override, words):
     # Seconds, not minutes, is a speed claim measured elsewhere (no timed assertion): nothing that
     # takes long has run if neither Ray nor the run dir was started.
     assert not (tmp_path / "run" / "config.yaml").exists(), "stopped before the run dir was written"
+
+
+def test_an_rm_backbone_from_the_warm_start_needs_the_tiny_arith_model():
+    words = _sentence("experiment=debug_ser", "ser.rm.warmstart_steps=150")
+    assert "ser.rm.warmstart_steps=150" in words and "model=tiny_arith" in words and "model.path is tiny" in words
+    words = _sentence("experiment=ser_demo", "ser.rm.warmstart_steps=150", "ser.rm.path=/some/rm")
+    assert "no ser.rm.path (it is /some/rm)" in words
+    compose_config("experiment=ser_demo", "ser.rm.warmstart_steps=150")  # accepted

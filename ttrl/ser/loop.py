@@ -289,6 +289,19 @@ def ser_round_loop(cfg: Any, rm: Any, task: _Pairwise | _Pointwise, out_dir: Pat
     return SERResult(final, rows, stop, best_round, accs[best_round] if accs else float("nan"))
 
 
+def _rm_backbone(cfg: Any) -> Any:
+    """The model section the RM's backbone is built from: the policy's, or with ser.rm.warmstart_steps
+    the same tiny-arith warm-start recipe run for that many steps."""
+    steps = cfg.ser.rm.warmstart_steps
+    if steps is None:
+        return cfg.model
+    from omegaconf import OmegaConf
+
+    model = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+    model.warmstart.steps = int(steps)
+    return model
+
+
 def run_ser(cfg: Any, run_dir: Path, quiet: bool | None = None) -> SERResult:
     """The SER stage on Ray + DeepSpeed: data, RM workers, rounds; Ray is stopped after if we started it."""
     import torch
@@ -306,7 +319,7 @@ def run_ser(cfg: Any, run_dir: Path, quiet: bool | None = None) -> SERResult:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     task = build_task(cfg)
-    model_path = s.rm.path or resolve_model_path(cfg.model, cfg.data)
+    model_path = s.rm.path or resolve_model_path(_rm_backbone(cfg), cfg.data)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

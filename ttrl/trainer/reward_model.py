@@ -62,6 +62,11 @@ class RMFormat:
     mode: str = "pairwise"
     # What `reward=reward_model` returns: the raw score, or sigmoid(score) in (0, 1).
     transform: str = "raw"
+    # scalar: a linear head at the last token | likelihood: head_scale * (the
+    # LM's summed log-prob of the response tokens) + head_bias (`likelihood_scores`).
+    head: str = "scalar"
+    head_scale: float = 1.0
+    head_bias: float = 0.0
 
     def text(self, prompt: str, response: str) -> str:
         # str.replace, not str.format: templates and texts may hold braces (\boxed{}).
@@ -79,6 +84,24 @@ class RMFormat:
         return cls(**{k: meta[k] for k in asdict(cls()) if k in meta})
 
 
+def encode_one(tokenizer: Any, prompt: str, response: str, fmt: RMFormat) -> tuple[list[int], int]:
+    """Token ids of one (prompt, response) text and the index of the response's first token.
+
+    The start is where the ids of the text before `{a}` stop matching the
+    whole text's ids, so a token that merges the prompt's last characters with
+    the response's first counts as response. Truncation (from the beginning,
+    as `encode`) moves the start with it.
+    """
+    ids = encode(tokenizer, [fmt.text(prompt, response)], RMFormat(**{**asdict(fmt), "max_length": 1 << 30}))[0]
+    before = fmt.template.split("{a}", 1)[0].replace("{q}", prompt)
+    pre = tokenizer(before, add_special_tokens=True)["input_ids"]
+    start = 0
+    while start < min(len(pre), len(ids)) and pre[start] == ids[start]:
+        start += 1
+    cut = max(0, len(ids) - fmt.max_length)
+    return ids[cut:], max(0, start - cut)
+
+
 def encode(tokenizer: Any, texts: list[str], fmt: RMFormat) -> list[list[int]]:
     """Token ids of each text; too long ones lose their beginning (the answer is at the end)."""
     out = []
@@ -91,8 +114,10 @@ def encode(tokenizer: Any, texts: list[str], fmt: RMFormat) -> list[list[int]]:
     return out
 
 
-def pack_sequences(seqs: list[list[int]], pad_id: int, width: int | None = None) -> dict[str, Any]:
-    """Right-padded input_ids/attention_mask/position_ids, each [b, T]."""
+def pack_sequences(seqs: list[list[int]], pad_id: int, width: int | None = None,
+                   starts: list[int] | None = None) -> dict[str, Any]:
+    """Right-padded input_ids/attention_mask/position_ids, each [b, T]; with `starts`
+    (each row's first response token) also response_mask [b, T], 1 on the response."""
     import torch
 
     T = max(width or 0, max(len(s) for s in seqs))
@@ -102,13 +127,21 @@ def pack_sequences(seqs: list[list[int]], pad_id: int, width: int | None = None)
         ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
         mask[i, :len(s)] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    out = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    if starts is not None:
+        resp = torch.zeros((len(seqs), T), dtype=torch.float32)
+        for i, (s, st) in enumerate(zip(seqs, starts, strict=True)):
+            resp[i, st:len(s)] = 1.0
+        out["response_mask"] = resp
+    return out
 
 
-def pack_pairs(chosen: list[list[int]], rejected: list[list[int]], pad_id: int) -> dict[str, Any]:
+def pack_pairs(chosen: list[list[int]], rejected: list[list[int]], pad_id: int,
+               starts: tuple[list[int], list[int]] | None = None) -> dict[str, Any]:
     """chosen_* and rejected_* tensors [b, T] of one common width T (one forward pass for both)."""
     T = max(max(len(s) for s in chosen), max(len(s) for s in rejected))
-    c, r = pack_sequences(chosen, pad_id, T), pack_sequences(rejected, pad_id, T)
+    c = pack_sequences(chosen, pad_id, T, starts[0] if starts else None)
+    r = pack_sequences(rejected, pad_id, T, starts[1] if starts else None)
     return {**{f"chosen_{k}": v for k, v in c.items()}, **{f"rejected_{k}": v for k, v in r.items()}}
 
 
@@ -139,7 +172,34 @@ def sequence_scores(model: Any, input_ids: Any, attention_mask: Any, position_id
     return values.gather(1, last[:, None]).squeeze(1).float()                 # [b]
 
 
-def _scalar_rm_class():
+def response_loglik(lm: Any, input_ids: Any, attention_mask: Any, position_ids: Any, response_mask: Any) -> Any:
+    """Sum of the causal LM's log-probs of the response tokens: [b] (response_mask [b, T] marks them)."""
+    from ttrl.algos.losses import logprobs_from_logits
+
+    logits = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False).logits                                       # [b, T, V]
+    # Position t predicts token t+1: the first token has no log-prob (and is never response).
+    logp = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])             # [b, T-1]
+    return (logp * response_mask[:, 1:].to(logp.dtype)).sum(-1)               # [b]
+
+
+def head_calibration(m_good: float, m_bad: float, target: float = 0.9) -> tuple[float, float]:
+    """(scale, bias) that map log-likelihood m_good to logit(target) and m_bad to -logit(target);
+    scale 1 (and the midpoint to 0) when m_good does not exceed m_bad."""
+    if not 0.5 < target < 1:
+        raise ValueError(f"calibration target {target} must be in (0.5, 1)")
+    gap = m_good - m_bad
+    scale = 2 * math.log(target / (1 - target)) / gap if gap > 1e-3 else 1.0
+    return scale, -scale * (m_good + m_bad) / 2
+
+
+def likelihood_scores(lm: Any, input_ids: Any, attention_mask: Any, position_ids: Any, response_mask: Any,
+                      scale: float, bias: float) -> Any:
+    """The likelihood head's score [b]: scale * response log-likelihood + bias."""
+    return scale * response_loglik(lm, input_ids, attention_mask, position_ids, response_mask) + bias
+
+
+def _rm_classes():
     import torch
 
     class ScalarRM(torch.nn.Module):
@@ -150,18 +210,42 @@ def _scalar_rm_class():
             self.hf = hf              # the model DeepSpeed trains (a peft model when LoRA is on)
             self._seq_cls = [seq_cls]  # the classifier inside it (not registered twice)
 
-        def forward(self, input_ids, attention_mask, position_ids):
+        def forward(self, input_ids, attention_mask, position_ids, response_mask=None):
             return sequence_scores(self._seq_cls[0], input_ids, attention_mask, position_ids)
 
-    return ScalarRM
+    class LikelihoodRM(torch.nn.Module):
+        """Wraps a causal LM: the score is its scaled response log-likelihood (no new weights).
+
+        scale and bias are plain numbers, set once from the seed data
+        (`RewardModelTrainer.calibrate`), not trained: the loss moves the LM."""
+
+        def __init__(self, hf: Any, scale: float = 1.0, bias: float = 0.0):
+            super().__init__()
+            self.hf = hf
+            self.scale, self.bias = float(scale), float(bias)
+
+        def forward(self, input_ids, attention_mask, position_ids, response_mask=None):
+            if response_mask is None:
+                raise ValueError("the likelihood head needs response_mask (which tokens are the response)")
+            return likelihood_scores(self.hf, input_ids, attention_mask, position_ids, response_mask,
+                                     self.scale, self.bias)
+
+    return ScalarRM, LikelihoodRM
 
 
 def build_rm_model(path: str, dtype: Any, pad_token_id: int | None, lora: dict | None = None,
-                   gradient_checkpointing: bool = False) -> Any:
-    """The scalar-head classifier on the backbone at `path` (head freshly initialised if absent)."""
-    from transformers import AutoModelForSequenceClassification
+                   gradient_checkpointing: bool = False, head: str = "scalar", scale: float = 1.0,
+                   bias: float = 0.0) -> Any:
+    """The RM on the backbone at `path`: a scalar-head classifier (head freshly initialised if absent),
+    or for head="likelihood" the causal LM itself."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, torch_dtype=dtype)
+    if head not in ("scalar", "likelihood"):
+        raise ValueError(f"reward model head={head!r} must be scalar or likelihood")
+    if head == "likelihood":
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, torch_dtype=dtype)
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
     if gradient_checkpointing:
@@ -170,11 +254,13 @@ def build_rm_model(path: str, dtype: Any, pad_token_id: int | None, lora: dict |
     if lora:
         from peft import LoraConfig, TaskType, get_peft_model
 
-        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora["r"], lora_alpha=lora["alpha"],
+        task = TaskType.CAUSAL_LM if head == "likelihood" else TaskType.SEQ_CLS
+        cfg = LoraConfig(task_type=task, r=lora["r"], lora_alpha=lora["alpha"],
                          lora_dropout=lora["dropout"], target_modules=list(lora["target_modules"]))
-        model = get_peft_model(model, cfg)  # the `score` head stays fully trainable (modules_to_save)
+        model = get_peft_model(model, cfg)  # a `score` head stays fully trainable (modules_to_save)
         seq_cls = model.get_base_model()
-    return _scalar_rm_class()(model, seq_cls)
+    scalar_rm, likelihood_rm = _rm_classes()
+    return likelihood_rm(model, scale, bias) if head == "likelihood" else scalar_rm(model, seq_cls)
 
 
 # ── the DeepSpeed rank ────────────────────────────────────────────────────
@@ -198,7 +284,9 @@ class RewardModelWorker(_DSWorker):
         # The same head initialisation on every rank (ZeRO-1/2 also broadcast rank 0's).
         torch.manual_seed(s["seed"])
         model = self._load(lambda: build_rm_model(self.model_path, self.torch_dtype, s["pad_token_id"],
-                                                  s.get("lora"), s.get("gradient_checkpointing", False)), ds)
+                                                  s.get("lora"), s.get("gradient_checkpointing", False),
+                                                  s.get("head", "scalar"), s.get("head_scale", 1.0),
+                                                  s.get("head_bias", 0.0)), ds)
         # No scheduler: the driver sets each step's learning rate (one schedule per SER round).
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
@@ -211,12 +299,18 @@ class RewardModelWorker(_DSWorker):
         gc.collect()
         self._build()
 
+    def set_head(self, scale: float, bias: float) -> None:
+        """The likelihood head's calibration; kept in the spec, so a reset keeps it."""
+        self.spec["head_scale"], self.spec["head_bias"] = float(scale), float(bias)
+        self.engine.module.scale, self.engine.module.bias = float(scale), float(bias)
+
     def _set_lr(self, lr: float) -> None:
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
 
     def _scores(self, mb: dict, prefix: str = "") -> Any:
-        return self.engine(mb[f"{prefix}input_ids"], mb[f"{prefix}attention_mask"], mb[f"{prefix}position_ids"])
+        return self.engine(mb[f"{prefix}input_ids"], mb[f"{prefix}attention_mask"], mb[f"{prefix}position_ids"],
+                           mb.get(f"{prefix}response_mask"))
 
     def train_step(self, batch: dict, normalizer: float, mode: str, lr: float) -> dict[str, float]:
         """One optimizer step on this rank's share of a batch of `normalizer` rows (pairs or items)."""
@@ -238,7 +332,8 @@ class RewardModelWorker(_DSWorker):
             if mode == "pairwise":
                 b = mb["chosen_input_ids"].shape[0]
                 both = {k: torch.cat([mb[f"chosen_{k}"], mb[f"rejected_{k}"]], 0)
-                        for k in ("input_ids", "attention_mask", "position_ids")}
+                        for k in ("input_ids", "attention_mask", "position_ids", "response_mask")
+                        if f"chosen_{k}" in mb}
                 scores = self._scores(both)                                   # [2b]
                 r_c, r_r = scores[:b], scores[b:]
                 loss = bradley_terry_loss(r_c, r_r, normalizer, self.spec.get("center_coef", 0.0))
@@ -304,9 +399,12 @@ class RewardModelWorker(_DSWorker):
             return None
         s = self.spec
         # A fresh full copy on CPU (outside any ZeRO-3 partitioning context) takes the weights.
-        fresh = build_rm_model(self.model_path, torch.float32, s["pad_token_id"], s.get("lora"))
+        fresh = build_rm_model(self.model_path, torch.float32, s["pad_token_id"], s.get("lora"),
+                               head=s.get("head", "scalar"))
         missing, unexpected = fresh.load_state_dict(sd, strict=False)
-        if unexpected or [m for m in missing if "rotary" not in m]:
+        # An LM head tied to the embeddings is one parameter: named once, loaded through the other name.
+        tied = getattr(fresh.hf.config, "tie_word_embeddings", False)
+        if unexpected or [m for m in missing if "rotary" not in m and not (tied and m.endswith("lm_head.weight"))]:
             raise RuntimeError(f"reward model export: missing {missing[:3]}, unexpected {unexpected[:3]}")
         hf = fresh.hf.merge_and_unload() if s.get("lora") else fresh.hf
         hf = hf.to(self.torch_dtype)
@@ -343,12 +441,14 @@ class RewardModelTrainer:
         self.warmup_ratio, self.min_lr_ratio = warmup_ratio, min_lr_ratio
         self.epochs, self.min_steps = epochs, min_steps
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._cache: dict[str, list[int]] = {}
+        self._cache: dict[str, tuple[list[int], int]] = {}
+        self.calibrated = fmt.head != "likelihood"
         spec = dict(device=device, dtype=dtype, seed=seed, zero_stage=zero_stage,
                     micro_batch_size=micro_batch_size, grad_accum=batch_size // num_workers // micro_batch_size,
                     betas=[0.9, 0.999], weight_decay=weight_decay, grad_clip=grad_clip, offload=offload, lr=lr,
                     pad_token_id=self.pad_id, lora=lora, gradient_checkpointing=gradient_checkpointing,
-                    score_micro_batch_size=score_micro_batch_size, center_coef=center_coef)
+                    score_micro_batch_size=score_micro_batch_size, center_coef=center_coef, head=fmt.head,
+                    head_scale=fmt.head_scale, head_bias=fmt.head_bias)
         t0 = time.perf_counter()
         self.group = WorkerGroup(RewardModelWorker, num_workers, spec, name="reward_model",
                                  num_gpus=num_gpus_per_worker)
@@ -359,7 +459,8 @@ class RewardModelTrainer:
     def from_config(cls, cfg: Any, model_path: str, tokenizer: Any, device: str, dtype: str) -> RewardModelTrainer:
         s, r = cfg.ser, cfg.ser.rm
         fmt = RMFormat(template=r.template, max_length=r.max_length, append_eos=r.append_eos,
-                       mode=s.mode, transform=s.reward_transform or ("sigmoid" if s.mode == "pointwise" else "raw"))
+                       mode=s.mode, transform=s.reward_transform or ("sigmoid" if s.mode == "pointwise" else "raw"),
+                       head=r.head)
         lora = ({"r": s.lora_r, "alpha": s.lora_alpha, "dropout": s.lora_dropout,
                  "target_modules": list(s.lora_target_modules)} if s.lora else None)
         gpu = device == "cuda"
@@ -373,12 +474,48 @@ class RewardModelTrainer:
                    center_coef=r.center_coef)
 
     # ── tokens ────────────────────────────────────────────────────────────
-    def _ids(self, prompt: str, response: str) -> list[int]:
-        text = self.fmt.text(prompt, response)
-        ids = self._cache.get(text)
-        if ids is None:
-            ids = self._cache[text] = encode(self.tokenizer, [text], self.fmt)[0]
-        return ids
+    def _ids(self, prompt: str, response: str) -> tuple[list[int], int]:
+        """Token ids of the RM's text and the index of the response's first token."""
+        key = f"{len(prompt)}:{prompt}{response}"
+        got = self._cache.get(key)
+        if got is None:
+            got = self._cache[key] = encode_one(self.tokenizer, prompt, response, self.fmt)
+        return got
+
+    def _packed(self, pairs: list[tuple[list[int], int]]) -> dict[str, Any]:
+        likelihood = self.fmt.head == "likelihood"
+        return pack_sequences([i for i, _ in pairs], self.pad_id, starts=[s for _, s in pairs] if likelihood else None)
+
+    # ── the likelihood head's calibration ─────────────────────────────────
+    def calibrate(self, rows: list[Any], target: float = 0.9) -> dict[str, float]:
+        """Set the likelihood head's scale and bias from labelled rows, once, before the first fit.
+
+        Raw log-likelihoods of the good and bad responses (chosen/rejected, or
+        correct/incorrect) have medians m_good, m_bad; afterwards a response at
+        m_good scores logit(`target`) and one at m_bad -logit(`target`), so
+        sigmoid(score) reads as "how sure that this response is the good one"
+        and SER's thresholds (ser.high/low/min_gap) mean what they say. When
+        the medians do not separate (the backbone cannot judge yet) the scale
+        stays 1 and only the offset is set.
+        """
+        import statistics
+
+        self.group.call("set_head", 1.0, 0.0)  # raw log-likelihoods
+        if self.fmt.mode == "pairwise":
+            good = self.score([r.prompt for r in rows], [r.chosen for r in rows])
+            bad = self.score([r.prompt for r in rows], [r.rejected for r in rows])
+        else:
+            good = self.score([r.prompt for r in rows if r.correct], [r.response for r in rows if r.correct])
+            bad = self.score([r.prompt for r in rows if not r.correct], [r.response for r in rows if not r.correct])
+        m_good = statistics.median(good) if good else 0.0
+        m_bad = statistics.median(bad) if bad else m_good
+        scale, bias = head_calibration(m_good, m_bad, target)
+        self.group.call("set_head", scale, bias)
+        self.fmt.head_scale, self.fmt.head_bias = scale, bias
+        self.calibrated = True
+        self.calibration = {"median_loglik_good": m_good, "median_loglik_bad": m_bad, "scale": scale,
+                            "bias": bias, "rows": float(len(rows))}
+        return self.calibration
 
     # ── training ──────────────────────────────────────────────────────────
     def num_steps(self, n_rows: int) -> int:
@@ -395,6 +532,8 @@ class RewardModelTrainer:
 
         if not rows:
             raise ValueError("reward model: nothing to train on")
+        if not self.calibrated:  # the likelihood head, first fit: from the seed rows
+            self.calibrate(rows)
         t0 = time.perf_counter()
         mode = self.fmt.mode
         total = self.num_steps(len(rows))
@@ -422,10 +561,13 @@ class RewardModelTrainer:
     def _pack(self, rows: list[Any], mode: str) -> dict[str, Any]:
         import torch
 
+        likelihood = self.fmt.head == "likelihood"
         if mode == "pairwise":
-            return pack_pairs([self._ids(r.prompt, r.chosen) for r in rows],
-                              [self._ids(r.prompt, r.rejected) for r in rows], self.pad_id)
-        batch = pack_sequences([self._ids(r.prompt, r.response) for r in rows], self.pad_id)
+            c = [self._ids(r.prompt, r.chosen) for r in rows]
+            j = [self._ids(r.prompt, r.rejected) for r in rows]
+            return pack_pairs([i for i, _ in c], [i for i, _ in j], self.pad_id,
+                              ([s for _, s in c], [s for _, s in j]) if likelihood else None)
+        batch = self._packed([self._ids(r.prompt, r.response) for r in rows])
         batch["labels"] = torch.tensor([1.0 if r.correct else 0.0 for r in rows])
         return batch
 
@@ -440,7 +582,7 @@ class RewardModelTrainer:
             seqs = [self._ids(p, r) for p, r in zip(prompts[i:i + chunk], responses[i:i + chunk])]
             n = len(seqs)
             seqs += seqs[: (-n) % W]  # equal shares per rank (ZeRO-3 forwards are collective)
-            batch = pack_sequences(seqs, self.pad_id)
+            batch = self._packed(seqs)
             parts = self.group.call_sharded("score", split_rows(batch, W))
             out += torch.cat(parts, 0)[:n].tolist()
         return out
@@ -485,8 +627,13 @@ class RewardModelScorer:
         self.device, self.batch_size = device, batch_size
         self.fmt = RMFormat.load(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, torch_dtype=getattr(torch, dtype)).to(device).eval()
+        if self.fmt.head == "likelihood":
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=getattr(torch, dtype)).to(device).eval()
+        else:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, torch_dtype=getattr(torch, dtype)).to(device).eval()
         pad = self.model.config.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0)
 
@@ -499,13 +646,22 @@ class RewardModelScorer:
         import torch
 
         transform = transform or self.fmt.transform
-        texts = [self.fmt.text(p, r) for p, r in zip(prompts, responses, strict=True)]
+        likelihood = self.fmt.head == "likelihood"
+        encoded = [encode_one(self.tokenizer, p, r, self.fmt) for p, r in zip(prompts, responses, strict=True)]
         out: list[float] = []
         with torch.no_grad():
-            for i in range(0, len(texts), self.batch_size):
-                batch = pack_sequences(encode(self.tokenizer, texts[i:i + self.batch_size], self.fmt), self.pad_id)
+            for i in range(0, len(encoded), self.batch_size):
+                part = encoded[i:i + self.batch_size]
+                batch = pack_sequences([ids for ids, _ in part], self.pad_id,
+                                       starts=[st for _, st in part] if likelihood else None)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                s = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+                if likelihood:
+                    s = likelihood_scores(self.model, batch["input_ids"], batch["attention_mask"],
+                                          batch["position_ids"], batch["response_mask"], self.fmt.head_scale,
+                                          self.fmt.head_bias)
+                else:
+                    s = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"],
+                                        batch["position_ids"])
                 if transform == "sigmoid":
                     s = torch.sigmoid(s)
                 out += s.float().cpu().tolist()

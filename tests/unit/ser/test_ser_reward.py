@@ -182,3 +182,104 @@ def test_the_remote_scorer_checks_its_transform_and_starts_nothing_when_built(tm
     scorer.close()  # nothing started, nothing to stop
     with pytest.raises(ValueError, match="transform"):
         RemoteRewardModel(str(tmp_path), transform="softmax")
+
+
+# ── the likelihood head (ser.rm.head=likelihood) ───────────────────────────
+def _manual_loglik(lm, tok, prompt: str, response: str) -> float:
+    """The response's summed log-prob, computed the long way: one text, one forward, token by token."""
+    n_prompt = len(tok(prompt)["input_ids"])
+    ids = tok(prompt + response, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(lm(ids).logits[0].float(), -1)
+    return sum(float(logp[t - 1, ids[0, t]]) for t in range(n_prompt, ids.shape[1]))
+
+
+def test_encode_one_finds_where_the_response_starts_and_keeps_it_through_truncation(tiny_dir):
+    from transformers import AutoTokenizer
+
+    from ttrl.trainer.reward_model import encode_one
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    fmt = RMFormat(template="Q: {q} A: {a}")
+    ids, start = encode_one(tok, "1+2=", "\\boxed{3}", fmt)
+    assert ids == tok("Q: 1+2= A: \\boxed{3}")["input_ids"]
+    assert tok.decode(ids[start:]) == "\\boxed{3}"
+    # Cut from the front: the response keeps its tokens and its start moves with the cut.
+    short = RMFormat(template="Q: {q} A: {a}", max_length=12)
+    ids2, start2 = encode_one(tok, "1+2=", "\\boxed{3}", short)
+    assert len(ids2) == 12 and ids2 == ids[-12:] and tok.decode(ids2[start2:]) == "\\boxed{3}"
+    # A response longer than max_length: all of what is left is response.
+    ids3, start3 = encode_one(tok, "1+2=", "x" * 40, short)
+    assert start3 == 0 and len(ids3) == 12
+
+
+def test_likelihood_score_is_the_scaled_response_loglik_whatever_the_batch(tiny_dir):
+    from transformers import AutoTokenizer
+
+    from ttrl.trainer.reward_model import encode_one
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = build_rm_model(str(tiny_dir), torch.float32, tok.pad_token_id, head="likelihood", scale=2.0,
+                           bias=-1.0).eval()
+    fmt = RMFormat(template="{q}{a}")
+    rows = [("12+34=", "12+34=46 \\boxed{46}"), ("1+2=", "\\boxed{3}"), ("99+1=", "\\boxed{100}")]
+    enc = [encode_one(tok, p, r, fmt) for p, r in rows]
+    batch = pack_sequences([i for i, _ in enc], tok.pad_token_id, starts=[s for _, s in enc])
+    with torch.no_grad():
+        got = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["response_mask"])
+    want = torch.tensor([2.0 * _manual_loglik(model.hf, tok, p, r) - 1.0 for p, r in rows])
+    assert torch.allclose(got, want, atol=1e-4)
+    # No weights beyond the LM's own; without a response mask it refuses rather than guess.
+    assert {n.split(".")[0] for n, _ in model.named_parameters()} == {"hf"}
+    with pytest.raises(ValueError, match="response_mask"):
+        model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+
+
+@pytest.mark.parametrize("good, bad", [(-2.0, -6.0), (-0.5, -0.9)])
+def test_head_calibration_puts_the_medians_at_the_target_probability(good, bad):
+    import math
+
+    from ttrl.trainer.reward_model import head_calibration
+
+    scale, bias = head_calibration(good, bad, target=0.9)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert sig(scale * good + bias) == pytest.approx(0.9) and sig(scale * bad + bias) == pytest.approx(0.1)
+
+
+def test_head_calibration_of_a_backbone_that_cannot_judge_only_centres():
+    from ttrl.trainer.reward_model import head_calibration
+
+    # The bad responses are as likely as the good ones (or likelier): no scale can be read off.
+    assert head_calibration(-5.0, -5.0) == (1.0, 5.0)
+    assert head_calibration(-6.0, -4.0) == (1.0, 5.0)
+    with pytest.raises(ValueError, match="target"):
+        head_calibration(-1.0, -2.0, target=0.4)
+
+
+def test_a_saved_likelihood_rm_dir_scores_as_the_model_did(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    lm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    RMFormat(template="{q}{a}", head="likelihood", head_scale=3.0, head_bias=0.5).save(tmp_path)
+    assert RMFormat.load(tmp_path).head == "likelihood"
+    scorer = RewardModelScorer(str(tmp_path), device="cpu", batch_size=2)
+    prompts, responses = ["12+34=", "1+2=", "7+8="], ["\\boxed{46}", "\\boxed{3}", "7+8=15 \\boxed{15}"]
+    got = scorer.score(prompts, responses)
+    want = [3.0 * _manual_loglik(lm, tok, p, r) + 0.5 for p, r in zip(prompts, responses)]
+    assert got == pytest.approx(want, abs=1e-4)
+    sig = scorer.score(prompts, responses, transform="sigmoid")
+    assert sig == pytest.approx([float(torch.sigmoid(torch.tensor(x))) for x in want], abs=1e-6)
+
+
+def test_the_rm_backbone_is_the_policy_model_or_the_same_warm_start_run_shorter():
+    from tests.conftest import compose_config
+    from ttrl.ser.loop import _rm_backbone
+
+    cfg = compose_config("experiment=ser_demo")
+    assert _rm_backbone(cfg) is cfg.model
+    weak = _rm_backbone(compose_config("experiment=ser_demo", "ser.rm.warmstart_steps=150"))
+    assert weak.warmstart.steps == 150 and cfg.model.warmstart.steps == 700
+    assert weak.tiny == cfg.model.tiny and weak.warmstart.seed == cfg.model.warmstart.seed
