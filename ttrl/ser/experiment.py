@@ -45,6 +45,17 @@ def table(results: list[dict[str, Any]]) -> str:
                      f"{r['rounds']} | {r['kept']} of {r['pool']} ({r['self_label_accuracy']:.3f}) | {r['stop']} |")
     lines.append(f"| mean ± sd | {_mean_sd([r['a'] for r in results])} | {_mean_sd([r['b'] for r in results])} | "
                  f"{_mean_sd([r['c'] for r in results])} | | | |")
+    lines += ["", "Per round: self-labels kept (status 1 + status 2), how many of them were right, and the "
+              "retrained RM's test accuracy.", "", "| seed | round | kept | right | test accuracy |",
+              "|---|---|---|---|---|"]
+    for r in results:
+        for x in r.get("per_round", [])[1:]:
+            kept = int(x.get("ser/kept_status1", 0) + x.get("ser/kept_status2", 0))
+            acc = x.get("ser/self_label_accuracy")
+            right = f"{round(acc * kept)} ({acc:.3f})" if kept and acc == acc and acc is not None else "–"
+            test = x.get("ser/test_accuracy", x.get("ser/rm_accuracy"))
+            lines.append(f"| {r['seed']} | {int(x['ser/round'])} | {kept} | {right} | "
+                         f"{'–' if test is None else f'{test:.3f}'} |")
     return "\n".join(lines)
 
 
