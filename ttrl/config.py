@@ -482,6 +482,15 @@ class RewardConfig:
     # For `co_reward`: how the second view of a problem is made, a view of
     # ttrl/data/views.py (reorder_terms) or "package.module:function".
     view: Optional[str] = None
+    # For `reward_model`, the defences against reward hacking (all off by default;
+    # ttrl/rewards/reward_model.py): more RM dirs scored beside reward.path,
+    # combined by ensemble_reduce (mean | min); scores whitened by their running
+    # mean and std; clamped to [-clip, clip]; minus length_penalty per response token.
+    ensemble: list[str] = field(default_factory=list)
+    ensemble_reduce: str = "mean"
+    normalize: bool = False
+    clip: Optional[float] = None
+    length_penalty: float = 0.0
 
 
 # What ttrl.rewards.custom.load_function imports: "package.module:function" (or a dotted path).
@@ -515,6 +524,16 @@ def _check_reward(s: Section) -> None:
     s.require(s.view is None or s.name == "co_reward",
               f"{s.key('view')}={_show(s.view)} is only read by {s.key('name')}=co_reward, not"
               f" {s.key('name')}={s.name}.")
+    s.one_of("ensemble_reduce", ("mean", "min"))
+    s.require(all(str(p).strip() for p in s.ensemble),
+              f"{s.key('ensemble')}={_show(s.ensemble)} must list reward model dirs (an entry is empty).")
+    s.require(s.clip is None or s.clip > 0, f"{s.key('clip')}={_show(s.clip)} must be > 0 (or null: no clip).")
+    s.at_least(0, "length_penalty")
+    for key, on in (("ensemble", bool(s.ensemble)), ("normalize", s.normalize), ("clip", s.clip is not None),
+                    ("length_penalty", bool(s.length_penalty))):
+        s.require(not on or s.name == "reward_model",
+                  f"{s.key(key)}={_show(getattr(s, key))} is only read by {s.key('name')}=reward_model, not"
+                  f" {s.key('name')}={s.name}.")
     s.require(not s.per_token or s.name == "trajectory_logprob",
               f"{s.key('per_token')}=true is only read by {s.key('name')}=trajectory_logprob, not"
               f" {s.key('name')}={s.name}.")

@@ -138,7 +138,13 @@ def reward_options(cfg: Any) -> dict[str, Any]:
         from ttrl.rewards.reward_model import check_reward_model_dir
         from ttrl.trainer.reward_model import RemoteRewardModel
 
-        return {"scorer": RemoteRewardModel(check_reward_model_dir(r.path))}
+        scorer = RemoteRewardModel(check_reward_model_dir(r.path))
+        if r.ensemble:
+            from ttrl.rewards.reward_model import EnsembleScorer
+
+            scorer = EnsembleScorer([scorer, *(RemoteRewardModel(check_reward_model_dir(p)) for p in r.ensemble)],
+                                    r.ensemble_reduce)
+        return {"scorer": scorer, "normalize": r.normalize, "clip": r.clip, "length_penalty": r.length_penalty}
     if r.name in ("majority_vote", "co_reward"):
         return {"min_ratio": r.min_ratio}
     if r.name == "trajectory_logprob":

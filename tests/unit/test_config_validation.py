@@ -130,6 +130,11 @@ BAD: dict[str, Any] = {
     "reward.p": -0.1,
     "reward.seed": -1,
     "reward.view": "reorder_terms",  # no base uses reward=co_reward, the only reader
+    "reward.ensemble": [""],
+    "reward.ensemble_reduce": "max",
+    "reward.normalize": "maybe",
+    "reward.clip": 0.0,
+    "reward.length_penalty": -0.1,
     # algorithm
     "algorithm.advantage": "gpro",
     "algorithm.gamma": 0.0,
@@ -456,6 +461,11 @@ def test_a_newly_registered_name_is_valid_without_touching_the_config(monkeypatc
     (["reward.needs_ground_truth=true"], "reward.needs_ground_truth=true is only read by reward.name=custom"),
     (["reward.per_token=true"], "reward.per_token=true is only read by reward.name=trajectory_logprob"),
     (["reward.view=reorder_terms"], "reward.view='reorder_terms' is only read by reward.name=co_reward"),
+    (["reward.normalize=true"], "reward.normalize=true is only read by reward.name=reward_model"),
+    (["reward.ensemble=[/some/rm]"], "is only read by reward.name=reward_model"),
+    (["reward.clip=5"], "reward.clip=5.0 is only read by reward.name=reward_model"),
+    (["reward=reward_model", "reward.path=/x", "reward.clip=0"], "reward.clip=0.0 must be > 0"),
+    (["reward=reward_model", "reward.path=/x", "reward.ensemble_reduce=max"], "reward.ensemble_reduce"),
     (["reward=co_reward", "reward.view=reorder_term"], "did you mean 'reorder_terms'?"),
     (["reward=co_reward", "reward.view=null"], "reward.view must name a view"),
     (["model.trust_remote_code=true"], "model.trust_remote_code=true is not supported"),

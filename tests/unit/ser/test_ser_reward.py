@@ -283,3 +283,88 @@ def test_the_rm_backbone_is_the_policy_model_or_the_same_warm_start_run_shorter(
     weak = _rm_backbone(compose_config("experiment=ser_demo", "ser.rm.warmstart_steps=150"))
     assert weak.warmstart.steps == 150 and cfg.model.warmstart.steps == 700
     assert weak.tiny == cfg.model.tiny and weak.warmstart.seed == cfg.model.warmstart.seed
+
+
+# ── the defences against reward hacking (reward.normalize/clip/length_penalty/ensemble) ──
+class FakeTableScorer(FakeScorer):
+    """A fake RM whose score is looked up by completion text."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def score(self, prompts, completions):
+        self.seen.append((prompts, completions))
+        return [self.table[c] for c in completions]
+
+
+def _groups(*texts_per_prompt, logprobs=None):
+    return [Group(Prompt(f"p{i}", "1+1="), [], [Sample(text=t, logprobs=list(logprobs[t]) if logprobs else [])
+                                                for t in texts])
+            for i, texts in enumerate(texts_per_prompt)]
+
+
+def test_normalize_whitens_by_the_running_moments_of_every_score_so_far():
+    reward = build_reward("reward_model", scorer=FakeTableScorer({"a": 1.0, "b": 3.0, "c": 5.0, "d": 7.0}),
+                          normalize=True)
+    first = compute_rewards(reward, _groups(["a", "b"])).rewards
+    # Two scores so far: mean 2, sample std sqrt(2).
+    assert first == [[pytest.approx(-1 / 2 ** 0.5), pytest.approx(1 / 2 ** 0.5)]]
+    second = compute_rewards(reward, _groups(["c", "d"])).rewards
+    # Four scores so far: mean 4, std sqrt(20/3); the earlier scores count.
+    sd = (20 / 3) ** 0.5
+    assert second == [[pytest.approx(1 / sd), pytest.approx(3 / sd)]]
+
+
+def test_clip_bounds_what_one_sample_can_earn_and_length_penalty_charges_per_token():
+    table = {"short": 10.0, "long": -10.0, "mid": 0.5}
+    lp = {"short": [-0.1] * 3, "long": [-0.1] * 40, "mid": [-0.1] * 10}
+    reward = build_reward("reward_model", scorer=FakeTableScorer(table), clip=2.0, length_penalty=0.05)
+    assert reward.needs == frozenset({"logprobs"})  # the token counts: the rollout's own
+    out = compute_rewards(reward, _groups(["short", "long", "mid"], logprobs=lp))
+    assert out.rewards == [[pytest.approx(2.0 - 0.15), pytest.approx(-2.0 - 2.0), pytest.approx(0.5 - 0.5)]]
+    # Off by default: the raw score, and nothing extra asked of the step.
+    plain = build_reward("reward_model", scorer=FakeTableScorer(table))
+    assert plain.needs == frozenset()
+    assert compute_rewards(plain, _groups(["short", "mid"])).rewards == [[10.0, 0.5]]
+
+
+@pytest.mark.parametrize("reduce, want", [("mean", [2.0, 0.0]), ("min", [1.0, -4.0])])
+def test_an_ensemble_of_reward_models_scores_by_mean_or_min(reduce, want):
+    from ttrl.rewards.reward_model import EnsembleScorer
+
+    a, b = FakeTableScorer({"x": 1.0, "y": 4.0}), FakeTableScorer({"x": 3.0, "y": -4.0})
+    ens = EnsembleScorer([a, b], reduce)
+    assert ens.score(["q", "q"], ["x", "y"]) == want
+    ens.close()
+    assert a.closed == b.closed == 1
+    with pytest.raises(ValueError, match="reduce"):
+        EnsembleScorer([a], "max")
+
+
+def test_an_ensemble_member_that_drops_scores_is_named():
+    from ttrl.rewards.reward_model import EnsembleScorer
+
+    class Short(FakeScorer):
+        def score(self, prompts, completions):
+            return [0.0]
+
+    with pytest.raises(ValueError, match="reward model 1 of the ensemble returned 1 scores for 2"):
+        EnsembleScorer([FakeScorer(), Short()]).score(["q", "q"], ["a", "b"])
+
+
+def test_the_run_builds_the_defences_from_the_reward_section(tmp_path):
+    from tests.conftest import compose_config
+    from ttrl.parts import reward_options
+    from ttrl.rewards.reward_model import EnsembleScorer
+
+    for d in ("rm1", "rm2"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "config.json").write_text("{}")
+    cfg = compose_config("experiment=ser_demo", "ser.enabled=false", f"reward.path={tmp_path / 'rm1'}",
+                         f"reward.ensemble=[{tmp_path / 'rm2'}]", "reward.ensemble_reduce=min", "reward.normalize=true",
+                         "reward.clip=3", "reward.length_penalty=0.01")
+    opts = reward_options(cfg)
+    assert isinstance(opts["scorer"], EnsembleScorer) and opts["scorer"].reduce == "min"
+    assert [s.path for s in opts["scorer"].scorers] == [str(tmp_path / "rm1"), str(tmp_path / "rm2")]
+    assert (opts["normalize"], opts["clip"], opts["length_penalty"]) == (True, 3.0, 0.01)
