@@ -127,34 +127,57 @@ def test_pointwise_ser_with_lora_on_zero2(tmp_path):
     assert not any("lora" in n for n, _ in model.named_parameters())  # merged into the weights
 
 
-def test_likelihood_head_ser_on_zero3_saves_a_causal_lm_that_scores_as_trained(tmp_path):
-    """ser.rm.head=likelihood: the RM is the backbone's own response log-likelihood, calibrated
-    once from the seed pairs, trained on 2 ZeRO-3 ranks; a self-labelling round (the reset keeps
-    the calibration); the saved dir is a plain causal LM whose scores are scale * loglik + bias."""
-    import ray
+def test_ttrl_train_runs_ser_on_worked_solutions_with_a_likelihood_head_then_ppo(tmp_path):
+    """`ttrl-train experiment=debug_ser` end to end from the command line, with worked
+    solutions (ser.synthetic_style=worked), the likelihood head (ser.rm.head=likelihood:
+    the backbone's own response log-likelihood, calibrated once from the seed pairs, trained
+    on 2 ZeRO-3 ranks; the reset between rounds keeps the calibration) and two of the
+    reward-hacking defences (normalize, clip). Then: the saved RM dir is a plain causal LM
+    whose scores are scale * loglik + bias, and the PPO steps trained on its scores."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ttrl.ser.loop import run_ser
     from ttrl.trainer.reward_model import RewardModelScorer
 
-    cfg = compose_config(*OVERRIDES, "ser.rm.head=likelihood", "ser.then_policy=false")
-    res = run_ser(cfg, tmp_path)
-    assert not ray.is_initialized()
-    rows = [json.loads(line) for line in (tmp_path / "ser" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["ser/round"] for r in rows] == [0, 1]
-    assert all(math.isfinite(r["ser/train_loss"]) and 0 <= r["ser/rm_accuracy"] <= 1 for r in rows)
-    meta = json.loads((res.final_rm / "ttrl_rm.json").read_text())
-    assert meta["head"] == "likelihood" and math.isfinite(meta["head_scale"]) and meta["head_scale"] > 0
-    # The calibration came from the seed pairs' log-likelihoods (finite, some offset).
-    assert math.isfinite(meta["head_bias"])
-    lm = AutoModelForCausalLM.from_pretrained(res.final_rm)
-    tok = AutoTokenizer.from_pretrained(res.final_rm)
-    prompt, response = "12+34+56=", "\\boxed{102}"
+    ray_tmp = tempfile.mkdtemp(prefix="ttrlser-", dir="/tmp")
+    env = {**os.environ, "CI": "true", "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ttrl-train"), *OVERRIDES, "ser.synthetic_style=worked",
+         "ser.rm.head=likelihood", "reward.normalize=true", "reward.clip=3", f"hydra.run.dir={run_dir}"],
+        env=env, capture_output=True, text=True, timeout=840)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ser_rows = [r for r in rows if "ser/round" in r]
+    policy = [r for r in rows if "train/pg_loss" in r]
+    assert [r["ser/round"] for r in ser_rows] == [0, 1]
+    assert all(math.isfinite(r["ser/train_loss"]) and 0 <= r["ser/rm_accuracy"] <= 1 for r in ser_rows)
+    assert [r["step"] for r in policy] == [1, 2]
+    for r in policy:
+        assert math.isfinite(r["train/pg_loss"]) and math.isfinite(r["critic/vf_loss"])
+        # normalize then clip: whitened scores, bounded by 3.
+        assert -3.0 <= r["reward/mean"] <= 3.0
+    # Round 1 scored every unlabelled pair (60 of 80) with both p's in (0, 1).
+    table = [json.loads(x) for x in (run_dir / "ser" / "scores_round1.jsonl").read_text().splitlines()]
+    assert len(table) == 60 and all(0 < t["p_a"] < 1 and 0 < t["p_b"] < 1 for t in table)
+
+    final = run_dir / "ser" / "final_rm"
+    meta = json.loads((final / "ttrl_rm.json").read_text())
+    assert meta["head"] == "likelihood" and meta["head_scale"] > 0 and math.isfinite(meta["head_bias"])
+    lm = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    prompt, response = "12+34+56=", "12+34=46,46+56=102 \\boxed{102}"
     n = len(tok(prompt)["input_ids"])
     ids = tok(prompt + response, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         logp = torch.log_softmax(lm(ids).logits[0].float(), -1)
     ll = sum(float(logp[t - 1, ids[0, t]]) for t in range(n, ids.shape[1]))
-    got = RewardModelScorer(str(res.final_rm), device="cpu").score([prompt], [response])[0]
+    got = RewardModelScorer(str(final), device="cpu").score([prompt], [response])[0]
     assert got == pytest.approx(meta["head_scale"] * ll + meta["head_bias"], abs=1e-3)

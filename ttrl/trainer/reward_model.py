@@ -183,13 +183,20 @@ def response_loglik(lm: Any, input_ids: Any, attention_mask: Any, position_ids: 
     return (logp * response_mask[:, 1:].to(logp.dtype)).sum(-1)               # [b]
 
 
-def head_calibration(m_good: float, m_bad: float, target: float = 0.9) -> tuple[float, float]:
-    """(scale, bias) that map log-likelihood m_good to logit(target) and m_bad to -logit(target);
-    scale 1 (and the midpoint to 0) when m_good does not exceed m_bad."""
+def head_calibration(m_good: float, m_bad: float, spread: float, target: float = 0.9) -> tuple[float, float]:
+    """(scale, bias) for the likelihood head, from the median log-likelihoods of good and bad
+    responses and the spread (standard deviation) of all of them.
+
+    The midpoint of the medians maps to 0. The scale is 2 * logit(target) / max(gap, spread):
+    a backbone whose good and bad responses are further apart than their spread (a judge)
+    puts the medians at logit(target) and -logit(target); one whose gap is lost in the spread
+    (not a judge yet) gets scores of about that size across its spread, so its sigmoids stay
+    unsure instead of saturating at 0 and 1 on noise.
+    """
     if not 0.5 < target < 1:
         raise ValueError(f"calibration target {target} must be in (0.5, 1)")
-    gap = m_good - m_bad
-    scale = 2 * math.log(target / (1 - target)) / gap if gap > 1e-3 else 1.0
+    width = max(m_good - m_bad, spread)
+    scale = 2 * math.log(target / (1 - target)) / width if width > 1e-6 else 1.0
     return scale, -scale * (m_good + m_bad) / 2
 
 
@@ -491,12 +498,11 @@ class RewardModelTrainer:
         """Set the likelihood head's scale and bias from labelled rows, once, before the first fit.
 
         Raw log-likelihoods of the good and bad responses (chosen/rejected, or
-        correct/incorrect) have medians m_good, m_bad; afterwards a response at
-        m_good scores logit(`target`) and one at m_bad -logit(`target`), so
-        sigmoid(score) reads as "how sure that this response is the good one"
-        and SER's thresholds (ser.high/low/min_gap) mean what they say. When
-        the medians do not separate (the backbone cannot judge yet) the scale
-        stays 1 and only the offset is set.
+        correct/incorrect) have medians m_good, m_bad; `head_calibration` maps
+        them to about logit(`target`) and -logit(`target`), so sigmoid(score)
+        reads as "how sure that this response is the good one" and SER's
+        thresholds (ser.high/low/min_gap) mean what they say; a backbone that
+        cannot judge yet gets unsure scores, not saturated ones.
         """
         import statistics
 
@@ -509,11 +515,13 @@ class RewardModelTrainer:
             bad = self.score([r.prompt for r in rows if not r.correct], [r.response for r in rows if not r.correct])
         m_good = statistics.median(good) if good else 0.0
         m_bad = statistics.median(bad) if bad else m_good
-        scale, bias = head_calibration(m_good, m_bad, target)
+        spread = statistics.pstdev(good + bad) if len(good + bad) > 1 else 0.0
+        scale, bias = head_calibration(m_good, m_bad, spread, target)
         self.group.call("set_head", scale, bias)
         self.fmt.head_scale, self.fmt.head_bias = scale, bias
         self.calibrated = True
-        self.calibration = {"median_loglik_good": m_good, "median_loglik_bad": m_bad, "scale": scale,
+        self.calibration = {"median_loglik_good": m_good, "median_loglik_bad": m_bad, "spread": spread,
+                            "scale": scale,
                             "bias": bias, "rows": float(len(rows))}
         return self.calibration
 

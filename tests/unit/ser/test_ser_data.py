@@ -193,6 +193,16 @@ def test_ser_experiments_compose():
     assert cfg.trainer.total_steps == 2
     cfg = compose_config("experiment=ser_synthetic")
     assert cfg.ser.enabled and cfg.reward.path == "ser" and cfg.algorithm.name == "ppo"
+    cfg = compose_config("experiment=ser_synthetic", "ser.synthetic_style=worked")
+    assert cfg.ser.synthetic_style == "worked" and cfg.ser.rm.head == "scalar"
+    # ser_demo: the demo's policy run (data, eval, steps) behind a likelihood-head SER stage.
+    demo, cfg = compose_config("experiment=demo"), compose_config("experiment=ser_demo")
+    assert cfg.ser.synthetic_style == "worked" and cfg.ser.rm.head == "likelihood"
+    assert (cfg.data, cfg.eval, cfg.rollout, cfg.trainer.total_steps) == (demo.data, demo.eval, demo.rollout,
+                                                                           demo.trainer.total_steps)
+    assert cfg.model == demo.model and cfg.algorithm.name == "ppo" and cfg.reward.path == "ser"
+    # The RM alone needs no reward override (no policy stage runs).
+    assert compose_config("experiment=ser_demo", "ser.then_policy=false").ser.enabled
 
 
 @pytest.mark.parametrize("overrides, message", [

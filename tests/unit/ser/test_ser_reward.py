@@ -235,25 +235,32 @@ def test_likelihood_score_is_the_scaled_response_loglik_whatever_the_batch(tiny_
         model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
 
 
-@pytest.mark.parametrize("good, bad", [(-2.0, -6.0), (-0.5, -0.9)])
-def test_head_calibration_puts_the_medians_at_the_target_probability(good, bad):
+@pytest.mark.parametrize("good, bad, spread", [(-2.0, -6.0, 2.5), (-0.5, -0.9, 0.3)])
+def test_a_judge_s_medians_land_on_the_target_probability(good, bad, spread):
     import math
 
     from ttrl.trainer.reward_model import head_calibration
 
-    scale, bias = head_calibration(good, bad, target=0.9)
+    scale, bias = head_calibration(good, bad, spread, target=0.9)
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     assert sig(scale * good + bias) == pytest.approx(0.9) and sig(scale * bad + bias) == pytest.approx(0.1)
 
 
-def test_head_calibration_of_a_backbone_that_cannot_judge_only_centres():
+def test_a_backbone_that_cannot_judge_gets_unsure_scores_not_saturated_ones():
+    import math
+
     from ttrl.trainer.reward_model import head_calibration
 
-    # The bad responses are as likely as the good ones (or likelier): no scale can be read off.
-    assert head_calibration(-5.0, -5.0) == (1.0, 5.0)
-    assert head_calibration(-6.0, -4.0) == (1.0, 5.0)
+    # Medians 0.01 nats apart in a spread of 2: the spread sets the scale, the medians stay near 0.5.
+    scale, bias = head_calibration(-5.0, -5.01, 2.0)
+    assert scale == pytest.approx(2 * math.log(9) / 2.0)
+    assert abs(scale * -5.0 + bias) < 0.02
+    # Bad responses likelier than good ones: still centred, still bounded.
+    scale, bias = head_calibration(-6.0, -4.0, 1.0)
+    assert scale == pytest.approx(2 * math.log(9)) and bias == pytest.approx(5.0 * scale)
+    assert head_calibration(-5.0, -5.0, 0.0) == (1.0, 5.0)  # nothing to read a scale from
     with pytest.raises(ValueError, match="target"):
-        head_calibration(-1.0, -2.0, target=0.4)
+        head_calibration(-1.0, -2.0, 1.0, target=0.4)
 
 
 def test_a_saved_likelihood_rm_dir_scores_as_the_model_did(tiny_dir, tmp_path):
