@@ -400,6 +400,11 @@ class RolloutConfig:
     weight_sync: str = "auto"
     # Upper bound of one weight bucket (one NCCL broadcast / one Ray blob), MiB.
     sync_bucket_mb: int = 256
+    # A weight-sync round that has not finished after this many seconds is
+    # given up on every side (NCCL has no timeout of its own: an engine that
+    # died mid-broadcast would hang the rest); its engines are then restarted
+    # where dead and re-synced.
+    sync_timeout_s: float = 180.0
 
 
 @_rules(RolloutConfig)
@@ -412,7 +417,7 @@ def _check_rollout(s: Section) -> None:
     s.above(0, "temperature", why="sampling, not greedy decoding, is needed to vote")
     s.within(0, 1, "top_p", low_open=True)
     s.require(s.top_k == -1 or s.top_k >= 1, f"{s.key('top_k')}={s.top_k} must be -1 (off) or at least 1.")
-    s.at_least(1, "max_new_tokens", "num_engines", "tensor_parallel_size", "sync_bucket_mb")
+    s.at_least(1, "max_new_tokens", "num_engines", "tensor_parallel_size", "sync_bucket_mb", "sync_timeout_s")
     # Until engines place one 1-GPU bundle per TP rank (vLLM's Ray executor
     # rejects a multi-GPU bundle, and an engine actor holding the GPUs starves
     # its own workers), a TP engine would fail deep inside vLLM: refuse it here.

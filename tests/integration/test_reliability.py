@@ -140,6 +140,14 @@ def test_killed_rollout_engine_is_restarted_and_resynced():
         # The restarted engine sampled with the trainer's current weights: it was re-synced.
         assert row["rollout/logprob_diff"] < 1e-3
         assert info["weights_version"] == rt.weights_version
+        # Lost while the weights are being sent: the sync restarts and re-syncs it (EngineSyncError
+        # from the sending rank) or Ray queues the load for the restarted engine; either way the
+        # run goes on with every engine on the current weights, not a dead trainer error.
+        ray.kill(rt.engines[0], no_restart=False)
+        rt.sync_weights()
+        assert ray.get(rt.engines[0].info.remote())["weights_version"] == rt.weights_version
+        row = step(ctx, setup.prompts[:k])
+        assert row["rollout/logprob_diff"] < 1e-3
     finally:
         rt.shutdown()
 

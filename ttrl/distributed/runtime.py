@@ -25,6 +25,7 @@ from ttrl.distributed.placement import Placement
 from ttrl.distributed.ray_setup import Needs, engine_cpu_threads, start_ray, stop_ray, usable_cpus
 from ttrl.distributed.startup import bring_up, engines_size_first
 from ttrl.rollout.vllm_engine import EngineArgs, VLLMEngine
+from ttrl.rollout.weights import EngineSyncError
 from ttrl.trainer.batch import Batch, batch_size, concat, select, split
 from ttrl.trainer.options import UpdateOptions
 from ttrl.trainer.worker import ADDITIVE_STATS, CriticWorker, PolicyWorker
@@ -270,12 +271,29 @@ class Runtime:
 
     # ── weights ───────────────────────────────────────────────────────────
     def sync_weights(self) -> dict[str, float]:
-        """Policy -> every rollout engine (all ranks gather, rank 0 sends)."""
+        """Policy -> every rollout engine (all ranks gather, rank 0 sends).
+
+        An engine that dies or stalls mid-round (EngineSyncError, raised by
+        the sending rank; on the NCCL path within rollout.sync_timeout_s, as
+        every side gives the round up by the same deadline) is restarted by
+        Ray and every engine left on the old weights is re-synced; the run
+        goes on. A trainer rank's death stays fatal (WorkerDiedError).
+        """
         self.weights_version += 1
-        if self.weight_sync == "nccl":
-            res = self.policy.call("push_weights_nccl", self.engines, self.weights_version)
-        else:
-            res = self.policy.call("push_weights", self.engines, self.weights_version, self.engine_dtype)
+        try:
+            if self.weight_sync == "nccl":
+                res = self.policy.call("push_weights_nccl", self.engines, self.weights_version,
+                                       self.cfg.rollout.sync_timeout_s)
+            else:
+                res = self.policy.call("push_weights", self.engines, self.weights_version, self.engine_dtype)
+        except EngineSyncError as err:
+            self.engine_restarts += 1
+            why = str(getattr(err, "cause", None) or err).strip().splitlines()  # without Ray's wrapper
+            print(f"ttrl: {why[0] if why else type(err).__name__}; restarting dead engines and re-syncing",
+                  file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            stale = self.recover_engines()
+            return {"total_s": time.perf_counter() - t0, "resynced_engines": float(len(stale))}
         return res[0]
 
     # ── checkpoints ───────────────────────────────────────────────────────

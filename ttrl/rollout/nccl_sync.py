@@ -20,9 +20,11 @@ the functions that open the NCCL group: tests and the bench use the rest on
 machines without vllm. It must never leave a round half-sent while the
 engines are healthy: once the first bucket is on the wire every bucket of the
 plan is sent, and a bad value is reported after the round, not by stopping
-it. Only a dead peer (the caller's `poll` raises) or a plan/stream mismatch (a
-programming error) ends a round early; the group is then aborted and must be
-opened again by every member (NCCL has no timeouts and takes no new peers).
+it. Only a dead peer (the caller's `poll` raises, or the round's deadline
+passes: NCCL itself has no timeout) or a plan/stream mismatch (a programming
+error) ends a round early; the group is then aborted on every member still
+alive (each side has the same deadline, so survivors are freed too) and must
+be opened again by all of them (NCCL takes no new peers).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from ttrl.rollout.weights import EngineSyncError
 
 if TYPE_CHECKING:
     from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
@@ -51,7 +55,8 @@ _DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
 }
 
-Broadcast = Callable[[torch.Tensor], None]
+# Sends (rank 0) or receives one buffer; may return an async handle to wait on.
+Broadcast = Callable[[torch.Tensor], Any]
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -255,24 +260,52 @@ class SendStats:
                 "send_gbps": self.bytes / max(self.seconds, 1e-9) / 1e9, "nonfinite": float(len(self.nonfinite))}
 
 
-def _wait(done: torch.cuda.Event | torch.cuda.Stream, poll: Callable[[], None] | None) -> None:
-    """Block until `done` has completed on the GPU, calling `poll` meanwhile.
+class WeightSyncTimeout(EngineSyncError):
+    """A broadcast round made no progress within its deadline: a peer is dead or stuck."""
 
-    NCCL has no timeout: a receiver that died leaves the broadcast waiting
-    forever. `poll` (e.g. "did an engine's RPC fail?") may raise to give up.
+
+def _completed(done: Any) -> bool:
+    # torch.distributed's Work (gloo, async_op=True) or a CUDA event/stream.
+    return done.is_completed() if hasattr(done, "is_completed") else done.query()
+
+
+def _wait(done: Any, poll: Callable[[], None] | None, deadline: float | None = None,
+          timeout_s: float | None = None) -> None:
+    """Block until `done` has completed, calling `poll` meanwhile.
+
+    `done`: a CUDA event or stream (NCCL), or a torch.distributed Work (the
+    gloo stand-in). NCCL has no timeout: a receiver that died leaves the
+    broadcast waiting forever, so `poll` (e.g. "did an engine's RPC fail?")
+    may raise to give up, and past `deadline` (time.monotonic()) this raises
+    WeightSyncTimeout; `timeout_s` only words the message.
     """
-    if poll is None:
+    work = hasattr(done, "is_completed")
+    if poll is None and deadline is None and not work:
         done.synchronize()
         return
-    while not done.query():
-        poll()
+    while (poll is not None or deadline is not None) and not _completed(done):
+        if poll is not None:
+            poll()
+        if deadline is not None and time.monotonic() > deadline:
+            raise WeightSyncTimeout(
+                f"weight sync: the broadcast round did not finish within {timeout_s or 0:.0f} s "
+                "(rollout.sync_timeout_s): an engine is dead or stuck")
         time.sleep(0.002)
+    if work:
+        try:
+            done.wait()  # a failed Work raises its error here
+        except Exception as e:
+            raise EngineSyncError(f"weight sync: a peer has gone, a broadcast failed ({e})") from e
+
+
+def _deadline(timeout_s: float | None) -> float | None:
+    return None if timeout_s is None else time.monotonic() + timeout_s
 
 
 def send_buckets(plan: Sequence[Bucket], named: Iterable[tuple[str, torch.Tensor | None]],
                  broadcast: Broadcast, device: torch.device | str, max_in_flight: int = 2,
                  comm_stream: torch.cuda.Stream | None = None,
-                 poll: Callable[[], None] | None = None) -> SendStats:
+                 poll: Callable[[], None] | None = None, timeout_s: float | None = None) -> SendStats:
     """Pack `named` bucket by bucket as the plan says and broadcast each bucket.
 
     `named` must yield the plan's tensors in plan order (full, on `device`);
@@ -281,7 +314,10 @@ def send_buckets(plan: Sequence[Bucket], named: Iterable[tuple[str, torch.Tensor
     CUDA the broadcast runs on `comm_stream` while the next layer is gathered
     and packed on the current stream; at most `max_in_flight` buffers are
     alive at once. Returns once every broadcast has completed on the GPU;
-    `poll` is called while waiting for that and may raise to give up.
+    `poll` is called while waiting for that and may raise to give up. On CPU
+    `broadcast` may return a torch.distributed Work (gloo, async_op=True),
+    which is waited on the same way. Past `timeout_s` from the start of the
+    round it raises WeightSyncTimeout.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -294,9 +330,10 @@ def send_buckets(plan: Sequence[Bucket], named: Iterable[tuple[str, torch.Tensor
     flag_names: list[str] = []
     stats = SendStats()
     t0 = time.perf_counter()
+    deadline = _deadline(timeout_s)
     for bucket in plan:
         if cuda and len(pending) >= max_in_flight:
-            _wait(pending.popleft(), poll)  # bound memory: a buffer per broadcast in flight
+            _wait(pending.popleft(), poll, deadline, timeout_s)  # bound memory: a buffer per broadcast in flight
         buf = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
         for s in bucket.slots:
             try:
@@ -324,7 +361,9 @@ def send_buckets(plan: Sequence[Bucket], named: Iterable[tuple[str, torch.Tensor
             ev.record(comm_stream)
             pending.append(ev)
         else:
-            broadcast(buf)
+            work = broadcast(buf)
+            if work is not None:
+                _wait(work, poll, deadline, timeout_s)
         stats.bytes += bucket.nbytes
         stats.buckets += 1
         del buf
@@ -332,7 +371,7 @@ def send_buckets(plan: Sequence[Bucket], named: Iterable[tuple[str, torch.Tensor
     if extra is not None:
         raise ValueError(f"weight sync: the trainer yielded {extra[0]!r}, which is not in the plan")
     if cuda:
-        _wait(comm_stream, poll)
+        _wait(comm_stream, poll, deadline, timeout_s)
     if flags:
         ok = torch.stack(flags).cpu()  # one sync for the whole model
         stats.nonfinite = tuple(n for n, good in zip(flag_names, ok.tolist(), strict=True) if not good)
@@ -340,18 +379,28 @@ def send_buckets(plan: Sequence[Bucket], named: Iterable[tuple[str, torch.Tensor
     return stats
 
 
-def receive_buckets(plan: Sequence[Bucket], broadcast: Broadcast,
-                    device: torch.device | str) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def receive_buckets(plan: Sequence[Bucket], broadcast: Broadcast, device: torch.device | str,
+                    timeout_s: float | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Receive the plan's buckets in order; yield each as (name, view) pairs.
 
     A fresh buffer per bucket, never a reused one: the consumer may hold
     views of earlier buckets (vLLM's layerwise reload buffers a layer's
     tensors until the whole layer has arrived). Stream order on the current
-    stream keeps the receive ahead of any use of the views.
+    stream keeps the receive ahead of any use of the views. With `timeout_s`
+    each bucket is waited for (on CUDA: an event after its broadcast) and
+    past the round's deadline WeightSyncTimeout is raised, so a receiver
+    whose sender or fellow receiver died is freed instead of hanging.
     """
+    device = torch.device(device)
+    deadline = _deadline(timeout_s)
     for bucket in plan:
         buf = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
-        broadcast(buf)
+        done = broadcast(buf)
+        if done is None and deadline is not None and device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(device))
+        if done is not None:
+            _wait(done, None, deadline, timeout_s)
         yield unpack_bucket(buf, bucket)
 
 
@@ -429,7 +478,8 @@ class NcclWeightSender:
         return cls(open_weight_group(host, port, 0, world_size, device), device)
 
     def send(self, plan: Sequence[Bucket], named: Iterable[tuple[str, torch.Tensor | None]],
-             max_in_flight: int = 2, poll: Callable[[], None] | None = None) -> SendStats:
+             max_in_flight: int = 2, poll: Callable[[], None] | None = None,
+             timeout_s: float | None = None) -> SendStats:
         """One full round. On any error the group is aborted (the broadcasts
         queued on the GPU are cancelled) and must be opened again."""
         if self.comm is None:
@@ -442,7 +492,7 @@ class NcclWeightSender:
 
         try:
             return send_buckets(plan, named, bcast, self.device, max_in_flight, comm_stream=self.stream,
-                                poll=poll)
+                                poll=poll, timeout_s=timeout_s)
         except BaseException:
             self.close()  # ncclCommAbort: otherwise the GPU keeps waiting for peers that will not come
             raise

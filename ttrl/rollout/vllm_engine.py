@@ -176,10 +176,15 @@ class VLLMEngine:
         check_plan(plan_from_wire(bucket_metas), self.expected_shapes, self.args.dtype,
                    optional=("lm_head.weight",))
 
-    def receive_weights_nccl(self, bucket_metas: list[dict], version: int) -> dict[str, float]:
-        """Receive a full set of weights by broadcast into every worker; reset the prefix cache."""
+    def receive_weights_nccl(self, bucket_metas: list[dict], version: int,
+                             timeout_s: float | None = None) -> dict[str, float]:
+        """Receive a full set of weights by broadcast into every worker; reset the prefix cache.
+
+        Past `timeout_s` every worker gives up (and leaves the group), the
+        weights version stays the old one, and the caller re-syncs.
+        """
         t0 = time.perf_counter()
-        res = self.llm.collective_rpc("ttrl_receive_weights", args=(bucket_metas,))
+        res = self.llm.collective_rpc("ttrl_receive_weights", args=(bucket_metas, timeout_s))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.weights_version = version
         return {"load_s": time.perf_counter() - t0, "bytes": res[0]["bytes"]}

@@ -70,12 +70,14 @@ class TTRLWorkerExtension:
             comm.destroy()
             self._ttrl_weight_comm = None
 
-    def ttrl_receive_weights(self, bucket_metas: list[dict]) -> dict[str, float]:
+    def ttrl_receive_weights(self, bucket_metas: list[dict], timeout_s: float | None = None) -> dict[str, float]:
         """Receive one full set of weights by broadcast and reload it layer by layer.
 
         `bucket_metas` is the sender's plan (`nccl_sync.plan_to_wire`), already
         checked by the rollout actor against the checkpoint. The prefix cache
         is the caller's to reset (it lives in the engine core, not here).
+        Past `timeout_s` the worker leaves the group and raises (the caller
+        re-syncs it over the Ray path and opens a new group).
         """
         import torch
         from vllm.config import set_current_vllm_config
@@ -110,13 +112,18 @@ class TTRLWorkerExtension:
             # reload_weights call per bucket would not be.
             initialize_layerwise_reload(model)
             try:
-                for named in receive_buckets(plan, bcast, self.device):
+                for named in receive_buckets(plan, bcast, self.device, timeout_s):
                     nbytes += sum(t.numel() * t.element_size() for _, t in named)
                     if error is None:
                         try:
                             model.load_weights(named)
                         except Exception as e:  # keep receiving: the sender is mid-round
                             error = e
+            except BaseException:
+                # The round itself failed (deadline passed, a peer gone):
+                # abort this worker's end, or NCCL keeps it waiting for ever.
+                self.ttrl_close_weight_group()
+                raise
             finally:
                 # Layers that got nothing get their old tensors back; without
                 # this call they would stay on the meta device.

@@ -17,6 +17,14 @@ from pathlib import Path
 import torch
 
 
+class EngineSyncError(RuntimeError):
+    """A rollout engine died or stalled during a weight sync: restart it and re-sync, the run goes on.
+
+    Raised by the trainer's sending rank, so the driver can tell an engine's
+    failure (recoverable) from a trainer rank's (the run must resume).
+    """
+
+
 def pack(named: Iterable[tuple[str, torch.Tensor]]) -> bytes:
     """One bucket of (name, tensor) pairs as bytes (CPU, contiguous)."""
     buf = io.BytesIO()

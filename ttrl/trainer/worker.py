@@ -46,6 +46,27 @@ def _check_rows(rows: int, grad_accum: int, micro: int) -> None:
                          f"{grad_accum} micro-batches of {micro}")
 
 
+def _engines_get(refs: list) -> list:
+    """ray.get on rollout engines' calls; an engine that died or gave up a sync -> EngineSyncError.
+
+    The driver restarts and re-syncs engines on EngineSyncError; anything
+    else (an engine refusing the weights' names or shapes) stays fatal.
+    """
+    import ray
+    from ray.exceptions import RayActorError
+
+    from ttrl.rollout.weights import EngineSyncError
+
+    try:
+        return ray.get(refs)
+    except EngineSyncError as err:  # an engine's own (Ray wraps it: keep the message, drop the wrapper)
+        raise EngineSyncError(str(getattr(err, "cause", err))) from None
+    except RayActorError as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise EngineSyncError(f"weight sync: a rollout engine died during the sync ({type(err).__name__}: "
+                              f"{first})") from None
+
+
 class _DSWorker:
     """Common plumbing: process group, model loading, forward passes."""
 
@@ -390,7 +411,7 @@ class PolicyWorker(_DSWorker):
         gather_s = time.perf_counter() - t0
         # One copy in the object store, read by every engine: the refs travel
         # inside a list, so Ray passes them as refs, not as the bytes.
-        results = ray.get([e.load_weights.remote(refs, version, manifest) for e in engines])
+        results = _engines_get([e.load_weights.remote(refs, version, manifest) for e in engines])
         total = time.perf_counter() - t0
         return {"gather_s": gather_s, "total_s": total, "bytes": results[0]["bytes"],
                 "engine_load_s": max(r["load_s"] for r in results)}
@@ -462,8 +483,12 @@ class PolicyWorker(_DSWorker):
         ray.get(joins)
         return {"world_size": world, "buckets": len(self._plan)}
 
-    def push_weights_nccl(self, engines: list, version: int) -> dict[str, float]:
-        """Gather layer by layer, broadcast bucket by bucket to every engine worker (rank 0 sends)."""
+    def push_weights_nccl(self, engines: list, version: int, timeout_s: float | None = None) -> dict[str, float]:
+        """Gather layer by layer, broadcast bucket by bucket to every engine worker (rank 0 sends).
+
+        Past `timeout_s` the round is given up (the group aborted here; each
+        engine gives up by the same deadline) with WeightSyncTimeout.
+        """
         import ray
 
         t0 = time.perf_counter()
@@ -474,22 +499,21 @@ class PolicyWorker(_DSWorker):
             for _ in named:  # take part in every gather
                 pass
             return {}
-        loads = [e.receive_weights_nccl.remote(self._plan_wire, version) for e in engines]
+        loads = [e.receive_weights_nccl.remote(self._plan_wire, version, timeout_s) for e in engines]
 
         def engine_failed() -> None:
             # An engine's call returns only after the last bucket: one that is
             # done early has failed, and NCCL would wait for it forever.
             done, _ = ray.wait(loads, num_returns=len(loads), timeout=0)
-            for ref in done:
-                ray.get(ref)
+            _engines_get(done)
 
         try:
-            stats = self._sender.send(self._plan, named, poll=engine_failed)
+            stats = self._sender.send(self._plan, named, poll=engine_failed, timeout_s=timeout_s)
         except BaseException:
             for _ in named:  # finish every gather: the other ranks wait in them
                 pass
             raise
-        results = ray.get(loads)
+        results = _engines_get(loads)
         if stats.nonfinite:
             raise RuntimeError(f"weight sync: {len(stats.nonfinite)} tensor(s) overflowed in the cast to the "
                                f"engine dtype, e.g. {list(stats.nonfinite[:3])}")

@@ -18,6 +18,7 @@ import torch
 from ttrl.rollout.nccl_sync import (
     ALIGN,
     Bucket,
+    WeightSyncTimeout,
     _wait,
     check_distinct_gpus,
     check_plan,
@@ -238,6 +239,63 @@ def test_wait_polls_until_done_and_lets_poll_give_up():
 
     with pytest.raises(RuntimeError, match="died"):
         _wait(_SlowEvent(100), dead_peer)
+
+
+class _FakeWork:
+    """Stands in for torch.distributed's Work (gloo, async_op=True): done after `left` checks."""
+
+    def __init__(self, left: int, error: Exception | None = None):
+        self.left, self.error = left, error
+
+    def is_completed(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+    def wait(self) -> bool:
+        if self.error is not None:
+            raise self.error
+        return True
+
+
+def test_wait_gives_up_at_the_deadline_naming_the_setting():
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncTimeout, match=r"within 1 s \(rollout.sync_timeout_s\)"):
+        _wait(_SlowEvent(10**9), None, deadline=time.monotonic() + 0.2, timeout_s=1)
+    assert time.monotonic() - t0 < 2
+    with pytest.raises(WeightSyncTimeout):  # a Work that never completes, as a stuck gloo peer leaves it
+        _wait(_FakeWork(10**9), None, deadline=time.monotonic() + 0.1, timeout_s=1)
+
+
+def test_wait_on_a_failed_work_says_a_peer_has_gone():
+    from ttrl.rollout.weights import EngineSyncError
+
+    _wait(_FakeWork(2), None, deadline=None)  # completes: no error
+    for poll in (None, lambda: None):
+        with pytest.raises(EngineSyncError, match="a peer has gone.*Connection closed by peer"):
+            _wait(_FakeWork(2, RuntimeError("Connection closed by peer")), poll)
+
+
+def test_cpu_send_and_receive_wait_on_async_handles():
+    ws = _weights()
+    plan = plan_buckets(_specs(ws), 20_000)
+    send, recv, _ = _fake_wire()
+    sent = []
+
+    def send_async(buf):
+        send(buf)
+        sent.append(1)
+        return _FakeWork(1)
+
+    def recv_async(buf):
+        recv(buf)
+        return _FakeWork(1)
+
+    send_buckets(plan, ws, send_async, "cpu", timeout_s=5)
+    assert len(sent) == len(plan)
+    got = dict(p for named in receive_buckets(plan, recv_async, "cpu", timeout_s=5) for p in named)
+    assert all(torch.equal(got[n], t.to(got[n].dtype)) for n, t in ws)
 
 
 # ── helpers ──────────────────────────────────────────────────────────────
