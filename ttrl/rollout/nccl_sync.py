@@ -9,6 +9,9 @@ per bucket, (name, dtype, shape, offset) of every tensor — reaches the
 engines ahead of the bytes (over Ray, as plain lists), so both sides cut the
 stream identically and the receiver never has to guess.
 
+The Ray path carries the same plan and flat buckets, as numpy arrays in the
+object store (`iter_flat_buckets`, `flat_named`): one copy in, none out.
+
 Here: the plan (pure), pack/unpack (pure torch), the send and receive loops
 (generic over a `broadcast(buf)` callable, so `ttrl.bench.nccl_sync_check`
 runs the very same loops over torch.distributed), the plan check the engine
@@ -245,6 +248,59 @@ def unpack_bucket(buf: torch.Tensor, bucket: Bucket) -> list[tuple[str, torch.Te
         raise ValueError(f"weight sync: got a {buf.dtype} buffer of {buf.numel()} for a "
                          f"bucket of {bucket.nbytes} bytes")
     return [(s.name, slot_view(buf, s)) for s in bucket.slots]
+
+
+# ── the Ray path's flat buckets (the same plan, in the object store) ──────
+def iter_flat_buckets(plan: Sequence[Bucket], named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[Any]:
+    """Pack `named` (in plan order) into one flat uint8 numpy array per bucket, cast to the wire dtype.
+
+    For the Ray path: a numpy array goes into the object store with one copy
+    and every engine on the node reads it there without one (a `bytes` blob
+    would be copied out again by each engine, then unpacked once more).
+    Refuses a NaN/inf value, checked after the cast (an fp32 -> fp16
+    overflow shows too), before the bucket leaves the sender.
+    """
+    import numpy as np
+
+    it = iter(named)
+    for bucket in plan:
+        arr = np.empty(bucket.nbytes, dtype=np.uint8)
+        buf = torch.from_numpy(arr)
+        for s in bucket.slots:
+            name, t = next(it, (None, None))
+            if name != s.name or t is None:
+                raise ValueError(f"weight sync: the trainer yielded {name!r} where the plan has {s.name!r}")
+            pack_into(buf, s, t)
+            view = slot_view(buf, s)
+            if view.is_floating_point() and not bool(torch.isfinite(view).all()):
+                raise ValueError(f"weight sync: {s.name} holds NaN or inf (as {s.dtype}); "
+                                 "refusing to send it to the engines")
+        del buf
+        yield arr
+    extra = next(it, None)
+    if extra is not None:
+        raise ValueError(f"weight sync: the trainer yielded {extra[0]!r}, which is not in the plan")
+
+
+def flat_named(arrays: Sequence[Any], plan: Sequence[Bucket]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, view) of every tensor in the flat buckets, without a copy; the views only read them.
+
+    `arrays`: numpy arrays straight from the object store (read-only) or bytes.
+    """
+    import warnings
+
+    import numpy as np
+
+    if len(arrays) != len(plan):
+        raise ValueError(f"weight sync: {len(arrays)} buckets for a plan of {len(plan)}")
+    for arr, bucket in zip(arrays, plan, strict=True):
+        arr = arr if isinstance(arr, np.ndarray) else np.frombuffer(arr, dtype=np.uint8)
+        with warnings.catch_warnings():
+            # Read-only store memory: torch warns that writes would be undefined;
+            # the reload only copies out of these views.
+            warnings.simplefilter("ignore", UserWarning)
+            buf = torch.from_numpy(arr)
+        yield from unpack_bucket(buf, bucket)
 
 
 # ── the loops (any communicator) ──────────────────────────────────────────

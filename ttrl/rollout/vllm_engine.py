@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ttrl.rollout.weights import check_manifest, check_weights, checkpoint_shapes, unpack
+from ttrl.rollout.weights import check_weights, checkpoint_shapes, unpack
 
 
 def sampled_logprobs(lps: Any, ids: list[int]) -> list[float]:
@@ -129,34 +129,51 @@ class VLLMEngine:
         return result
 
     # ── weights ───────────────────────────────────────────────────────────
-    def load_weights(self, blobs: list, version: int, manifest: list | None = None) -> dict[str, float]:
-        """Check, then load a full set of weights in place; reset the prefix cache.
+    def load_weights(self, blobs: list, version: int) -> dict[str, float]:
+        """Check, then load a full set of packed weights (`weights.pack`) in place; reset the prefix cache.
 
-        `blobs`: packed buckets, as bytes or as object refs (the trainer puts
-        each bucket in the object store once and every engine reads it there,
-        instead of a copy pickled into each call). With the sender's
-        `manifest` (names and shapes; it checked finiteness before packing)
-        the buckets are checked without unpacking; without it (serve's
-        versions, tests) they are unpacked and checked in full.
+        Served versions come this way (ttrl.serve.versions); `blobs` are bytes
+        or object refs to them. They are unpacked and checked in full (names,
+        shapes, finiteness) before vLLM sees them. The training loop's syncs
+        use `load_flat_weights`.
         """
         import ray
 
         t0 = time.perf_counter()
         if any(isinstance(b, ray.ObjectRef) for b in blobs):
             blobs = ray.get(list(blobs))
+        received: dict[str, Any] = {}
+        for blob in blobs:
+            received.update(unpack(blob))
         # A tied lm_head is not stored separately in the checkpoint.
-        if manifest is not None:
-            check_manifest(manifest, self.expected_shapes, optional=("lm_head.weight",))
-        else:
-            received: dict[str, Any] = {}
-            for blob in blobs:
-                received.update(unpack(blob))
-            check_weights(received, self.expected_shapes, optional=("lm_head.weight",))
-            del received
+        check_weights(received, self.expected_shapes, optional=("lm_head.weight",))
+        del received
         self.llm.collective_rpc("ttrl_load_weights", args=(blobs,))
         self.llm.reset_prefix_cache()
         self.weights_version = version
         return {"load_s": time.perf_counter() - t0, "bytes": float(sum(len(b) for b in blobs))}
+
+    def load_flat_weights(self, refs: list, version: int, plan_wire: list[dict]) -> dict[str, float]:
+        """Load a full set of weights from the trainer's flat buckets (object refs); reset the prefix cache.
+
+        The plan (names, dtypes, shapes, offsets) is checked first, so a bad
+        name never reaches vLLM; the buckets are read in place in the object
+        store (no copy) and copied once, into the model. The sender checked
+        finiteness after its cast.
+        """
+        import ray
+
+        from ttrl.rollout.nccl_sync import check_plan, plan_from_wire
+
+        t0 = time.perf_counter()
+        check_plan(plan_from_wire(plan_wire), self.expected_shapes, self.args.dtype, optional=("lm_head.weight",))
+        arrays = ray.get(list(refs))
+        self.llm.collective_rpc("ttrl_load_flat_weights", args=(arrays, plan_wire))
+        nbytes = float(sum(a.nbytes for a in arrays))
+        del arrays  # the store may free the buckets once the sender drops its refs
+        self.llm.reset_prefix_cache()
+        self.weights_version = version
+        return {"load_s": time.perf_counter() - t0, "bytes": nbytes}
 
     # ── weights, GPU path (NCCL) ──────────────────────────────────────────
     def device_uuids(self) -> list[str]:

@@ -391,27 +391,50 @@ class PolicyWorker(_DSWorker):
             yield name, t
 
     def push_weights(self, engines: list, version: int, dtype: str, bucket_mb: int = 256) -> dict[str, float]:
-        """Gather the policy and load it into every rollout engine (rank 0 sends)."""
+        """Gather the policy and load it into every rollout engine (rank 0 sends).
+
+        The Ray path: rank 0 packs the weights, cast to the engines' `dtype`,
+        into flat buckets (the NCCL path's plan) and puts each in the object
+        store once; every engine reads them there in place. A dead or stalled
+        engine -> EngineSyncError (the driver restarts and re-syncs).
+        """
         import ray
 
-        from ttrl.rollout.weights import iter_checked_buckets
+        from ttrl.rollout.nccl_sync import (
+            iter_flat_buckets,
+            param_specs,
+            plan_buckets,
+            plan_to_wire,
+            to_dtype,
+        )
 
         t0 = time.perf_counter()
-        td = {"float32": None, "bfloat16": __import__("torch").bfloat16, "float16": __import__("torch").float16}
-        named = ((n, t) for n, t in self._full_named_params(dtype=td.get(dtype)) if t is not None)
+        wire = to_dtype(dtype)
+        on_cpu = next(self.engine.module.parameters()).device.type == "cpu"
+        # On CPU the packing casts (one copy); from a GPU cast there, then copy the smaller tensor out.
+        named = ((n, t) for n, t in self._full_named_params(dtype=None if on_cpu else wire) if t is not None)
         if self.rank != 0:
             for _ in named:  # take part in every gather
                 pass
             return {}
-        refs, manifest = [], []
-        for blob, names in iter_checked_buckets(named, bucket_mb << 20):  # refuses NaN/inf here, not per engine
-            refs.append(ray.put(blob))
-            manifest.append(names)
-            del blob
+        key = (dtype, bucket_mb)
+        if getattr(self, "_ray_plan_key", None) != key:  # names and full shapes do not change during a run
+            self._ray_plan = plan_buckets(param_specs(self.engine.module.named_parameters(), wire), bucket_mb << 20)
+            self._ray_plan_wire, self._ray_plan_key = plan_to_wire(self._ray_plan), key
+        refs = []
+        try:
+            for arr in iter_flat_buckets(self._ray_plan, named):  # refuses NaN/inf here, not per engine
+                refs.append(ray.put(arr))
+                del arr
+        except BaseException:
+            for _ in named:  # finish every gather: the other ranks wait in them
+                pass
+            raise
         gather_s = time.perf_counter() - t0
         # One copy in the object store, read by every engine: the refs travel
         # inside a list, so Ray passes them as refs, not as the bytes.
-        results = _engines_get([e.load_weights.remote(refs, version, manifest) for e in engines])
+        results = _engines_get([e.load_flat_weights.remote(refs, version, self._ray_plan_wire) for e in engines])
+        del refs
         total = time.perf_counter() - t0
         return {"gather_s": gather_s, "total_s": total, "bytes": results[0]["bytes"],
                 "engine_load_s": max(r["load_s"] for r in results)}
