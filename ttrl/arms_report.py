@@ -19,7 +19,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ttrl.compare import expand_run_dirs, load_run
+from ttrl.compare import expand_run_dirs, load_run, mean_std
+from ttrl.grid_report import maj_key_of
 from ttrl.metrics.logger import arm_name
 
 
@@ -36,9 +37,7 @@ def _rm_meta(run_dir: Path, cfg: dict) -> dict[str, Any] | None:
 def run_row(run: dict[str, Any]) -> dict[str, Any]:
     cfg, d = run["config"], Path(run["dir"])
     evals = [r for r in run["rows"] if r.get("eval/pass@1") is not None and "step" in r]
-    maj = sorted({k for r in evals for k in r if k.startswith("eval/maj@") and "stderr" not in k
-                  and k != "eval/maj@1"}, key=lambda k: int(k.split("@")[1]))
-    maj_key = maj[-1] if maj else None
+    maj_key = maj_key_of(evals)
     meta = _rm_meta(d, cfg) or {}
     rm_acc = meta.get("test_accuracy", meta.get("held_out_accuracy"))
     out = {"dir": str(d), "arm": arm_name(cfg), "seed": cfg.get("seed"),
@@ -56,15 +55,6 @@ def run_row(run: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _ms(xs: list[float]) -> str:
-    xs = [x for x in xs if not math.isnan(x)]
-    if not xs:
-        return "–"
-    if len(xs) == 1:
-        return f"{xs[0]:.3f}"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
-
-
 def summarize(table: list[dict]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for arm in dict.fromkeys(r["arm"] for r in table):
@@ -72,13 +62,13 @@ def summarize(table: list[dict]) -> dict[str, dict[str, Any]]:
         scored = [r for r in rs if r["finished"] and not math.isnan(r["gain"])]
         worst = min(scored, key=lambda r: r["gain"]) if scored else None
         out[arm] = {"runs": len(rs), "seeds": sorted(str(r["seed"]) for r in rs),
-                    "pass1_before": _ms([r["pass1_before"] for r in rs]),
-                    "pass1_after": _ms([r["pass1_after"] for r in rs]),
+                    "pass1_before": mean_std([r["pass1_before"] for r in rs]),
+                    "pass1_after": mean_std([r["pass1_after"] for r in rs]),
                     "median_gain": statistics.median([r["gain"] for r in scored]) if scored else math.nan,
                     "worst_gain": worst["gain"] if worst else math.nan,
                     "worst_run": worst["dir"] if worst else None,
-                    "maj_after": _ms([r["maj_after"] for r in rs]),
-                    "rm_accuracy": _ms([r["rm_accuracy"] for r in rs]),
+                    "maj_after": mean_std([r["maj_after"] for r in rs]),
+                    "rm_accuracy": mean_std([r["rm_accuracy"] for r in rs]),
                     "guard_fired": sum(r["collapse"] for r in rs),
                     "unfinished": sum(not r["finished"] for r in rs)}
     return out

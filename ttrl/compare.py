@@ -168,7 +168,7 @@ def markdown_table(labels: list[str], summaries: list[dict], dirs: list[Path]) -
     return "\n".join(lines) + "\n"
 
 
-def _mean_std(xs: list[float]) -> str:
+def mean_std(xs: list[float]) -> str:
     xs = [x for x in xs if not math.isnan(x)]
     if not xs:
         return "–"
@@ -192,7 +192,7 @@ def seed_table(configs: list[dict], summaries: list[dict]) -> str | None:
     lines = ["| runs | seeds | " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for lab, ix in groups.items():
         seeds = ",".join(str(_flatten(configs[i]).get("seed")) for i in ix)
-        vals = [_mean_std([summaries[i][k][0] for i in ix]) for _, k in cols]
+        vals = [mean_std([summaries[i][k][0] for i in ix]) for _, k in cols]
         lines.append(f"| {lab} | {seeds} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 

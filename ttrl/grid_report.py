@@ -31,7 +31,7 @@ def _evals(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("eval/pass@1") is not None]
 
 
-def _maj_key(rows: list[dict]) -> str | None:
+def maj_key_of(rows: list[dict]) -> str | None:
     keys = {k for r in rows for k in r if k.startswith("eval/maj@") and "stderr" not in k and k != "eval/maj@1"}
     return max(keys, key=lambda k: int(k.split("@")[1])) if keys else None
 
@@ -48,7 +48,7 @@ def run_row(run: dict[str, Any], replay_guard: bool = False) -> dict[str, Any]:
     cfg, rows = run["config"], [r for r in run["rows"] if "step" in r]
     model = cfg.get("model", {})
     tiny, ws = model.get("tiny", {}) or {}, model.get("warmstart", {}) or {}
-    evals, maj = _evals(rows), _maj_key(rows)
+    evals, maj = _evals(rows), maj_key_of(rows)
     steps = [r for r in rows if r["step"] > 0 and r.get("label/accuracy") is not None]
     k = max(1, min(5, len(steps) // 4))
     fired = [r for r in rows if r.get("safety/collapse_step") is not None]

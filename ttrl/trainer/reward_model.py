@@ -92,7 +92,7 @@ def encode_one(tokenizer: Any, prompt: str, response: str, fmt: RMFormat) -> tup
     the response's first counts as response. Truncation (from the beginning,
     as `encode`) moves the start with it.
     """
-    ids = encode(tokenizer, [fmt.text(prompt, response)], RMFormat(**{**asdict(fmt), "max_length": 1 << 30}))[0]
+    ids = _raw_ids(tokenizer, fmt.text(prompt, response), fmt.append_eos)
     before = fmt.template.split("{a}", 1)[0].replace("{q}", prompt)
     pre = tokenizer(before, add_special_tokens=True)["input_ids"]
     start = 0
@@ -104,14 +104,14 @@ def encode_one(tokenizer: Any, prompt: str, response: str, fmt: RMFormat) -> tup
 
 def encode(tokenizer: Any, texts: list[str], fmt: RMFormat) -> list[list[int]]:
     """Token ids of each text; too long ones lose their beginning (the answer is at the end)."""
-    out = []
+    return [_raw_ids(tokenizer, t, fmt.append_eos)[-fmt.max_length:] for t in texts]
+
+
+def _raw_ids(tokenizer: Any, text: str, append_eos: bool) -> list[int]:
+    """One text's ids, special tokens and (with `append_eos`) the EOS included, not truncated."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     eos = tokenizer.eos_token_id
-    for t in texts:
-        ids = tokenizer(t, add_special_tokens=True)["input_ids"]
-        if fmt.append_eos and eos is not None:
-            ids = ids + [eos]
-        out.append(ids[-fmt.max_length:])
-    return out
+    return ids + [eos] if append_eos and eos is not None else ids
 
 
 def pack_sequences(seqs: list[list[int]], pad_id: int, width: int | None = None,
