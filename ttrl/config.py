@@ -630,6 +630,10 @@ class TrainerConfig:
     # null = the whole step's batch is one mini-batch.
     mini_batch_size: Optional[int] = None
     micro_batch_size: int = 4  # samples per forward/backward, per rank
+    # Samples per no-grad forward (old/reference log-probs, token stats), per
+    # rank; null = micro_batch_size. Under ZeRO-3 every forward gathers all
+    # parameters, so a larger one means fewer gathers, for more activation memory.
+    logprob_micro_batch_size: Optional[int] = None
     offload: bool = False
     gradient_checkpointing: bool = False
     dtype: str = "auto"
@@ -645,6 +649,7 @@ _LR_SCHEDULES = ("cosine", "constant", "linear")
 @_rules(TrainerConfig)
 def _check_trainer(s: Section) -> None:
     s.at_least(1, "total_steps", "episodes", "keep_last", "num_workers", "mini_batch_size", "micro_batch_size",
+               "logprob_micro_batch_size",
                "max_skipped_steps")
     s.at_least(0, "save_every", why="0 saves only at the end")
     s.require(s.resume.strip() != "",

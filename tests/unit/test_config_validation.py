@@ -117,6 +117,7 @@ BAD: dict[str, Any] = {
     "rollout.max_restarts": -1,
     "rollout.weight_sync": "gloo",
     "rollout.sync_bucket_mb": 0,
+    "rollout.sync_timeout_s": 0,
     # label
     "label.extractor": "no_such_extractor",
     "label.custom_extractor": "no_module_path",
@@ -168,6 +169,7 @@ BAD: dict[str, Any] = {
     "trainer.grad_clip": -1.0,
     "trainer.mini_batch_size": 0,
     "trainer.micro_batch_size": 0,
+    "trainer.logprob_micro_batch_size": 0,
     "trainer.dtype": "fp8",
     "trainer.max_skipped_steps": 0,
     # eval

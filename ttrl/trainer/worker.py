@@ -181,19 +181,21 @@ class _DSWorker:
         dev = "cpu" if self.device == "cpu" else "cuda"
         return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
 
-    def _micro_batches(self, batch: dict) -> Iterator[tuple[Any, dict]]:
+    def _micro_batches(self, batch: dict, no_grad: bool = False) -> Iterator[tuple[Any, dict]]:
         """(rows, micro-batch) pairs, longest responses first, each cut to its own lengths.
 
         Rows of similar length share a micro-batch, so little compute goes to
         padding (responses of one step differ a lot in length). Every row is
         in exactly one micro-batch and their number is unchanged, so sums over
         them (losses with a global normaliser, gradient accumulation) are too.
+        `no_grad` passes take `logprob_micro_batch_size` rows at a time.
         """
         import torch
 
         from ttrl.trainer.batch import batch_size, select, trim_padding
 
-        mb = self.spec["micro_batch_size"]
+        mb = self.spec.get("logprob_micro_batch_size") if no_grad else None
+        mb = mb or self.spec["micro_batch_size"]
         B = batch_size(batch)
         order = torch.argsort(batch["response_mask"].sum(1), descending=True, stable=True)
         for i in range(0, B, mb):
@@ -267,7 +269,7 @@ class PolicyWorker(_DSWorker):
             self.engine.eval()
         parts = []
         with torch.no_grad():
-            for rows, mb in self._micro_batches(batch):
+            for rows, mb in self._micro_batches(batch, no_grad=True):
                 logp, _ = self._logp(model, self._to_dev(mb), temperature)
                 parts.append((rows, logp))
         return self._scatter_rows(parts, batch)
@@ -289,7 +291,7 @@ class PolicyWorker(_DSWorker):
         self.engine.eval()
         ent_parts, sc_parts = [], []
         with torch.no_grad():
-            for rows, mb in self._micro_batches(batch):
+            for rows, mb in self._micro_batches(batch, no_grad=True):
                 mb = self._to_dev(mb)
                 out = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
                                   position_ids=mb["position_ids"], use_cache=False)
@@ -394,14 +396,14 @@ class PolicyWorker(_DSWorker):
         """Gather the policy and load it into every rollout engine (rank 0 sends).
 
         The Ray path: rank 0 packs the weights, cast to the engines' `dtype`,
-        into flat buckets (the NCCL path's plan) and puts each in the object
+        into buckets (the NCCL path's plan) and puts each in the object
         store once; every engine reads them there in place. A dead or stalled
         engine -> EngineSyncError (the driver restarts and re-syncs).
         """
         import ray
 
         from ttrl.rollout.nccl_sync import (
-            iter_flat_buckets,
+            iter_store_buckets,
             param_specs,
             plan_buckets,
             plan_to_wire,
@@ -423,7 +425,7 @@ class PolicyWorker(_DSWorker):
             self._ray_plan_wire, self._ray_plan_key = plan_to_wire(self._ray_plan), key
         refs = []
         try:
-            for arr in iter_flat_buckets(self._ray_plan, named):  # refuses NaN/inf here, not per engine
+            for arr in iter_store_buckets(self._ray_plan, named):  # refuses NaN/inf here, not per engine
                 refs.append(ray.put(arr))
                 del arr
         except BaseException:
@@ -433,7 +435,7 @@ class PolicyWorker(_DSWorker):
         gather_s = time.perf_counter() - t0
         # One copy in the object store, read by every engine: the refs travel
         # inside a list, so Ray passes them as refs, not as the bytes.
-        results = _engines_get([e.load_flat_weights.remote(refs, version, self._ray_plan_wire) for e in engines])
+        results = _engines_get([e.load_store_weights.remote(refs, version, self._ray_plan_wire) for e in engines])
         del refs
         total = time.perf_counter() - t0
         return {"gather_s": gather_s, "total_s": total, "bytes": results[0]["bytes"],
@@ -624,7 +626,7 @@ class CriticWorker(_DSWorker):
         self.engine.eval()
         parts = []
         with torch.no_grad():
-            for rows, mb in self._micro_batches(batch):
+            for rows, mb in self._micro_batches(batch, no_grad=True):
                 parts.append((rows, self._values(self._to_dev(mb))))
         return self._scatter_rows(parts, batch)
 

@@ -139,6 +139,13 @@ def test_trimmed_micro_batches_give_the_same_log_probs():
     assert sorted(int(i) for rows, _ in parts for i in rows) == list(range(10))
     assert max(mb.shape[1] for _, mb in parts) <= whole.shape[1]
     assert torch.allclose(got[mask], whole[mask], atol=1e-5)
+    # No-grad passes take trainer.logprob_micro_batch_size rows at a time (fewer ZeRO-3 gathers),
+    # compute_logprobs included; the same log-probs come out.
+    probe = Probe()
+    probe.spec["logprob_micro_batch_size"] = 8
+    assert [len(rows) for rows, _ in probe._micro_batches(batch, no_grad=True)] == [8, 2]
+    assert [len(rows) for rows, _ in probe._micro_batches(batch)] == [3, 3, 3, 1]
+    assert torch.allclose(probe.compute_logprobs(batch, 0.7)[mask], whole[mask], atol=1e-5)
 
 
 def test_cpu_engines_get_the_cores_the_trainer_leaves():
