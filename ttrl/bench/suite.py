@@ -197,6 +197,119 @@ def memcpy_bytes_per_s(nbytes: int, repeats: int = 5) -> float:
     return nbytes / dt
 
 
+class StorePeak:
+    """Samples the Ray object store's bytes in use (every alive node, summed) in a thread; keeps the peak.
+
+    Through each raylet's GetNodeStats (what `ray memory` reads), without the
+    per-object listing. `peak - base` is what the work inside the block
+    added, `base` being the use when it was made.
+    """
+
+    def __init__(self, every_s: float = 0.01):
+        import ray
+        from ray._private.grpc_utils import init_grpc_channel
+        from ray.core.generated import node_manager_pb2, node_manager_pb2_grpc
+
+        self._req = node_manager_pb2.GetNodeStatsRequest(include_memory_info=False)
+        self._stubs = [node_manager_pb2_grpc.NodeManagerServiceStub(
+            init_grpc_channel(f"{n['NodeManagerAddress']}:{n['NodeManagerPort']}"))
+            for n in ray.nodes() if n["Alive"]]
+        self.every_s = every_s
+        self.base = self.used()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def used(self) -> int:
+        return sum(int(s.GetNodeStats(self._req, timeout=10).store_stats.object_store_bytes_used)
+                   for s in self._stubs)
+
+    def wait_for_base(self, timeout_s: float = 30.0) -> int:
+        """Wait until what work since construction put in the store is freed (Ray frees asynchronously)."""
+        t_end = time.monotonic() + timeout_s
+        while (now := self.used()) > self.base and time.monotonic() < t_end:
+            time.sleep(0.1)
+        return now
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.used())
+            except Exception:  # noqa: BLE001 - a missed sample only lowers the resolution
+                pass
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> StorePeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def added(self) -> int:
+        return self.peak - self.base
+
+
+# Layers of the sync_large model: hidden 1024, 16 heads of 64, MLP 4096,
+# 16.8M parameters (67.1 MB in fp32) a layer.
+LARGE_LAYER_BYTES = 4 * (4 * 1024 * 1024 + 3 * 1024 + 3 * 1024 * 4096 + 2 * 1024)
+
+
+def sync_large_overrides(mib: int) -> list[str]:
+    """A tiny-architecture model of at least `mib` MiB in fp32, 2 engines, 1 trainer rank, no reference."""
+    layers = max(1, -(-(mib << 20) // LARGE_LAYER_BYTES))
+    return ["experiment=debug", "algorithm=grpo", "algorithm.kl_coef=0", "model.dtype=float32",
+            "model.tiny.hidden_size=1024", "model.tiny.num_heads=16", "model.tiny.head_dim=64",
+            "model.tiny.intermediate_size=4096", f"model.tiny.num_layers={layers}", "model.max_model_len=128",
+            "rollout.num_engines=2", "rollout.cpu_kv_cache_gb=1", "trainer.num_workers=1",
+            "trainer.zero_stage=2", "logger.progress=false"]
+
+
+def bench_sync_large(mib: int, repeats: int = 3) -> dict[str, float]:
+    """Sync a >= `mib` MiB fp32 model from the trainer into 2 engines through the Ray path, timed.
+
+    `sync_large_vs_memcpy`: model bytes per second of sync over a plain
+    in-memory copy's bytes per second (goal >= 0.3); `sync_large_store_ratio`:
+    the object store's peak growth during the syncs over the model's bytes
+    (goal <= 1.2: one copy in the store, none per engine).
+    """
+    from ttrl.cli import compose
+    from ttrl.parts import build_parts
+    from ttrl.rollout.weights import checkpoint_shapes
+
+    cfg = compose(sync_large_overrides(mib))
+    setup = build_parts(cfg)
+    model_bytes = 4 * sum(math.prod(s) for s in checkpoint_shapes(setup.model_path).values())
+    rt = setup.start_runtime(total_opt_steps=10)
+    try:
+        store = StorePeak()
+        rt.sync_weights()  # warm-up: the plan, the first puts, the engines' first reload
+        times, res = [], {}
+        with store:
+            for _ in range(repeats):
+                # The last sync's buckets freed first (Ray frees asynchronously), as the
+                # rollout and the update between two syncs of a run would leave them.
+                store.wait_for_base()
+                t0 = time.perf_counter()
+                res = rt.sync_weights()
+                times.append(time.perf_counter() - t0)
+        secs = statistics.median(times)
+        nbytes = float(res["bytes"])
+        memcpy = memcpy_bytes_per_s(int(nbytes), repeats=3)
+        return {"sync_large.model_bytes": float(model_bytes), "sync_large.bytes": nbytes,
+                "sync_large.seconds": secs, "sync_large.engines": float(len(rt.engines)),
+                "sync_large.gather_s": float(res.get("gather_s", float("nan"))),
+                "sync_large.engine_load_s": float(res.get("engine_load_s", float("nan"))),
+                "sync_large.memcpy_gbps": memcpy / 1e9, "sync_large.gbps": model_bytes / secs / 1e9,
+                "sync_large.store_peak_bytes": float(store.added),
+                "sync_large_vs_memcpy": (model_bytes / secs) / memcpy,
+                "sync_large_store_ratio": store.added / model_bytes}
+    finally:
+        setup.close()
+
+
 # ── 5. scaling fit ───────────────────────────────────────────────────────
 def loglog_slope(xs: list[float], ys: list[float]) -> float:
     """Least-squares slope of log(y) on log(x): 1.0 means linear growth."""

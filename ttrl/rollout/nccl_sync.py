@@ -9,8 +9,8 @@ per bucket, (name, dtype, shape, offset) of every tensor — reaches the
 engines ahead of the bytes (over Ray, as plain lists), so both sides cut the
 stream identically and the receiver never has to guess.
 
-The Ray path carries the same plan and flat buckets, as numpy arrays in the
-object store (`iter_flat_buckets`, `flat_named`): one copy in, none out.
+The Ray path uses the same plan, each tensor's bytes a numpy array in the
+object store (`iter_store_buckets`, `store_named`): one copy in, none out.
 
 Here: the plan (pure), pack/unpack (pure torch), the send and receive loops
 (generic over a `broadcast(buf)` callable, so `ttrl.bench.nccl_sync_check`
@@ -250,57 +250,75 @@ def unpack_bucket(buf: torch.Tensor, bucket: Bucket) -> list[tuple[str, torch.Te
     return [(s.name, slot_view(buf, s)) for s in bucket.slots]
 
 
-# ── the Ray path's flat buckets (the same plan, in the object store) ──────
-def iter_flat_buckets(plan: Sequence[Bucket], named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[Any]:
-    """Pack `named` (in plan order) into one flat uint8 numpy array per bucket, cast to the wire dtype.
+# ── the Ray path: the same plan, each tensor's bytes in the object store ──
+def _raw(t: torch.Tensor) -> Any:
+    """A tensor's bytes as a uint8 numpy array, without a copy (numpy has no bfloat16; bytes do)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
 
-    For the Ray path: a numpy array goes into the object store with one copy
-    and every engine on the node reads it there without one (a `bytes` blob
-    would be copied out again by each engine, then unpacked once more).
-    Refuses a NaN/inf value, checked after the cast (an fp32 -> fp16
-    overflow shows too), before the bucket leaves the sender.
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in `t`: a sum (one read, no temporary) is finite unless one is, or it overflowed.
+
+    Only a non-finite sum pays for the exact elementwise check.
     """
-    import numpy as np
+    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
 
+
+def iter_store_buckets(plan: Sequence[Bucket], named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[list[Any]]:
+    """Per bucket of the plan, the raw bytes of each of its tensors (cast to the wire dtype) as numpy arrays.
+
+    For the Ray path: `ray.put` of such a list copies each array into the
+    object store once, straight from the tensor (no packing copy first), and
+    every engine on the node reads them there without a copy (a `bytes` blob
+    would be copied out again by each engine, then unpacked once more). A
+    tensor already in the wire dtype and contiguous is not copied here at all.
+    Refuses a NaN/inf value, checked after the cast (an fp32 -> fp16 overflow
+    shows too), before the bucket leaves the sender.
+    """
     it = iter(named)
     for bucket in plan:
-        arr = np.empty(bucket.nbytes, dtype=np.uint8)
-        buf = torch.from_numpy(arr)
+        arrays = []
         for s in bucket.slots:
             name, t = next(it, (None, None))
             if name != s.name or t is None:
                 raise ValueError(f"weight sync: the trainer yielded {name!r} where the plan has {s.name!r}")
-            pack_into(buf, s, t)
-            view = slot_view(buf, s)
-            if view.is_floating_point() and not bool(torch.isfinite(view).all()):
+            if tuple(t.shape) != s.shape:
+                raise ValueError(f"weight sync: {s.name} has shape {tuple(t.shape)}, the plan says {s.shape}")
+            t = t.detach().to("cpu", _DTYPES[s.dtype]).contiguous()
+            if t.is_floating_point() and not _all_finite(t):
                 raise ValueError(f"weight sync: {s.name} holds NaN or inf (as {s.dtype}); "
                                  "refusing to send it to the engines")
-        del buf
-        yield arr
+            arrays.append(_raw(t))
+        yield arrays
     extra = next(it, None)
     if extra is not None:
         raise ValueError(f"weight sync: the trainer yielded {extra[0]!r}, which is not in the plan")
 
 
-def flat_named(arrays: Sequence[Any], plan: Sequence[Bucket]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, view) of every tensor in the flat buckets, without a copy; the views only read them.
+def store_named(buckets: Sequence[Sequence[Any]], plan: Sequence[Bucket]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor in `iter_store_buckets`' output, as views of the arrays (no copy).
 
-    `arrays`: numpy arrays straight from the object store (read-only) or bytes.
+    `buckets`: the lists of arrays straight from the object store (read-only;
+    the reload only copies out of them) or of bytes, as across a process boundary.
     """
     import warnings
 
     import numpy as np
 
-    if len(arrays) != len(plan):
-        raise ValueError(f"weight sync: {len(arrays)} buckets for a plan of {len(plan)}")
-    for arr, bucket in zip(arrays, plan, strict=True):
-        arr = arr if isinstance(arr, np.ndarray) else np.frombuffer(arr, dtype=np.uint8)
-        with warnings.catch_warnings():
-            # Read-only store memory: torch warns that writes would be undefined;
-            # the reload only copies out of these views.
-            warnings.simplefilter("ignore", UserWarning)
-            buf = torch.from_numpy(arr)
-        yield from unpack_bucket(buf, bucket)
+    if len(buckets) != len(plan):
+        raise ValueError(f"weight sync: {len(buckets)} buckets for a plan of {len(plan)}")
+    for arrays, bucket in zip(buckets, plan, strict=True):
+        if len(arrays) != len(bucket.slots):
+            raise ValueError(f"weight sync: {len(arrays)} tensors for a bucket of {len(bucket.slots)}")
+        for a, s in zip(arrays, bucket.slots, strict=True):
+            a = a if isinstance(a, np.ndarray) else np.frombuffer(a, dtype=np.uint8)
+            with warnings.catch_warnings():
+                # Read-only store memory: torch warns that writes would be undefined.
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.from_numpy(a)
+            t = raw.view(_DTYPES[s.dtype]).reshape(s.shape)
+            yield s.name, t
 
 
 # ── the loops (any communicator) ──────────────────────────────────────────

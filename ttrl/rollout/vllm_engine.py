@@ -135,7 +135,7 @@ class VLLMEngine:
         Served versions come this way (ttrl.serve.versions); `blobs` are bytes
         or object refs to them. They are unpacked and checked in full (names,
         shapes, finiteness) before vLLM sees them. The training loop's syncs
-        use `load_flat_weights`.
+        use `load_store_weights`.
         """
         import ray
 
@@ -153,8 +153,8 @@ class VLLMEngine:
         self.weights_version = version
         return {"load_s": time.perf_counter() - t0, "bytes": float(sum(len(b) for b in blobs))}
 
-    def load_flat_weights(self, refs: list, version: int, plan_wire: list[dict]) -> dict[str, float]:
-        """Load a full set of weights from the trainer's flat buckets (object refs); reset the prefix cache.
+    def load_store_weights(self, refs: list, version: int, plan_wire: list[dict]) -> dict[str, float]:
+        """Load a full set of weights from the trainer's buckets (object refs); reset the prefix cache.
 
         The plan (names, dtypes, shapes, offsets) is checked first, so a bad
         name never reaches vLLM; the buckets are read in place in the object
@@ -168,8 +168,8 @@ class VLLMEngine:
         t0 = time.perf_counter()
         check_plan(plan_from_wire(plan_wire), self.expected_shapes, self.args.dtype, optional=("lm_head.weight",))
         arrays = ray.get(list(refs))
-        self.llm.collective_rpc("ttrl_load_flat_weights", args=(arrays, plan_wire))
-        nbytes = float(sum(a.nbytes for a in arrays))
+        self.llm.collective_rpc("ttrl_load_store_weights", args=(arrays, plan_wire))
+        nbytes = float(sum(a.nbytes for bucket in arrays for a in bucket))
         del arrays  # the store may free the buckets once the sender drops its refs
         self.llm.reset_prefix_cache()
         self.weights_version = version

@@ -3,7 +3,7 @@
 vLLM instantiates its workers itself; this mixin adds the methods the
 rollout actor reaches through `llm.collective_rpc`. Two ways in:
 
-- Ray path: the trainer's flat buckets, read in place from the object store
+- Ray path: the trainer's weight buckets, read in place from the object store
   (or a served version's packed bytes), one whole-model `reload_weights` out.
 - GPU path: every worker (each TP rank of each engine) joins the trainer's
   NCCL weight group once, then each step receives the planned buckets by
@@ -40,16 +40,16 @@ class TTRLWorkerExtension:
         self.model_runner.reload_weights(weights_iterator=named())
         return len(blobs)
 
-    def ttrl_load_flat_weights(self, arrays: list, plan_wire: list[dict]) -> int:
-        """Load a full set of weights from flat buckets (`nccl_sync.iter_flat_buckets`) in place.
+    def ttrl_load_store_weights(self, buckets: list, plan_wire: list[dict]) -> int:
+        """Load a full set of weights from `nccl_sync.iter_store_buckets`'s buckets in place.
 
-        `arrays` alias the object store (read-only): the reload copies out of
+        `buckets` (lists of numpy arrays) alias the object store (read-only): the reload copies out of
         them into the model's own tensors and writes nothing back.
         """
-        from ttrl.rollout.nccl_sync import flat_named, plan_from_wire
+        from ttrl.rollout.nccl_sync import plan_from_wire, store_named
 
-        self.model_runner.reload_weights(weights_iterator=flat_named(arrays, plan_from_wire(plan_wire)))
-        return len(arrays)
+        self.model_runner.reload_weights(weights_iterator=store_named(buckets, plan_from_wire(plan_wire)))
+        return len(buckets)
 
     # ── GPU path: NCCL ────────────────────────────────────────────────────
     def ttrl_device_uuid(self) -> str:

@@ -2,7 +2,7 @@
 
 A served version travels to the engines as bytes (`torch.save` of a name ->
 tensor dict; raw tensors passed through vLLM's RPC arrived mangled, bytes do
-not). The training loop's syncs use the flat buckets of `nccl_sync` instead. A bad name or shape must be caught here,
+not). The training loop's syncs use `nccl_sync.iter_store_buckets` instead. A bad name or shape must be caught here,
 before vLLM sees it: a failed in-place reload leaves meta tensors behind and
 kills the engine. No vLLM import here, so the trainer side can use it too.
 """
