@@ -197,7 +197,32 @@ def memcpy_bytes_per_s(nbytes: int, repeats: int = 5) -> float:
     return nbytes / dt
 
 
-class StorePeak:
+class _Sampler:
+    """Calls `sample()` every `every_s` in a thread while the `with` block runs."""
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.every_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class StorePeak(_Sampler):
     """Samples the Ray object store's bytes in use (every alive node, summed) in a thread; keeps the peak.
 
     Through each raylet's GetNodeStats (what `ray memory` reads), without the
@@ -214,11 +239,9 @@ class StorePeak:
         self._stubs = [node_manager_pb2_grpc.NodeManagerServiceStub(
             init_grpc_channel(f"{n['NodeManagerAddress']}:{n['NodeManagerPort']}"))
             for n in ray.nodes() if n["Alive"]]
-        self.every_s = every_s
+        super().__init__(every_s)
         self.base = self.used()
         self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def used(self) -> int:
         return sum(int(s.GetNodeStats(self._req, timeout=10).store_stats.object_store_bytes_used)
@@ -231,21 +254,11 @@ class StorePeak:
             time.sleep(0.1)
         return now
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, self.used())
-            except Exception:  # noqa: BLE001 - a missed sample only lowers the resolution
-                pass
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> StorePeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        try:
+            self.peak = max(self.peak, self.used())
+        except Exception:  # noqa: BLE001 - a missed sample only lowers the resolution
+            pass
 
     @property
     def added(self) -> int:
@@ -320,34 +333,22 @@ def loglog_slope(xs: list[float], ys: list[float]) -> float:
 
 
 # ── 6. memory ────────────────────────────────────────────────────────────
-class PeakRSS:
+class PeakRSS(_Sampler):
     """Samples the resident memory of some PIDs in a thread; keeps each one's peak."""
 
     def __init__(self, pids: dict[str, int], every_s: float = 0.2):
         import psutil
 
+        super().__init__(every_s)
         self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
         self.peak = {name: 0 for name in pids}
-        self.every_s = every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for name, p in self.procs.items():
-                try:
-                    self.peak[name] = max(self.peak[name], p.memory_info().rss)
-                except Exception:  # noqa: BLE001 - a process that ended keeps its last peak
-                    pass
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        for name, p in self.procs.items():
+            try:
+                self.peak[name] = max(self.peak[name], p.memory_info().rss)
+            except Exception:  # noqa: BLE001 - a process that ended keeps its last peak
+                pass
 
     def mib(self) -> dict[str, float]:
         return {f"memory.peak_rss_mib.{k}": v / 2**20 for k, v in self.peak.items()}
