@@ -204,9 +204,9 @@ def _driver(address: str, out: Path) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(2.0)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 240
     while not ray.cluster_resources().get("node2"):
-        assert time.monotonic() < deadline, "node 2 did not join within 90 s"
+        assert time.monotonic() < deadline, "node 2 did not join within 240 s (a loaded 2-core box has taken over 90)"
         time.sleep(0.5)
     res["nodes"] = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
     say(f"connected, nodes {sorted(res['nodes'].values())}")
