@@ -94,7 +94,7 @@ class Runtime:
         grad_accum = self.mini // W // t.micro_batch_size
         spec = dict(device=self.device, dtype=self.dtype, seed=cfg.seed, zero_stage=t.zero_stage,
                     micro_batch_size=t.micro_batch_size, grad_accum=grad_accum, betas=list(t.betas),
-                    logprob_micro_batch_size=t.logprob_micro_batch_size or t.micro_batch_size,
+                    logprob_micro_batch_size=t.logprob_micro_batch_size,  # null: the worker uses micro_batch_size
                     weight_decay=t.weight_decay, grad_clip=t.grad_clip, offload=t.offload, lr=t.lr,
                     critic_lr=a.critic_lr, lr_schedule=t.lr_schedule,
                     warmup_steps=t.warmup_steps or round((t.warmup_ratio or 0.0) * total_opt_steps),

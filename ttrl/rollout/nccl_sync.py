@@ -250,6 +250,30 @@ def unpack_bucket(buf: torch.Tensor, bucket: Bucket) -> list[tuple[str, torch.Te
     return [(s.name, slot_view(buf, s)) for s in bucket.slots]
 
 
+def _in_plan_order(plan: Sequence[Bucket],
+                   named: Iterable[tuple[str, torch.Tensor | None]]) -> Iterator[tuple[Slot, torch.Tensor]]:
+    """Each slot of the plan, in order, with its tensor from `named`.
+
+    Refuses a tensor out of order, a missing one, and (once the plan's last
+    slot has been taken, on the next call) one the plan does not have.
+    """
+    it = iter(named)
+    for bucket in plan:
+        for s in bucket.slots:
+            try:
+                name, t = next(it)
+            except StopIteration:
+                raise ValueError(f"weight sync: the trainer ran out of tensors at {s.name}; "
+                                 "the plan and the parameters disagree") from None
+            if name != s.name or t is None:
+                raise ValueError(f"weight sync: the trainer yielded {name!r} where the plan has {s.name!r}")
+            yield s, t
+            del t  # before the next tensor is asked for: the caller may free each layer behind it
+    extra = next(it, None)
+    if extra is not None:
+        raise ValueError(f"weight sync: the trainer yielded {extra[0]!r}, which is not in the plan")
+
+
 # ── the Ray path: the same plan, each tensor's bytes in the object store ──
 def _raw(t: torch.Tensor) -> Any:
     """A tensor's bytes as a uint8 numpy array, without a copy (numpy has no bfloat16; bytes do)."""
@@ -276,13 +300,11 @@ def iter_store_buckets(plan: Sequence[Bucket], named: Iterable[tuple[str, torch.
     Refuses a NaN/inf value, checked after the cast (an fp32 -> fp16 overflow
     shows too), before the bucket leaves the sender.
     """
-    it = iter(named)
+    slots = _in_plan_order(plan, named)
     for bucket in plan:
         arrays = []
-        for s in bucket.slots:
-            name, t = next(it, (None, None))
-            if name != s.name or t is None:
-                raise ValueError(f"weight sync: the trainer yielded {name!r} where the plan has {s.name!r}")
+        for _ in bucket.slots:
+            s, t = next(slots)
             if tuple(t.shape) != s.shape:
                 raise ValueError(f"weight sync: {s.name} has shape {tuple(t.shape)}, the plan says {s.shape}")
             t = t.detach().to("cpu", _DTYPES[s.dtype]).contiguous()
@@ -291,9 +313,7 @@ def iter_store_buckets(plan: Sequence[Bucket], named: Iterable[tuple[str, torch.
                                  "refusing to send it to the engines")
             arrays.append(_raw(t))
         yield arrays
-    extra = next(it, None)
-    if extra is not None:
-        raise ValueError(f"weight sync: the trainer yielded {extra[0]!r}, which is not in the plan")
+    next(slots, None)  # refuses a tensor the plan does not have
 
 
 def store_named(buckets: Sequence[Sequence[Any]], plan: Sequence[Bucket]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -398,7 +418,7 @@ def send_buckets(plan: Sequence[Bucket], named: Iterable[tuple[str, torch.Tensor
     if cuda and comm_stream is None:
         comm_stream = torch.cuda.Stream(device=device)
     current = torch.cuda.current_stream(device) if cuda else None
-    it = iter(named)
+    slots = _in_plan_order(plan, named)
     pending: deque = deque()  # CUDA events of broadcasts still running
     flags: list[torch.Tensor] = []  # per float tensor: all finite, on device (no sync)
     flag_names: list[str] = []
@@ -409,14 +429,8 @@ def send_buckets(plan: Sequence[Bucket], named: Iterable[tuple[str, torch.Tensor
         if cuda and len(pending) >= max_in_flight:
             _wait(pending.popleft(), poll, deadline, timeout_s)  # bound memory: a buffer per broadcast in flight
         buf = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
-        for s in bucket.slots:
-            try:
-                name, t = next(it)
-            except StopIteration:
-                raise ValueError(f"weight sync: the trainer ran out of tensors at {s.name}; "
-                                 "the plan and the parameters disagree") from None
-            if name != s.name or t is None:
-                raise ValueError(f"weight sync: the trainer yielded {name!r} where the plan has {s.name!r}")
+        for _ in bucket.slots:
+            s, t = next(slots)
             pack_into(buf, s, t)
             del t
             view = slot_view(buf, s)
@@ -441,9 +455,7 @@ def send_buckets(plan: Sequence[Bucket], named: Iterable[tuple[str, torch.Tensor
         stats.bytes += bucket.nbytes
         stats.buckets += 1
         del buf
-    extra = next(it, None)
-    if extra is not None:
-        raise ValueError(f"weight sync: the trainer yielded {extra[0]!r}, which is not in the plan")
+    next(slots, None)  # refuses a tensor the plan does not have
     if cuda:
         _wait(comm_stream, poll, deadline, timeout_s)
     if flags:
