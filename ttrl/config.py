@@ -394,9 +394,12 @@ class RolloutConfig:
     # Ray restarts a dead engine at most this many times over the whole run
     # (each restart is re-synced with the current weights).
     max_restarts: int = 2
-    # How new weights reach the engines: "ray" (packed bytes through the
-    # object store; works everywhere), "nccl" (broadcast from trainer rank 0's
-    # GPU; needs cluster.placement=split), "auto" (nccl where it can, else ray).
+    # How new weights reach the engines: "ray" (buckets through the object
+    # store; works everywhere), "nccl" (broadcast from trainer rank 0's GPU;
+    # needs cluster.placement=split), "ipc" (colocated: trainer rank i hands
+    # engine i each bucket by a CUDA IPC handle, or a shared-memory file on
+    # CPU; needs num_engines <= trainer.num_workers), "auto" (GPU: nccl when
+    # split, ipc when colocated and it can, else ray; CPU: ray).
     weight_sync: str = "auto"
     # Upper bound of one weight bucket (one NCCL broadcast / one Ray blob), MiB.
     sync_bucket_mb: int = 256
@@ -430,7 +433,7 @@ def _check_rollout(s: Section) -> None:
     s.at_least(1, "cpu_threads", why="null shares the CPUs out")
     s.at_least(0, "seed", "max_retries", "max_restarts")
     s.at_least(1, "tis_cap", why="it caps an importance weight")
-    s.one_of("weight_sync", ("auto", "ray", "nccl"))
+    s.one_of("weight_sync", ("auto", "ray", "nccl", "ipc"))
 
 
 # ── label ──────────────────────────────────────────────────────────────────
@@ -1107,6 +1110,9 @@ def _check_across(c: Any) -> None:
     require(r.weight_sync != "nccl" or (c.device != "cpu" and c.cluster.placement == "split"),
             "rollout.weight_sync=nccl needs a GPU run with cluster.placement=split: NCCL cannot put"
             " trainer rank 0 and an engine worker on the same GPU.")
+    require(r.weight_sync != "ipc" or (c.cluster.placement == "colocate" and r.num_engines <= t.num_workers),
+            f"rollout.weight_sync=ipc needs cluster.placement=colocate and rollout.num_engines={r.num_engines} <= "
+            f"trainer.num_workers={t.num_workers}: engine i takes its weights from trainer rank i on its device.")
     require(a.advantage != "rloo" or r.n_train >= 2,
             "algorithm.advantage=rloo needs rollout.n_train >= 2 (it subtracts the mean of the other samples).")
     # Multiple-choice answers are letters: another extractor reads none, so every vote would come out empty.

@@ -116,7 +116,8 @@ def test_collapse_guard_fires_rolls_back_to_the_start_then_stops_on_it(tmp_path)
     assert sorted({v["step"] for v in votes}) == [1, 2, 3, 4] and len(votes) == 4 * 4
 
 
-def test_killed_rollout_engine_is_restarted_and_resynced():
+@pytest.mark.parametrize("path", ["ray", "ipc"])
+def test_killed_rollout_engine_is_restarted_and_resynced(path):
     import random
 
     from tests.conftest import compose_config
@@ -124,10 +125,11 @@ def test_killed_rollout_engine_is_restarted_and_resynced():
     from ttrl.parts import build_parts
     from ttrl.step import StepContext, StepOptions, step
 
-    cfg = compose_config("experiment=debug", *FAKE)
+    cfg = compose_config("experiment=debug", *FAKE, f"rollout.weight_sync={path}")
     setup = build_parts(cfg)
     rt = Runtime(cfg, setup.model_path, total_opt_steps=4)
     try:
+        assert rt.weight_sync == path
         ctx = StepContext(rt, setup.reward, setup.tokenizer, StepOptions.from_config(cfg), random.Random(0))
         k = cfg.data.prompts_per_step
         step(ctx, setup.prompts[:k])

@@ -17,12 +17,15 @@ def _fp32_bytes(t) -> int:
     return 4 * (L * per_layer + 2 * 320 * h + h)
 
 
+@pytest.mark.parametrize("path", ["ray", "ipc"])
 @pytest.mark.parametrize("mib", [1, 64, 1024])
-def test_sync_large_model_has_at_least_the_asked_size_and_two_engines(mib):
-    cfg = compose_config(*sync_large_overrides(mib))
+def test_sync_large_model_has_at_least_the_asked_size_and_two_engines(mib, path):
+    cfg = compose_config(*sync_large_overrides(mib, path))
     t = cfg.model.tiny
     assert t.num_heads * t.head_dim == t.hidden_size
     assert _fp32_bytes(t) >= mib << 20
     assert _fp32_bytes(t) - 2 * 4 * 320 * t.hidden_size < (mib << 20) + LARGE_LAYER_BYTES  # no layer too many
-    assert cfg.rollout.num_engines == 2 and cfg.trainer.num_workers == 1
+    assert cfg.rollout.num_engines == 2
+    # The colocated path feeds engine i from rank i: one rank per engine there.
+    assert (cfg.trainer.num_workers, cfg.rollout.weight_sync) == ((1, "auto") if path == "ray" else (2, "ipc"))
     assert cfg.model.dtype == "float32" and cfg.algorithm.kl_coef == 0  # fp32 bytes; no reference model

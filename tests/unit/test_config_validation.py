@@ -347,6 +347,35 @@ def test_tensor_parallel_engines_are_refused_before_anything_starts():
         validate(compose_config("experiment=debug", "rollout.tensor_parallel_size=2"))
 
 
+@pytest.mark.parametrize("overrides, words", [
+    (["rollout.weight_sync=ipc", "rollout.num_engines=3"],
+     "rollout.weight_sync=ipc needs cluster.placement=colocate and rollout.num_engines=3 <= trainer.num_workers=2"),
+    (["rollout.weight_sync=ipc", "cluster.placement=split"], "rollout.weight_sync=ipc needs cluster.placement"),
+    (["rollout.weight_sync=nccl"], "rollout.weight_sync=nccl needs a GPU run"),
+])
+def test_a_weight_path_the_placement_cannot_carry_is_refused(overrides, words):
+    from tests.conftest import compose_config
+    from ttrl.config import ConfigError, validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config("experiment=debug", *overrides))
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize("asked, gpu, colocate, ranks, engines, path", [
+    ("auto", False, True, 2, 2, "ray"),    # CPU: the object store unless asked
+    ("ipc", False, True, 2, 2, "ipc"),     # ... the CPU stand-in of the colocated path when asked
+    ("auto", True, True, 2, 2, "ipc"),     # GPU, colocated: engine i fed by rank i
+    ("auto", True, True, 1, 2, "ray"),     # an engine with no rank beside it
+    ("auto", True, False, 2, 2, "nccl"),   # GPU, split
+    ("ray", True, True, 2, 2, "ray"),
+])
+def test_the_weight_path_each_placement_gets(asked, gpu, colocate, ranks, engines, path):
+    from ttrl.distributed.runtime import Runtime
+
+    assert Runtime._pick_weight_sync(asked, gpu, colocate, ranks, engines) == path
+
+
 def test_every_key_has_a_bad_value_or_a_reason():
     booleans = {k for k, hint in LEAVES.items() if _is_bool(hint)}
     uncovered = set(LEAVES) - set(BAD) - set(ANY_VALUE) - booleans

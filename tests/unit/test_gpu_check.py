@@ -26,10 +26,10 @@ def _rows(diff=0.01, loss=0.1):
 
 def test_the_table_gives_every_measure_a_verdict_and_fails_on_bad_parity_or_memory():
     lines = gpu_check.run_lines(_rows(), n_params=10**9, copy_rate=4e12, matmul_rate=1e15,
-                                peak=[50 * 2**30], total=[80 * 2**30])
+                                peak=[50 * 2**30], total=[80 * 2**30], weight_path="ipc")
     by = {x.measure: x for x in lines}
     assert by["engine/trainer log-prob parity"].verdict == "ok"
-    assert "2.00 GB/s (0.1% of the device copy 4000 GB/s)" in by["weight sync"].value
+    assert "2.00 GB/s via ipc (0.1% of the device copy 4000 GB/s)" in by["weight sync"].value
     assert by["trainer MFU"].value.startswith("6.0%")  # 6 * 1e9 params * 1e4 tokens / 1 s / 1e15 FLOP/s
     assert by["peak memory, GPU 0"].verdict == "ok"
     bad = gpu_check.run_lines(_rows(diff=0.3, loss=float("nan")), 10**9, 4e12, 1e15, [79 * 2**30], [80 * 2**30])

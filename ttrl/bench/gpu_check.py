@@ -151,7 +151,7 @@ class MemoryPeak:
 
 
 def run_lines(rows: list[dict], n_params: int, copy_rate: float, matmul_rate: float,
-              peak: list[int], total: list[int]) -> list[Line]:
+              peak: list[int], total: list[int], weight_path: str = "") -> list[Line]:
     """The table's measured lines from the steps' metric rows and the device's own rates (pure)."""
     lines = [Line("GRPO steps, colocated", f"{len(rows)} ran", "all finite",
                   "ok" if rows and all(math.isfinite(r.get("train/pg_loss", math.nan)) for r in rows) else "FAIL")]
@@ -164,7 +164,8 @@ def run_lines(rows: list[dict], n_params: int, copy_rate: float, matmul_rate: fl
     b, s = syncs[-1] if syncs else (0.0, 0.0)
     if b and s:
         rate = b / s
-        lines.append(Line("weight sync", f"{rate / 1e9:.2f} GB/s ({rate / copy_rate:.1%} of the device copy "
+        via = f" via {weight_path}" if weight_path else ""
+        lines.append(Line("weight sync", f"{rate / 1e9:.2f} GB/s{via} ({rate / copy_rate:.1%} of the device copy "
                                          f"{copy_rate / 1e9:.0f} GB/s)", "reported", "info"))
     train = [(r.get("check/train_tokens"), r.get("timing/train")) for r in rows]
     tok, ts = train[-1] if train else (None, None)
@@ -185,8 +186,9 @@ def table(lines: list[Line]) -> str:
     return "\n".join(f"{x.measure:<{w}}  {x.value:<{v}}  {x.goal}  [{x.verdict}]" for x in lines)
 
 
-def gpu_steps(steps: int, overrides: list[str]) -> tuple[list[dict], int]:
-    """`steps` real GRPO steps with colocated engines; the rows and the policy's parameter count."""
+def gpu_steps(steps: int, overrides: list[str]) -> tuple[list[dict], int, str]:
+    """`steps` real GRPO steps with colocated engines; the rows, the policy's parameter count, the weight path
+    (colocated: "ipc", CUDA IPC handles, unless the start-up probe fell back to "ray")."""
     import random
 
     from ttrl.cli import compose
@@ -200,6 +202,7 @@ def gpu_steps(steps: int, overrides: list[str]) -> tuple[list[dict], int]:
                     *overrides])
     setup = build_parts(cfg)
     rt = setup.start_runtime(total_opt_steps=steps)
+    weight_path = rt.weight_sync
     try:
         ctx = StepContext(rt, setup.reward, setup.tokenizer, StepOptions.from_config(cfg), random.Random(0))
         k, n_train = cfg.data.prompts_per_step, cfg.rollout.n_train
@@ -224,7 +227,7 @@ def gpu_steps(steps: int, overrides: list[str]) -> tuple[list[dict], int]:
                 for d in shape:
                     count *= d
                 n_params += count
-    return rows, n_params
+    return rows, n_params, weight_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     if all(x.verdict != "FAIL" for x in lines):
         copy_rate, matmul_rate = device_rates()
         with MemoryPeak() as mem:
-            rows, n_params = gpu_steps(args.steps, args.set)
-        lines += run_lines(rows, n_params, copy_rate, matmul_rate, mem.peak, mem.total)
+            rows, n_params, weight_path = gpu_steps(args.steps, args.set)
+        lines += run_lines(rows, n_params, copy_rate, matmul_rate, mem.peak, mem.total, weight_path)
     out = Path("outputs/gpu_check")
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps([x.__dict__ for x in lines], indent=1))

@@ -270,29 +270,33 @@ class StorePeak(_Sampler):
 LARGE_LAYER_BYTES = 4 * (4 * 1024 * 1024 + 3 * 1024 + 3 * 1024 * 4096 + 2 * 1024)
 
 
-def sync_large_overrides(mib: int) -> list[str]:
-    """A tiny-architecture model of at least `mib` MiB in fp32, 2 engines, 1 trainer rank, no reference."""
+def sync_large_overrides(mib: int, path: str = "ray") -> list[str]:
+    """A tiny-architecture model of at least `mib` MiB in fp32, 2 engines, no reference; 1 trainer rank on
+    the Ray path, 2 on the colocated path ("ipc": engine i is fed by rank i)."""
     layers = max(1, -(-(mib << 20) // LARGE_LAYER_BYTES))
-    return ["experiment=debug", "algorithm=grpo", "algorithm.kl_coef=0", "model.dtype=float32",
+    ranks = ["trainer.num_workers=2", "rollout.weight_sync=ipc"] if path == "ipc" else ["trainer.num_workers=1"]
+    return [*ranks, "experiment=debug", "algorithm=grpo", "algorithm.kl_coef=0", "model.dtype=float32",
             "model.tiny.hidden_size=1024", "model.tiny.num_heads=16", "model.tiny.head_dim=64",
             "model.tiny.intermediate_size=4096", f"model.tiny.num_layers={layers}", "model.max_model_len=128",
-            "rollout.num_engines=2", "rollout.cpu_kv_cache_gb=1", "trainer.num_workers=1",
-            "trainer.zero_stage=2", "logger.progress=false"]
+            "rollout.num_engines=2", "rollout.cpu_kv_cache_gb=1", "trainer.zero_stage=2", "logger.progress=false"]
 
 
-def bench_sync_large(mib: int, repeats: int = 3) -> dict[str, float]:
+def bench_sync_large(mib: int, repeats: int = 3, path: str = "ray") -> dict[str, float]:
     """Sync a >= `mib` MiB fp32 model from the trainer into 2 engines through the Ray path, timed.
 
     `sync_large_vs_memcpy`: model bytes per second of sync over a plain
     in-memory copy's bytes per second (goal >= 0.3); `sync_large_store_ratio`:
     the object store's peak growth during the syncs over the model's bytes
-    (goal <= 1.2: one copy in the store, none per engine).
+    (goal <= 1.2: one copy in the store, none per engine). With path="ipc"
+    the same through the colocated path (keys `sync_large_ipc*`; its store
+    ratio should be ~0: nothing goes through the store).
     """
     from ttrl.cli import compose
     from ttrl.parts import build_parts
     from ttrl.rollout.weights import checkpoint_shapes
 
-    cfg = compose(sync_large_overrides(mib))
+    cfg = compose(sync_large_overrides(mib, path))
+    p = "sync_large" if path == "ray" else f"sync_large_{path}"
     setup = build_parts(cfg)
     model_bytes = 4 * sum(math.prod(s) for s in checkpoint_shapes(setup.model_path).values())
     rt = setup.start_runtime(total_opt_steps=10)
@@ -311,14 +315,17 @@ def bench_sync_large(mib: int, repeats: int = 3) -> dict[str, float]:
         secs = statistics.median(times)
         nbytes = float(res["bytes"])
         memcpy = memcpy_bytes_per_s(int(nbytes), repeats=3)
-        return {"sync_large.model_bytes": float(model_bytes), "sync_large.bytes": nbytes,
-                "sync_large.seconds": secs, "sync_large.engines": float(len(rt.engines)),
-                "sync_large.gather_s": float(res.get("gather_s", float("nan"))),
-                "sync_large.engine_load_s": float(res.get("engine_load_s", float("nan"))),
-                "sync_large.memcpy_gbps": memcpy / 1e9, "sync_large.gbps": model_bytes / secs / 1e9,
-                "sync_large.store_peak_bytes": float(store.added),
-                "sync_large_vs_memcpy": (model_bytes / secs) / memcpy,
-                "sync_large_store_ratio": store.added / model_bytes}
+        if rt.weight_sync != path:
+            raise RuntimeError(f"the run took the {rt.weight_sync} weight path, not {path}")
+        return {f"{p}.model_bytes": float(model_bytes), f"{p}.bytes": nbytes,
+                f"{p}.seconds": secs, f"{p}.engines": float(len(rt.engines)),
+                f"{p}.gather_s": float(res.get("gather_s", float("nan"))),
+                f"{p}.engine_load_s": float(res.get("engine_load_s", float("nan"))),
+                **{f"{p}.{k}": float(res[k]) for k in ("check_s", "begin_s", "pack_s", "wait_s") if k in res},
+                f"{p}.memcpy_gbps": memcpy / 1e9, f"{p}.gbps": model_bytes / secs / 1e9,
+                f"{p}.store_peak_bytes": float(store.added),
+                f"{p}_vs_memcpy": (model_bytes / secs) / memcpy,
+                f"{p}_store_ratio": store.added / model_bytes}
     finally:
         setup.close()
 

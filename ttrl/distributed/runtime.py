@@ -121,14 +121,34 @@ class Runtime:
         self.engine_startup_s = max(i["startup_s"] for i in infos)
         self.weights_version = 0
         self.engine_restarts = 0
-        # GPU weight path: one NCCL group of trainer rank 0 and every engine
-        # worker. It needs a GPU per engine worker apart from rank 0's, so a
-        # colocated run keeps the Ray path.
-        self.weight_sync = "nccl" if gpu and not colocate and r.weight_sync in ("auto", "nccl") else "ray"
-        if r.weight_sync == "nccl" and self.weight_sync != "nccl":
-            raise RuntimeError("rollout.weight_sync=nccl needs GPUs and cluster.placement=split")
+        self.weight_sync = self._pick_weight_sync(r.weight_sync, gpu, colocate, W, r.num_engines)
         if self.weight_sync == "nccl":
             self.policy.call("init_weight_group", self.engines, self.engine_dtype, r.sync_bucket_mb)
+        if self.weight_sync == "ipc":
+            # Each engine must map its trainer rank's memory (same GPU, or same
+            # node on CPU): probe once with known bytes before relying on it.
+            why = [w for w in self.policy.call("probe_shared", self.engines) if w]
+            if why and r.weight_sync == "ipc":
+                raise RuntimeError(f"rollout.weight_sync=ipc: {why[0]}")
+            if why:
+                print(f"ttrl: colocated weight handoff unavailable ({why[0]}); using the Ray path",
+                      file=sys.stderr, flush=True)
+                self.weight_sync = "ray"
+
+    @staticmethod
+    def _pick_weight_sync(asked: str, gpu: bool, colocate: bool, ranks: int, engines: int) -> str:
+        """The weight path: NCCL broadcast (GPU, split: a GPU per engine worker apart from rank 0's),
+        buckets by handle (colocated, engine i beside rank i), or the Ray object store (anywhere)."""
+        if asked == "nccl" and not (gpu and not colocate):
+            raise RuntimeError("rollout.weight_sync=nccl needs GPUs and cluster.placement=split")
+        if asked == "ipc" and not (colocate and engines <= ranks):
+            raise RuntimeError("rollout.weight_sync=ipc needs cluster.placement=colocate and rollout.num_engines "
+                               "<= trainer.num_workers (engine i is fed by trainer rank i)")
+        if asked != "auto":
+            return asked
+        if gpu and not colocate:
+            return "nccl"
+        return "ipc" if gpu and colocate and engines <= ranks else "ray"
 
     # ── rollout ───────────────────────────────────────────────────────────
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, top_k: int,
@@ -285,6 +305,12 @@ class Runtime:
             if self.weight_sync == "nccl":
                 res = self.policy.call("push_weights_nccl", self.engines, self.weights_version,
                                        self.cfg.rollout.sync_timeout_s)
+            elif self.weight_sync == "ipc":
+                res = self.policy.call("push_weights_shared", self.engines, self.weights_version,
+                                       self.engine_dtype, self.cfg.rollout.sync_bucket_mb,
+                                       self.cfg.rollout.sync_timeout_s)
+                loads = [x["engine_load_s"] for x in res if x]
+                res = [{**res[0], "engine_load_s": max(loads)}]
             else:
                 res = self.policy.call("push_weights", self.engines, self.weights_version, self.engine_dtype)
         except EngineSyncError as err:

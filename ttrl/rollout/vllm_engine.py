@@ -175,6 +175,36 @@ class VLLMEngine:
         self.weights_version = version
         return {"load_s": time.perf_counter() - t0, "bytes": nbytes}
 
+    # ── weights, colocated path (buckets by handle, ipc.py) ───────────────
+    def probe_shared(self, handle: dict) -> int:
+        """Checksum of the bytes behind a trainer rank's handle (start-up check of the colocated path)."""
+        return self.llm.collective_rpc("ttrl_shared_probe", args=(handle,))[0]
+
+    def begin_shared_sync(self, plan_wire: list[dict]) -> int:
+        """Check the plan, then open a round of buckets by handle; returns the bucket count."""
+        from ttrl.rollout.nccl_sync import check_plan, plan_from_wire
+
+        check_plan(plan_from_wire(plan_wire), self.expected_shapes, self.args.dtype, optional=("lm_head.weight",))
+        return self.llm.collective_rpc("ttrl_shared_begin", args=(plan_wire,))[0]
+
+    def load_shared_bucket(self, index: int, handle: dict) -> int:
+        return self.llm.collective_rpc("ttrl_shared_bucket", args=(index, handle))[0]
+
+    def end_shared_sync(self, version: int | None) -> dict[str, float]:
+        """Close the round (the model is whole again) and reset the prefix cache.
+
+        `version` None: the sender gave the round up; the engine keeps its
+        old version number (its weights are a mix, so it must be re-synced).
+        """
+        t0 = time.perf_counter()
+        try:
+            res = self.llm.collective_rpc("ttrl_shared_end")[0]
+        finally:
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with other weights
+        if version is not None:
+            self.weights_version = version
+        return {"load_s": res["receive_s"] + time.perf_counter() - t0, "bytes": res["bytes"]}
+
     # ── weights, GPU path (NCCL) ──────────────────────────────────────────
     def device_uuids(self) -> list[str]:
         """The GPU of each worker (TP rank) of this engine, in rank order."""

@@ -5,6 +5,10 @@ rollout actor reaches through `llm.collective_rpc`. Two ways in:
 
 - Ray path: the trainer's weight buckets, read in place from the object store
   (or a served version's packed bytes), one whole-model `reload_weights` out.
+- Colocated path (`ipc.py`): the trainer rank on this device hands over
+  each bucket by handle (CUDA IPC, or a shared file on CPU); the buckets
+  stream into vLLM's layerwise reload one call at a time, between a begin and
+  an end call.
 - GPU path: every worker (each TP rank of each engine) joins the trainer's
   NCCL weight group once, then each step receives the planned buckets by
   broadcast and streams them into vLLM's layerwise reload: each layer is
@@ -50,6 +54,90 @@ class TTRLWorkerExtension:
 
         self.model_runner.reload_weights(weights_iterator=store_named(buckets, plan_from_wire(plan_wire)))
         return len(buckets)
+
+    # ── colocated path: buckets by handle (ipc.py) ────────────────────────
+    def ttrl_shared_begin(self, plan_wire: list[dict]) -> int:
+        """Start a round: every layer goes to the meta device until its tensors arrive (layerwise reload)."""
+        import torch
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        from ttrl.rollout.nccl_sync import plan_from_wire
+
+        plan = plan_from_wire(plan_wire)
+        if getattr(self, "_ttrl_shared", None) is not None:
+            self.ttrl_shared_end()  # an abandoned round: put the model back together first
+        with set_current_vllm_config(self.vllm_config), torch.no_grad():
+            initialize_layerwise_reload(self.model_runner.get_model())
+        self._ttrl_shared = {"plan": plan, "next": 0, "error": None, "bytes": 0, "t0": time.perf_counter()}
+        return len(plan)
+
+    def ttrl_shared_bucket(self, index: int, handle: dict) -> int:
+        """Load bucket `index` from the sender's buffer, in place; returns its bytes.
+
+        The buffer is only read, and on return nothing of it is still being
+        read (CUDA: the stream is synchronised), so the sender may drop it.
+        """
+        import torch
+        from vllm.config import set_current_vllm_config
+
+        from ttrl.rollout.ipc import open_shared
+        from ttrl.rollout.nccl_sync import unpack_bucket
+
+        st = getattr(self, "_ttrl_shared", None)
+        if st is None:
+            raise RuntimeError("weight sync: ttrl_shared_bucket outside a round (no ttrl_shared_begin)")
+        if index != st["next"] or index >= len(st["plan"]):
+            raise RuntimeError(f"weight sync: got bucket {index}, expected {st['next']} of {len(st['plan'])}")
+        buf = open_shared(handle, self.device)
+        named = unpack_bucket(buf, st["plan"][index])
+        del buf
+        if st["error"] is None:
+            try:
+                with set_current_vllm_config(self.vllm_config), torch.no_grad():
+                    self.model_runner.get_model().load_weights(named)
+            except Exception as e:  # finish the round (end() rebuilds the model), then report
+                st["error"] = e
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        st["next"] += 1
+        n = st["plan"][index].nbytes
+        st["bytes"] += n
+        return n
+
+    def ttrl_shared_end(self) -> dict[str, float]:
+        """End the round: rebuild every layer (those that got nothing keep their old tensors), then report.
+
+        Raises when a bucket failed to load or the round stopped short; the
+        model is whole either way, but then holds a mix of old and new layers:
+        the caller must not mark the engine as holding the new version.
+        """
+        import torch
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        st = getattr(self, "_ttrl_shared", None)
+        if st is None:
+            return {"bytes": 0.0, "receive_s": 0.0}
+        self._ttrl_shared = None
+        with set_current_vllm_config(self.vllm_config), torch.no_grad():
+            finalize_layerwise_reload(self.model_runner.get_model(), self.model_config)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        self.model_runner.reset_lora_state()
+        self.model_runner.reset_encoder_cache()
+        self.model_runner.reset_mm_cache()
+        if st["error"] is not None:
+            raise RuntimeError(f"weight sync: loading a shared bucket failed: {st['error']!r}") from st["error"]
+        if st["next"] != len(st["plan"]):
+            raise RuntimeError(f"weight sync: the round ended after {st['next']} of {len(st['plan'])} buckets")
+        return {"bytes": float(st["bytes"]), "receive_s": time.perf_counter() - st["t0"]}
+
+    def ttrl_shared_probe(self, handle: dict) -> int:
+        """Open a handle and checksum its bytes: can this worker map the trainer rank's memory?"""
+        from ttrl.rollout.ipc import checksum, open_shared
+
+        return checksum(open_shared(handle, self.device))
 
     # ── GPU path: NCCL ────────────────────────────────────────────────────
     def ttrl_device_uuid(self) -> str:

@@ -153,8 +153,8 @@ def validate_serve(cfg: Any) -> None:
         fail(f"serve.request_timeout_s={s.request_timeout_s} must be > 0.")
     if s.keep_versions < 1:
         fail(f"serve.keep_versions={s.keep_versions} must be at least 1.")
-    if r.weight_sync == "nccl":
-        fail("rollout.weight_sync=nccl cannot be used by ttrl-serve: the NCCL group broadcasts to every engine, "
+    if r.weight_sync in ("nccl", "ipc"):
+        fail(f"rollout.weight_sync={r.weight_sync} cannot be used by ttrl-serve: it feeds every engine at once, "
              "while serving and staging engines hold different weights; use rollout.weight_sync=auto or ray.")
     if cfg.reward.name == "ground_truth" or (cfg.reward.name == "custom" and cfg.reward.needs_ground_truth):
         fail(f"reward.name={cfg.reward.name} needs ground-truth answers, which live queries do not have; "

@@ -442,8 +442,11 @@ class PolicyWorker(_DSWorker):
                 "engine_load_s": max(r["load_s"] for r in results)}
 
     # ── weights out, GPU path (NCCL) ──────────────────────────────────────
-    def _gathered_by_layer(self) -> Iterator[tuple[str, Any]]:
-        """Full parameters, on rank 0's GPU, one layer gathered at a time; every rank must iterate."""
+    def _gathered_by_layer(self, keep: bool | None = None) -> Iterator[tuple[str, Any]]:
+        """Full parameters, where they live, one layer gathered at a time; every rank must iterate.
+
+        Tensors are yielded to rank 0 (or to every rank with `keep`), None elsewhere.
+        """
         import contextlib
 
         import deepspeed
@@ -460,19 +463,25 @@ class PolicyWorker(_DSWorker):
                       else contextlib.nullcontext())
             with gather:
                 for n, p in zip(names, group, strict=True):
-                    yield n, (p.data if self.rank == 0 else None)
+                    yield n, (p.data if (self.rank == 0 if keep is None else keep) else None)
 
     def _params_finite(self) -> bool:
         """Each rank checks what it holds (its ZeRO-3 shard, or the full tensor); one all-reduce."""
         import torch
         import torch.distributed as dist
 
-        ok = torch.ones(1, device="cuda")
+        held = []
         for p in self.engine.module.parameters():
             t = getattr(p, "ds_tensor", None)
             t = p.data if t is None else t
             if t.numel() and t.is_floating_point():
-                ok = torch.minimum(ok, torch.isfinite(t).all().float().to(ok.device))
+                held.append(t)
+        # A sum per tensor (one read, no temporary the size of the tensor) is finite unless a value is not
+        # or the sum overflowed; only those tensors pay the elementwise check. One host sync for all sums.
+        sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in held]
+        flags = torch.isfinite(torch.stack(sums)).tolist() if sums else []
+        good = all(bool(torch.isfinite(t).all()) for t, f in zip(held, flags, strict=True) if not f)
+        ok = torch.tensor([float(good)], device="cuda" if self.device == "cuda" else "cpu")
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item())
 
@@ -544,6 +553,148 @@ class PolicyWorker(_DSWorker):
                                f"engine dtype, e.g. {list(stats.nonfinite[:3])}")
         return {**stats.as_dict(), "total_s": time.perf_counter() - t0,
                 "engine_load_s": max(r["load_s"] for r in results)}
+
+    # ── weights out, colocated path (buckets by handle) ───────────────────
+    def _local_device(self) -> Any:
+        import torch
+
+        return torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
+
+    def probe_shared(self, engines: list) -> str | None:
+        """Can engine `rank` (on this rank's device) map this rank's memory? None if so, else why not."""
+        if self.rank >= len(engines):
+            return None
+        import ray
+
+        from ttrl.rollout.ipc import SharedBuffer, checksum, probe_pattern
+
+        pattern = probe_pattern(4096, self.rank)
+        with SharedBuffer(pattern.numel(), self._local_device()) as buf:
+            buf.tensor.copy_(pattern)
+            if buf.device.type == "cuda":
+                import torch
+
+                torch.cuda.current_stream().synchronize()
+            try:
+                got = ray.get(engines[self.rank].probe_shared.remote(buf.handle()), timeout=120)
+            except Exception as err:  # noqa: BLE001 - reported, the caller decides
+                first = (str(getattr(err, "cause", None) or err).strip().splitlines() or [type(err).__name__])[-1]
+                return f"engine {self.rank} could not open trainer rank {self.rank}'s buffer ({first[:200]})"
+        if got != checksum(pattern):
+            return f"engine {self.rank} read other bytes than trainer rank {self.rank} wrote"
+        return None
+
+    def push_weights_shared(self, engines: list, version: int, dtype: str, bucket_mb: int = 256,
+                            timeout_s: float | None = None) -> dict[str, float]:
+        """Colocated path: rank i hands engine i every bucket by handle (ipc.py); other ranks only gather.
+
+        Every rank holds full parameters as the plan walks the model (ZeRO-3
+        gathers a layer to all ranks at once), so each rank feeds its own
+        engine with no traffic between ranks. One bucket is loaded while the
+        next is packed. A dead engine -> EngineSyncError; one that has not
+        loaded a bucket by the round's deadline is killed (Ray restarts it)
+        -> WeightSyncTimeout; either way the driver re-syncs it.
+        """
+        import ray
+        import torch
+
+        from ttrl.rollout.ipc import SharedBuffer
+        from ttrl.rollout.nccl_sync import (
+            WeightSyncTimeout,
+            _all_finite,
+            _in_plan_order,
+            pack_into,
+            param_specs,
+            plan_buckets,
+            plan_to_wire,
+            slot_view,
+            to_dtype,
+        )
+
+        t0 = time.perf_counter()
+        if not self._params_finite():  # every rank gets the same answer: all refuse together
+            raise RuntimeError("weight sync: the policy holds NaN or inf; refusing to send it to the engines")
+        check_s = time.perf_counter() - t0
+        engine = engines[self.rank] if self.rank < len(engines) else None
+        named = self._gathered_by_layer(keep=engine is not None)
+        if engine is None:
+            for _ in named:  # take part in every gather
+                pass
+            return {}
+        key = (dtype, bucket_mb)
+        if getattr(self, "_ipc_plan_key", None) != key:  # names and full shapes do not change during a run
+            self._ipc_plan = plan_buckets(param_specs(self.engine.module.named_parameters(), dtype),
+                                          bucket_mb << 20)
+            self._ipc_plan_wire, self._ipc_plan_key = plan_to_wire(self._ipc_plan), key
+        plan, device = self._ipc_plan, self._local_device()
+        # Only a cast to float16 can overflow a finite weight.
+        check_cast = to_dtype(dtype) == torch.float16
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+        def wait(ref: Any) -> Any:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = ray.wait([ref], timeout=left)
+            if not done:
+                ray.kill(engine, no_restart=False)  # stalled: Ray restarts it, the driver re-syncs it
+                raise WeightSyncTimeout(f"weight sync: rollout engine {self.rank} did not finish loading within "
+                                        f"rollout.sync_timeout_s={timeout_s:g}s; restarting it")
+            return _engines_get([ref])[0]
+
+        begun = False
+        pending: tuple[Any, SharedBuffer] | None = None
+        pack_s = wait_s = 0.0
+        try:
+            t_begin = time.perf_counter()
+            wait(engine.begin_shared_sync.remote(self._ipc_plan_wire))
+            begun = True
+            begin_s = time.perf_counter() - t_begin
+            slots = _in_plan_order(plan, named)
+            for k, bucket in enumerate(plan):
+                t_pack = time.perf_counter()
+                buf = SharedBuffer(bucket.nbytes, device)
+                for _ in bucket.slots:
+                    s, t = next(slots)
+                    pack_into(buf.tensor, s, t)  # casts to the engine dtype
+                    if check_cast and t.is_floating_point() and not _all_finite(slot_view(buf.tensor, s)):
+                        raise ValueError(f"weight sync: {s.name} overflows in the cast to {dtype}; "
+                                         "refusing to send it to the engines")
+                if device.type == "cuda":
+                    torch.cuda.current_stream().synchronize()  # packed before the engine reads it
+                ref = engine.load_shared_bucket.remote(k, buf.handle())
+                t_wait = time.perf_counter()
+                pack_s += t_wait - t_pack
+                if pending is not None:
+                    wait(pending[0])
+                    pending[1].close()
+                pending = (ref, buf)
+                wait_s += time.perf_counter() - t_wait
+            next(slots, None)  # refuses a tensor the plan does not have
+            if pending is not None:
+                t_wait = time.perf_counter()
+                wait(pending[0])
+                pending[1].close()
+                pending = None
+                wait_s += time.perf_counter() - t_wait
+            gather_s = time.perf_counter() - t0
+            begun = False
+            res = wait(engine.end_shared_sync.remote(version))
+        except BaseException:
+            for _ in named:  # finish every gather: the other ranks wait in them
+                pass
+            if begun:
+                # Put the engine's model back together; its version stays the old one.
+                try:
+                    ray.get(engine.end_shared_sync.remote(None), timeout=60)
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    pass
+            if pending is not None:
+                pending[1].close()
+            raise
+        # gather_s: until the last bucket is loaded; of it pack_s gathering and packing, wait_s waiting
+        # for the engine (each bucket but the last is loaded while the next one is packed).
+        return {"gather_s": gather_s, "check_s": check_s, "begin_s": begin_s, "pack_s": pack_s, "wait_s": wait_s,
+                "total_s": time.perf_counter() - t0,
+                "bytes": res["bytes"], "engine_load_s": res["load_s"], "buckets": float(len(plan))}
 
     def fingerprint(self) -> float | None:
         """Sum of |w| over all parameters: a cheap "did the weights move" check (rank 0 returns it).

@@ -45,6 +45,7 @@ def test_the_serve_config_composes_on_top_of_the_demo():
     ("serve.learn.steps=0", "serve.learn.steps"),
     ("reward=ground_truth", "reward.name=ground_truth needs ground-truth answers"),
     ("rollout.weight_sync=nccl", "rollout.weight_sync=nccl"),
+    ("rollout.weight_sync=ipc", "rollout.weight_sync=ipc"),
 ])
 def test_bad_values_name_their_key(override, words):
     cfg = compose_serve("experiment=demo", override)
