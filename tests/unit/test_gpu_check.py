@@ -26,7 +26,7 @@ def _rows(diff=0.01, loss=0.1):
 
 def test_the_table_gives_every_measure_a_verdict_and_fails_on_bad_parity_or_memory():
     lines = gpu_check.run_lines(_rows(), n_params=10**9, copy_rate=4e12, matmul_rate=1e15,
-                                peak=[50 * 2**30], total=[80 * 2**30], weight_path="ipc")
+                                peak=[50 * 2**30], total=[80 * 2**30], weight_path="ipc", expected_path="ipc")
     by = {x.measure: x for x in lines}
     assert by["engine/trainer log-prob parity"].verdict == "ok"
     assert "2.00 GB/s via ipc (0.1% of the device copy 4000 GB/s)" in by["weight sync"].value
@@ -35,6 +35,9 @@ def test_the_table_gives_every_measure_a_verdict_and_fails_on_bad_parity_or_memo
     bad = gpu_check.run_lines(_rows(diff=0.3, loss=float("nan")), 10**9, 4e12, 1e15, [79 * 2**30], [80 * 2**30])
     assert {x.measure for x in bad if x.verdict == "FAIL"} == {
         "GRPO steps, colocated", "engine/trainer log-prob parity", "peak memory, GPU 0"}
+    # A colocated check whose syncs fell back to the Ray path did not check the CUDA IPC path.
+    fell_back = gpu_check.run_lines(_rows(), 10**9, 4e12, 1e15, [1], [80 * 2**30], "ray", "ipc")
+    assert {x.measure for x in fell_back if x.verdict == "FAIL"} == {"weight path"}
     text = gpu_check.table(bad)
     assert text.count("\n") == len(bad) - 1 and "[FAIL]" in text
 

@@ -151,10 +151,16 @@ class MemoryPeak:
 
 
 def run_lines(rows: list[dict], n_params: int, copy_rate: float, matmul_rate: float,
-              peak: list[int], total: list[int], weight_path: str = "") -> list[Line]:
+              peak: list[int], total: list[int], weight_path: str = "", expected_path: str = "") -> list[Line]:
     """The table's measured lines from the steps' metric rows and the device's own rates (pure)."""
     lines = [Line("GRPO steps, colocated", f"{len(rows)} ran", "all finite",
                   "ok" if rows and all(math.isfinite(r.get("train/pg_loss", math.nan)) for r in rows) else "FAIL")]
+    if expected_path:
+        # A colocated run that fell back to the Ray path (its start-up probe could not map the
+        # trainer's GPU memory from the engine) would pass every other line without ever running
+        # the CUDA IPC path it is meant to check.
+        lines.append(Line("weight path", weight_path or "–", expected_path,
+                          "ok" if weight_path == expected_path else "FAIL"))
     diff = rows[-1].get("rollout/logprob_diff") if rows else None
     lines.append(Line("engine/trainer log-prob parity", "–" if diff is None else f"{diff:.4f} mean |diff|",
                       f"< {MAX_LOGPROB_DIFF}", "ok" if diff is not None and diff < MAX_LOGPROB_DIFF else "FAIL"))
@@ -186,9 +192,10 @@ def table(lines: list[Line]) -> str:
     return "\n".join(f"{x.measure:<{w}}  {x.value:<{v}}  {x.goal}  [{x.verdict}]" for x in lines)
 
 
-def gpu_steps(steps: int, overrides: list[str]) -> tuple[list[dict], int, str]:
-    """`steps` real GRPO steps with colocated engines; the rows, the policy's parameter count, the weight path
-    (colocated: "ipc", CUDA IPC handles, unless the start-up probe fell back to "ray")."""
+def gpu_steps(steps: int, overrides: list[str]) -> tuple[list[dict], int, str, str]:
+    """`steps` real GRPO steps with colocated engines; the rows, the policy's parameter count, the weight
+    path taken and the one expected (colocated: "ipc", CUDA IPC handles, unless asked otherwise; "ray"
+    when the start-up probe fell back)."""
     import random
 
     from ttrl.cli import compose
@@ -203,6 +210,7 @@ def gpu_steps(steps: int, overrides: list[str]) -> tuple[list[dict], int, str]:
     setup = build_parts(cfg)
     rt = setup.start_runtime(total_opt_steps=steps)
     weight_path = rt.weight_sync
+    expected = "ipc" if cfg.rollout.weight_sync == "auto" else cfg.rollout.weight_sync
     try:
         ctx = StepContext(rt, setup.reward, setup.tokenizer, StepOptions.from_config(cfg), random.Random(0))
         k, n_train = cfg.data.prompts_per_step, cfg.rollout.n_train
@@ -227,7 +235,7 @@ def gpu_steps(steps: int, overrides: list[str]) -> tuple[list[dict], int, str]:
                 for d in shape:
                     count *= d
                 n_params += count
-    return rows, n_params, weight_path
+    return rows, n_params, weight_path, expected
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     if all(x.verdict != "FAIL" for x in lines):
         copy_rate, matmul_rate = device_rates()
         with MemoryPeak() as mem:
-            rows, n_params, weight_path = gpu_steps(args.steps, args.set)
-        lines += run_lines(rows, n_params, copy_rate, matmul_rate, mem.peak, mem.total, weight_path)
+            rows, n_params, weight_path, expected = gpu_steps(args.steps, args.set)
+        lines += run_lines(rows, n_params, copy_rate, matmul_rate, mem.peak, mem.total, weight_path, expected)
     out = Path("outputs/gpu_check")
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps([x.__dict__ for x in lines], indent=1))

@@ -53,6 +53,7 @@ class SharedBuffer:
         self.nbytes = int(nbytes)
         self._mm: mmap.mmap | None = None
         self._path: str | None = None
+        self.tensor: torch.Tensor | None = None
         if self.device.type == "cuda":
             self.tensor = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
             return
@@ -82,7 +83,7 @@ class SharedBuffer:
 
     def close(self) -> None:
         """Drop the buffer (an engine's open CUDA mapping keeps the memory until it lets go)."""
-        self.tensor = None  # type: ignore[assignment]
+        self.tensor = None
         if self._mm is not None:
             try:
                 self._mm.close()
@@ -95,6 +96,13 @@ class SharedBuffer:
             except FileNotFoundError:
                 pass
             self._path = None
+
+    def __del__(self) -> None:
+        # A buffer dropped on an error path must not leave its file in /dev/shm.
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to report to
+            pass
 
     def __enter__(self) -> SharedBuffer:
         return self

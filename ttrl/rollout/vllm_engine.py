@@ -194,7 +194,8 @@ class VLLMEngine:
         """Close the round (the model is whole again) and reset the prefix cache.
 
         `version` None: the sender gave the round up; the engine keeps its
-        old version number (its weights are a mix, so it must be re-synced).
+        old version number (its weights are not a whole version, so the
+        driver re-syncs it).
         """
         t0 = time.perf_counter()
         try:

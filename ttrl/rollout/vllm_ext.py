@@ -66,7 +66,12 @@ class TTRLWorkerExtension:
 
         plan = plan_from_wire(plan_wire)
         if getattr(self, "_ttrl_shared", None) is not None:
-            self.ttrl_shared_end()  # an abandoned round: put the model back together first
+            # An abandoned round (its sender gave up before ending it): put the model back
+            # together first. Its error is that round's, already reported on the sender's side.
+            try:
+                self.ttrl_shared_end()
+            except RuntimeError:
+                pass
         with set_current_vllm_config(self.vllm_config), torch.no_grad():
             initialize_layerwise_reload(self.model_runner.get_model())
         self._ttrl_shared = {"plan": plan, "next": 0, "error": None, "bytes": 0, "t0": time.perf_counter()}
@@ -109,8 +114,10 @@ class TTRLWorkerExtension:
         """End the round: rebuild every layer (those that got nothing keep their old tensors), then report.
 
         Raises when a bucket failed to load or the round stopped short; the
-        model is whole either way, but then holds a mix of old and new layers:
-        the caller must not mark the engine as holding the new version.
+        model is back on its device either way, but then some layers are new,
+        some old, and a layer that got only part of its tensors holds garbage
+        in the rest: the caller must not mark the engine as holding the new
+        version (it is then re-synced in full).
         """
         import torch
         from vllm.config import set_current_vllm_config

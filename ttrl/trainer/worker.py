@@ -629,29 +629,37 @@ class PolicyWorker(_DSWorker):
         plan, device = self._ipc_plan, self._local_device()
         # Only a cast to float16 can overflow a finite weight.
         check_cast = to_dtype(dtype) == torch.float16
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        deadline: float | None = None  # set once the engine has begun the round (see below)
+        killed = False
 
         def wait(ref: Any) -> Any:
+            nonlocal killed
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, _ = ray.wait([ref], timeout=left)
             if not done:
                 ray.kill(engine, no_restart=False)  # stalled: Ray restarts it, the driver re-syncs it
+                killed = True
                 raise WeightSyncTimeout(f"weight sync: rollout engine {self.rank} did not finish loading within "
                                         f"rollout.sync_timeout_s={timeout_s:g}s; restarting it")
             return _engines_get([ref])[0]
 
         begun = False
-        pending: tuple[Any, SharedBuffer] | None = None
+        live: list[SharedBuffer] = []  # packed or being packed, not yet known to be loaded
+        pending: Any = None  # the engine's call loading live[0]
         pack_s = wait_s = 0.0
         try:
             t_begin = time.perf_counter()
+            # No deadline for the start: with rollout.overlap the call queues behind the engine's
+            # generation of the next step, which is not a stall. A dead engine still ends the wait.
             wait(engine.begin_shared_sync.remote(self._ipc_plan_wire))
             begun = True
             begin_s = time.perf_counter() - t_begin
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
             slots = _in_plan_order(plan, named)
             for k, bucket in enumerate(plan):
                 t_pack = time.perf_counter()
                 buf = SharedBuffer(bucket.nbytes, device)
+                live.append(buf)
                 for _ in bucket.slots:
                     s, t = next(slots)
                     pack_into(buf.tensor, s, t)  # casts to the engine dtype
@@ -663,16 +671,16 @@ class PolicyWorker(_DSWorker):
                 ref = engine.load_shared_bucket.remote(k, buf.handle())
                 t_wait = time.perf_counter()
                 pack_s += t_wait - t_pack
-                if pending is not None:
-                    wait(pending[0])
-                    pending[1].close()
-                pending = (ref, buf)
+                if pending is not None:  # the bucket before this one
+                    wait(pending)
+                    live.pop(0).close()
+                pending = ref
                 wait_s += time.perf_counter() - t_wait
             next(slots, None)  # refuses a tensor the plan does not have
             if pending is not None:
                 t_wait = time.perf_counter()
-                wait(pending[0])
-                pending[1].close()
+                wait(pending)
+                live.pop(0).close()
                 pending = None
                 wait_s += time.perf_counter() - t_wait
             gather_s = time.perf_counter() - t0
@@ -681,14 +689,15 @@ class PolicyWorker(_DSWorker):
         except BaseException:
             for _ in named:  # finish every gather: the other ranks wait in them
                 pass
-            if begun:
-                # Put the engine's model back together; its version stays the old one.
+            if begun and not killed:
+                # Put the engine's model back together; its version stays the old one, so it is
+                # re-synced (layers that got part of their tensors are not whole until then).
                 try:
                     ray.get(engine.end_shared_sync.remote(None), timeout=60)
                 except Exception:  # noqa: BLE001 - the first error is the one to report
                     pass
-            if pending is not None:
-                pending[1].close()
+            for b in live:
+                b.close()
             raise
         # gather_s: until the last bucket is loaded; of it pack_s gathering and packing, wait_s waiting
         # for the engine (each bucket but the last is loaded while the next one is packed).

@@ -55,6 +55,16 @@ def test_a_handle_opened_in_another_process_aliases_the_buffer(device):
         assert p.exitcode == 0
 
 
+def test_a_buffer_dropped_without_close_leaves_no_file():
+    import gc
+
+    buf = SharedBuffer(1024, "cpu")
+    path = buf.handle()["path"]
+    del buf  # an error path that never reached close()
+    gc.collect()
+    assert not os.path.exists(path)
+
+
 def test_close_removes_the_file_and_a_late_open_says_so():
     buf = SharedBuffer(1024, "cpu")
     handle = buf.handle()
