@@ -113,8 +113,9 @@ class RewardModelReward(Reward):
     - `normalize`: (score - running mean) / running std, over every score of the run so far, so
       the reward's scale does not depend on the RM's (a resumed run starts its moments again);
     - `clip`: the result clamped to [-clip, clip]: no single sample the RM loves without bound;
-    - `length_penalty`: minus this much per response token (the rollout's own token count), for
-      RMs that favour short or long answers (a likelihood head favours short ones).
+    - `length_penalty`: minus this much per response token (the rollout's own token count), against
+      a policy that pads its answers for an RM that favours long ones. It only pushes toward short
+      answers: a likelihood head (which favours short ones already) gets no help from it.
     KL to the reference policy is the algorithm's (algorithm.kl_coef); an ensemble of RMs is the
     scorer's (`EnsembleScorer`, reward.ensemble).
     """
