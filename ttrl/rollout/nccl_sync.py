@@ -280,13 +280,21 @@ def _raw(t: torch.Tensor) -> Any:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or inf in `t`: a sum (one read, no temporary) is finite unless one is, or it overflowed.
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """No NaN or inf in any of `tensors`: a sum per tensor (one read, no temporary) is finite unless a
+    value is, or the sum overflowed; one host sync for all the sums.
 
-    Only a non-finite sum pays for the exact elementwise check.
+    Only a tensor whose sum is not finite pays for the exact elementwise check.
     """
-    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+    if not tensors:
+        return True
+    sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors]
+    flags = torch.isfinite(torch.stack(sums)).tolist()
+    return all(bool(torch.isfinite(t).all()) for t, ok in zip(tensors, flags, strict=True) if not ok)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    return all_finite([t])
 
 
 def iter_store_buckets(plan: Sequence[Bucket], named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[list[Any]]:

@@ -55,6 +55,12 @@ class TTRLWorkerExtension:
         self.model_runner.reload_weights(weights_iterator=store_named(buckets, plan_from_wire(plan_wire)))
         return len(buckets)
 
+    def _ttrl_after_reload(self) -> None:
+        """What GPUModelRunner.reload_weights resets after a reload: state derived from the old weights."""
+        self.model_runner.reset_lora_state()
+        self.model_runner.reset_encoder_cache()
+        self.model_runner.reset_mm_cache()
+
     # ── colocated path: buckets by handle (ipc.py) ────────────────────────
     def ttrl_shared_begin(self, plan_wire: list[dict]) -> int:
         """Start a round: every layer goes to the meta device until its tensors arrive (layerwise reload)."""
@@ -131,9 +137,7 @@ class TTRLWorkerExtension:
             finalize_layerwise_reload(self.model_runner.get_model(), self.model_config)
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
-        self.model_runner.reset_lora_state()
-        self.model_runner.reset_encoder_cache()
-        self.model_runner.reset_mm_cache()
+        self._ttrl_after_reload()
         if st["error"] is not None:
             raise RuntimeError(f"weight sync: loading a shared bucket failed: {st['error']!r}") from st["error"]
         if st["next"] != len(st["plan"]):
@@ -237,11 +241,7 @@ class TTRLWorkerExtension:
                 finalize_layerwise_reload(model, self.model_config)
         if cuda:
             torch.cuda.current_stream().synchronize()  # the new weights are in place on return
-        # What GPUModelRunner.reload_weights resets after a reload: state
-        # derived from the old weights.
-        self.model_runner.reset_lora_state()
-        self.model_runner.reset_encoder_cache()
-        self.model_runner.reset_mm_cache()
+        self._ttrl_after_reload()
         if error is not None:
             raise RuntimeError(f"weight sync: loading a received bucket failed: {error!r}") from error
         return {"bytes": float(nbytes), "receive_s": time.perf_counter() - t0}

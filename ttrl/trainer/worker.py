@@ -392,6 +392,19 @@ class PolicyWorker(_DSWorker):
                 t = p.data.detach().to("cpu", dtype=dtype) if self.rank == 0 else None
             yield name, t
 
+    def _bucket_plan(self, dtype: str, bucket_mb: int) -> tuple[list, list[dict]]:
+        """The bucket plan of every weight path (and its wire form) for the engines' `dtype`.
+
+        Made once per (dtype, bucket size): names and full shapes do not change during a run.
+        """
+        from ttrl.rollout.nccl_sync import param_specs, plan_buckets, plan_to_wire
+
+        key = (dtype, bucket_mb)
+        if getattr(self, "_bucket_plan_key", None) != key:
+            plan = plan_buckets(param_specs(self.engine.module.named_parameters(), dtype), bucket_mb << 20)
+            self._bucket_plan_cached, self._bucket_plan_key = (plan, plan_to_wire(plan)), key
+        return self._bucket_plan_cached
+
     def push_weights(self, engines: list, version: int, dtype: str, bucket_mb: int = 256) -> dict[str, float]:
         """Gather the policy and load it into every rollout engine (rank 0 sends).
 
@@ -402,13 +415,7 @@ class PolicyWorker(_DSWorker):
         """
         import ray
 
-        from ttrl.rollout.nccl_sync import (
-            iter_store_buckets,
-            param_specs,
-            plan_buckets,
-            plan_to_wire,
-            to_dtype,
-        )
+        from ttrl.rollout.nccl_sync import iter_store_buckets, to_dtype
 
         t0 = time.perf_counter()
         wire = to_dtype(dtype)
@@ -419,13 +426,10 @@ class PolicyWorker(_DSWorker):
             for _ in named:  # take part in every gather
                 pass
             return {}
-        key = (dtype, bucket_mb)
-        if getattr(self, "_ray_plan_key", None) != key:  # names and full shapes do not change during a run
-            self._ray_plan = plan_buckets(param_specs(self.engine.module.named_parameters(), wire), bucket_mb << 20)
-            self._ray_plan_wire, self._ray_plan_key = plan_to_wire(self._ray_plan), key
+        plan, plan_wire = self._bucket_plan(dtype, bucket_mb)
         refs = []
         try:
-            for arr in iter_store_buckets(self._ray_plan, named):  # refuses NaN/inf here, not per engine
+            for arr in iter_store_buckets(plan, named):  # refuses NaN/inf here, not per engine
                 refs.append(ray.put(arr))
                 del arr
         except BaseException:
@@ -435,7 +439,7 @@ class PolicyWorker(_DSWorker):
         gather_s = time.perf_counter() - t0
         # One copy in the object store, read by every engine: the refs travel
         # inside a list, so Ray passes them as refs, not as the bytes.
-        results = _engines_get([e.load_store_weights.remote(refs, version, self._ray_plan_wire) for e in engines])
+        results = _engines_get([e.load_store_weights.remote(refs, version, plan_wire) for e in engines])
         del refs
         total = time.perf_counter() - t0
         return {"gather_s": gather_s, "total_s": total, "bytes": results[0]["bytes"],
@@ -455,6 +459,7 @@ class PolicyWorker(_DSWorker):
 
         params = dict(self.engine.module.named_parameters())
         zero3 = self.spec["zero_stage"] == 3
+        keep = self.rank == 0 if keep is None else keep
         for names in layer_groups(list(params)):
             group = [params[n] for n in names]
             # One all-gather per decoder layer, released as the generator moves
@@ -463,12 +468,14 @@ class PolicyWorker(_DSWorker):
                       else contextlib.nullcontext())
             with gather:
                 for n, p in zip(names, group, strict=True):
-                    yield n, (p.data if (self.rank == 0 if keep is None else keep) else None)
+                    yield n, (p.data if keep else None)
 
     def _params_finite(self) -> bool:
         """Each rank checks what it holds (its ZeRO-3 shard, or the full tensor); one all-reduce."""
         import torch
         import torch.distributed as dist
+
+        from ttrl.rollout.nccl_sync import all_finite
 
         held = []
         for p in self.engine.module.parameters():
@@ -476,12 +483,7 @@ class PolicyWorker(_DSWorker):
             t = p.data if t is None else t
             if t.numel() and t.is_floating_point():
                 held.append(t)
-        # A sum per tensor (one read, no temporary the size of the tensor) is finite unless a value is not
-        # or the sum overflowed; only those tensors pay the elementwise check. One host sync for all sums.
-        sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in held]
-        flags = torch.isfinite(torch.stack(sums)).tolist() if sums else []
-        good = all(bool(torch.isfinite(t).all()) for t, f in zip(held, flags, strict=True) if not f)
-        ok = torch.tensor([float(good)], device="cuda" if self.device == "cuda" else "cpu")
+        ok = torch.tensor([float(all_finite(held))], device="cuda" if self.device == "cuda" else "cpu")
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item())
 
@@ -495,9 +497,6 @@ class PolicyWorker(_DSWorker):
             NcclWeightSender,
             check_distinct_gpus,
             gpu_uuid,
-            param_specs,
-            plan_buckets,
-            plan_to_wire,
             rank_offsets,
         )
 
@@ -505,8 +504,7 @@ class PolicyWorker(_DSWorker):
             self._sender.close()  # a group cannot take in a restarted engine: build a new one
         # Names, full shapes and the engine dtype fix the plan: make it once and
         # let every engine refuse it before any byte moves.
-        self._plan = plan_buckets(param_specs(self.engine.module.named_parameters(), dtype), bucket_mb << 20)
-        self._plan_wire = plan_to_wire(self._plan)
+        self._plan, self._plan_wire = self._bucket_plan(dtype, bucket_mb)
         ray.get([e.check_weight_plan.remote(self._plan_wire) for e in engines])
         uuids = ray.get([e.device_uuids.remote() for e in engines])  # [engine][worker]
         check_distinct_gpus(gpu_uuid(), [u for us in uuids for u in us])
@@ -604,9 +602,6 @@ class PolicyWorker(_DSWorker):
             _all_finite,
             _in_plan_order,
             pack_into,
-            param_specs,
-            plan_buckets,
-            plan_to_wire,
             slot_view,
             to_dtype,
         )
@@ -621,12 +616,8 @@ class PolicyWorker(_DSWorker):
             for _ in named:  # take part in every gather
                 pass
             return {}
-        key = (dtype, bucket_mb)
-        if getattr(self, "_ipc_plan_key", None) != key:  # names and full shapes do not change during a run
-            self._ipc_plan = plan_buckets(param_specs(self.engine.module.named_parameters(), dtype),
-                                          bucket_mb << 20)
-            self._ipc_plan_wire, self._ipc_plan_key = plan_to_wire(self._ipc_plan), key
-        plan, device = self._ipc_plan, self._local_device()
+        plan, plan_wire = self._bucket_plan(dtype, bucket_mb)
+        device = self._local_device()
         # Only a cast to float16 can overflow a finite weight.
         check_cast = to_dtype(dtype) == torch.float16
         deadline: float | None = None  # set once the engine has begun the round (see below)
@@ -651,7 +642,7 @@ class PolicyWorker(_DSWorker):
             t_begin = time.perf_counter()
             # No deadline for the start: with rollout.overlap the call queues behind the engine's
             # generation of the next step, which is not a stall. A dead engine still ends the wait.
-            wait(engine.begin_shared_sync.remote(self._ipc_plan_wire))
+            wait(engine.begin_shared_sync.remote(plan_wire))
             begun = True
             begin_s = time.perf_counter() - t_begin
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
