@@ -819,6 +819,16 @@ class SafetyConfig:
     # (README, Reliability): healthy runs never averaged below -0.005, the
     # random-reward control fell through -0.03 by about step 11.
     max_consensus_drop: Optional[float] = 0.03
+    # A reward that does not side with the vote: `label/vote_alignment` (of
+    # the (agreeing, dissenting) sample pairs of a prompt, the share in which
+    # the reward pays the sample that agrees with the prompt's vote; 1 for
+    # majority vote, 0.5 for a reward blind to the vote such as the random
+    # control) averaged over the window, falling below this. Calibrated on
+    # the demo (README, Reliability): token entropy and self-certainty, which
+    # collapse there, averaged 0.43-0.52 from step 3; trajectory log-prob,
+    # which learns, 0.97-0.99. On a task whose starting votes are mostly
+    # wrong a good judge pays dissenters often: lower it or set null there.
+    min_vote_alignment: Optional[float] = 0.55
     flip_confident: float = 0.5
     # Before the first step, vote on this many prompts (n_votes samples each,
     # the rollout's sampling) with the starting policy, so vote drift is
@@ -841,6 +851,7 @@ def _check_safety(s: Section) -> None:
     s.one_of("action", ("warn", "stop", "rollback"))
     s.at_least(1, "window")
     s.share("max_flip_rate", "max_first_vote_drift", "flip_confident", why="a share of prompts")
+    s.share("min_vote_alignment", why="a share of sample pairs")
     s.share("max_majority_ratio", "max_eval_drop", "max_consensus_drop")
     s.at_least(0, "anchor_prompts", why="0 is no anchor pass")
     s.at_least(0, "min_entropy", "min_response_length", "max_response_length", "max_rollbacks")

@@ -211,6 +211,7 @@ BAD: dict[str, Any] = {
     "safety.max_response_length": -1.0,
     "safety.max_eval_drop": 2.0,
     "safety.max_consensus_drop": 1.5,
+    "safety.min_vote_alignment": 1.2,
     "safety.lr_factor": 0.0,
     "safety.max_rollbacks": -1,
     "faults.nan_loss_at_steps": [0],

@@ -22,7 +22,8 @@ PANELS = [
     ("label-free signals (the guard's)", [("label/majority_ratio", "majority ratio"),
                                           ("label/flip_rate", "confident votes flipped"),
                                           ("label/first_vote_drift", "votes changed since first visit"),
-                                          ("label/consensus_change", "majority ratio change since first visit")]),
+                                          ("label/consensus_change", "majority ratio change since first visit"),
+                                          ("label/vote_alignment", "reward sides with the vote (pairs)")]),
     ("reward", [("reward/mean", "mean reward")]),
     ("entropy", [("train/entropy", "token entropy (nats)")]),
 ]

@@ -68,7 +68,7 @@ def replay_votes(vote_rows: Iterable[dict[str, Any]], safety: Any,
     by_step: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for r in vote_rows:
         by_step[int(r["step"])].append(r)
-    extra = {int(r["step"]): {k: v for k, v in r.items() if k.startswith(("train/", "rollout/", "label/majority"))}
+    extra = {int(r["step"]): {k: v for k, v in r.items() if k.startswith(("train/", "rollout/", "label/majority", "label/vote_alignment"))}
              for r in metric_rows if "step" in r}
     tracker = VoteTracker(safety.flip_confident)
     anchor = by_step.pop(0, [])

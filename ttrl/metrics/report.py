@@ -31,7 +31,8 @@ def eval_line(row: dict[str, float]) -> str:
 def guard_summary(sf: Any, vote_signals: bool = True) -> str:
     """The collapse detectors that are on, in a few words."""
     votes = (("vote flips", sf.max_flip_rate), ("vote drift", sf.max_first_vote_drift),
-             ("vote consensus", sf.max_consensus_drop)) if vote_signals else ()
+             ("vote consensus", sf.max_consensus_drop), ("reward-vote alignment", sf.min_vote_alignment)) \
+        if vote_signals else ()
     on = [name for name, value in (*votes, ("entropy", sf.min_entropy), ("majority ratio", sf.max_majority_ratio),
                                    ("eval drop", sf.max_eval_drop)) if value is not None]
     return "watching " + ", ".join(on) if on else "no detector on"

@@ -58,6 +58,7 @@ class CollapseDetector:
             ("label/first_vote_drift", c.max_first_vote_drift if self.vote_signals else None, "above"),
             ("label/consensus_change",
              -c.max_consensus_drop if self.vote_signals and c.max_consensus_drop is not None else None, "below"),
+            ("label/vote_alignment", c.min_vote_alignment if self.vote_signals else None, "below"),
             ("train/entropy", c.min_entropy, "below"),
             ("label/majority_ratio", c.max_majority_ratio, "above"),
             ("rollout/response_length", c.min_response_length, "below"),
@@ -157,6 +158,35 @@ class VoteTracker:
         if confident:
             out["label/flip_rate"] = flips / confident
         return out
+
+
+def vote_alignment(rewards: Sequence[Sequence[float]], votes: Sequence[Any]) -> dict[str, float]:
+    """`label/vote_alignment`: how far the reward sides with the vote it trains against.
+
+    For each prompt whose samples both agree and disagree with its vote and
+    whose rewards are not all equal, the share of (agreeing, disagreeing)
+    sample pairs in which the agreeing sample is paid more (a tie counts
+    half): 1 when the reward pays the majority's answer (majority vote, soft
+    majority), 0.5 when it ignores it (a random reward), below 0.5 when it
+    pays the answers the vote rejects. Averaged over those prompts. A reward
+    that does not vote (token entropy, self-certainty, a learned judge) can
+    drift the policy off its own consensus from the first step, faster than
+    the vote signals above see it: on the demo's warm start such rewards pay
+    a slipped carry by a hair, and the votes follow within ten steps.
+    Reads rewards and votes only, no ground truth; prompts with one kind of
+    sample or one reward value push nothing either way and are left out.
+    """
+    scores = []
+    for row, vote in zip(rewards, votes):
+        if getattr(vote, "winner", None) is None or len(set(row)) < 2:
+            continue
+        agree = [r for i, r in enumerate(row) if vote.agrees(i)]
+        other = [r for i, r in enumerate(row) if not vote.agrees(i)]
+        if not agree or not other:
+            continue
+        won = sum((a > b) + 0.5 * (a == b) for a in agree for b in other)
+        scores.append(won / (len(agree) * len(other)))
+    return {"label/vote_alignment": sum(scores) / len(scores)} if scores else {}
 
 
 class Guard:

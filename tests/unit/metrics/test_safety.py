@@ -224,9 +224,35 @@ def test_consensus_drop_fires_below_its_negative_limit_and_only_for_label_free_r
     assert [off.update(r) for r in rows] == [[], [], []]
 
 
+def test_vote_alignment_reads_which_side_of_the_vote_the_reward_pays():
+    from ttrl.labeling.vote import majority_vote
+    from ttrl.metrics.safety import vote_alignment
+
+    vote = majority_vote(["7", "7", "7", "9"])  # samples 0-2 agree, 3 does not
+    assert vote_alignment([[1, 1, 1, 0]], [vote]) == {"label/vote_alignment": 1.0}   # majority vote's reward
+    assert vote_alignment([[0, 0, 0, 1]], [vote]) == {"label/vote_alignment": 0.0}   # pays the dissenter
+    # Pairs (agree, dissent): 0.5 beats 0.2, ties 0.3 (half), loses to 0.9 -> (1 + 0.5 + 0) / 3.
+    assert vote_alignment([[0.5, 0.3, 0.1, 0.3]], [vote])["label/vote_alignment"] == pytest.approx(0.5)
+    # Prompts that push nothing either way are left out: all equal rewards, a unanimous vote, no answer at all.
+    unanimous, none = majority_vote(["4", "4", "4", "4"]), majority_vote([None, None, None, None])
+    rows = vote_alignment([[0.2] * 4, [1, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1]], [vote, unanimous, none, vote])
+    assert rows == {"label/vote_alignment": 0.0}
+    assert vote_alignment([[1, 1, 1, 1]], [vote]) == {}
+
+
+def test_vote_alignment_fires_below_its_limit_and_only_for_label_free_runs():
+    rows = [{"label/vote_alignment": v} for v in (0.45, 0.35, 0.3)]  # averages 0.367 at the third
+    det = CollapseDetector(_cfg(window=3, min_vote_alignment=0.4).safety)
+    assert [det.update(r) for r in rows[:2]] == [[], []]
+    events = det.update(rows[2])
+    assert [e.signal for e in events] == ["label/vote_alignment"] and "below 0.4" in events[0].message
+    assert [CollapseDetector(_cfg(window=3).safety, vote_signals=False).update(r) for r in rows] == [[], [], []]
+    assert [CollapseDetector(_cfg(window=3, min_vote_alignment=None).safety).update(r) for r in rows] == [[], [], []]
+
+
 @pytest.mark.parametrize("key, value", [("max_flip_rate", 1.5), ("max_first_vote_drift", -0.1),
                                         ("flip_confident", 2.0), ("anchor_prompts", -1),
-                                        ("max_consensus_drop", 1.5)])
+                                        ("max_consensus_drop", 1.5), ("min_vote_alignment", 1.2)])
 def test_vote_signal_settings_are_validated_naming_the_key(key, value):
     from tests.conftest import compose_config
     from ttrl.config import ConfigError, validate
@@ -271,6 +297,24 @@ def test_default_guard_stays_quiet_on_the_recorded_healthy_run():
     assert evals[-1]["eval/pass@1"] - evals[0]["eval/pass@1"] > 0.15  # it was a good run
     # The majority ratio climbs steadily in a healthy run (0.49 -> 0.79): it is no collapse signal by itself.
     assert rows[-1]["label/majority_ratio"] > 0.75
+
+
+def test_vote_alignment_catches_the_recorded_self_certainty_collapse_at_step_3():
+    # reward=self_certainty pays a slipped carry by a hair: the pairs it decides side with the vote under half the
+    # time from step 1, and the default guard fires at its first full window. The vote signals saw it at step 7,
+    # by when eval maj@16 had fallen 3.9 points at step 5 and was on its way to -8.6 at step 10.
+    rows = SERIES["self_certainty_ws0-0_s0"]
+    assert _replay(rows) == 3
+    assert _replay(rows, min_vote_alignment=None) == 7
+    evals = {r["step"]: r["eval/maj@16"] for r in rows if "eval/maj@16" in r}
+    assert evals[0] - evals[5] < 0.05 < evals[0] - evals[10]
+
+
+def test_vote_alignment_stays_high_on_the_recorded_healthy_intrinsic_reward():
+    # reward=trajectory_logprob learns (maj@16 0.984 -> 1.000): a slip costs log-prob, so it pays the vote's side.
+    rows = SERIES["trajectory_logprob_ws0-0_s0"]
+    assert _replay(rows) is None
+    assert min(r["label/vote_alignment"] for r in rows if "label/vote_alignment" in r) > 0.9
 
 
 # ── the default guard on recorded votes (anchored, as runs record them now) ──
