@@ -308,6 +308,8 @@ class Learner:
         return {p.id: by_text[p.text] for p in prompts if p.text in by_text}
 
     def run_round(self, why: str = "manual") -> dict[str, Any]:
+        from omegaconf import OmegaConf
+
         from ttrl.metrics.safety import CollapseDetector
 
         cfg, ln = self.cfg, self.cfg.serve.learn
@@ -333,7 +335,10 @@ class Learner:
                 P = cfg.data.prompts_per_step
                 order = list({q["prompt"]: q for q in train}.values())  # each prompt once per pass
                 self.rng.shuffle(order)
-                detector = CollapseDetector(cfg.safety)
+                # Feedback replaces the vote's rewards on rated prompts by design, so
+                # a reward that sides against the vote is the point here, not a collapse.
+                safety = OmegaConf.merge(cfg.safety, {"min_vote_alignment": None})
+                detector = CollapseDetector(safety)
                 events: list[str] = []
                 step_rows: list[dict[str, float]] = []
                 corrected = 0
