@@ -57,18 +57,23 @@ BASE = ["experiment=demo", *WARM, "serve.port=0", "trainer.num_workers=1", "logg
         "serve.learn.every_queries=0", *EXTRA]
 N_PROMPTS, REPS = 64, 8  # 512 graded plain answers per measurement: s.e. about 0.022 at accuracy 0.5
 # Chapter 1 learns with TTRL + feedback; the gate's frozen set is grown from the first queries.
-# A few steps on a few dozen prompts: a higher learning rate than the demo's 80-step run (3e-5).
-# The gate judges 24 held-out prompts x 16 samples; the candidate gains about +0.03..+0.09 there
-# (the paired s.e. is about 0.04), so a tolerance of 0.05 keeps a good round from being rejected
-# by sampling noise. Chapter 2 keeps the default (0.03).
-LEARN_STEPS = 8
-LEARN = ["trainer.lr=1e-4", f"serve.learn.steps={LEARN_STEPS}", "serve.gate.regression_size=24",
-         "serve.gate.tolerance=0.05"]
+# The gate judges about 20 held-out prompts x 16 samples (paired s.e. of the difference about 0.04),
+# prompts the round does not train on: what it must show is that learning does not hurt them.
+# Measured on three 300-step warm starts (model.warmstart.seed 0, 1, 2; one round each):
+#   trainer.lr=1e-4, 8 steps:   gate -0.031, 0.000, +0.005 (and -0.079 on CI's machine: rejected)
+#   trainer.lr=3e-5, 16 steps:  gate +0.020, +0.043, -0.005
+# and the served prompts (which the round trains on) +0.05..+0.10 either way. So the demo's
+# learning rate for twice the steps, and a tolerance of 2 s.e.: a round that does no harm
+# on the held-out prompts is promoted on any warm start.
+LEARN_STEPS = 16
+LEARN = ["trainer.lr=3e-5", f"serve.learn.steps={LEARN_STEPS}", "serve.gate.regression_size=24",
+         "serve.gate.tolerance=0.08"]
 # Chapter 2: TTRL's reward inverted, feedback off (it would correct the inverted labels),
 # judged on a small labelled regression set the user gives. (The learning rate is chapter 1's:
-# a restart resumes the trainer's optimizer and schedule from the served version.)
+# a restart resumes the trainer's optimizer and schedule from the served version; as many
+# steps as chapter 1, so the harm is measured at the same dose as the good round's gain.)
 HARMFUL = ["reward=custom", "reward.fn=ttrl.serve.testing:contrarian_reward", "serve.learn.feedback=false",
-           "serve.learn.steps=6"]
+           f"serve.learn.steps={LEARN_STEPS}"]
 
 
 def _grade(text: str | None, answer: str) -> bool:
