@@ -178,10 +178,12 @@ def vote_alignment(rewards: Sequence[Sequence[float]], votes: Sequence[Any]) -> 
     """
     scores = []
     for row, vote in zip(rewards, votes):
-        if getattr(vote, "winner", None) is None or len(set(row)) < 2:
+        if vote is None or len(set(row)) < 2:
             continue
-        agree = [r for i, r in enumerate(row) if vote.agrees(i)]
-        other = [r for i, r in enumerate(row) if not vote.agrees(i)]
+        agree: list[float] = []
+        other: list[float] = []
+        for i, r in enumerate(row):
+            (agree if vote.agrees(i) else other).append(r)
         if not agree or not other:
             continue
         won = sum((a > b) + 0.5 * (a == b) for a in agree for b in other)

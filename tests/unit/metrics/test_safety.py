@@ -235,7 +235,9 @@ def test_vote_alignment_reads_which_side_of_the_vote_the_reward_pays():
     assert vote_alignment([[0.5, 0.3, 0.1, 0.3]], [vote])["label/vote_alignment"] == pytest.approx(0.5)
     # Prompts that push nothing either way are left out: all equal rewards, a unanimous vote, no answer at all.
     unanimous, none = majority_vote(["4", "4", "4", "4"]), majority_vote([None, None, None, None])
-    rows = vote_alignment([[0.2] * 4, [1, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1]], [vote, unanimous, none, vote])
+    # (and a prompt with no vote object at all)
+    rows = vote_alignment([[0.2] * 4, [1, 0, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 0, 0, 1]],
+                          [vote, unanimous, none, None, vote])
     assert rows == {"label/vote_alignment": 0.0}
     assert vote_alignment([[1, 1, 1, 1]], [vote]) == {}
 
