@@ -84,7 +84,8 @@ def restore(rt: StepRuntime, path: Path, rng: random.Random) -> dict[str, Any]:
     """
     state = json.loads((path / STATE).read_text())
     rt.load(str(path))
-    rs = torch.load(path / "rng.pt", weights_only=False)
+    # weights_only: a checkpoint folder is data, never code to run (a pickle could run anything).
+    rs = torch.load(path / "rng.pt", weights_only=True)
     rng.setstate(rs["python"])
     torch.set_rng_state(rs["torch"])
     return state

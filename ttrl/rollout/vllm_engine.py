@@ -97,15 +97,28 @@ class VLLMEngine:
     def generate(self, prompt_token_ids: list[list[int]], n: int, temperature: float, top_p: float,
                  top_k: int, max_tokens: int, seed: int | None = None) -> list[list[dict[str, Any]]]:
         """n samples per prompt: [prompts][n] dicts of token_ids, logprobs, text, finish_reason."""
+        return self._generate(prompt_token_ids, self._params(n, temperature, top_p, top_k, max_tokens, seed))
+
+    def generate_each(self, prompt_token_ids: list[list[int]], keys: list[tuple]) -> list[list[dict[str, Any]]]:
+        """`generate` with each prompt's own (n, temperature, top_p, top_k, max_tokens, seed), in one batch.
+
+        The server's batches mix requests: a client's own seed or temperature
+        must not cost it (or anyone) a batch of its own.
+        """
+        return self._generate(prompt_token_ids, [self._params(*k) for k in keys])
+
+    @staticmethod
+    def _params(n: int, temperature: float, top_p: float, top_k: int, max_tokens: int, seed: int | None) -> Any:
         from vllm import SamplingParams
 
         # Flat log-probs (a few lists per sample, not an object per token) and
         # no incremental detokenisation, which would also decode every
         # log-prob's token: one batch decode at the end gives the same text.
         # Together they make sampling with log-probs ~19% faster on CPU.
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-                                max_tokens=max_tokens, logprobs=0, seed=seed, flat_logprobs=True,
-                                detokenize=False)
+        return SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                              logprobs=0, seed=seed, flat_logprobs=True, detokenize=False)
+
+    def _generate(self, prompt_token_ids: list[list[int]], params: Any) -> list[list[dict[str, Any]]]:
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False)
         ids = [[list(o.token_ids) for o in req.outputs] for req in outs]
         texts = iter(self.tokenizer.batch_decode([x for per_prompt in ids for x in per_prompt],

@@ -10,11 +10,13 @@
     POST /admin/rollback         {"version": N}: serve (and train from) version N (admin token)
     POST /admin/learn            start a learning round now                        (admin token)
 
-A request is answered only after its record (prompt, samples, vote, answer,
-version) is committed to the store. `Service` holds the request path and
-talks to the engines through an `EnginePool`-like object and to the learner
-and versions through a `Controller`; both are plain objects, so the app
-runs against fakes in unit tests.
+Every request first passes `ttrl.serve.guard.Guard` (Host, Origin, API key,
+per-identity limits, Content-Type, body size; every answer counted). A
+request is answered only after its record (identity, prompt, samples, vote,
+answer, version) is committed to the store. `Service` holds the request
+path and talks to the engines through an `EnginePool`-like object and to
+the learner and versions through a `Controller`; both are plain objects,
+so the app runs against fakes in unit tests.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from starlette.concurrency import run_in_threadpool
 
 from ttrl.labeling.extract import extract_answer
 from ttrl.serve import protocol as P
-from ttrl.serve.auth import check_admin
+from ttrl.serve.auth import ANONYMOUS, check_admin, is_admin
 from ttrl.serve.engines import EngineUnavailable, Overloaded
+from ttrl.serve.guard import Guard, GuardPolicy
 from ttrl.serve.prom import CONTENT_TYPE, Registry
 from ttrl.serve.selection import mean_logprob, select_completion
 from ttrl.serve.store import FeedbackRecord, GroupCommitWriter, QueryRecord, Store
@@ -51,14 +54,18 @@ class Controller(Protocol):
 class ServeMetrics:
     def __init__(self, queue_depth: Callable[[], float], served_version: Callable[[], float]):
         r = self.registry = Registry()
-        self.requests = r.counter("ttrl_requests_total", "HTTP requests by endpoint and status code",
+        self.requests = r.counter("ttrl_requests_total", "HTTP requests by endpoint and status code (every one)",
                                   ["endpoint", "code"])
+        self.refusals = r.counter("ttrl_refusals_total", "Requests refused at the door, by reason "
+                                  "(host, origin, auth, content_type, body_size, requests_per_minute, max_in_flight)",
+                                  ["reason"])
         self.latency = r.histogram("ttrl_request_seconds", "Request latency, arrival to answer (store commit included)",
                                    ["endpoint"])
         self.prompt_tokens = r.counter("ttrl_prompt_tokens_total", "Prompt tokens of answered requests")
         self.generated_tokens = r.counter("ttrl_generated_tokens_total", "Tokens sampled (all votes included)")
         self.answered = r.counter("ttrl_answered_queries_total", "Prompts answered and committed to the store")
-        self.feedback = r.counter("ttrl_feedback_total", "Feedback received", ["verdict"])
+        self.feedback = r.counter("ttrl_feedback_total", "Feedback received (a replaced verdict counts again)",
+                                  ["verdict"])
         self.agreement = r.histogram("ttrl_vote_agreement", "Self-consistency: share of samples in the winning class",
                                      buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
         self.batch_size = r.histogram("ttrl_engine_batch_size", "Prompts per engine call",
@@ -82,6 +89,7 @@ class ServiceConfig:
     admin_token: str | None
     # label.extractor: how a served answer is read, for the vote and the stored record, as the learner reads it.
     extractor: str = "boxed"
+    limits: P.RequestLimits = P.RequestLimits()
 
 
 class Service:
@@ -108,9 +116,10 @@ class Service:
         if not ids:
             raise P.RequestError("the prompt is empty after tokenisation", "prompt")
 
-    async def _answer_one(self, ids: list[int], s: P.Sampling) -> tuple[list[dict], list[dict], int, Any]:
+    async def _answer_one(self, ids: list[int], s: P.Sampling, client: str
+                          ) -> tuple[list[dict], list[dict], int, Any]:
         """(returned choices, all samples, version, selection or None) for one prompt."""
-        samples, version = await self.pool.generate(ids, s.engine_key())
+        samples, version = await self.pool.generate(ids, s.engine_key(), client)
         self.metrics.generated_tokens.inc(sum(len(o["token_ids"]) for o in samples))
         selection = None
         if s.votes > 1:
@@ -129,14 +138,15 @@ class Service:
         return choices, samples, version, selection
 
     async def complete(self, endpoint: str, prompts: list[str], prompt_ids: list[list[int]], s: P.Sampling,
-                       request: dict, t0: float) -> dict[str, Any]:
+                       request: dict, t0: float, client: str = ANONYMOUS) -> dict[str, Any]:
         prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
         rid = P.new_id(prefix)
         for ids in prompt_ids:
             self._check_length(ids, s)
         try:
-            results = await asyncio.wait_for(asyncio.gather(*(self._answer_one(ids, s) for ids in prompt_ids)),
-                                             timeout=self.scfg.request_timeout_s)
+            results = await asyncio.wait_for(
+                asyncio.gather(*(self._answer_one(ids, s, client) for ids in prompt_ids)),
+                timeout=self.scfg.request_timeout_s)
         except TimeoutError:
             raise P.RequestError(f"no answer within serve.request_timeout_s={self.scfg.request_timeout_s:g}s",
                                  status=504, kind="timeout") from None
@@ -157,7 +167,7 @@ class Service:
                 samples=[{"text": o["text"], "answer": a, "mean_logprob": _finite(mean_logprob(o)),
                           "tokens": len(o["token_ids"]), "chosen": sel is not None and j == sel.index}
                          for j, (o, a) in enumerate(zip(samples, answers))],
-                request=request, latency_s=time.perf_counter() - t0))
+                request=request, latency_s=time.perf_counter() - t0, client=client))
             choices.extend(picked)
             extras.append({"version": v, "votes": s.votes, "answer": records[-1].answer,
                            "agreement": records[-1].agreement})
@@ -173,17 +183,22 @@ class Service:
         build = P.chat_body if endpoint == "chat" else P.completion_body
         return build(rid, self.scfg.model_name, choices, usage, version, extra)
 
-    def feedback(self, body: Any) -> dict[str, Any]:
-        rid, index, score, comment = P.parse_feedback(body)
+    def feedback(self, body: Any, client: str = ANONYMOUS) -> dict[str, Any]:
+        """Store one identity's verdict on a text it was served; its earlier verdict on that text is replaced."""
+        rid, index, score, comment = P.parse_feedback(body, self.scfg.limits)
         rows = self.store.get_request(rid)
-        if not rows:
-            raise P.RequestError(f"no response with id {rid!r} in the store", "id", status=404, kind="not_found")
+        # Only the identity that got a response may rate it; to anyone else it does not exist.
+        if not rows or rows[0].get("client", ANONYMOUS) != client:
+            raise P.RequestError(f"no response with id {rid!r} was given to this client", "id", status=404,
+                                 kind="not_found")
         # Choice `index` counts across the prompts of the request, as in the response.
         for r in rows:
             if index < len(r["response"]):
-                fid = self.store.add_feedback(FeedbackRecord(rid, r["idx"], index, score, comment))
+                fid, replaced = self.store.add_feedback(
+                    FeedbackRecord(rid, r["idx"], index, score, comment, client=client))
                 self.metrics.feedback.inc(verdict="up" if score >= 0.5 else "down")
-                return {"ok": True, "feedback_id": fid, "id": rid, "index": index, "score": score}
+                return {"ok": True, "feedback_id": fid, "id": rid, "index": body.get("index", 0), "score": score,
+                        "replaced": replaced}
             index -= len(r["response"])
         raise P.RequestError(f"response {rid!r} has no choice {body.get('index')}", "index", status=404,
                              kind="not_found")
@@ -193,53 +208,63 @@ def _finite(x: float) -> float | None:
     return x if x == x and abs(x) != float("inf") else None
 
 
-def build_app(service: Service) -> FastAPI:
+def build_app(service: Service, policy: GuardPolicy | None = None) -> Guard:
+    """The API behind its guard (`policy` None: loopback names, no keys, serve.limits' defaults)."""
+    from ttrl.serve.guard import allowed_host_set
+    from ttrl.serve.limits import ClientLimits
+
     app = FastAPI(title="ttrl-serve", docs_url=None, redoc_url=None, openapi_url=None)
     m = service.metrics
+    if policy is None:
+        policy = GuardPolicy(allowed_hosts=allowed_host_set([], "127.0.0.1"), cors_origins=frozenset(),
+                             max_body_bytes=1 << 20, api_keys=None, admin_token=service.scfg.admin_token,
+                             limits=ClientLimits(600.0, 60, 16))
 
-    def error(err: P.RequestError, endpoint: str, t0: float) -> JSONResponse:
-        m.requests.inc(endpoint=endpoint, code=str(err.status))
-        m.latency.observe(time.perf_counter() - t0, endpoint=endpoint)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        # An OpenAI-style body for a bug's 500 too (Starlette re-raises it after: the guard logs the traceback).
+        return JSONResponse({"error": {"message": f"internal error ({type(exc).__name__}); the server logged it",
+                                       "type": "server_error", "param": None, "code": None}}, status_code=500)
+
+    app.add_exception_handler(Exception, crashed)
+
+    def error(err: P.RequestError) -> JSONResponse:
         headers = {"Retry-After": "1"} if err.status == 503 else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     async def body_of(request: Request) -> Any:
-        try:
-            return await request.json()
-        except Exception:  # noqa: BLE001
-            raise P.RequestError("the request body is not valid JSON") from None
+        return P.parse_body(await request.body())
 
-    def ok(payload: dict, endpoint: str, t0: float) -> JSONResponse:
-        m.requests.inc(endpoint=endpoint, code="200")
-        m.latency.observe(time.perf_counter() - t0, endpoint=endpoint)
-        return JSONResponse(payload)
+    def identity(request: Request) -> str:
+        return getattr(request.state, "identity", None) or ANONYMOUS
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         t0 = time.perf_counter()
         try:
             body = await body_of(request)
-            req = P.parse_completion(body, service.scfg.defaults)
+            req = P.parse_completion(body, service.scfg.defaults, service.scfg.limits)
             if req.prompt_ids is not None:
                 texts = [service.tokenizer.decode(ids) for ids in req.prompt_ids]
                 ids = req.prompt_ids
             else:
                 texts = req.prompts
                 ids = [service._tokens(t) for t in texts]
-            return ok(await service.complete("completions", texts, ids, req.sampling, body, t0), "completions", t0)
+            return JSONResponse(await service.complete("completions", texts, ids, req.sampling, body, t0,
+                                                       identity(request)))
         except P.RequestError as err:
-            return error(err, "completions", t0)
+            return error(err)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         t0 = time.perf_counter()
         try:
             body = await body_of(request)
-            messages, sampling, _ = P.parse_chat(body, service.scfg.defaults)
+            messages, sampling, _ = P.parse_chat(body, service.scfg.defaults, service.scfg.limits)
             text = P.render_chat(messages, service.model_cfg, service.tokenizer)
-            return ok(await service.complete("chat", [text], [service._tokens(text)], sampling, body, t0), "chat", t0)
+            return JSONResponse(await service.complete("chat", [text], [service._tokens(text)], sampling, body, t0,
+                                                       identity(request)))
         except P.RequestError as err:
-            return error(err, "chat", t0)
+            return error(err)
 
     @app.get("/v1/models")
     async def models():
@@ -248,15 +273,17 @@ def build_app(service: Service) -> FastAPI:
 
     @app.post("/v1/feedback")
     async def feedback(request: Request):
-        t0 = time.perf_counter()
         try:
             body = await body_of(request)
-            return ok(await run_in_threadpool(service.feedback, body), "feedback", t0)
+            return JSONResponse(await run_in_threadpool(service.feedback, body, identity(request)))
         except P.RequestError as err:
-            return error(err, "feedback", t0)
+            return error(err)
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        # Liveness for anyone who reaches the door; the details (versions, learner, alerts) for the admin.
+        if not is_admin(dict(request.headers), service.scfg.admin_token):
+            return {"status": "ok"}
         return {"status": "ok", "model": service.scfg.model_name, "version": service.controller.served_version(),
                 "uptime_s": time.time() - service.started,
                 "engines": service.pool.stats() if hasattr(service.pool, "stats") else None,
@@ -266,46 +293,42 @@ def build_app(service: Service) -> FastAPI:
     async def metrics():
         return PlainTextResponse(m.registry.render(), media_type=CONTENT_TYPE)
 
-    def admin_denied(request: Request, endpoint: str, t0: float) -> JSONResponse | None:
+    def admin_denied(request: Request) -> JSONResponse | None:
         denied = check_admin(dict(request.headers), service.scfg.admin_token)
         if denied is None:
             return None
         return error(P.RequestError(denied.message, status=denied.status,
-                                    kind="authentication_error" if denied.status == 401 else "permission_error"),
-                     endpoint, t0)
+                                    kind="authentication_error" if denied.status == 401 else "permission_error"))
 
     @app.get("/admin/versions")
     async def versions(request: Request):
-        t0 = time.perf_counter()
-        if (resp := admin_denied(request, "admin", t0)) is not None:
+        if (resp := admin_denied(request)) is not None:
             return resp
-        return ok(await run_in_threadpool(service.controller.versions), "admin", t0)
+        return JSONResponse(await run_in_threadpool(service.controller.versions))
 
     @app.post("/admin/rollback")
     async def rollback(request: Request):
-        t0 = time.perf_counter()
-        if (resp := admin_denied(request, "admin", t0)) is not None:
+        if (resp := admin_denied(request)) is not None:
             return resp
         try:
             body = await body_of(request)
             v = body.get("version") if isinstance(body, dict) else None
             if isinstance(v, bool) or not isinstance(v, int):
                 raise P.RequestError("send {\"version\": N}, N a kept version (see /admin/versions)", "version")
-            return ok(await run_in_threadpool(service.controller.rollback, v), "admin", t0)
+            return JSONResponse(await run_in_threadpool(service.controller.rollback, v))
         except P.RequestError as err:
-            return error(err, "admin", t0)
+            return error(err)
 
     @app.post("/admin/learn")
     async def learn_now(request: Request):
-        t0 = time.perf_counter()
-        if (resp := admin_denied(request, "admin", t0)) is not None:
+        if (resp := admin_denied(request)) is not None:
             return resp
         try:
-            return ok(await run_in_threadpool(service.controller.learn_now), "admin", t0)
+            return JSONResponse(await run_in_threadpool(service.controller.learn_now))
         except P.RequestError as err:
-            return error(err, "admin", t0)
+            return error(err)
 
-    return app
+    return Guard(app, policy, m)
 
 
 __all__ = ["Controller", "Service", "ServiceConfig", "build_app"]

@@ -1,21 +1,43 @@
-"""The admin token: where it comes from and how a request proves it has it.
+"""Who is asking: API keys for /v1/*, the admin token for /admin/*.
+
+API keys live in a file of `name:key` lines (`serve.api_keys_file`, or the
+file named by $TTRL_API_KEYS_FILE), never on the command line or in the
+config: a key there would show in `ps` and be written to config.yaml. A
+request sends `Authorization: Bearer <key>`; the key's *name* is the
+client's identity, which the store keeps with every query and rating and
+which the learner counts (quorums, shares). Without keys every client is
+the one identity "anonymous".
 
 `/admin/*` (versions, rollback, a learning round on demand) changes what is
-served, so it takes a token: `serve.admin_token`, else the environment
-variable `serve.admin_token_env` (TTRL_ADMIN_TOKEN). With neither, the
-admin API is off (403), never open. A request sends
-`Authorization: Bearer <token>` (or `X-Admin-Token: <token>`); tokens are
-compared in constant time. Pure Python.
+served, so it takes a token from the environment variable
+`serve.admin_token_env` (TTRL_ADMIN_TOKEN). Without it the admin API is off
+(403), never open.
+
+Keys and tokens are compared in constant time (every stored key is compared,
+whatever matched first) and never logged: errors name the file and line,
+never the key. Pure Python.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 MIN_TOKEN_CHARS = 8
+MIN_KEY_CHARS = 16
+ANONYMOUS = "anonymous"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+# Printable ASCII without space and ':' (the field separator).
+_KEY = re.compile(r"^[!-9;-~]+$")
+
+
+class KeysFileError(ValueError):
+    """A keys file that cannot be used; the message names the file and line, never a key."""
 
 
 @dataclass(frozen=True)
@@ -24,35 +46,120 @@ class Denied:
     message: str
 
 
-def resolve_admin_token(configured: str | None, env_name: str | None,
-                        environ: Mapping[str, str] | None = None) -> str | None:
-    """The configured token, else the environment's, else None (admin API off)."""
+def load_api_keys(path: str | Path) -> dict[str, str]:
+    """name -> key from a file of `name:key` lines (`#` comments and blank lines allowed)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise KeysFileError(f"cannot read {path}: {type(err).__name__}") from None
+    keys: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    for no, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, key = line.partition(":")
+        name, key = name.strip(), key.strip()
+        where = f"{path} line {no}"
+        if not sep or not name or not key:
+            raise KeysFileError(f"{where} is not a `name:key` line")
+        if not _NAME.match(name):
+            raise KeysFileError(f"{where}: the name {name!r} must be 1-64 letters, digits or _.@- (starting with a "
+                                "letter or digit)")
+        if name == ANONYMOUS:
+            raise KeysFileError(f"{where}: the name {ANONYMOUS!r} is reserved for clients without a key")
+        if len(key) < MIN_KEY_CHARS or not _KEY.match(key):
+            raise KeysFileError(f"{where}: the key of {name!r} must be at least {MIN_KEY_CHARS} printable ASCII "
+                                "characters without spaces or ':'")
+        if name in keys:
+            raise KeysFileError(f"{where}: the name {name!r} is already on line {seen[name]}")
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        if any(hashlib.sha256(k.encode()).hexdigest() == digest for k in keys.values()):
+            raise KeysFileError(f"{where}: the key of {name!r} is also another name's key")
+        keys[name] = key
+        seen[name] = no
+    if not keys:
+        raise KeysFileError(f"{path} holds no `name:key` line")
+    return keys
+
+
+def loosely_readable(path: str | Path) -> bool:
+    """Whether users other than the owner may read the file (a warning, not an error: CI boxes run as root)."""
+    try:
+        return bool(os.stat(path).st_mode & 0o044)
+    except OSError:
+        return False
+
+
+class ApiKeys:
+    """Bearer key -> identity, in constant time over all keys."""
+
+    def __init__(self, keys: Mapping[str, str]):
+        # Compare digests: equal length whatever was sent, so compare_digest's time says nothing.
+        self._entries = [(name, hashlib.sha256(key.encode()).digest()) for name, key in keys.items()]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ApiKeys:
+        return cls(load_api_keys(path))
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self._entries]
+
+    def identify(self, presented: str | None) -> str | None:
+        """The name of the presented key, or None."""
+        if not presented:
+            return None
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
+        found = None
+        for name, stored in self._entries:
+            if hmac.compare_digest(digest, stored) and found is None:
+                found = name
+        return found
+
+
+def resolve_admin_token(env_name: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The environment's admin token, or None (admin API off)."""
     environ = os.environ if environ is None else environ
-    token = configured or (environ.get(env_name) if env_name else None) or None
+    token = (environ.get(env_name) if env_name else None) or None
     if token is not None and len(token) < MIN_TOKEN_CHARS:
-        raise ValueError(f"the admin token must have at least {MIN_TOKEN_CHARS} characters")
+        raise ValueError(f"the admin token (${env_name}) must have at least {MIN_TOKEN_CHARS} characters")
     return token
 
 
-def presented_token(headers: Mapping[str, str]) -> str | None:
-    """The token a request carries (header names are case-insensitive)."""
+def bearer(headers: Mapping[str, str]) -> str | None:
+    """The bearer credential a request carries (header names are case-insensitive)."""
     lower = {k.lower(): v for k, v in headers.items()}
     auth = lower.get("authorization", "")
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip() or None
-    return lower.get("x-admin-token") or None
+    return None
+
+
+def presented_token(headers: Mapping[str, str]) -> str | None:
+    """The admin token a request carries: a bearer credential or X-Admin-Token."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    return bearer(headers) or lower.get("x-admin-token") or None
+
+
+def is_admin(headers: Mapping[str, str], token: str | None) -> bool:
+    given = presented_token(headers)
+    return token is not None and given is not None and hmac.compare_digest(
+        hashlib.sha256(given.encode("utf-8", "surrogatepass")).digest(), hashlib.sha256(token.encode()).digest())
 
 
 def check_admin(headers: Mapping[str, str], token: str | None) -> Denied | None:
     """None when the request may use the admin API, else why not."""
     if token is None:
-        return Denied(403, "the admin API is off: set serve.admin_token or the TTRL_ADMIN_TOKEN environment variable")
-    given = presented_token(headers)
-    if given is None:
+        return Denied(403, "the admin API is off: set the TTRL_ADMIN_TOKEN environment variable "
+                           "(serve.admin_token_env)")
+    if presented_token(headers) is None:
         return Denied(401, "admin token missing: send 'Authorization: Bearer <token>'")
-    if not hmac.compare_digest(given.encode(), token.encode()):
+    if not is_admin(headers, token):
         return Denied(401, "admin token invalid")
     return None
 
 
-__all__ = ["Denied", "check_admin", "presented_token", "resolve_admin_token"]
+__all__ = ["ANONYMOUS", "ApiKeys", "Denied", "KeysFileError", "bearer", "check_admin", "is_admin",
+           "load_api_keys", "loosely_readable", "presented_token", "resolve_admin_token"]

@@ -14,11 +14,16 @@ instant.
 from __future__ import annotations
 
 import ipaddress
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 from ttrl.config import ConfigError, TTRLConfig, validate
+
+API_KEYS_ENV = "TTRL_API_KEYS_FILE"
 
 
 @dataclass
@@ -34,11 +39,20 @@ class ServeLearnConfig:
     # learn() steps per round: each takes data.prompts_per_step buffered queries
     # (cycled when fewer arrived), n_votes samples each on the staging engine.
     steps: int = 4
-    # User feedback (/v1/feedback) corrects the majority vote of its query:
-    # a thumbs-up makes the served answer the label, a thumbs-down vetoes it.
+    # User feedback (/v1/feedback) corrects the majority vote of its prompt, but only
+    # when it is earned: an answer becomes the label (thumbs-up) or is vetoed
+    # (thumbs-down) when `feedback_quorum` distinct identities agree on it, or
+    # when one of serve.trusted_raters says so. One identity alone changes nothing.
     feedback: bool = True
+    feedback_quorum: int = 2
     # At most this many of the newest unused queries go into one round.
     max_buffer: int = 4096
+    # One identity supplies at most this share of a round's prompts (the rest of
+    # its queries wait); with a single identity's queries there is no round.
+    max_client_share: float = 0.5
+    # A query whose rollout failed this many rounds is quarantined: kept in the
+    # store, never trained on, so the next round goes on without it.
+    max_row_failures: int = 2
 
 
 @dataclass
@@ -47,13 +61,20 @@ class ServeGateConfig:
 
     # A labelled JSON Lines file (data.problem_key / data.answer_key); null =
     # a frozen, held-out set of earlier queries: high-agreement pseudo-labels,
-    # or answers a user gave a thumbs-up (ratings also override frozen labels).
+    # or answers whose thumbs-up was earned (quorum or a trusted rater, as in
+    # serve.learn.feedback_quorum); earned ratings also override frozen labels.
     regression_set: Optional[str] = None
-    # Size of the frozen set (its prompts are never trained on).
+    # Size of the frozen set (its prompts are not trained on while they are in it).
     regression_size: int = 32
     # A query joins the frozen set when this share of its n_votes samples agree
-    # (or when one of its answers got a thumbs-up).
+    # (or when a thumbs-up on one of its answers was earned) ...
     min_agreement: float = 0.75
+    # ... and its prompt was asked by at least this many distinct identities:
+    # one client cannot write the gate's yardstick by flooding it.
+    min_askers: int = 2
+    # Each round retires this share of a full frozen set (the oldest items) to
+    # make room for newer prompts: no early flood owns the yardstick for good.
+    rotate_share: float = 0.25
     # Samples per regression item, their temperature (null = serve.temperature)
     # and length (null = serve.max_tokens); a fixed seed makes current and
     # candidate draw with the same random numbers.
@@ -74,8 +95,29 @@ class ServeGateConfig:
 
 
 @dataclass
+class ServeLimitsConfig:
+    """What one request, and one identity, may ask of the server (each over-limit answer names its key)."""
+
+    # Request bodies larger than this get 413 before they are read.
+    max_body_bytes: int = 1_048_576
+    # Prompts in one completions request.
+    max_prompts: int = 64
+    # Samples one request may cost: prompts x max(n, votes).
+    max_samples: int = 256
+    # Characters of a feedback comment.
+    max_comment_chars: int = 2000
+    # Per identity (an API key's name; without keys every client is "anonymous"):
+    # requests per minute, as a token bucket that holds `burst` requests (0 = no limit) ...
+    requests_per_minute: float = 600.0
+    burst: int = 60
+    # ... and requests in flight at once (429 beyond either, with Retry-After).
+    max_in_flight: int = 16
+
+
+@dataclass
 class ServeConfig:
-    # Loopback by default: the OpenAI API has no user auth of its own.
+    # Loopback by default. Beyond loopback the server needs API keys, or
+    # serve.allow_unauthenticated=true saying that an open API is meant.
     host: str = "127.0.0.1"
     port: int = 8000  # 0 = any free port (written to <dir>/server.json)
     # Where the store, the promoted versions and server.json live. A restart
@@ -93,12 +135,34 @@ class ServeConfig:
     max_batch: int = 64
     max_queue: int = 1024
     request_timeout_s: float = 120.0
-    # /admin/* needs this token (Authorization: Bearer ...); null = read the
-    # environment variable named below; neither = the admin API is off.
-    admin_token: Optional[str] = None
+    # A file of `name:key` lines (null = the TTRL_API_KEYS_FILE environment
+    # variable, else no keys). With keys, every /v1/* request needs
+    # `Authorization: Bearer <key>`, and the key's name is the client's
+    # identity, stored with its queries and ratings. Keys never go on the
+    # command line or into config.yaml: only the file's path does.
+    api_keys_file: Optional[str] = None
+    # Without keys the server only listens on loopback, unless this says an
+    # unauthenticated API is meant.
+    allow_unauthenticated: bool = False
+    # One user, the operator, on loopback and without keys: that user's ratings
+    # count as a trusted rater's, a prompt asked once may enter the gate's set,
+    # and serve.learn.max_client_share does not apply.
+    single_user: bool = False
+    # Identities (names from the keys file) whose rating alone overrides the vote.
+    trusted_raters: list[str] = field(default_factory=list)
+    # Host headers answered (a DNS-rebinding page gets 400); empty = loopback
+    # names and serve.host; "*" = any.
+    allowed_hosts: list[str] = field(default_factory=list)
+    # Browser origins given CORS headers; a request from any other origin gets 403.
+    cors_origins: list[str] = field(default_factory=list)
+    # /admin/* (and /health's details) need the token in this environment
+    # variable (Authorization: Bearer ...); unset = the admin API is off.
     admin_token_env: str = "TTRL_ADMIN_TOKEN"
+    # Refused when set: a token in the config shows in `ps` and in config.yaml.
+    admin_token: Optional[str] = None
     # Promoted versions kept on disk (v0, the starting weights, is always kept).
     keep_versions: int = 5
+    limits: ServeLimitsConfig = field(default_factory=ServeLimitsConfig)
     learn: ServeLearnConfig = field(default_factory=ServeLearnConfig)
     gate: ServeGateConfig = field(default_factory=ServeGateConfig)
 
@@ -160,7 +224,23 @@ def validate_serve(cfg: Any) -> None:
         fail(f"reward.name={cfg.reward.name} needs ground-truth answers, which live queries do not have; "
              "use reward=majority_vote (TTRL) or a label-free reward.")
 
+    _validate_access(s)
+    lim = s.limits
+    if lim.max_body_bytes < 1024:
+        fail(f"serve.limits.max_body_bytes={lim.max_body_bytes} must be at least 1024 (a request needs room).")
+    for key in ("max_prompts", "max_samples", "max_comment_chars", "burst", "max_in_flight"):
+        if getattr(lim, key) < 1:
+            fail(f"serve.limits.{key}={getattr(lim, key)} must be at least 1.")
+    if not lim.requests_per_minute >= 0:
+        fail(f"serve.limits.requests_per_minute={lim.requests_per_minute} must be >= 0 (0 = no limit).")
+
     ln = s.learn
+    if ln.feedback_quorum < 1:
+        fail(f"serve.learn.feedback_quorum={ln.feedback_quorum} must be at least 1 (distinct identities that agree).")
+    if not 0 < ln.max_client_share <= 1:
+        fail(f"serve.learn.max_client_share={ln.max_client_share} must be in (0, 1].")
+    if ln.max_row_failures < 1:
+        fail(f"serve.learn.max_row_failures={ln.max_row_failures} must be at least 1.")
     if ln.every_queries < 0 or ln.every_seconds < 0:
         fail("serve.learn.every_queries and serve.learn.every_seconds must be >= 0 (0 = off).")
     if ln.min_queries < 1 or ln.steps < 1 or ln.max_buffer < 1:
@@ -185,7 +265,62 @@ def validate_serve(cfg: Any) -> None:
             fail(f"serve.gate.{key}={v} must be in [0, 1] or null.")
     if g.max_length_change is not None and g.max_length_change < 0:
         fail(f"serve.gate.max_length_change={g.max_length_change} must be >= 0 or null.")
+    if g.min_askers < 1:
+        fail(f"serve.gate.min_askers={g.min_askers} must be at least 1.")
+    if not 0 <= g.rotate_share < 1:
+        fail(f"serve.gate.rotate_share={g.rotate_share} must be in [0, 1).")
 
 
-__all__ = ["ConfigError", "ServeConfig", "ServeGateConfig", "ServeLearnConfig", "ServeRootConfig",
-           "is_loopback", "register_serve_configs", "validate_serve"]
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def api_keys_path(s: Any, environ: Mapping[str, str] | None = None) -> Path | None:
+    """serve.api_keys_file, else $TTRL_API_KEYS_FILE, else None (no keys)."""
+    environ = os.environ if environ is None else environ
+    value = s.api_keys_file or environ.get(API_KEYS_ENV) or None
+    return Path(value).expanduser() if value else None
+
+
+def _validate_access(s: Any) -> None:
+    """Who may reach the server: keys, hosts, origins, the admin token."""
+    from ttrl.serve.auth import KeysFileError, load_api_keys
+
+    if s.admin_token is not None:
+        raise ConfigError(f"serve.admin_token is refused: a token on the command line or in a config file shows in "
+                          f"`ps` and is written to config.yaml; put it in the environment variable "
+                          f"{s.admin_token_env} (serve.admin_token_env).")
+    path = api_keys_path(s)
+    names: list[str] = []
+    if path is not None:
+        source = "serve.api_keys_file" if s.api_keys_file else f"${API_KEYS_ENV}"
+        if not path.is_file():
+            # Never echo the value: it may be a key pasted where a path belongs.
+            raise ConfigError(f"{source} must name a file of name:key lines, and no such file exists (a key "
+                              "itself never goes on the command line: it would show in `ps` and in config.yaml).")
+        try:
+            names = list(load_api_keys(path))
+        except KeysFileError as err:
+            raise ConfigError(f"{source}: {err}") from None
+    if path is None and not is_loopback(s.host) and not s.allow_unauthenticated:
+        raise ConfigError(f"serve.host={s.host} is not loopback and there are no API keys: anyone who can reach it "
+                          "could steer what the model learns; give serve.api_keys_file (or $TTRL_API_KEYS_FILE), or "
+                          "set serve.allow_unauthenticated=true if an open API is what you mean.")
+    if s.single_user and (path is not None or not is_loopback(s.host)):
+        raise ConfigError("serve.single_user=true is for one person on loopback without keys: drop it, or drop "
+                          "serve.api_keys_file and keep serve.host on loopback.")
+    unknown = [n for n in s.trusted_raters if n not in names]
+    if unknown:
+        raise ConfigError(f"serve.trusted_raters names {unknown}, which are not identities of the API keys file"
+                          + (f" (it has {sorted(names)})." if names else " (there is none)."))
+    if s.host in WILDCARD_HOSTS and not s.allowed_hosts:
+        raise ConfigError(f"serve.host={s.host} listens on every address, so serve.allowed_hosts must list the "
+                          "names clients use to reach it (or [\"*\"] for any Host header).")
+    for origin in s.cors_origins:
+        u = urlsplit(str(origin))
+        if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/") or u.query:
+            raise ConfigError(f"serve.cors_origins entry {origin!r} must be an origin such as "
+                              "https://app.example.com (scheme, host, optional port).")
+
+
+__all__ = ["API_KEYS_ENV", "ConfigError", "ServeConfig", "ServeGateConfig", "ServeLearnConfig", "ServeLimitsConfig",
+           "ServeRootConfig", "api_keys_path", "is_loopback", "register_serve_configs", "validate_serve"]

@@ -3,8 +3,14 @@
 Each rollout engine is a Ray actor whose methods run one at a time, in the
 order they were submitted. `EnginePool` (on the server's event loop) keeps
 at most one batch in flight per engine: requests that arrive meanwhile wait
-in one queue and go out together as the next batch (requests with the same
-sampling parameters share a call), so the batch grows with the load.
+in one queue and go out together as the next batch, so the batch grows with
+the load. A batch mixes sampling parameters (vLLM takes one set per
+prompt), so a client that changes `seed` on every request still shares
+batches with everyone; and when more requests wait than a batch holds, the
+batch is filled round-robin over the clients' identities, each client's
+oldest first: one client's backlog cannot starve another. A batch that
+fails (not by an engine's death) is retried one request at a time, so a
+bad request fails alone.
 
 A hot swap (`swap`) walks the engines one at a time: the engine takes no
 new batch, the `load_weights` call is submitted at once and so runs right
@@ -13,7 +19,9 @@ batch runs on the new ones. A swap therefore always falls between two
 engine calls, never inside a request, and every answer is tagged with the
 version that produced it. With several engines the others keep serving;
 with one, requests wait in the queue for the length of the load (no request
-fails). An engine that dies is restarted by Ray; the pool reloads the
+fails). If any engine fails to load, every engine already swapped is given
+the old version back and the swap raises `SwapFailed`: the pool never serves
+two versions after a swap. An engine that dies is restarted by Ray; the pool reloads the
 served version into it from disk and retries its batch.
 
 Never touches the trainer or the staging engine.
@@ -38,12 +46,18 @@ class EngineUnavailable(RuntimeError):
     """No engine could run the request (HTTP 503)."""
 
 
+class SwapFailed(RuntimeError):
+    """An engine could not load the new version; every engine is back on the old one."""
+
+
 @dataclass
 class _Req:
     ids: list[int]
     key: tuple  # (n, temperature, top_p, top_k, max_tokens, seed)
     fut: asyncio.Future
+    client: str = "anonymous"
     attempts: int = 0
+    solo: bool = False  # its batch failed: run it alone, so a bad request fails by itself
     t_enqueue: float = field(default_factory=time.perf_counter)
 
 
@@ -111,7 +125,7 @@ class EnginePool:
         t.add_done_callback(self._tasks.discard)
 
     # ── requests ──────────────────────────────────────────────────────────
-    async def generate(self, ids: list[int], key: tuple) -> tuple[list[dict], int]:
+    async def generate(self, ids: list[int], key: tuple, client: str = "anonymous") -> tuple[list[dict], int]:
         """Samples for one prompt ([n] engine dicts) and the weights version that drew them."""
         if self._stopped:
             raise EngineUnavailable("the server is shutting down")
@@ -119,7 +133,7 @@ class EnginePool:
             raise EngineUnavailable("no rollout engine is alive")
         if len(self.queue) >= self.max_queue:
             raise Overloaded(f"{len(self.queue)} requests are queued (serve.max_queue); retry later")
-        req = _Req(ids, key, asyncio.get_running_loop().create_future())
+        req = _Req(ids, key, asyncio.get_running_loop().create_future(), client)
         self.queue.append(req)
         assert self._wake is not None, "EnginePool.start() first"
         self._wake.set()
@@ -130,22 +144,28 @@ class EnginePool:
         return free[0] if free else None
 
     def _take_batch(self) -> list[_Req]:
-        # Drop requests whose caller gave up (timed out, disconnected).
-        while self.queue and self.queue[0].fut.done():
-            self.queue.popleft()
-        if not self.queue:
+        """The next batch: up to max_batch waiting requests, round-robin over clients, each one's oldest first."""
+        live = [r for r in self.queue if not r.fut.done()]  # callers that gave up (timed out, left) are dropped
+        if not live:
+            self.queue.clear()
             return []
-        key = self.queue[0].key
-        batch, rest = [], deque()
-        while self.queue:
-            r = self.queue.popleft()
-            if r.fut.done():
-                continue
-            if r.key == key and len(batch) < self.max_batch:
-                batch.append(r)
-            else:
-                rest.append(r)
-        self.queue = rest
+        solo = next((r for r in live if r.solo), None)
+        if solo is not None:
+            batch = [solo]
+        else:
+            per_client: dict[str, deque[_Req]] = {}
+            for r in live:
+                per_client.setdefault(r.client, deque()).append(r)
+            batch = []
+            while per_client and len(batch) < self.max_batch:
+                for c in list(per_client):
+                    batch.append(per_client[c].popleft())
+                    if not per_client[c]:
+                        del per_client[c]
+                    if len(batch) >= self.max_batch:
+                        break
+        taken = {id(r) for r in batch}
+        self.queue = deque(r for r in live if id(r) not in taken)
         return batch
 
     async def _dispatch(self) -> None:
@@ -164,12 +184,10 @@ class EnginePool:
                 self._spawn(self._run_batch(eng, batch))
 
     async def _run_batch(self, eng: _Engine, batch: list[_Req]) -> None:
-        n, temperature, top_p, top_k, max_tokens, seed = batch[0].key
         version = eng.version
         t0 = time.perf_counter()
         try:
-            outs = await eng.handle.generate.remote([r.ids for r in batch], n, temperature, top_p, top_k,
-                                                    max_tokens, seed)
+            outs = await eng.handle.generate_each.remote([r.ids for r in batch], [r.key for r in batch])
             self.batches += 1
             if self.on_batch:
                 self.on_batch(len(batch), time.perf_counter() - t0)
@@ -194,6 +212,11 @@ class EnginePool:
                         retry.append(r)
                 self.queue.extendleft(reversed(retry))
                 self._spawn(self._recover(eng))
+            elif len(batch) > 1:
+                # Not a death: maybe one request the engine refused. Each goes again alone, so only it fails.
+                for r in batch:
+                    r.solo = True
+                self.queue.extendleft(reversed([r for r in batch if not r.fut.done()]))
             else:
                 for r in batch:
                     if not r.fut.done():
@@ -246,11 +269,16 @@ class EnginePool:
 
     # ── hot swap ──────────────────────────────────────────────────────────
     async def swap(self, version: int, blobs: list[bytes]) -> dict[str, Any]:
-        """Load `version` into every engine, one engine at a time, between two of its batches."""
+        """Load `version` into every engine, one engine at a time, between two of its batches.
+
+        If one engine fails to load it, every engine already on `version` gets the
+        served version back (from `blobs_for`) and `SwapFailed` is raised.
+        """
         assert self._swap_lock is not None
         async with self._swap_lock:
             t_start = time.time()
-            per_engine = []
+            old = self.version
+            per_engine, done = [], []
             for eng in self.engines:
                 if not eng.alive:
                     continue  # it gets self.version when it comes back
@@ -259,6 +287,12 @@ class EnginePool:
                 try:
                     res = await eng.handle.load_weights.remote(blobs, version)
                     eng.version = version
+                    done.append(eng)
+                except Exception as err:  # noqa: BLE001 - undo, then say so
+                    await self._roll_back(done + [eng], old)
+                    self.on_event("swap_failed", version=version, engine=eng.index, error=f"{type(err).__name__}")
+                    raise SwapFailed(f"engine {eng.index} could not load v{version} ({type(err).__name__}: {err}); "
+                                     f"every engine serves v{old} again") from err
                 finally:
                     eng.loading = False
                     if self._wake:
@@ -271,10 +305,29 @@ class EnginePool:
             self.swaps.append(stats)
             return stats
 
+    async def _roll_back(self, engines: list[_Engine], version: int) -> None:
+        """Give `engines` the served `version` again; one that cannot take it is treated as dead (recovered)."""
+        if self.blobs_for is None:
+            return
+        blobs = await asyncio.get_running_loop().run_in_executor(None, self.blobs_for, version)
+        for eng in engines:
+            eng.loading = True
+            try:
+                await eng.handle.load_weights.remote(blobs, version)
+                eng.version = version
+            except Exception:  # noqa: BLE001 - out of service until recovery reloads the served version
+                eng.alive = False
+                eng.restarts += 1
+                self._spawn(self._recover(eng))
+            finally:
+                eng.loading = False
+        if self._wake:
+            self._wake.set()
+
     def stats(self) -> dict[str, Any]:
         return {"queue": len(self.queue), "batches": self.batches, "version": self.version,
                 "engines": [{"index": e.index, "version": e.version, "alive": e.alive, "busy": e.busy,
                              "loading": e.loading, "lost": e.lost, "restarts": e.restarts} for e in self.engines]}
 
 
-__all__ = ["EnginePool", "EngineUnavailable", "Overloaded"]
+__all__ = ["EnginePool", "EngineUnavailable", "Overloaded", "SwapFailed"]

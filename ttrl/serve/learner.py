@@ -9,18 +9,31 @@ Three parties hold weights, and only promotion connects them:
 
 A round (every `serve.learn.every_queries` queries, or `every_seconds`):
 
-    1. take the unused, not held-out queries from the store
-    2. regression set: the user's labelled set, or frozen pseudo-labels: queries
-       whose n_votes samples (current weights) agree >= gate.min_agreement are
-       frozen, held out of training for good
+    1. take the unused, trainable queries from the store; quarantine those the
+       trainer cannot take (too long), and keep each identity under
+       `learn.max_client_share` of the round's prompts
+    2. regression set: the user's labelled set, or frozen pseudo-labels: a
+       prompt asked by >= gate.min_askers identities whose n_votes samples
+       (current weights) agree >= gate.min_agreement, or whose thumbs-up was
+       earned (`ttrl.serve.trust`); a full set retires its oldest
+       `gate.rotate_share` each round
     3. score the current weights on it (staging holds them at this point)
     4. `learn.steps` TTRL steps with `ttrl.step.step`, the step training runs
-       (majority-vote reward, corrected by user feedback), on `StagingRuntime`:
-       rollouts on staging, synced every step
+       (majority-vote reward, corrected by *earned* user feedback only), on
+       `StagingRuntime`: rollouts on staging, synced every step; a step that
+       fails counts against its queries (quarantined after
+       `learn.max_row_failures`)
     5. score the candidate on the same set, same sampling seed
-    6. `gate.decide`: promote (save v<N+1>, hot-swap the serving engines from
-       disk) or reject (trainer and staging roll back to the served version
-       from disk; an alert is logged, stored and counted)
+    6. `gate.decide`: promote (save v<N+1>, fsynced; record it served, its
+       queries used and its round promoted in one transaction; hot-swap the
+       serving engines from disk) or reject (trainer and staging roll back to
+       the served version from disk; an alert is logged, stored and counted)
+
+A crash anywhere leaves the store consistent: before the promotion's
+transaction the round is `interrupted` at the next start and its queries
+are unused; after it the next start serves the new version. A swap that
+fails on any engine puts every engine back on the served version and
+removes the failed version's folder.
 
 Serving never waits for the learner; the learner never touches a serving
 engine except through `EnginePool.swap`. One lock (`trainer_lock`) orders
@@ -43,9 +56,13 @@ from ttrl.distributed.group import WorkerDiedError
 from ttrl.labeling.extract import extract_answer
 from ttrl.labeling.vote import majority_votes
 from ttrl.metrics import column_mean
-from ttrl.serve.feedback import FeedbackVoteReward, Rating, confirmed_label
+from ttrl.serve.auth import ANONYMOUS
+from ttrl.serve.engines import SwapFailed
+from ttrl.serve.faults import crash_point
+from ttrl.serve.feedback import FeedbackVoteReward, confirmed_label
 from ttrl.serve.gate import EvalResult, GateDecision, decide, freezable, score_samples
 from ttrl.serve.store import Store
+from ttrl.serve.trust import Rating, capped, earned, prompt_key, trusted_names
 from ttrl.serve.versions import Versions
 from ttrl.step import StepContext, StepOptions, step
 from ttrl.trainer.batch import Batch
@@ -245,67 +262,104 @@ class Learner:
         outs = self.staging.generate(self._ids(prompts), g.n_samples, temperature, 1.0, -1, max_tokens, g.seed)
         return score_samples(labels, outs, self.opts.extractor)
 
-    def _prompt_ratings(self, texts: list[str]) -> dict[str, list[Rating]]:
-        """Prompt text -> every user rating of an answer the server gave to it."""
+    # ── who is believed ───────────────────────────────────────────────────
+    @property
+    def quorum(self) -> int:
+        return int(self.cfg.serve.learn.feedback_quorum)
+
+    def _trusted(self) -> set[str]:
+        s = self.cfg.serve
+        return trusted_names(s.trusted_raters, s.single_user, ANONYMOUS)
+
+    def _prompt_ratings(self, keys: list[str]) -> dict[str, list[Rating]]:
+        """Prompt key -> every identity's verdicts on answers the server gave to it, oldest first."""
         if not self.cfg.serve.learn.feedback:
             return {}
-        fb = self.store.feedback_by_prompt(texts)
-        return {t: [Rating(extract_answer(f["rated"], self.opts.extractor) if f["rated"] is not None else None, float(f["score"]))
-                    for f in rows] for t, rows in fb.items()}
+        trusted = self._trusted()
+        fb = self.store.feedback_by_prompt(keys)
+        return {k: [Rating(extract_answer(f["rated"], self.opts.extractor) if f["rated"] is not None else None,
+                           float(f["score"]), f["client"], f["client"] in trusted) for f in rows]
+                for k, rows in fb.items()}
 
-    def regression_set(self, rows: list[dict]) -> tuple[list[str], list[str], set[tuple[str, int]]]:
-        """(prompts, labels, keys frozen now): the labelled set, or the frozen held-out set (grown from `rows`).
+    def regression_set(self, rows: list[dict]) -> tuple[list[str], list[str], set[tuple[str, int]], dict]:
+        """(prompts, labels, keys frozen now, what changed): the labelled set, or the frozen held-out set.
 
-        A query is frozen when its n_votes samples (current weights) agree >=
-        gate.min_agreement, or when a user gave one of its answers a thumbs-up.
-        At evaluation, ratings override the frozen label (`confirmed_label`).
+        A full frozen set first retires its oldest `gate.rotate_share`. Then it
+        grows from `rows`: a prompt joins when it was asked by at least
+        `gate.min_askers` identities and its n_votes samples (current weights)
+        agree >= gate.min_agreement, or when a thumbs-up on one of its answers
+        was earned (quorum or trusted rater). At evaluation, earned ratings
+        override the frozen label (`confirmed_label`).
         """
         if self.labelled is not None:
-            return [p.text for p in self.labelled], [str(p.answer) for p in self.labelled], set()
-        g, r = self.cfg.serve.gate, self.cfg.rollout
+            return [p.text for p in self.labelled], [str(p.answer) for p in self.labelled], set(), {}
+        g, r, s = self.cfg.serve.gate, self.cfg.rollout, self.cfg.serve
         items = self.store.regression_items()
+        retired: list[dict] = []
+        if items and len(items) >= g.regression_size and g.rotate_share > 0:
+            retired = self.store.retire_regression(max(1, round(g.rotate_share * len(items))))
+            items = self.store.regression_items()
         need = g.regression_size - len(items)
         frozen: set[tuple[str, int]] = set()
+        added: list[tuple] = []
         if need > 0 and rows:
-            # Distinct prompts not frozen yet; never more than half of a round's queries.
-            seen = {it["prompt"] for it in items}
+            # Distinct prompts not in the set (nor just retired from it); never more than half of a round's queries.
+            seen = {it["prompt_key"] for it in items} | {it["prompt_key"] for it in retired}
             distinct = []
             for q in rows:
-                if q["prompt"] not in seen:
-                    seen.add(q["prompt"])
+                if q["prompt_key"] not in seen:
+                    seen.add(q["prompt_key"])
                     distinct.append(q)
-            probe = distinct[:min(need, max(1, len(rows) // 2))]
-            outs = self.staging.generate(self._ids([q["prompt"] for q in probe]), r.n_votes, r.temperature,
-                                         r.top_p, r.top_k, r.max_new_tokens, g.seed)
-            votes = majority_votes([[extract_answer(o["text"], self.opts.extractor, prompt=q["id"]) for o in row]
-                                    for q, row in zip(probe, outs)], extractor=self.opts.extractor)
-            ratings = self._prompt_ratings([q["prompt"] for q in probe])
-            confident = set(freezable([v.ratio for v in votes], [v.label for v in votes], g.min_agreement))
-            new = []
-            for i, (q, v) in enumerate(zip(probe, votes)):
-                ups = [x.answer for x in ratings.get(q["prompt"], []) if x.score >= 0.5 and x.answer is not None]
-                if ups:
-                    new.append((q["id"], q["idx"], q["prompt"], ups[-1], v.ratio, "feedback"))
-                elif i in confident:
-                    new.append((q["id"], q["idx"], q["prompt"], v.label, v.ratio, "vote"))
-            if new:
-                self.store.add_regression(new)
-                held = {it[2] for it in new}
-                frozen = {(q["id"], q["idx"]) for q in rows if q["prompt"] in held}
+            keys = [q["prompt_key"] for q in distinct]
+            ratings = self._prompt_ratings(keys)
+            askers = self.store.askers(keys)
+            min_askers = 1 if s.single_user else g.min_askers
+            eligible = [q for q in distinct if askers.get(q["prompt_key"], 0) >= min_askers
+                        or earned(ratings.get(q["prompt_key"], []), self.quorum, self.opts.extractor).label]
+            probe = eligible[:min(need, max(1, len(rows) // 2))]
+            if probe:
+                outs = self.staging.generate(self._ids([q["prompt"] for q in probe]), r.n_votes, r.temperature,
+                                             r.top_p, r.top_k, r.max_new_tokens, g.seed)
+                votes = majority_votes([[extract_answer(o["text"], self.opts.extractor, prompt=q["id"]) for o in row]
+                                        for q, row in zip(probe, outs)], extractor=self.opts.extractor)
+                confident = set(freezable([v.ratio for v in votes], [v.label for v in votes], g.min_agreement))
+                for i, (q, v) in enumerate(zip(probe, votes)):
+                    up = earned(ratings.get(q["prompt_key"], []), self.quorum, self.opts.extractor).label
+                    if up is not None:
+                        added.append((q["id"], q["idx"], q["prompt"], up, v.ratio, "feedback"))
+                    elif i in confident and askers.get(q["prompt_key"], 0) >= min_askers:
+                        added.append((q["id"], q["idx"], q["prompt"], v.label, v.ratio, "vote"))
+            if added:
+                self.store.add_regression(added)
+                held = {prompt_key(it[2]) for it in added}
+                frozen = {(q["id"], q["idx"]) for q in rows if q["prompt_key"] in held}
                 items = self.store.regression_items()
-        ratings = self._prompt_ratings([it["prompt"] for it in items])
+        ratings = self._prompt_ratings([it["prompt_key"] for it in items])
         prompts, labels = [], []
         for it in items:
-            label = confirmed_label(it["label"], ratings.get(it["prompt"], []), self.opts.extractor)
+            label = confirmed_label(it["label"], ratings.get(it["prompt_key"], []), self.opts.extractor, self.quorum)
             if label is not None:
                 prompts.append(it["prompt"])
                 labels.append(label)
-        return prompts, labels, frozen
+        changes = {"retired": len(retired), "added": len(added),
+                   "added_by_source": {src: sum(a[5] == src for a in added) for src in ("vote", "feedback")}}
+        return prompts, labels, frozen, changes
 
     def _ratings(self, prompts: list[Prompt]) -> dict[str, list[Rating]]:
-        """Prompt id -> every rating of any answer the server gave to the same prompt text."""
-        by_text = self._prompt_ratings([p.text for p in prompts])
-        return {p.id: by_text[p.text] for p in prompts if p.text in by_text}
+        """Prompt id -> every verdict on any answer the server gave to the same prompt (by key)."""
+        by_key = self._prompt_ratings([prompt_key(p.text) for p in prompts])
+        return {p.id: by_key[prompt_key(p.text)] for p in prompts if prompt_key(p.text) in by_key}
+
+    def _trainable(self, rows: list[dict]) -> tuple[list[dict], list[tuple[str, int]]]:
+        """The rows the trainer can take; quarantines the rest (a prompt too long for a rollout)."""
+        r, limit = self.cfg.rollout, int(self.cfg.model.max_model_len)
+        lengths = [len(ids) for ids in self._ids([q["prompt"] for q in rows])]
+        bad = [(q["id"], q["idx"]) for q, n in zip(rows, lengths) if n + int(r.max_new_tokens) > limit]
+        if bad:
+            self.store.quarantine(bad, f"prompt + rollout.max_new_tokens={r.max_new_tokens} exceeds "
+                                       f"model.max_model_len={limit}")
+        skip = set(bad)
+        return [q for q in rows if (q["id"], q["idx"]) not in skip], bad
 
     def run_round(self, why: str = "manual") -> dict[str, Any]:
         from omegaconf import OmegaConf
@@ -323,9 +377,20 @@ class Learner:
             t_round = time.time()
             print(f"ttrl-serve: learning round {round_no} ({why}): {len(rows)} queries, on top of v{base}",
                   file=sys.stderr, flush=True)
+            chosen: list[dict] = []
             try:
-                reg_prompts, reg_labels, frozen = self.regression_set(rows)
+                rows, too_long = self._trainable(rows)
+                share = 1.0 if cfg.serve.single_user else float(ln.max_client_share)
+                rows, per_client = capped(rows, share)
+                if not rows:
+                    reason = (f"the unused queries come from one identity; serve.learn.max_client_share={share:g} "
+                              "needs queries of others too" if per_client else "no trainable query")
+                    self.store.finish_round(round_no, "skipped", reasons=[reason],
+                                            metrics={"quarantined_now": len(too_long)})
+                    return {"round": round_no, "outcome": "skipped", "reasons": [reason]}
+                reg_prompts, reg_labels, frozen, reg_changes = self.regression_set(rows)
                 train = [q for q in rows if (q["id"], q["idx"]) not in frozen]
+                used = [(q["id"], q["idx"]) for q in train]
                 if not train:
                     self.store.finish_round(round_no, "skipped", reasons=["every query went into the regression set"])
                     return {"round": round_no, "outcome": "skipped"}
@@ -333,7 +398,7 @@ class Learner:
 
                 # ── TTRL steps on the buffered queries (rollouts on staging) ──
                 P = cfg.data.prompts_per_step
-                order = list({q["prompt"]: q for q in train}.values())  # each prompt once per pass
+                order = list({q["prompt_key"]: q for q in train}.values())  # each prompt once per pass
                 self.rng.shuffle(order)
                 # Feedback replaces the vote's rewards on rated prompts by design, so
                 # a reward that sides against the vote is the point here, not a collapse.
@@ -342,6 +407,7 @@ class Learner:
                 events: list[str] = []
                 step_rows: list[dict[str, float]] = []
                 corrected = 0
+                feedback_labels: dict[str, dict] = {}
                 for s in range(ln.steps):
                     if self._stop:
                         raise _Aborted("the server is stopping")
@@ -349,22 +415,28 @@ class Learner:
                     chosen = [order[(s * P + i) % len(order)] for i in range(P)]
                     prompts = [Prompt(id=f"{q['id']}:{q['idx']}", problem=q["prompt"], answer=None, text=q["prompt"])
                                for q in chosen]
-                    reward = FeedbackVoteReward(self.base_reward, self._ratings(prompts), self.opts.extractor)
+                    reward = FeedbackVoteReward(self.base_reward, self._ratings(prompts), self.opts.extractor,
+                                                self.quorum)
                     ctx = StepContext(self.staging, reward, self.tokenizer, self.opts, self.rng)
                     row = step(ctx, prompts)
                     corrected += reward.corrected
+                    feedback_labels.update(reward.labels)
                     step_rows.append(row)
                     if row.get("train/skipped"):
                         events.append(f"step {s + 1}: non-finite loss or gradient norm (update skipped)")
                     events += [f"step {s + 1}: {e.message}" for e in detector.update(row)]
+                    crash_point("round_step")
+                chosen = []
 
                 # Phases are visible in /health (a client can time its load around the swap).
                 self.state = "gating"
                 candidate = self.evaluate(reg_prompts, reg_labels)
                 decision = decide(current, candidate, cfg.serve.gate, events)
                 metrics = {"current": current.as_dict(), "candidate": candidate.as_dict(), "steps": len(step_rows),
-                           "prompts": len(order),
-                           "feedback_corrected_prompts": corrected, "frozen_now": len(frozen),
+                           "prompts": len(order), "trained": [list(k) for k in used],
+                           "prompts_per_client": per_client, "quarantined_now": len(too_long),
+                           "feedback_corrected_prompts": corrected, "feedback_labels": feedback_labels,
+                           "frozen_now": len(frozen), "regression": reg_changes,
                            "regression_items": current.n_items,
                            "reward_mean": column_mean(step_rows, "reward/mean", None),
                            "majority_ratio": column_mean(step_rows, "label/majority_ratio", None),
@@ -372,16 +444,16 @@ class Learner:
                            "step_s": column_mean(step_rows, "timing/step", None)}
                 if decision.promote:
                     self.state = "promoting"
-                    version, swap_stats = self._promote(base, round_no, decision, metrics)
+                    version, swap_stats = self._promote(base, round_no, decision, metrics, used, current, candidate)
                     metrics["swap"] = swap_stats
-                    outcome = "promoted"
+                    outcome = "promoted" if version is not None else "failed_swap"
                 else:
                     version = None
                     self._reject(base, round_no, decision, metrics)
+                    self.store.finish_round(round_no, "rejected", current_score=current.score,
+                                            candidate_score=candidate.score, reasons=decision.reasons,
+                                            metrics=metrics, used=used)
                     outcome = "rejected"
-                self.store.mark_used([(q["id"], q["idx"]) for q in train], round_no)
-                self.store.finish_round(round_no, outcome, version=version, current_score=current.score,
-                                        candidate_score=candidate.score, reasons=decision.reasons, metrics=metrics)
                 summary = {"round": round_no, "outcome": outcome, "version": version, "base": base,
                            "current_score": current.score, "candidate_score": candidate.score,
                            "reasons": decision.reasons, "wall_s": time.time() - t_round, "metrics": metrics}
@@ -396,26 +468,45 @@ class Learner:
                 self.store.finish_round(round_no, "aborted", reasons=[str(err)])
                 return {"round": round_no, "outcome": "aborted"}
             except BaseException as err:
-                self.store.finish_round(round_no, "failed", reasons=[f"{type(err).__name__}: {err}"])
+                reasons = [f"{type(err).__name__}: {err}"]
+                if chosen:
+                    # The step's own queries carry the failure: one that fails again is quarantined.
+                    n = self.store.add_failures({(q["id"], q["idx"]) for q in chosen}, int(ln.max_row_failures),
+                                                f"its rollout failed {ln.max_row_failures} rounds: {reasons[0][:200]}")
+                    if n:
+                        reasons.append(f"{n} queries quarantined after {ln.max_row_failures} failed rounds")
+                self.store.finish_round(round_no, "failed", reasons=reasons)
                 self.on_round({"round": round_no, "outcome": "failed"})
                 self._restore(base)
                 raise
             finally:
                 self.state = "idle" if not self.disabled else "disabled"
 
-    def _promote(self, base: int, round_no: int, decision: GateDecision, metrics: dict) -> tuple[int, dict]:
+    def _promote(self, base: int, round_no: int, decision: GateDecision, metrics: dict,
+                 used: list[tuple[str, int]], current: EvalResult, candidate: EvalResult
+                 ) -> tuple[int | None, dict]:
+        """Save, record and swap in the candidate; (version, swap stats), or (None, why) when the swap failed."""
         known = [v["version"] for v in self.store.versions()]
         version = max(known + [base]) + 1
         path = self.versions.save(self.rt, version, parent=base, round=round_no, delta=decision.delta)
-        # Recorded as served before the swap: a crash from here on restarts on this version.
-        self.store.add_version(version, str(path), "promoted", parent=base, round_no=round_no,
-                               metrics=metrics, serve=True)
+        crash_point("version_saved")
+        # Recorded as served (with its queries used) before the swap: a crash from here on restarts on it.
+        self.store.commit_promotion(round_no, version, str(path), base, used=used, current_score=current.score,
+                                    candidate_score=candidate.score, metrics=metrics)
+        crash_point("promotion_committed")
         try:
             stats = self.swap(version)
-        except BaseException:
+        except SwapFailed as err:
+            # Every engine is back on `base`: so is the store, the trainer and staging; the folder goes.
             self.store.set_state("serving_version", base)
             self.store.set_version_status(version, "failed_swap")
-            raise
+            self.versions.remove(version)
+            self.store.finish_round(round_no, "failed_swap", version=version, current_score=current.score,
+                                    candidate_score=candidate.score, reasons=[str(err)], metrics=metrics, used=used)
+            self._restore(base)
+            self.store.add_event("swap_failed", version=version, round=round_no, error=str(err))
+            self.alert(f"round {round_no}: {err}", {"round": round_no, "version": version})
+            return None, {"error": str(err)}
         self.store.add_event("promoted", version=version, round=round_no, parent=base, swap=stats)
         self.prune()
         return version, stats

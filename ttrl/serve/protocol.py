@@ -2,7 +2,12 @@
 
 `/v1/completions` and `/v1/chat/completions` take what the `openai` client
 sends; what the engines cannot do is refused with a 400 naming the
-parameter (streaming, echo, log-probs), never silently ignored. `stop`
+parameter (streaming, echo, log-probs), never silently ignored. Bodies are
+read strictly (`parse_body`): NaN, Infinity and lone surrogates, which
+Python's JSON parser lets through, are refused with the path of the value;
+booleans are not numbers; token ids must be inside the vocabulary. What a
+request may cost (prompts, samples, comment length) is capped by
+`RequestLimits` (serve.limits.*), over-limit answers are 413. `stop`
 strings are applied to the finished text. One extension: `votes` (sent by
 the openai client as `extra_body={"votes": 8}`) asks for self-consistency
 over that many samples. Responses carry `system_fingerprint: "ttrl-v<N>"`,
@@ -12,6 +17,8 @@ agreement, answer) that OpenAI clients ignore. Pure: no engine here.
 
 from __future__ import annotations
 
+import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -40,6 +47,67 @@ class Defaults:
     max_tokens: int
     votes: int
     max_model_len: int
+    vocab_size: int | None = None  # token ids must be in [0, vocab_size); None = not checked here
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """serve.limits.* as the parser applies them (each over-limit answer is a 413 naming its key)."""
+
+    max_prompts: int = 64
+    max_samples: int = 256
+    max_comment_chars: int = 2000
+
+
+class _NonFinite:
+    """Stands in for NaN/Infinity while parsing, so the refusal can name where it was."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def _find_bad(value: Any, path: str) -> tuple[str, str] | None:
+    """(path, what) of the first non-finite number or lone surrogate in a parsed body."""
+    stack = [(value, path)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, _NonFinite):
+            return at or "body", f"{v.text} is not a number JSON allows"
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return at or "body", "a string with a lone surrogate (not valid Unicode text)"
+        elif isinstance(v, dict):
+            for k, x in reversed(list(v.items())):
+                if _find_bad(k, at) is not None:
+                    return at or "body", "a key with a lone surrogate (not valid Unicode text)"
+                stack.append((x, f"{at}.{k}" if at else str(k)))
+        elif isinstance(v, list):
+            stack.extend((x, f"{at}[{i}]") for i, x in reversed(list(enumerate(v))))
+    return None
+
+
+def parse_body(data: bytes) -> Any:
+    """A request body as JSON, strictly: valid UTF-8, finite numbers, no lone surrogates."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError("the request body is not valid UTF-8") from None
+
+    def finite(s: str) -> Any:
+        x = float(s)
+        return x if math.isfinite(x) else _NonFinite(s)
+
+    try:
+        body = json.loads(text, parse_constant=_NonFinite, parse_float=finite)
+    except (ValueError, RecursionError):
+        raise RequestError("the request body is not valid JSON") from None
+    bad = _find_bad(body, "")
+    if bad is not None:
+        where, what = bad
+        raise RequestError(f"'{where}': {what}", where.split(".")[0].split("[")[0])
+    return body
 
 
 @dataclass(frozen=True)
@@ -132,7 +200,23 @@ def parse_sampling(body: dict, d: Defaults) -> Sampling:
                     seed=seed, stop=stops)
 
 
-def parse_completion(body: Any, d: Defaults) -> ParsedRequest:
+def _is_id(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
+def check_cost(n_prompts: int, s: Sampling, limits: RequestLimits) -> None:
+    """Refuse (413) a request that asks for more prompts or samples than serve.limits allows."""
+    if n_prompts > limits.max_prompts:
+        raise RequestError(f"{n_prompts} prompts in one request; serve.limits.max_prompts={limits.max_prompts}",
+                           "prompt", status=413, kind="request_too_large")
+    samples = n_prompts * max(s.n, s.votes)
+    if samples > limits.max_samples:
+        raise RequestError(f"{n_prompts} prompt(s) x {max(s.n, s.votes)} samples = {samples} samples in one request; "
+                           f"serve.limits.max_samples={limits.max_samples}", "votes" if s.votes > s.n else "n",
+                           status=413, kind="request_too_large")
+
+
+def parse_completion(body: Any, d: Defaults, limits: RequestLimits | None = None) -> ParsedRequest:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     prompt = body.get("prompt")
@@ -141,18 +225,22 @@ def parse_completion(body: Any, d: Defaults) -> ParsedRequest:
         req.prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         req.prompts = list(prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    elif isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt):
         req.prompt_ids = [list(prompt)]
-    elif isinstance(prompt, list) and prompt and all(
-            isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) and p and all(_is_id(t) for t in p)
+                                                     for p in prompt):
         req.prompt_ids = [list(p) for p in prompt]
     else:
-        raise RequestError("'prompt' must be a non-empty string, a list of strings, or token ids", "prompt")
+        raise RequestError("'prompt' must be a non-empty string, a list of strings, or token ids (integers)",
+                           "prompt")
     n_prompts = len(req.prompts) if req.prompt_ids is None else len(req.prompt_ids)
-    if n_prompts > 64:
-        raise RequestError(f"at most 64 prompts per request, got {n_prompts}", "prompt")
+    check_cost(n_prompts, req.sampling, limits or RequestLimits())
     if req.prompts and any(not p for p in req.prompts):
         raise RequestError("'prompt' must not be empty", "prompt")
+    if req.prompt_ids is not None and d.vocab_size is not None:
+        bad = next((t for p in req.prompt_ids for t in p if not 0 <= t < d.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary [0, {d.vocab_size})", "prompt")
     return req
 
 
@@ -171,7 +259,8 @@ def message_text(content: Any) -> str:
     raise RequestError("a message's 'content' must be a string or a list of text parts", "messages")
 
 
-def parse_chat(body: Any, d: Defaults) -> tuple[list[dict[str, str]], Sampling, str | None]:
+def parse_chat(body: Any, d: Defaults, limits: RequestLimits | None = None
+               ) -> tuple[list[dict[str, str]], Sampling, str | None]:
     """(messages with plain-text content, sampling, model) of a chat request."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
@@ -186,7 +275,9 @@ def parse_chat(body: Any, d: Defaults) -> tuple[list[dict[str, str]], Sampling, 
         clean.append({"role": role, "content": message_text(m.get("content"))})
     if not any(m["role"] == "user" for m in clean):
         raise RequestError("'messages' must contain a user message", "messages")
-    return clean, parse_sampling(body, d), body.get("model")
+    sampling = parse_sampling(body, d)
+    check_cost(1, sampling, limits or RequestLimits())
+    return clean, sampling, body.get("model")
 
 
 def render_chat(messages: list[dict[str, str]], model_cfg: Any, tokenizer: Any) -> str:
@@ -247,7 +338,7 @@ def finish_reason(engine_reason: str | None, stopped: bool) -> str:
     return "length" if engine_reason == "length" else "stop"
 
 
-def parse_feedback(body: Any) -> tuple[str, int, float, str | None]:
+def parse_feedback(body: Any, limits: RequestLimits | None = None) -> tuple[str, int, float, str | None]:
     """(response id, choice index, score in [0, 1], comment) of a /v1/feedback body.
 
     The verdict is one of `score` (0..1), `thumbs` ("up" / "down") or
@@ -277,9 +368,13 @@ def parse_feedback(body: Any) -> tuple[str, int, float, str | None]:
     comment = body.get("comment")
     if comment is not None and not isinstance(comment, str):
         raise RequestError("'comment' must be a string", "comment")
+    limit = (limits or RequestLimits()).max_comment_chars
+    if comment is not None and len(comment) > limit:
+        raise RequestError(f"the comment has {len(comment)} characters; serve.limits.max_comment_chars={limit}",
+                           "comment", status=413, kind="request_too_large")
     return rid, int(index), float(score), comment
 
 
-__all__ = ["Defaults", "ParsedRequest", "RequestError", "Sampling", "apply_stop", "chat_body", "completion_body",
-           "fingerprint", "finish_reason", "message_text", "new_id", "parse_chat", "parse_completion",
-           "parse_feedback", "parse_sampling", "render_chat"]
+__all__ = ["Defaults", "ParsedRequest", "RequestError", "RequestLimits", "Sampling", "apply_stop", "chat_body",
+           "check_cost", "completion_body", "fingerprint", "finish_reason", "message_text", "new_id", "parse_body",
+           "parse_chat", "parse_completion", "parse_feedback", "parse_sampling", "render_chat"]

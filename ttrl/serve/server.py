@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from ttrl.rundir import write_atomic
-from ttrl.serve.auth import resolve_admin_token
-from ttrl.serve.config import is_loopback
-from ttrl.serve.protocol import Defaults, RequestError
+from ttrl.serve.auth import ApiKeys, loosely_readable, resolve_admin_token
+from ttrl.serve.config import api_keys_path
+from ttrl.serve.engines import SwapFailed
+from ttrl.serve.protocol import Defaults, RequestError, RequestLimits
 from ttrl.serve.store import Store
 from ttrl.serve.versions import Versions
 
@@ -65,7 +66,10 @@ class ServeController:
 
     # ── swaps (called from the learner and admin threads, never the event loop) ──
     def swap(self, version: int) -> dict[str, Any]:
-        """Hot-swap the serving engines to `version` (from disk); blocks until every engine has it."""
+        """Hot-swap the serving engines to `version` (from disk); blocks until every engine has it.
+
+        Raises `SwapFailed` when an engine could not load it (every engine is back on what it served).
+        """
         assert self.loop is not None and self.pool is not None
         blobs = self.disk.blobs(version, self.rt.engine_dtype)
         stats = asyncio.run_coroutine_threadsafe(self.pool.swap(version, blobs), self.loop).result()
@@ -86,11 +90,15 @@ class ServeController:
                                kind="not_found")
         with self.trainer_lock:  # after any learning round in progress
             before = self._served
+            # Engines first: a swap that fails leaves them (and the store) on `before`.
+            try:
+                stats = self.swap(version)
+            except SwapFailed as err:
+                raise RequestError(str(err), "version", status=503, kind="swap_failed") from None
+            self.store.set_state("serving_version", version)
             self.rt.load(str(self.disk.path(version)))
             if self.learner is not None:
                 self.learner.staging.sync_weights()
-            self.store.set_state("serving_version", version)
-            stats = self.swap(version)
             self.store.add_event("rollback", version=version, previous=before, swap=stats)
         if self.metrics is not None:
             self.metrics.rollbacks.inc()
@@ -145,10 +153,15 @@ def run_server(cfg: Any, serve_dir: Path) -> None:
 
     s = cfg.serve
     quiet = not cfg.logger.progress
-    admin_token = resolve_admin_token(s.admin_token, s.admin_token_env)
-    if not is_loopback(s.host):
-        print(f"ttrl-serve: WARNING: listening on {s.host}, not loopback: the OpenAI API has no authentication; "
-              "put it behind an authenticating proxy", file=sys.stderr, flush=True)
+    admin_token = resolve_admin_token(s.admin_token_env)
+    keys_file = api_keys_path(s)
+    api_keys = ApiKeys.from_file(keys_file) if keys_file is not None else None
+    if keys_file is not None and loosely_readable(keys_file):
+        print(f"ttrl-serve: WARNING: the API keys file {keys_file} is readable by other users (chmod 600 it)",
+              file=sys.stderr, flush=True)
+    if api_keys is None and s.allow_unauthenticated:
+        print(f"ttrl-serve: WARNING: no API keys and serve.allow_unauthenticated=true on {s.host}: anyone who "
+              "reaches the server is the same identity, 'anonymous'", file=sys.stderr, flush=True)
     parts = _setup(cfg)
     model_path, tokenizer, reward = parts.model_path, parts.tokenizer, parts.reward
     labelled = _labelled_set(cfg, tokenizer)
@@ -186,7 +199,12 @@ def run_server(cfg: Any, serve_dir: Path) -> None:
             rt.load(str(versions.path(served)))
             blobs = versions.blobs(served, rt.engine_dtype)
             ray.get([e.load_weights.remote(blobs, served) for e in rt.engines])
-        store.add_event("started", version=served, pid=os.getpid())
+        interrupted = store.interrupt_unfinished()
+        if interrupted:
+            print(f"ttrl-serve: learning round(s) {interrupted} were cut short by the last stop: marked "
+                  "interrupted (their queries are unused and go into a later round)", file=sys.stderr, flush=True)
+        store.add_event("started", version=served, pid=os.getpid(), interrupted=interrupted,
+                        identities=len(api_keys.names) if api_keys else 0)
 
         trainer_lock = threading.Lock()
         controller = ServeController(cfg, store, versions, rt, served, trainer_lock)
@@ -196,7 +214,7 @@ def run_server(cfg: Any, serve_dir: Path) -> None:
                               on_round=controller.on_round, alert=controller.on_alert)
             controller.learner = learner
         asyncio.run(_serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, controller, admin_token,
-                           served, rt.startup_s))
+                           served, rt.startup_s, api_keys, _vocab_size(model_path, tokenizer)))
     finally:
         if learner is not None:
             learner.stop()
@@ -206,13 +224,26 @@ def run_server(cfg: Any, serve_dir: Path) -> None:
         print("ttrl-serve: stopped", file=sys.stderr, flush=True)
 
 
+def _vocab_size(model_path: str, tokenizer: Any) -> int:
+    """The token ids a prompt may hold, as vLLM checks them: the tokenizer's and the embedding's, whichever is more."""
+    from transformers import AutoConfig
+
+    try:
+        embed = int(getattr(AutoConfig.from_pretrained(model_path), "vocab_size", 0) or 0)
+    except Exception:  # noqa: BLE001 - a hub id without network: the tokenizer alone
+        embed = 0
+    return max(len(tokenizer), embed)
+
+
 async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, controller, admin_token, served,
-                 startup_s) -> None:
+                 startup_s, api_keys, vocab_size) -> None:
     import uvicorn
 
     from ttrl.labeling.extract import configured_extractor
     from ttrl.serve.app import Service, ServiceConfig, build_app
     from ttrl.serve.engines import EnginePool
+    from ttrl.serve.guard import GuardPolicy, allowed_host_set
+    from ttrl.serve.limits import ClientLimits
 
     s, r = cfg.serve, cfg.rollout
     loop = asyncio.get_running_loop()
@@ -221,12 +252,18 @@ async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, contro
     defaults = Defaults(temperature=float(s.temperature if s.temperature is not None else r.temperature),
                         top_p=float(s.top_p if s.top_p is not None else r.top_p),
                         max_tokens=int(s.max_tokens or r.max_new_tokens), votes=int(s.votes),
-                        max_model_len=int(cfg.model.max_model_len))
+                        max_model_len=int(cfg.model.max_model_len), vocab_size=int(vocab_size))
+    lim = s.limits
     scfg = ServiceConfig(model_name=s.model_name or cfg.model.name, defaults=defaults,
                          request_timeout_s=float(s.request_timeout_s), admin_token=admin_token,
-                         extractor=configured_extractor(cfg.label))
+                         extractor=configured_extractor(cfg.label),
+                         limits=RequestLimits(int(lim.max_prompts), int(lim.max_samples), int(lim.max_comment_chars)))
     service = Service(scfg, tokenizer, cfg.model, pool, store, controller)
     m = service.metrics
+    policy = GuardPolicy(allowed_hosts=allowed_host_set(s.allowed_hosts, s.host),
+                         cors_origins=frozenset(str(o).rstrip("/") for o in s.cors_origins),
+                         max_body_bytes=int(lim.max_body_bytes), api_keys=api_keys, admin_token=admin_token,
+                         limits=ClientLimits(float(lim.requests_per_minute), int(lim.burst), int(lim.max_in_flight)))
 
     def on_batch(size: int, seconds: float) -> None:
         m.batch_size.observe(size)
@@ -242,7 +279,7 @@ async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, contro
     if controller.learner is not None:
         controller.learner.start()
 
-    server = uvicorn.Server(uvicorn.Config(build_app(service), host=s.host, port=s.port, log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(build_app(service, policy), host=s.host, port=s.port, log_level="warning",
                                            access_log=False, lifespan="off", timeout_graceful_shutdown=10))
 
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with
@@ -259,7 +296,9 @@ async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, contro
     url = f"http://{'[' + s.host + ']' if ':' in s.host else s.host}:{port}"
     write_server_file(serve_dir, {"host": s.host, "port": port, "url": url, "pid": os.getpid(), "version": served,
                                   "model": scfg.model_name, "started": time.time(), "startup_s": startup_s})
-    print(f"ttrl-serve: serving v{served} of {scfg.model_name} at {url}/v1 (OpenAI API), votes={s.votes}; "
+    who = (f"API keys for {len(api_keys.names)} identities" if api_keys else
+           "single user (trusted), no keys" if s.single_user else "no API keys (every client is 'anonymous')")
+    print(f"ttrl-serve: serving v{served} of {scfg.model_name} at {url}/v1 (OpenAI API), votes={s.votes}; {who}; "
           f"learner {'on' if controller.learner else 'off'}; admin API {'on' if admin_token else 'off'}; "
           f"store {store.path}", file=sys.stderr, flush=True)
     try:

@@ -7,11 +7,16 @@ server survives a SIGKILL or a power cut (the server writes, then answers).
 transaction (one fsync for many answers) on its own thread; each request
 waits for the commit of its own rows.
 
-Tables: `queries` (one row per prompt of a request: prompt, the served
-text(s), every sample's answer, the vote, the weights version that answered,
-and which learning round used it), `feedback`, `versions` (promoted weights
-on disk), `rounds` (each learning round: scores, gate decision, reasons),
-`regression` (the frozen pseudo-label set), `events` and `state`.
+Tables: `queries` (one row per prompt of a request: the client identity,
+the prompt and its normalised key, the served text(s), every sample's
+answer, the vote, the weights version that answered, which learning round
+used it, and whether it was quarantined), `feedback` (one verdict per
+identity per returned text: a new rating replaces the old), `versions`
+(promoted weights on disk), `rounds` (each learning round: scores, gate
+decision, reasons; a round the server died in is marked `interrupted` at
+the next start), `regression` (the frozen pseudo-label set; retired items
+keep their row), `events` and `state`. A store of an older schema is
+migrated in place when opened.
 
 Pure Python (sqlite3): no torch, ray or vllm.
 """
@@ -29,15 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from ttrl.serve.auth import ANONYMOUS
+from ttrl.serve.trust import prompt_key
 
-_SCHEMA = """
+SCHEMA_VERSION = 2
+
+_TABLES = """
 CREATE TABLE IF NOT EXISTS queries (
     id TEXT NOT NULL,               -- the response id the client got (cmpl-..., chatcmpl-...)
     idx INTEGER NOT NULL,           -- prompt index within the request
     created REAL NOT NULL,
     endpoint TEXT NOT NULL,
+    client TEXT NOT NULL DEFAULT 'anonymous',  -- the API key's name that asked
     prompt TEXT NOT NULL,           -- what the engine saw (template applied)
+    prompt_key TEXT,                -- the prompt, case and whitespace normalised (ttrl.serve.trust.prompt_key)
     request TEXT,                   -- the request body (JSON)
     version INTEGER NOT NULL,       -- weights version that generated the answer
     votes INTEGER NOT NULL,         -- samples drawn (1 = plain sampling)
@@ -46,22 +56,22 @@ CREATE TABLE IF NOT EXISTS queries (
     agreement REAL,                 -- majority ratio when votes > 1
     samples TEXT,                   -- JSON list of every sample: text, answer, mean logprob
     latency_s REAL,
-    heldout INTEGER NOT NULL DEFAULT 0,   -- frozen into the regression set: never trained on
+    heldout INTEGER NOT NULL DEFAULT 0,   -- in the regression set: not trained on while it is
     round INTEGER,                  -- the learning round that used it (NULL = not yet)
+    failures INTEGER NOT NULL DEFAULT 0,  -- rounds whose rollout of it failed
+    quarantined TEXT,               -- why it is never trained on (NULL = it may be)
     PRIMARY KEY (id, idx)
 );
-CREATE INDEX IF NOT EXISTS queries_unused ON queries (round, heldout, created);
-CREATE INDEX IF NOT EXISTS queries_prompt ON queries (prompt);
 CREATE TABLE IF NOT EXISTS feedback (
     fid INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL,
     idx INTEGER NOT NULL,
     choice INTEGER NOT NULL,        -- which of the prompt's returned texts (0 unless n > 1)
+    client TEXT NOT NULL DEFAULT 'anonymous',  -- the identity that rated (one verdict per text)
     score REAL NOT NULL,            -- 1 = thumbs up, 0 = thumbs down, or anything between
     comment TEXT,
     created REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS feedback_query ON feedback (id, idx);
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY,
     created REAL NOT NULL,
@@ -90,8 +100,10 @@ CREATE TABLE IF NOT EXISTS regression (
     prompt TEXT NOT NULL,
     label TEXT NOT NULL,
     agreement REAL NOT NULL,
-    source TEXT NOT NULL DEFAULT 'vote',   -- vote (agreement >= gate.min_agreement) | feedback (a thumbs-up)
+    source TEXT NOT NULL DEFAULT 'vote',   -- vote (agreement, askers) | feedback (an earned thumbs-up)
     created REAL NOT NULL,
+    prompt_key TEXT,
+    retired REAL,                   -- when rotation took it out (NULL = in the set)
     PRIMARY KEY (id, idx)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -105,6 +117,26 @@ CREATE TABLE IF NOT EXISTS state (
     value TEXT
 );
 """
+
+# After the migration: some index columns are new in schema 2.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS queries_unused ON queries (round, heldout, created);
+CREATE INDEX IF NOT EXISTS queries_prompt ON queries (prompt);
+CREATE INDEX IF NOT EXISTS queries_prompt_key ON queries (prompt_key);
+CREATE INDEX IF NOT EXISTS feedback_query ON feedback (id, idx);
+CREATE UNIQUE INDEX IF NOT EXISTS feedback_verdict ON feedback (id, idx, choice, client);
+"""
+
+# Columns schema 2 added to schema 1's tables: (table, column, declaration).
+_ADDED = [
+    ("queries", "client", "TEXT NOT NULL DEFAULT 'anonymous'"),
+    ("queries", "prompt_key", "TEXT"),
+    ("queries", "failures", "INTEGER NOT NULL DEFAULT 0"),
+    ("queries", "quarantined", "TEXT"),
+    ("feedback", "client", "TEXT NOT NULL DEFAULT 'anonymous'"),
+    ("regression", "prompt_key", "TEXT"),
+    ("regression", "retired", "REAL"),
+]
 
 
 @dataclass
@@ -122,6 +154,7 @@ class QueryRecord:
     request: dict[str, Any] | None = None
     latency_s: float | None = None
     created: float = field(default_factory=time.time)
+    client: str = ANONYMOUS
 
 
 @dataclass
@@ -132,6 +165,13 @@ class FeedbackRecord:
     score: float
     comment: str | None = None
     created: float = field(default_factory=time.time)
+    client: str = ANONYMOUS
+
+
+# Unused, trainable queries: not used by a round, not held out, not quarantined, and not of a prompt
+# that is in the regression set now.
+_TRAINABLE = ("round IS NULL AND heldout=0 AND quarantined IS NULL AND prompt_key NOT IN"
+              " (SELECT prompt_key FROM regression WHERE retired IS NULL AND prompt_key IS NOT NULL)")
 
 
 class Store:
@@ -148,9 +188,30 @@ class Store:
             raise RuntimeError(f"store {self.path}: SQLite refused WAL mode ({mode}); is it on a network file system?")
         # FULL: the WAL is fsynced at every commit; a committed answer survives a crash.
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        if self.get_state("schema_version") is None:
+        self._db.executescript(_TABLES)
+        self._migrate()
+        self._db.executescript(_INDEXES)
+        if self.get_state("schema_version") != SCHEMA_VERSION:
             self.set_state("schema_version", SCHEMA_VERSION)
+
+    def _migrate(self) -> None:
+        """Bring a schema-1 store up to schema 2 in one transaction (new columns, keys, one verdict per rater)."""
+        missing = [(t, c, decl) for t, c, decl in _ADDED
+                   if c not in {r[1] for r in self._db.execute(f"PRAGMA table_info({t})")}]
+        if not missing:
+            return
+
+        def write():
+            for table, column, decl in missing:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            self._db.create_function("ttrl_prompt_key", 1, prompt_key, deterministic=True)
+            self._db.execute("UPDATE queries SET prompt_key=ttrl_prompt_key(prompt) WHERE prompt_key IS NULL")
+            self._db.execute("UPDATE regression SET prompt_key=ttrl_prompt_key(prompt) WHERE prompt_key IS NULL")
+            # Schema 1 kept every rating; schema 2 keeps each identity's newest verdict per text.
+            self._db.execute("DELETE FROM feedback WHERE fid NOT IN (SELECT MAX(fid) FROM feedback"
+                             " GROUP BY id, idx, choice, client)")
+
+        self._tx(write)
 
     # ── plumbing ──────────────────────────────────────────────────────────
     def _tx(self, fn, *args):
@@ -178,14 +239,15 @@ class Store:
 
     # ── queries ───────────────────────────────────────────────────────────
     def add_queries(self, records: Iterable[QueryRecord]) -> int:
-        rows = [(r.id, r.idx, r.created, r.endpoint, r.prompt, json.dumps(r.request) if r.request is not None else None,
-                 r.version, r.votes, json.dumps(r.response), r.answer, r.agreement, json.dumps(r.samples), r.latency_s)
+        rows = [(r.id, r.idx, r.created, r.endpoint, r.client, r.prompt, prompt_key(r.prompt),
+                 json.dumps(r.request) if r.request is not None else None, r.version, r.votes,
+                 json.dumps(r.response), r.answer, r.agreement, json.dumps(r.samples), r.latency_s)
                 for r in records]
 
         def write():
             self._db.executemany(
-                "INSERT INTO queries (id, idx, created, endpoint, prompt, request, version, votes, response, answer,"
-                " agreement, samples, latency_s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                "INSERT INTO queries (id, idx, created, endpoint, client, prompt, prompt_key, request, version, votes,"
+                " response, answer, agreement, samples, latency_s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
             return len(rows)
 
         return self._tx(write)
@@ -205,26 +267,66 @@ class Store:
         return self._rows("SELECT COUNT(*) AS n FROM queries")[0]["n"]
 
     def unused_queries(self, limit: int) -> list[dict[str, Any]]:
-        """The newest `limit` queries no round has used, none of a regression prompt, oldest first."""
-        rows = self._rows("SELECT * FROM queries WHERE round IS NULL AND heldout=0 AND prompt NOT IN"
-                          " (SELECT prompt FROM regression) ORDER BY created DESC LIMIT ?", (limit,))
+        """The newest `limit` trainable queries no round has used, oldest first."""
+        rows = self._rows(f"SELECT * FROM queries WHERE {_TRAINABLE} ORDER BY created DESC LIMIT ?", (limit,))
         return [_decode_query(r) for r in reversed(rows)]
 
     def count_unused(self) -> int:
-        return self._rows("SELECT COUNT(*) AS n FROM queries WHERE round IS NULL AND heldout=0 AND prompt NOT IN"
-                          " (SELECT prompt FROM regression)")[0]["n"]
+        return self._rows(f"SELECT COUNT(*) AS n FROM queries WHERE {_TRAINABLE}")[0]["n"]
 
     def mark_used(self, keys: Iterable[tuple[str, int]], round_no: int) -> None:
         keys = list(keys)
-        self._tx(lambda: self._db.executemany("UPDATE queries SET round=? WHERE id=? AND idx=?",
-                                              [(round_no, i, x) for i, x in keys]))
+        self._tx(self._mark_used, keys, round_no)
+
+    def _mark_used(self, keys: list[tuple[str, int]], round_no: int) -> None:
+        self._db.executemany("UPDATE queries SET round=? WHERE id=? AND idx=?", [(round_no, i, x) for i, x in keys])
+
+    def askers(self, keys: Iterable[str]) -> dict[str, int]:
+        """Prompt key -> distinct identities that ever asked it."""
+        out: dict[str, int] = {}
+        keys = list(dict.fromkeys(keys))
+        for i in range(0, len(keys), 400):
+            chunk = keys[i:i + 400]
+            marks = ",".join("?" * len(chunk))
+            for r in self._rows(f"SELECT prompt_key, COUNT(DISTINCT client) AS n FROM queries WHERE prompt_key IN"
+                                f" ({marks}) GROUP BY prompt_key", chunk):
+                out[r["prompt_key"]] = r["n"]
+        return out
+
+    def add_failures(self, keys: Iterable[tuple[str, int]], max_failures: int, reason: str) -> int:
+        """Count one failed rollout for each query; quarantine those at `max_failures`. Returns how many now are."""
+        keys = list(keys)
+
+        def write():
+            self._db.executemany("UPDATE queries SET failures=failures+1 WHERE id=? AND idx=?", keys)
+            cur = self._db.executemany("UPDATE queries SET quarantined=? WHERE id=? AND idx=? AND failures>=?"
+                                       " AND quarantined IS NULL", [(reason, i, x, max_failures) for i, x in keys])
+            return cur.rowcount
+
+        return self._tx(write)
+
+    def quarantine(self, keys: Iterable[tuple[str, int]], reason: str) -> None:
+        keys = list(keys)
+        self._tx(lambda: self._db.executemany("UPDATE queries SET quarantined=? WHERE id=? AND idx=?",
+                                              [(reason, i, x) for i, x in keys]))
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        return [_decode_query(r) for r in self._rows("SELECT * FROM queries WHERE quarantined IS NOT NULL"
+                                                     " ORDER BY created")]
 
     # ── feedback ──────────────────────────────────────────────────────────
-    def add_feedback(self, fb: FeedbackRecord) -> int:
+    def add_feedback(self, fb: FeedbackRecord) -> tuple[int, bool]:
+        """Store a verdict: (feedback id, whether it replaced this identity's earlier verdict on the text)."""
         def write():
-            cur = self._db.execute("INSERT INTO feedback (id, idx, choice, score, comment, created) VALUES (?,?,?,?,?,?)",
-                                   (fb.id, fb.idx, fb.choice, fb.score, fb.comment, fb.created))
-            return int(cur.lastrowid)
+            old = self._db.execute("SELECT fid FROM feedback WHERE id=? AND idx=? AND choice=? AND client=?",
+                                   (fb.id, fb.idx, fb.choice, fb.client)).fetchone()
+            if old is not None:
+                self._db.execute("DELETE FROM feedback WHERE fid=?", (old[0],))
+            # A new row (not an update): its fid orders it after every verdict already given.
+            cur = self._db.execute("INSERT INTO feedback (id, idx, choice, client, score, comment, created)"
+                                   " VALUES (?,?,?,?,?,?,?)",
+                                   (fb.id, fb.idx, fb.choice, fb.client, fb.score, fb.comment, fb.created))
+            return int(cur.lastrowid), old is not None
 
         return self._tx(write)
 
@@ -240,20 +342,21 @@ class Store:
                 out.setdefault((r["id"], r["idx"]), []).append(r)
         return out
 
-    def feedback_by_prompt(self, prompts: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-        """Every rating of any response to these prompts (all requests, all rounds), oldest first,
-        each with the rated text (`rated`)."""
+    def feedback_by_prompt(self, keys: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+        """Every verdict on any response to these prompt keys (all requests, all rounds), oldest first,
+        each with the rated text (`rated`) and the rater (`client`)."""
         out: dict[str, list[dict[str, Any]]] = {}
-        prompts = list(dict.fromkeys(prompts))
-        for i in range(0, len(prompts), 400):
-            chunk = prompts[i:i + 400]
+        keys = list(dict.fromkeys(keys))
+        for i in range(0, len(keys), 400):
+            chunk = keys[i:i + 400]
             marks = ",".join("?" * len(chunk))
-            rows = self._rows(f"SELECT f.*, q.prompt AS prompt, q.response AS response FROM feedback f JOIN queries q"
-                              f" ON f.id = q.id AND f.idx = q.idx WHERE q.prompt IN ({marks}) ORDER BY f.fid", chunk)
+            rows = self._rows(f"SELECT f.*, q.prompt_key AS prompt_key, q.response AS response FROM feedback f"
+                              f" JOIN queries q ON f.id = q.id AND f.idx = q.idx WHERE q.prompt_key IN ({marks})"
+                              f" ORDER BY f.fid", chunk)
             for r in rows:
                 texts = json.loads(r.pop("response"))
                 r["rated"] = texts[r["choice"]] if 0 <= r["choice"] < len(texts) else None
-                out.setdefault(r["prompt"], []).append(r)
+                out.setdefault(r["prompt_key"], []).append(r)
         return out
 
     def count_feedback(self) -> int:
@@ -261,33 +364,51 @@ class Store:
 
     # ── regression set (frozen pseudo-labels) ─────────────────────────────
     def add_regression(self, items: Iterable[tuple]) -> None:
-        """Freeze (id, idx, prompt, label, agreement[, source]) items; every query with their prompt is
-        held out of training."""
+        """Freeze (id, idx, prompt, label, agreement[, source]) items; every query of their prompt (by key)
+        is held out of training while they are in the set."""
         items = [tuple(it) if len(it) == 6 else (*it, "vote") for it in items]
         now = time.time()
 
         def write():
-            self._db.executemany("INSERT OR IGNORE INTO regression (id, idx, prompt, label, agreement, source, created)"
-                                 " VALUES (?,?,?,?,?,?,?)", [(*it, now) for it in items])
-            self._db.executemany("UPDATE queries SET heldout=1 WHERE prompt=?", [(it[2],) for it in items])
+            self._db.executemany("INSERT OR IGNORE INTO regression (id, idx, prompt, label, agreement, source, created,"
+                                 " prompt_key) VALUES (?,?,?,?,?,?,?,?)",
+                                 [(*it, now, prompt_key(it[2])) for it in items])
+            self._db.executemany("UPDATE queries SET heldout=1 WHERE prompt_key=?",
+                                 [(prompt_key(it[2]),) for it in items])
 
         self._tx(write)
 
     def regression_items(self) -> list[dict[str, Any]]:
-        return self._rows("SELECT * FROM regression ORDER BY created, id, idx")
+        """The items in the set now, oldest first."""
+        return self._rows("SELECT * FROM regression WHERE retired IS NULL ORDER BY created, id, idx")
+
+    def retire_regression(self, n: int) -> list[dict[str, Any]]:
+        """Take the `n` oldest items out of the set; their prompts may be trained on again."""
+        def write():
+            rows = [dict(r) for r in self._db.execute(
+                "SELECT * FROM regression WHERE retired IS NULL ORDER BY created, id, idx LIMIT ?", (n,))]
+            now = time.time()
+            self._db.executemany("UPDATE regression SET retired=? WHERE id=? AND idx=?",
+                                 [(now, r["id"], r["idx"]) for r in rows])
+            self._db.executemany("UPDATE queries SET heldout=0 WHERE prompt_key=? AND prompt_key NOT IN"
+                                 " (SELECT prompt_key FROM regression WHERE retired IS NULL)",
+                                 [(r["prompt_key"],) for r in rows])
+            return rows
+
+        return self._tx(write) if n > 0 else []
 
     # ── versions ──────────────────────────────────────────────────────────
     def add_version(self, version: int, path: str, status: str, parent: int | None = None,
                     round_no: int | None = None, metrics: dict | None = None, serve: bool = False) -> None:
         """Record a version; with serve=True it also becomes the served one, in the same transaction."""
-        def write():
-            self._db.execute("INSERT OR REPLACE INTO versions (version, created, path, parent, round, status, metrics)"
-                             " VALUES (?,?,?,?,?,?,?)", (version, time.time(), path, parent, round_no, status,
-                                                         json.dumps(metrics or {})))
-            if serve:
-                self._set_state(("serving_version", version))
+        self._tx(self._add_version, version, path, status, parent, round_no, metrics, serve)
 
-        self._tx(write)
+    def _add_version(self, version, path, status, parent, round_no, metrics, serve) -> None:
+        self._db.execute("INSERT OR REPLACE INTO versions (version, created, path, parent, round, status, metrics)"
+                         " VALUES (?,?,?,?,?,?,?)", (version, time.time(), path, parent, round_no, status,
+                                                     json.dumps(metrics or {})))
+        if serve:
+            self._set_state(("serving_version", version))
 
     def set_version_status(self, version: int, status: str) -> None:
         self._tx(lambda: self._db.execute("UPDATE versions SET status=? WHERE version=?", (status, version)))
@@ -311,13 +432,54 @@ class Store:
 
         return self._tx(write)
 
-    def finish_round(self, round_no: int, outcome: str, *, version: int | None = None,
-                     current_score: float | None = None, candidate_score: float | None = None,
-                     reasons: Sequence[str] = (), metrics: dict | None = None) -> None:
-        self._tx(lambda: self._db.execute(
+    def _finish_round(self, round_no: int, outcome: str, version: int | None, current_score: float | None,
+                      candidate_score: float | None, reasons: Sequence[str], metrics: dict | None) -> None:
+        self._db.execute(
             "UPDATE rounds SET finished=?, outcome=?, version=?, current_score=?, candidate_score=?, reasons=?,"
             " metrics=? WHERE round=?", (time.time(), outcome, version, current_score, candidate_score,
-                                         json.dumps(list(reasons)), json.dumps(metrics or {}), round_no)))
+                                         json.dumps(list(reasons)), json.dumps(metrics or {}, default=str), round_no))
+
+    def finish_round(self, round_no: int, outcome: str, *, version: int | None = None,
+                     current_score: float | None = None, candidate_score: float | None = None,
+                     reasons: Sequence[str] = (), metrics: dict | None = None,
+                     used: Iterable[tuple[str, int]] = ()) -> None:
+        """Record a round's outcome and mark the queries it trained on used, in one transaction."""
+        used = list(used)
+
+        def write():
+            self._mark_used(used, round_no)
+            self._finish_round(round_no, outcome, version, current_score, candidate_score, reasons, metrics)
+
+        self._tx(write)
+
+    def commit_promotion(self, round_no: int, version: int, path: str, parent: int, *,
+                         used: Iterable[tuple[str, int]], current_score: float | None,
+                         candidate_score: float | None, metrics: dict | None) -> None:
+        """One transaction: the new version recorded and served, its queries used, its round promoted.
+
+        A crash before it leaves the round without an outcome (`interrupted` at
+        the next start) and its queries unused; after it, the next start serves
+        the version, whose folder is complete on disk (written and fsynced first).
+        """
+        used = list(used)
+
+        def write():
+            self._add_version(version, path, "promoted", parent, round_no, metrics, True)
+            self._mark_used(used, round_no)
+            self._finish_round(round_no, "promoted", version, current_score, candidate_score, (), metrics)
+
+        self._tx(write)
+
+    def interrupt_unfinished(self) -> list[int]:
+        """Mark rounds without an outcome (the server died in them) `interrupted`; returns their numbers."""
+        def write():
+            rows = [r[0] for r in self._db.execute("SELECT round FROM rounds WHERE outcome IS NULL")]
+            self._db.execute("UPDATE rounds SET outcome='interrupted', finished=?,"
+                             " reasons='[\"the server stopped during the round\"]' WHERE outcome IS NULL",
+                             (time.time(),))
+            return rows
+
+        return self._tx(write)
 
     def rounds(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = self._rows("SELECT * FROM rounds ORDER BY round DESC LIMIT ?", (limit,))
@@ -365,7 +527,8 @@ class GroupCommitWriter:
     `submit(records)` returns a Future that resolves once those rows are
     committed (durable) or fails with the database error. Whatever is queued
     when the thread wakes goes into one transaction: under load, one fsync
-    covers many answers.
+    covers many answers. If that transaction fails, each request is retried
+    in its own, so a bad row fails only the request it came from.
     """
 
     def __init__(self, store: Store, max_batch: int = 512):
@@ -374,6 +537,7 @@ class GroupCommitWriter:
         self._q: queue.Queue[tuple[list[QueryRecord], Future] | None] = queue.Queue()
         self.commits = 0
         self.rows = 0
+        self.fallbacks = 0  # group transactions that failed and were retried request by request
         self._thread = threading.Thread(target=self._run, name="ttrl-store-writer", daemon=True)
         self._thread.start()
 
@@ -405,11 +569,22 @@ class GroupCommitWriter:
                 self.rows += len(records)
                 for _, fut in batch:
                     fut.set_result(len(records))
-            except BaseException as err:  # noqa: BLE001 - handed to every waiter
-                for _, fut in batch:
-                    fut.set_exception(err)
+            except BaseException:  # noqa: BLE001 - one request's bad rows must not fail its batch-mates
+                self._one_by_one(batch)
             if stop:
                 return
+
+    def _one_by_one(self, batch: list[tuple[list[QueryRecord], Future]]) -> None:
+        """The group transaction failed: commit each request alone, so only the request at fault fails."""
+        self.fallbacks += 1
+        for recs, fut in batch:
+            try:
+                self.store.add_queries(recs)
+                self.commits += 1
+                self.rows += len(recs)
+                fut.set_result(len(recs))
+            except BaseException as err:  # noqa: BLE001 - handed to its own waiter
+                fut.set_exception(err)
 
     def close(self) -> None:
         self._q.put(None)

@@ -31,15 +31,21 @@ def boxed(answer: str, logprobs=(-0.5, -0.5, -0.5)) -> dict:
 
 
 class FakeEngine:
-    def __init__(self, answer: Callable[[list[int], int, int], dict] | None = None, delay: float = 0.01):
+    def __init__(self, answer: Callable[[list[int], int, int], dict] | None = None, delay: float = 0.01,
+                 refuse: Callable[[list[int]], bool] | None = None, fail_load: Callable[[int], bool] | None = None):
         # answer(prompt_ids, version, sample_index) -> one engine sample dict
         self.answer = answer or (lambda ids, version, j: boxed(f"v{version}"))
         self.delay = delay
+        # refuse(prompt_ids): a prompt the engine rejects (its whole call fails, as vLLM's generate does);
+        # fail_load(version): a version this engine cannot load (a mismatched checkpoint).
+        self.refuse = refuse or (lambda ids: False)
+        self.fail_load = fail_load or (lambda version: False)
         self.version = 0
-        self.log: list[tuple] = []  # ("generate", n_prompts, version) / ("load", version)
+        self.log: list[tuple] = []  # ("generate", n_prompts, version, keys) / ("load", version)
         self.dead = False
         self._lock: asyncio.Lock | None = None
         self.generate = _Method(self._generate)
+        self.generate_each = _Method(self._generate_each)
         self.load_weights = _Method(self._load)
         self.info = _Method(self._info)
 
@@ -49,16 +55,23 @@ class FakeEngine:
         return self._lock
 
     async def _generate(self, prompts, n, temperature, top_p, top_k, max_tokens, seed=None):
+        return await self._generate_each(prompts, [(n, temperature, top_p, top_k, max_tokens, seed)] * len(prompts))
+
+    async def _generate_each(self, prompts, keys):
         async with self._l():  # one call at a time, in call order, like a Ray actor
             if self.dead:
                 raise FakeDeath("actor died")
             await asyncio.sleep(self.delay)
-            self.log.append(("generate", len(prompts), self.version))
-            return [[self.answer(p, self.version, j) for j in range(n)] for p in prompts]
+            if any(self.refuse(p) for p in prompts):
+                raise ValueError("the engine refused a prompt")
+            self.log.append(("generate", len(prompts), self.version, list(keys)))
+            return [[self.answer(p, self.version, j) for j in range(key[0])] for p, key in zip(prompts, keys)]
 
     async def _load(self, blobs, version):
         async with self._l():
             await asyncio.sleep(self.delay)
+            if self.fail_load(version):
+                raise ValueError(f"cannot load v{version}")
             self.version = version
             self.log.append(("load", version))
             return {"load_s": self.delay, "bytes": 0.0}

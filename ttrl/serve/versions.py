@@ -3,9 +3,11 @@
 Each version dir is what `Runtime.save` writes: `policy/` (a Hugging Face
 export, which is what the serving engines load) and `policy_ds/` (the
 DeepSpeed state with the optimizer, which is what the trainer rolls back
-to). It is written under a temporary name and renamed into place, so a
-version dir that exists is complete. v0 is the starting weights, written
-once when a serve dir is first used.
+to). It is written under a temporary name, every file and folder of it
+fsynced, and renamed into place (the parent fsynced too), all before the
+store records it: a version dir that exists is complete, and one the store
+names survives a power cut. v0 is the starting weights, written once when a
+serve dir is first used.
 
 `blobs(v)` packs a version's HF export into the buckets an engine's
 `load_weights` takes: hot swaps, rollbacks, restarts and engine recoveries
@@ -15,10 +17,34 @@ all load from here, so what is served is always a version on disk.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+
+def fsync_tree(root: Path) -> int:
+    """fsync every file under `root`, then every folder bottom-up (entries are data too); returns files synced."""
+    files = 0
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            files += 1
+        fsync_dir(Path(dirpath))
+    return files
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Versions:
@@ -49,8 +75,10 @@ class Versions:
         rt.save(str(tmp))
         info = {"version": version, "created": time.time(), "save_s": time.perf_counter() - t0, **manifest}
         (tmp / "manifest.json").write_text(json.dumps(info, indent=1, default=str))
+        fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        fsync_dir(self.root)  # the rename itself
         return final
 
     def manifest(self, version: int) -> dict[str, Any]:
@@ -89,4 +117,4 @@ class Versions:
         return removed
 
 
-__all__ = ["Versions"]
+__all__ = ["Versions", "fsync_dir", "fsync_tree"]

@@ -60,7 +60,7 @@ async def _client(tmp_path, admin_token=TOKEN, votes=1, answers=_answers, extrac
     defaults = Defaults(temperature=1.0, top_p=1.0, max_tokens=16, votes=votes, max_model_len=256)
     svc = Service(ServiceConfig("tiny-arith", defaults, 30.0, admin_token, extractor), FakeTokenizer(), MODEL_CFG,
                   pool, store, ctl)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(svc)), base_url="http://serve")
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(svc)), base_url="http://localhost")
     return client, svc, ctl, store, pool
 
 
@@ -73,7 +73,7 @@ def test_the_openai_client_gets_completions_and_chat_and_every_answer_is_stored(
 
     async def main():
         client, svc, ctl, store, pool = await _client(tmp_path)
-        oa = openai.AsyncOpenAI(base_url="http://serve/v1", api_key="none", http_client=client, max_retries=0)
+        oa = openai.AsyncOpenAI(base_url="http://localhost/v1", api_key="none", http_client=client, max_retries=0)
         c = await oa.completions.create(model="tiny-arith", prompt="12+30=", max_tokens=8)
         ch = await oa.chat.completions.create(model="tiny-arith", messages=[{"role": "user", "content": "1+1="}])
         sc = await oa.completions.create(model="tiny-arith", prompt="3+4=", extra_body={"votes": 5})
@@ -146,7 +146,8 @@ def test_bad_requests_get_openai_errors_naming_the_parameter(tmp_path):
             "long": {"prompt": "9" * 250, "max_tokens": 16},
         }.items():
             out[name] = await client.post("/v1/completions", json=body)
-        out["json"] = await client.post("/v1/completions", content=b"{not json")
+        out["json"] = await client.post("/v1/completions", content=b"{not json",
+                                        headers={"Content-Type": "application/json"})
         out["chat"] = await client.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}]})
         await pool.stop()
         svc.close()
@@ -188,7 +189,8 @@ def test_health_metrics_and_the_admin_api(tmp_path):
     async def main():
         client, svc, ctl, store, pool = await _client(tmp_path)
         await client.post("/v1/completions", json={"prompt": "1+1="})
-        h = await client.get("/health")
+        h = await client.get("/health", headers={"Authorization": f"Bearer {TOKEN}"})
+        h_anon = await client.get("/health")
         text = (await client.get("/metrics")).text
         out = {
             "no_token": await client.get("/admin/versions"),
@@ -208,10 +210,11 @@ def test_health_metrics_and_the_admin_api(tmp_path):
         out["off"] = await client2.get("/admin/versions", headers={"Authorization": f"Bearer {TOKEN}"})
         await pool2.stop()
         svc2.close()
-        return h, text, out, ctl
+        return h, h_anon, text, out, ctl
 
-    h, text, out, ctl = run(main())
+    h, h_anon, text, out, ctl = run(main())
     assert h.status_code == 200 and h.json()["version"] == 0 and h.json()["engines"]["queue"] == 0
+    assert h_anon.json() == {"status": "ok"}, "without the admin token /health says only that it is up"
     assert 'ttrl_requests_total{endpoint="completions",code="200"} 1' in text
     assert "ttrl_serving_version 0" in text and "ttrl_request_seconds_bucket" in text
     assert out["no_token"].status_code == 401 and out["wrong"].status_code == 401

@@ -105,3 +105,43 @@ def test_chat_rendering_and_stop_strings():
     assert apply_stop("abc\ndef", ("\n",)) == ("abc", True)
     assert apply_stop("abcdef", ("x", "cd", "b")) == ("a", True)
     assert apply_stop("abc", ()) == ("abc", False)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("serve.host=10.1.2.3", "serve.host=10.1.2.3 is not loopback and there are no API keys"),
+    ("serve.admin_token=hunter2-hunter2", "serve.admin_token is refused"),
+    ("serve.api_keys_file=alice:a-key-on-the-command-line", "serve.api_keys_file must name a file"),
+    ("serve.trusted_raters=[grader]", "serve.trusted_raters names ['grader']"),
+    ("serve.limits.max_body_bytes=10", "serve.limits.max_body_bytes=10 must be at least 1024"),
+    ("serve.limits.max_in_flight=0", "serve.limits.max_in_flight=0 must be at least 1"),
+    ("serve.limits.requests_per_minute=-1", "serve.limits.requests_per_minute=-1"),
+    ("serve.learn.feedback_quorum=0", "serve.learn.feedback_quorum=0"),
+    ("serve.learn.max_client_share=0", "serve.learn.max_client_share=0"),
+    ("serve.gate.min_askers=0", "serve.gate.min_askers=0"),
+    ("serve.gate.rotate_share=1", "serve.gate.rotate_share=1"),
+    ("serve.cors_origins=[evil]", "serve.cors_origins entry 'evil'"),
+])
+def test_access_settings_name_their_key(override, words):
+    cfg = compose_serve("experiment=demo", override)
+    with pytest.raises(ConfigError) as err:
+        validate_serve(cfg)
+    assert words in str(err.value)
+    assert "a-key-on-the-command-line" not in str(err.value), "a key pasted as a path is never echoed"
+
+
+def test_keys_hosts_and_single_user(tmp_path, monkeypatch):
+    keys = tmp_path / "keys"
+    keys.write_text("alice:alice-key-0123456789\ngrader:grader-key-012345678\n")
+    validate_serve(compose_serve("serve.host=0.0.0.0", f"serve.api_keys_file={keys}", "serve.allowed_hosts=[llm.lab]",
+                                 "serve.trusted_raters=[grader]"))
+    with pytest.raises(ConfigError, match="serve.allowed_hosts must list"):
+        validate_serve(compose_serve("serve.host=0.0.0.0", f"serve.api_keys_file={keys}"))
+    with pytest.raises(ConfigError, match="serve.single_user=true is for one person"):
+        validate_serve(compose_serve("serve.single_user=true", f"serve.api_keys_file={keys}"))
+    validate_serve(compose_serve("serve.host=10.1.2.3", "serve.allow_unauthenticated=true"))
+    validate_serve(compose_serve("serve.single_user=true"))
+    monkeypatch.setenv("TTRL_API_KEYS_FILE", str(keys))
+    validate_serve(compose_serve("serve.host=10.1.2.3", "serve.trusted_raters=[grader]"))
+    keys.write_text("alice:short\n")
+    with pytest.raises(ConfigError, match=r"\$TTRL_API_KEYS_FILE: .* line 1"):
+        validate_serve(compose_serve())

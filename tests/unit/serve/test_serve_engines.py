@@ -20,21 +20,24 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_waiting_requests_go_out_together_and_keys_are_not_mixed():
+def test_waiting_requests_go_out_together_whatever_their_sampling_parameters():
     async def main():
         eng = FakeEngine(delay=0.05)
         pool = _pool([eng])
         await pool.start()
         other = (4, 0.7, 1.0, -1, 16, None)
-        reqs = [pool.generate([i + 1], KEY) for i in range(10)] + [pool.generate([99], other)]
+        seeded = [(1, 1.0, 1.0, -1, 16, 1000 + i) for i in range(5)]  # a client that varies its seed
+        reqs = ([pool.generate([i + 1], KEY) for i in range(10)] + [pool.generate([99], other)]
+                + [pool.generate([7], k, "seeder") for k in seeded])
         outs = await asyncio.gather(*reqs)
         await pool.stop()
         return eng, outs
 
     eng, outs = run(main())
-    assert [len(o[0]) for o in outs] == [1] * 10 + [4], "n samples per prompt, as the key asks"
-    sizes = [n for kind, n, _ in eng.log if kind == "generate"]
-    assert sum(sizes) == 11 and len(sizes) <= 3, f"requests were not batched: {sizes}"
+    assert [len(o[0]) for o in outs] == [1] * 10 + [4] + [1] * 5, "n samples per prompt, as each key asks"
+    calls = [e for e in eng.log if e[0] == "generate"]
+    assert sum(n for _, n, _, _ in calls) == 16 and len(calls) <= 2, f"requests were not batched: {calls}"
+    assert any(len({k[5] for k in keys}) > 2 for *_, keys in calls), "different seeds shared one engine call"
 
 
 def test_a_swap_falls_between_batches_and_answers_carry_their_version():
@@ -161,3 +164,56 @@ def test_an_engine_that_never_comes_back_fails_its_requests_instead_of_hanging()
         await pool.stop()
 
     run(main())
+
+
+def test_a_client_with_a_backlog_does_not_starve_another():
+    async def main():
+        eng = FakeEngine(delay=0.02)
+        pool = _pool([eng], max_batch=4)
+        await pool.start()
+        flood = [asyncio.ensure_future(pool.generate([i + 1], KEY, "flooder")) for i in range(40)]
+        await asyncio.sleep(0.005)  # the first batch is in flight, 36 wait
+        polite = (1, 1.0, 1.0, -1, 16, 42)  # its own seed: to find it in the engine's log
+        await pool.generate([999], polite, "polite")
+        await asyncio.gather(*flood)
+        await pool.stop()
+        return eng, polite
+
+    eng, polite = run(main())
+    calls = [keys for kind, _, _, keys in eng.log if kind == "generate"]
+    assert len(calls) == 11
+    assert polite in calls[1], "the polite request went out right after the batch in flight, not behind 36"
+
+
+def test_a_request_the_engine_refuses_fails_alone():
+    async def main():
+        eng = FakeEngine(delay=0.02, refuse=lambda ids: ids == [666])
+        pool = _pool([eng])
+        await pool.start()
+        outs = await asyncio.gather(*(pool.generate([i + 1], KEY) for i in range(5)), pool.generate([666], KEY),
+                                    return_exceptions=True)
+        await pool.stop()
+        return outs
+
+    outs = run(main())
+    assert all(isinstance(o, tuple) for o in outs[:5]) and isinstance(outs[5], ValueError)
+
+
+def test_a_swap_that_fails_on_the_second_engine_puts_the_first_back():
+    from ttrl.serve.engines import SwapFailed
+
+    async def main():
+        engines = [FakeEngine(delay=0.01), FakeEngine(delay=0.01, fail_load=lambda v: v == 2)]
+        pool = _pool(engines, blobs_for=lambda v: [b"v%d" % v])
+        await pool.start()
+        await pool.swap(1, [b"w1"])
+        with pytest.raises(SwapFailed, match="engine 1 could not load v2.*every engine serves v1 again"):
+            await pool.swap(2, [b"w2"])
+        out = await asyncio.gather(*(pool.generate([i + 1], KEY) for i in range(6)))
+        await pool.stop()
+        return engines, pool, out
+
+    engines, pool, out = run(main())
+    assert [e.version for e in engines] == [1, 1] and pool.version == 1
+    assert {v for _, v in out} == {1}, "after the failed swap every answer comes from the served version"
+    assert ("load", 2) in engines[0].log and engines[0].log[-1] != ("load", 2)

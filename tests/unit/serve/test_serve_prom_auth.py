@@ -71,12 +71,11 @@ def test_counters_are_thread_safe():
     assert c.value() == 40_000
 
 
-def test_the_admin_token_comes_from_the_config_then_the_environment():
-    assert resolve_admin_token("configured-token", "T", {"T": "environment-token"}) == "configured-token"
-    assert resolve_admin_token(None, "T", {"T": "environment-token"}) == "environment-token"
-    assert resolve_admin_token(None, "T", {}) is None
+def test_the_admin_token_comes_from_the_environment_only():
+    assert resolve_admin_token("T", {"T": "environment-token"}) == "environment-token"
+    assert resolve_admin_token("T", {}) is None
     with pytest.raises(ValueError):
-        resolve_admin_token("short", "T", {})
+        resolve_admin_token("T", {"T": "short"})
 
 
 def test_admin_requests_need_the_exact_token():
@@ -89,3 +88,50 @@ def test_admin_requests_need_the_exact_token():
     assert check_admin({"Authorization": f"Basic {token}"}, token).status == 401
     assert check_admin({"Authorization": f"Bearer {token}"}, None).status == 403, "no token configured: API off"
     assert presented_token({"Authorization": "Bearer "}) is None
+
+
+# ── API keys and per-identity limits ──────────────────────────────────────────
+
+
+def test_a_keys_file_maps_keys_to_identities_and_bad_lines_name_their_line(tmp_path):
+    from ttrl.serve.auth import ApiKeys, KeysFileError, load_api_keys
+
+    f = tmp_path / "keys"
+    f.write_text("# who may ask\n\nalice:alice-key-0123456789\n bob : bob-key-0123456789ab \n")
+    keys = ApiKeys.from_file(f)
+    assert keys.names == ["alice", "bob"]
+    assert keys.identify("alice-key-0123456789") == "alice" and keys.identify("bob-key-0123456789ab") == "bob"
+    assert keys.identify("alice-key-012345678") is None and keys.identify(None) is None
+    bad = {
+        "carol\n": "line 1 is not a `name:key` line",
+        "carol:short\n": "line 1: the key of 'carol' must be at least 16",
+        "anonymous:a-long-enough-key-000\n": "reserved",
+        "al ice:a-long-enough-key-000\n": "the name",
+        "a:a-long-enough-key-000\na:another-long-key-0000\n": "line 2: the name 'a' is already on line 1",
+        "a:a-long-enough-key-000\nb:a-long-enough-key-000\n": "line 2: the key of 'b' is also another name's key",
+        "# nothing\n": "holds no",
+    }
+    for text, words in bad.items():
+        f.write_text(text)
+        with pytest.raises(KeysFileError) as err:
+            load_api_keys(f)
+        assert words in str(err.value) and str(f) in str(err.value)
+        assert "a-long-enough-key" not in str(err.value), "an error never shows a key"
+
+
+def test_the_rate_limit_is_a_token_bucket_per_identity_and_in_flight_is_capped():
+    from ttrl.serve.limits import ClientLimits
+
+    now = [0.0]
+    lim = ClientLimits(requests_per_minute=60, burst=3, max_in_flight=100, clock=lambda: now[0])
+    assert [lim.acquire("a") is None for _ in range(4)] == [True, True, True, False]
+    refusal = lim.acquire("a")
+    assert refusal.key == "serve.limits.requests_per_minute" and refusal.retry_after_s == 1
+    assert lim.acquire("b") is None, "another identity has its own bucket"
+    now[0] = 2.0  # two tokens back at one a second
+    assert [lim.acquire("a") is None for _ in range(3)] == [True, True, False]
+    flight = ClientLimits(requests_per_minute=0, burst=1, max_in_flight=2)
+    assert flight.acquire("a") is None and flight.acquire("a") is None
+    assert flight.acquire("a").key == "serve.limits.max_in_flight"
+    flight.release("a")
+    assert flight.acquire("a") is None and flight.in_flight == {"a": 2}

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from ttrl.serve.store import FeedbackRecord, GroupCommitWriter, QueryRecord, Store
@@ -50,19 +51,23 @@ def test_queries_round_trip_and_the_learner_sees_each_once(tmp_path):
 def test_feedback_versions_rounds_events_and_state(tmp_path):
     s = Store(tmp_path / "s.sqlite")
     s.add_queries([_q(1), _q(2)])
-    s.add_feedback(FeedbackRecord("cmpl-1", 0, 0, 1.0))
-    s.add_feedback(FeedbackRecord("cmpl-1", 0, 0, 0.0, comment="changed my mind"))
+    assert s.add_feedback(FeedbackRecord("cmpl-1", 0, 0, 1.0))[1] is False
+    fid, replaced = s.add_feedback(FeedbackRecord("cmpl-1", 0, 0, 0.0, comment="changed my mind"))
+    assert replaced, "one verdict per identity per text: the new one replaces the old"
+    s.add_feedback(FeedbackRecord("cmpl-1", 0, 0, 1.0, client="bob"))
     fb = s.feedback_for([("cmpl-1", 0), ("cmpl-2", 0)])
-    assert [f["score"] for f in fb[("cmpl-1", 0)]] == [1.0, 0.0] and ("cmpl-2", 0) not in fb
-    assert s.count_feedback() == 2
+    assert [(f["client"], f["score"]) for f in fb[("cmpl-1", 0)]] == [("anonymous", 0.0), ("bob", 1.0)]
+    assert ("cmpl-2", 0) not in fb and s.count_feedback() == 2
     s.add_queries([_q(3, idx=0)])
-    s.add_queries([QueryRecord(id="cmpl-9", idx=0, endpoint="chat", prompt="1+1=", version=0, votes=1,
-                               response=["\\boxed{5}"])])  # another request with cmpl-1's prompt
-    s.add_feedback(FeedbackRecord("cmpl-9", 0, 0, 1.0))
+    s.add_queries([QueryRecord(id="cmpl-9", idx=0, endpoint="chat", prompt=" 1+1= ", version=0, votes=1,
+                               response=["\\boxed{5}"], client="carol")])  # cmpl-1's prompt, other spacing
+    s.add_feedback(FeedbackRecord("cmpl-9", 0, 0, 1.0, client="carol"))
     by_prompt = s.feedback_by_prompt(["1+1=", "3+3="])
-    assert [(f["id"], f["score"], f["rated"]) for f in by_prompt["1+1="]] == [
-        ("cmpl-1", 1.0, "\\boxed{42}"), ("cmpl-1", 0.0, "\\boxed{42}"), ("cmpl-9", 1.0, "\\boxed{5}")]
+    assert [(f["id"], f["client"], f["score"], f["rated"]) for f in by_prompt["1+1="]] == [
+        ("cmpl-1", "anonymous", 0.0, "\\boxed{42}"), ("cmpl-1", "bob", 1.0, "\\boxed{42}"),
+        ("cmpl-9", "carol", 1.0, "\\boxed{5}")]
     assert "3+3=" not in by_prompt
+    assert s.askers(["1+1=", "3+3="]) == {"1+1=": 2, "3+3=": 1}
 
     assert s.serving_version() is None
     s.add_version(0, "/v0", "base", serve=True)
@@ -144,3 +149,98 @@ def test_every_answered_query_survives_a_sigkill(tmp_path):
     answered = set(proc.stdout.split())
     assert len(answered) == 151
     assert answered <= Store(db).query_ids()
+
+
+def test_a_bad_record_in_a_group_commit_fails_only_its_own_request(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    s.add_queries([_q(1)])
+    w = GroupCommitWriter(s)
+    # While the writer waits on the store for a first request, three more queue up: they go out as one
+    # group transaction, with a duplicate in the middle.
+    with s._lock:
+        first = w.submit([_q(9)])
+        time.sleep(0.3)
+        futs = [w.submit([_q(10)]), w.submit([_q(1)]), w.submit([_q(11), _q(11, idx=1)])]
+    assert first.result(timeout=10)
+    assert futs[0].result(timeout=10) and futs[2].result(timeout=10)
+    try:
+        futs[1].result(timeout=10)
+        raise AssertionError("the duplicate was accepted")
+    except Exception as err:  # noqa: BLE001
+        assert "UNIQUE" in str(err)
+    assert s.query_ids() == {"cmpl-1", "cmpl-9", "cmpl-10", "cmpl-11"} and w.fallbacks == 1
+    w.close()
+
+
+V1_SCHEMA = """
+CREATE TABLE queries (id TEXT NOT NULL, idx INTEGER NOT NULL, created REAL NOT NULL, endpoint TEXT NOT NULL,
+    prompt TEXT NOT NULL, request TEXT, version INTEGER NOT NULL, votes INTEGER NOT NULL, response TEXT NOT NULL,
+    answer TEXT, agreement REAL, samples TEXT, latency_s REAL, heldout INTEGER NOT NULL DEFAULT 0, round INTEGER,
+    PRIMARY KEY (id, idx));
+CREATE TABLE feedback (fid INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, idx INTEGER NOT NULL,
+    choice INTEGER NOT NULL, score REAL NOT NULL, comment TEXT, created REAL NOT NULL);
+CREATE TABLE regression (id TEXT NOT NULL, idx INTEGER NOT NULL, prompt TEXT NOT NULL, label TEXT NOT NULL,
+    agreement REAL NOT NULL, source TEXT NOT NULL DEFAULT 'vote', created REAL NOT NULL, PRIMARY KEY (id, idx));
+CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT);
+INSERT INTO state VALUES ('schema_version', '1');
+INSERT INTO queries (id, idx, created, endpoint, prompt, version, votes, response) VALUES
+    ('cmpl-a', 0, 1.0, 'completions', ' 2+2= ', 0, 1, '["x"]'), ('cmpl-b', 0, 2.0, 'completions', '3+3=', 0, 1, '["y"]');
+INSERT INTO feedback (id, idx, choice, score, created) VALUES ('cmpl-a', 0, 0, 1.0, 1.0), ('cmpl-a', 0, 0, 0.0, 2.0);
+INSERT INTO regression VALUES ('cmpl-b', 0, '3+3=', '6', 0.9, 'vote', 3.0);
+"""
+
+
+def test_a_store_of_the_first_schema_is_migrated_in_place(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "old.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript(V1_SCHEMA)
+    con.close()
+    s = Store(db)
+    assert s.get_state("schema_version") == 2
+    assert s.get_query("cmpl-a")["client"] == "anonymous" and s.get_query("cmpl-a")["prompt_key"] == "2+2="
+    assert [f["score"] for f in s.feedback_for([("cmpl-a", 0)])[("cmpl-a", 0)]] == [0.0], "the newest verdict kept"
+    assert [it["prompt_key"] for it in s.regression_items()] == ["3+3="]
+    assert [q["id"] for q in s.unused_queries(10)] == ["cmpl-a"], "the frozen prompt stays held out"
+    s.close()
+    assert Store(db).get_state("schema_version") == 2, "a migrated store opens again"
+
+
+def test_the_frozen_set_rotates_and_a_retired_prompt_may_be_trained_on_again(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    s.add_queries([_q(i, created=1000.0 + i) for i in range(4)])
+    s.add_regression([("cmpl-0", 0, "0+0=", "0", 0.9), ("cmpl-1", 0, "1+1=", "2", 0.9)])
+    assert {q["id"] for q in s.unused_queries(10)} == {"cmpl-2", "cmpl-3"}
+    retired = s.retire_regression(1)
+    assert [r["id"] for r in retired] == ["cmpl-0"] and [r["id"] for r in s.regression_items()] == ["cmpl-1"]
+    assert {q["id"] for q in s.unused_queries(10)} == {"cmpl-0", "cmpl-2", "cmpl-3"}
+
+
+def test_a_promotion_is_one_transaction_and_an_unfinished_round_is_interrupted_at_restart(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    s.add_queries([_q(i) for i in range(3)])
+    s.add_version(0, "/v0", "base", serve=True)
+    r1 = s.start_round(0, 3)
+    s.commit_promotion(r1, 1, "/v1", 0, used=[("cmpl-0", 0), ("cmpl-1", 0)], current_score=0.5,
+                       candidate_score=0.6, metrics={"x": 1})
+    assert s.serving_version() == 1 and s.rounds()[0]["outcome"] == "promoted"
+    assert [q["id"] for q in s.unused_queries(10)] == ["cmpl-2"]
+    r2 = s.start_round(1, 1)  # the server dies here
+    s.close()
+    s = Store(tmp_path / "s.sqlite")
+    assert s.interrupt_unfinished() == [r2]
+    assert [r["outcome"] for r in s.rounds()] == ["promoted", "interrupted"]
+    assert s.interrupt_unfinished() == []
+    assert [q["id"] for q in s.unused_queries(10)] == ["cmpl-2"], "its query goes into a later round"
+
+
+def test_a_query_that_fails_twice_is_quarantined_and_no_longer_handed_out(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    s.add_queries([_q(i) for i in range(3)])
+    assert s.add_failures([("cmpl-0", 0), ("cmpl-1", 0)], 2, "boom") == 0
+    assert s.add_failures([("cmpl-0", 0)], 2, "boom") == 1
+    assert [q["id"] for q in s.unused_queries(10)] == ["cmpl-1", "cmpl-2"]
+    s.quarantine([("cmpl-2", 0)], "too long")
+    assert [(q["id"], q["quarantined"]) for q in s.quarantined()] == [("cmpl-0", "boom"), ("cmpl-2", "too long")]
+    assert s.count_queries() == 3, "quarantined queries stay in the store"

@@ -1,0 +1,139 @@
+"""Which user feedback the learner may believe, and which prompts count as one.
+
+A rating is evidence about an answer, but one client's word is not enough
+to teach the model: anyone with a key could rate a wrong answer up on every
+prompt and repeat it. So ratings are *earned* before they touch a label:
+
+- each identity counts once per answer: its newest rating of that answer
+  (of any response to the prompt) is its verdict, however often it repeats;
+- an answer's thumbs-up is earned when `quorum` distinct identities give it
+  (and more identities say up than down), or when a trusted rater does;
+  a thumbs-down (a veto) likewise;
+- a trusted rater's verdict outranks any number of untrusted ones.
+
+Prompts are compared by `prompt_key`: case and whitespace variants of a
+prompt are the same prompt, so a client cannot split one prompt into many
+to dodge a count. Answers compare as the run's extractor reads them.
+
+Pure Python (math-verify for equivalence); no ground truth, no store.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+from ttrl.labeling.grade import is_equivalent
+
+
+def prompt_key(text: str) -> str:
+    """The identity of a prompt: Unicode-normalised, case-folded, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+@dataclass(frozen=True)
+class Rating:
+    answer: str | None  # the extracted answer of the rated response (None: nothing to learn from it)
+    score: float  # 1 = thumbs up, 0 = thumbs down (>= 0.5 counts as up)
+    client: str = "anonymous"
+    trusted: bool = False
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The earned verdicts on one prompt's answers."""
+
+    ups: list[tuple[str, str]] = field(default_factory=list)  # (answer, why: "trusted" | "quorum of N")
+    downs: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str | None:
+        """The earned thumbs-up answer that wins: a trusted one first, then the largest quorum."""
+        return self.ups[0][0] if self.ups else None
+
+
+@dataclass
+class _Answer:
+    rep: str
+    up: dict[str, int] = field(default_factory=dict)  # client -> position of its newest up
+    down: dict[str, int] = field(default_factory=dict)
+    trusted: list[tuple[int, bool]] = field(default_factory=list)  # (position, is_up) of trusted verdicts
+
+
+def earned(ratings: Sequence[Rating], quorum: int, extractor: str = "boxed") -> Verdict:
+    """The verdicts `ratings` (oldest first) earn under a quorum of distinct identities."""
+    answers: list[_Answer] = []
+    newest: dict[tuple[str, int], tuple[int, bool]] = {}  # (client, answer) -> (position, is_up)
+    for pos, r in enumerate(ratings):
+        if r.answer is None:
+            continue
+        slot = next((i for i, a in enumerate(answers) if is_equivalent(a.rep, r.answer, extractor)), None)
+        if slot is None:
+            answers.append(_Answer(r.answer))
+            slot = len(answers) - 1
+        newest[(r.client, slot)] = (pos, r.score >= 0.5)
+        if r.trusted:
+            answers[slot].trusted.append((pos, r.score >= 0.5))
+    for (client, slot), (pos, up) in newest.items():
+        (answers[slot].up if up else answers[slot].down)[client] = pos
+    ups, downs = [], []
+    for a in answers:
+        if a.trusted:
+            # The newest trusted verdict decides; untrusted ones do not outvote it.
+            pos, up = max(a.trusted)
+            (ups if up else downs).append((a.rep, "trusted", pos, len(a.up)))
+            continue
+        if len(a.up) >= quorum and len(a.up) > len(a.down):
+            ups.append((a.rep, f"quorum of {len(a.up)}", max(a.up.values()), len(a.up)))
+        elif len(a.down) >= quorum and len(a.down) > len(a.up):
+            downs.append((a.rep, f"quorum of {len(a.down)}", max(a.down.values()), len(a.down)))
+    # Trusted first, then the most identities, then the newest.
+    ups.sort(key=lambda u: (u[1] == "trusted", u[3], u[2]), reverse=True)
+    return Verdict(ups=[(rep, why) for rep, why, _, _ in ups], downs=[(rep, why) for rep, why, _, _ in downs])
+
+
+def askers_needed(min_askers: int, single_user: bool) -> int:
+    return 1 if single_user else min_askers
+
+
+def share_cap(counts: dict[str, int], share: float) -> int:
+    """The most prompts any one identity may supply: the largest cap k with
+    max(min(n, k)) <= share * sum(min(n, k)); 0 when no cap works (one identity alone)."""
+    if not counts:
+        return 0
+    if share >= 1:
+        return max(counts.values())
+    for k in range(max(counts.values()), 0, -1):
+        taken = [min(n, k) for n in counts.values()]
+        if max(taken) <= share * sum(taken) + 1e-9:
+            return k
+    return 0
+
+
+def capped(rows: Sequence[dict], share: float, owner_of: str = "client") -> tuple[list[dict], dict[str, int]]:
+    """The rows (oldest first) whose prompts fit under one identity's share of the round.
+
+    Each distinct prompt belongs to the identity that asked it first in
+    `rows`; rows of a prompt over its owner's cap wait for a later round.
+    Returns (kept rows, prompts per identity kept).
+    """
+    owner: dict[str, str] = {}
+    order: dict[str, list[str]] = {}
+    for q in rows:
+        k = q["prompt_key"]
+        if k not in owner:
+            owner[k] = q[owner_of]
+            order.setdefault(q[owner_of], []).append(k)
+    cap = share_cap({c: len(keys) for c, keys in order.items()}, share)
+    allowed = {k for keys in order.values() for k in keys[:cap]}
+    kept = [q for q in rows if q["prompt_key"] in allowed]
+    return kept, {c: min(len(keys), cap) for c, keys in order.items()}
+
+
+def trusted_names(trusted_raters: Collection[str], single_user: bool, anonymous: str = "anonymous") -> set[str]:
+    """Identities whose verdict alone counts (the operator is trusted on a single-user server)."""
+    return {anonymous} if single_user else set(trusted_raters)
+
+
+__all__ = ["Rating", "Verdict", "askers_needed", "capped", "earned", "prompt_key", "share_cap", "trusted_names"]
