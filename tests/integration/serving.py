@@ -3,6 +3,7 @@
 Every serve test runs the server as a user does (`python -m ttrl.serve`, in
 its own process group, admin token in the environment) and must leave
 nothing running: `stop` ends the whole group even if the server hangs.
+`write_keys` writes an API keys file for tests that play several clients.
 Test helpers only; no assertion here is about a server's answers.
 """
 
@@ -26,15 +27,17 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 class Server:
     """One `ttrl-serve` process of a test, in its own process group: started, waited on, stopped."""
 
-    def __init__(self, serve_dir: Path, base: list[str], *overrides: str):
+    def __init__(self, serve_dir: Path, base: list[str], *overrides: str, env: dict[str, str] | None = None):
         # `base`: the overrides of every start; `overrides`: this start's, replaced by `start(...)`.
         self.dir, self.base, self.overrides = serve_dir, list(base), list(overrides)
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self.log = serve_dir.parent / f"{serve_dir.name}.log"
         self.startup_s: list[float] = []
 
-    def start(self, *overrides: str, timeout: float = 900) -> Server:
+    def start(self, *overrides: str, timeout: float = 900, env: dict[str, str] | None = None) -> Server:
+        """Start (again); `env` adds to the environment of this start only (e.g. TTRL_SERVE_CRASH_AT)."""
         if overrides:
             self.overrides = list(overrides)
         (self.dir / "server.json").unlink(missing_ok=True)
@@ -42,7 +45,7 @@ class Server:
         fh = self.log.open("a")
         self.proc = subprocess.Popen([sys.executable, "-m", "ttrl.serve", *self.base, f"serve.dir={self.dir}",
                                       *self.overrides], stdout=fh, stderr=fh, cwd=ROOT, start_new_session=True,
-                                     env={**os.environ, "TTRL_ADMIN_TOKEN": TOKEN})
+                                     env={**os.environ, "TTRL_ADMIN_TOKEN": TOKEN, **self.env, **(env or {})})
         deadline = time.monotonic() + timeout
         while not (self.dir / "server.json").exists():
             assert self.proc.poll() is None, f"ttrl-serve exited: {self.tail()}"
@@ -83,7 +86,11 @@ class Server:
         return r.json()
 
     def learner(self) -> dict:
-        return httpx.get(f"{self.url}/health", timeout=30).json()["learner"]
+        return httpx.get(f"{self.url}/health", headers=AUTH, timeout=30).json()["learner"]
+
+    def wait_exit(self, timeout: float = 900) -> int:
+        """Wait for the server to end by itself (a crash point killed it); its exit code."""
+        return self.proc.wait(timeout)
 
     def learn(self) -> None:
         httpx.post(f"{self.url}/admin/learn", headers=AUTH, timeout=30).raise_for_status()
@@ -98,3 +105,11 @@ class Server:
             assert self.proc.poll() is None, f"ttrl-serve exited: {self.tail()}"
             assert time.monotonic() < deadline, f"no {n} finished learning rounds in {timeout}s: {self.tail()}"
             time.sleep(1.0)
+
+
+def write_keys(path: Path, names: list[str]) -> dict[str, dict[str, str]]:
+    """An API keys file (mode 600) for `names`; name -> the Authorization header of its key."""
+    keys = {n: f"{n}-test-key-{i:04d}-0123456789" for i, n in enumerate(names)}
+    path.write_text("".join(f"{n}:{k}\n" for n, k in keys.items()))
+    path.chmod(0o600)
+    return {n: {"Authorization": f"Bearer {k}"} for n, k in keys.items()}

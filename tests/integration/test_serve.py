@@ -8,8 +8,13 @@ rates answers; the server never sees it.
 Starting a server costs minutes on a 2-core CI box, so the file runs ONE
 server life story, in order, and the tests check its chapters:
 
-    server 1 (fresh serve dir, TTRL + user feedback as reward)
-      before: the test prompts, plain (graded, rated) and by self-consistency
+    server 1 (fresh serve dir, API keys for four honest users and two attackers;
+              TTRL + earned user feedback as reward)
+      before: the test prompts, plain (each asked by several users, who rate
+              their own answers truthfully) and by self-consistency;
+              mallory rates wrong answers up on 16 of them, again and again;
+              mallory and mallet, two identities, agree on a wrong answer
+              for two other prompts
       one learning round  ──  an 8-client load test from the gate's evaluation
                               until after the hot swap
       after: the same prompts on the promoted version
@@ -42,7 +47,7 @@ import httpx
 import pytest
 
 from tests.conftest import compose_config
-from tests.integration.serving import AUTH, Server
+from tests.integration.serving import AUTH, Server, write_keys
 
 # The first test also builds its 300-step warm start on a fresh machine (~3 of these minutes).
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2700)]
@@ -75,6 +80,12 @@ LEARN = ["trainer.lr=3e-5", f"serve.learn.steps={LEARN_STEPS}", "serve.gate.regr
 # steps as chapter 1, so the harm is measured at the same dose as the good round's gain.)
 HARMFUL = ["reward=custom", "reward.fn=ttrl.serve.testing:contrarian_reward", "serve.learn.feedback=false",
            f"serve.learn.steps={LEARN_STEPS}"]
+# Honest users ask every prompt (REPS times in all, spread over them) and rate the answers they get;
+# mallory floods ratings of wrong answers on POISONED prompts; mallory and mallet collude on COLLUDED ones.
+USERS = ["user0", "user1", "user2", "user3"]
+NAMES = [*USERS, "mallory", "mallet", "loader"]
+POISONED = slice(16, 32)  # 16 of the 64 measured prompts
+COLLUDED = slice(N_PROMPTS, N_PROMPTS + 2)  # two prompts outside them, so the measurement stays clean
 
 
 def _grade(text: str | None, answer: str) -> bool:
@@ -85,27 +96,87 @@ def _grade(text: str | None, answer: str) -> bool:
     return pred is not None and is_equivalent(pred, answer)
 
 
-async def _ask_all(url: str, prompts, reps: int = 1, votes: int | None = None, feedback: bool = False,
-                   concurrency: int = 8) -> list[tuple]:
-    """Each prompt `reps` times through the openai client: (prompt, response, correct); optional ratings."""
+async def _ask_all(url: str, prompts, keys: dict, reps: int = 1, votes: int | None = None, feedback: bool = False,
+                   concurrency: int = 8, users=tuple(USERS)) -> list[tuple]:
+    """Each prompt `reps` times through the openai client, the reps spread over `users` (each with its own
+    API key): (prompt, response, correct); optionally each user rates the answer it got, truthfully."""
     import openai
 
     async with httpx.AsyncClient(timeout=300) as http:
-        oa = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", http_client=http, max_retries=0)
+        clients = {u: openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=keys[u], http_client=http, max_retries=0)
+                   for u in users}
         sem = asyncio.Semaphore(concurrency)
 
-        async def one(p):
+        async def one(p, rep):
+            user = users[rep % len(users)]
             async with sem:
                 # No max_tokens: the server's default (serve.max_tokens, else rollout.max_new_tokens) applies.
-                r = await oa.completions.create(model="tiny-arith", prompt=p.text,
-                                                extra_body={"votes": votes} if votes else None)
+                r = await clients[user].completions.create(model="tiny-arith", prompt=p.text,
+                                                           extra_body={"votes": votes} if votes else None)
                 ok = _grade(r.choices[0].text, p.answer)
                 if feedback:  # the user: thumbs up when right, down when wrong
-                    fb = await http.post(f"{url}/v1/feedback", json={"id": r.id, "thumbs": "up" if ok else "down"})
+                    fb = await http.post(f"{url}/v1/feedback", json={"id": r.id, "thumbs": "up" if ok else "down"},
+                                         headers=_bearer(keys[user]))
                     assert fb.status_code == 200, fb.text
                 return p, r, ok
 
-        return await asyncio.gather(*(one(p) for p in prompts for _ in range(reps)))
+        return await asyncio.gather(*(one(p, rep) for p in prompts for rep in range(reps)))
+
+
+def _bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def _poison(url: str, prompts, keys: dict, asks: int = 4, repeats: int = 5) -> dict[str, set[str]]:
+    """mallory: asks each prompt `asks` times, rates every wrong answer she gets up, `repeats` times over.
+    Returns prompt text -> the wrong answers she rated up."""
+    from ttrl.labeling.extract import extract_answer
+
+    pushed: dict[str, set[str]] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=300, headers=_bearer(keys["mallory"])) as c:
+        for p in prompts:
+            for _ in range(asks):
+                r = (await c.post("/v1/completions", json={"prompt": p.text})).json()
+                answer = extract_answer(r["choices"][0]["text"])
+                if answer is not None and not _grade(r["choices"][0]["text"], p.answer):
+                    pushed.setdefault(p.text, set()).add(answer)
+                    for _ in range(repeats):
+                        fb = await c.post("/v1/feedback", json={"id": r["id"], "thumbs": "up"})
+                        assert fb.status_code == 200, fb.text
+    return pushed
+
+
+async def _collude(url: str, prompts, keys: dict) -> dict[str, str]:
+    """mallory and mallet ask with the same seed until that seed draws a wrong answer, then both rate it up.
+    Returns prompt text -> the wrong answer both rated up."""
+    from ttrl.labeling.extract import extract_answer
+
+    agreed: dict[str, str] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=300) as c:
+        for p in prompts:
+            for seed in range(64):
+                rs = [(await c.post("/v1/completions", json={"prompt": p.text, "seed": seed},
+                                    headers=_bearer(keys[name]))).json() for name in ("mallory", "mallet")]
+                answer = extract_answer(rs[0]["choices"][0]["text"])
+                if answer is None or _grade(rs[0]["choices"][0]["text"], p.answer):
+                    continue
+                assert rs[1]["choices"][0]["text"] == rs[0]["choices"][0]["text"], "same seed, same sample"
+                for name, r in zip(("mallory", "mallet"), rs):
+                    fb = await c.post("/v1/feedback", json={"id": r["id"], "thumbs": "up"}, headers=_bearer(keys[name]))
+                    assert fb.status_code == 200, fb.text
+                agreed[p.text] = answer
+                break
+    return agreed
+
+
+def _share(rows, answers_by_prompt: dict[str, set[str]]) -> float:
+    """Share of the answers to the given prompts that are one of the given answers."""
+    from ttrl.labeling.extract import extract_answer
+    from ttrl.labeling.grade import is_equivalent
+
+    hits = [any(is_equivalent(extract_answer(r.choices[0].text) or "", a) for a in answers_by_prompt[p.text])
+            for p, r, _ in rows if p.text in answers_by_prompt]
+    return sum(hits) / max(len(hits), 1)
 
 
 def _version(r) -> int:
@@ -150,27 +221,41 @@ def demo():
     from ttrl.models.resolve import resolve_model_path
 
     resolve_model_path(cfg.model, cfg.data)
-    prompts = load_prompts(cfg.data)[:N_PROMPTS]
+    # The measured prompts, then the colluders' (never measured).
+    prompts = load_prompts(cfg.data)[:N_PROMPTS + 2]
     return [Prompt(p.id, p.problem, p.answer, render_prompt(p.problem, cfg.model)) for p in prompts]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("serve") / "serve", BASE)
+def keys(tmp_path_factory):
+    path = tmp_path_factory.mktemp("keys") / "keys"
+    headers = write_keys(path, NAMES)
+    return path, {n: h["Authorization"][len("Bearer "):] for n, h in headers.items()}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, keys):
+    srv = Server(tmp_path_factory.mktemp("serve") / "serve", [*BASE, f"serve.api_keys_file={keys[0]}"])
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def learned(server, demo):
+def learned(server, demo, keys):
     """Chapter 1: serve, learn one round, hot-swap under an 8-client load, serve again."""
     from ttrl.serve.loadtest import run_load
 
+    _, key = keys
     srv = server.start(*LEARN)
     t0 = time.monotonic()
-    # ── before: v0, by self-consistency and plain; the user rates every plain answer ──
-    sc = asyncio.run(_ask_all(srv.url, demo, votes=8))
-    plain = asyncio.run(_ask_all(srv.url, demo, reps=REPS, feedback=True))
+    measured = demo[:N_PROMPTS]
+    # ── before: v0, by self-consistency and plain; the users rate every plain answer they get ──
+    sc = asyncio.run(_ask_all(srv.url, measured, key, votes=8))
+    plain = asyncio.run(_ask_all(srv.url, measured, key, reps=REPS, feedback=True))
+    # ── the attackers: one identity's flood, two identities' agreement ──
+    pushed = asyncio.run(_poison(srv.url, measured[POISONED], key))
+    agreed = asyncio.run(_collude(srv.url, demo[COLLUDED], key))
+    regression_before = _regression(srv.dir)
     srv.learn()
 
     # ── load: 8 clients from the round's last training step until 5 s after the swap (>= 30 s) ──
@@ -191,23 +276,34 @@ def learned(server, demo):
                 return True  # the round ended without a promotion: stop, the tests say so
         return "seen" in mark and time.time() - mark["seen"] > 5
 
-    results, wall = asyncio.run(run_load(srv.url, [p.text for p in demo], clients=8, seconds=30,
-                                         until=swapped, max_seconds=600))
+    results, wall = asyncio.run(run_load(srv.url, [p.text for p in measured], clients=8, seconds=30,
+                                         until=swapped, max_seconds=600,
+                                         headers=[_bearer(key[u]) for u in USERS]))
     (r1,) = srv.wait_rounds(1)
 
     # ── after: the same prompts, the same way, on what is served now ──
-    after = asyncio.run(_ask_all(srv.url, demo, reps=REPS))
+    after = asyncio.run(_ask_all(srv.url, measured, key, reps=REPS))
     return SimpleNamespace(sc=sc, plain=plain, after=after, results=results, wall=wall, round=r1,
-                           versions=srv.versions(), metrics=httpx.get(f"{srv.url}/metrics").text,
-                           seconds=time.monotonic() - t0)
+                           versions=srv.versions(), metrics=httpx.get(f"{srv.url}/metrics", headers=AUTH).text,
+                           seconds=time.monotonic() - t0, pushed=pushed, agreed=agreed,
+                           regression_before=regression_before, regression_after=_regression(srv.dir))
+
+
+def _regression(serve_dir: Path) -> list[dict]:
+    db = sqlite3.connect(f"file:{serve_dir / 'store.sqlite'}?mode=ro", uri=True)
+    try:
+        cols = ("prompt", "label", "source", "retired")
+        return [dict(zip(cols, r)) for r in db.execute(f"SELECT {', '.join(cols)} FROM regression ORDER BY created")]
+    finally:
+        db.close()
 
 
 @pytest.fixture(scope="module")
-def restarted(server, demo, learned, tmp_path_factory):
+def restarted(server, demo, learned, tmp_path_factory, keys):
     """Chapter 2: traffic, SIGKILL mid-traffic, restart on the same serve dir (with the harmful reward)."""
     from ttrl.serve.loadtest import run_load
 
-    srv = server
+    srv, key = server, keys[1]
     kill_at: dict = {}
 
     async def traffic_then_kill():
@@ -217,8 +313,8 @@ def restarted(server, demo, learned, tmp_path_factory):
             await asyncio.to_thread(srv.kill)
 
         k = asyncio.ensure_future(killer())
-        results, _ = await run_load(srv.url, [p.text for p in demo], clients=8, seconds=0,
-                                    until=k.done, max_seconds=120)
+        results, _ = await run_load(srv.url, [p.text for p in demo[:N_PROMPTS]], clients=8, seconds=0,
+                                    until=k.done, max_seconds=120, headers=[_bearer(key[u]) for u in USERS])
         await k
         return results
 
@@ -226,10 +322,39 @@ def restarted(server, demo, learned, tmp_path_factory):
     regression = _labelled_set(tmp_path_factory.mktemp("regression") / "regression.jsonl")
     srv.start(*HARMFUL, f"serve.gate.regression_set={regression}")
     return SimpleNamespace(results=results, kill_at=kill_at["t"], store_ids=_store_ids(srv.dir),
-                           versions=srv.versions(), startup_s=srv.startup_s[-1])
+                           versions=srv.versions(), startup_s=srv.startup_s[-1], key=key)
 
 
 # ── the tests ─────────────────────────────────────────────────────────────────
+
+
+def test_one_identitys_ratings_teach_nothing_and_two_agreeing_identities_change_the_label(learned):
+    from ttrl.labeling.grade import is_equivalent
+
+    taught = learned.round["metrics"]["feedback_labels"]  # prompt -> what the round rewarded, and why
+    pushed, agreed = learned.pushed, learned.agreed
+    assert len(pushed) >= 8, f"mallory found wrong answers on only {len(pushed)} of 16 prompts"
+    for prompt, answers in pushed.items():
+        label = taught.get(prompt, {}).get("label")
+        assert label is None or not any(is_equivalent(label, a) for a in answers), (prompt, taught.get(prompt))
+    # The frozen set: nothing mallory said entered it or changed it.
+    for item in learned.regression_after:
+        for a in pushed.get(item["prompt"], ()):
+            assert not is_equivalent(item["label"], a), item
+    assert all(it["source"] == "vote" or it["prompt"] not in pushed for it in learned.regression_after)
+    share_before, share_after = _share(learned.plain, pushed), _share(learned.after, pushed)
+    # Two identities that agree are a quorum (serve.learn.feedback_quorum=2): their answer is the label.
+    assert agreed, "the colluders never drew a wrong answer with a shared seed"
+    for prompt, answer in agreed.items():
+        assert prompt in taught and is_equivalent(taught[prompt]["label"], answer), (prompt, taught.get(prompt))
+        assert taught[prompt]["ups"][0][1] == "quorum of 2"
+    print(f"\nSERVE REPORT poisoning: mallory rated {sum(len(a) for a in pushed.values())} wrong answers up on "
+          f"{len(pushed)} prompts (x5 each): the round's labels took none of them; her answers' share of the "
+          f"served answers on those prompts v0 {share_before:.3f} -> v1 {share_after:.3f}; regression set "
+          f"{len(learned.regression_before)} -> {len(learned.regression_after)} items, none of hers; two colluding "
+          f"identities changed the label of {len(agreed)} of {len(agreed)} prompts")
+    # Served answers: the round did not move the model toward her answers (2 s.e. of the share, 128 answers).
+    assert share_after <= share_before + 2 * (share_before * (1 - share_before) / 128) ** 0.5 + 0.01
 
 
 def test_the_learner_promotes_a_version_that_answers_better_than_the_one_before(learned):
@@ -281,7 +406,8 @@ def test_sigkill_mid_traffic_then_restart_keeps_every_answer_and_serves_the_last
     assert {r.id for r in answered} <= restarted.store_ids, "an answered query was lost in the crash"
     v = restarted.versions
     assert v["current"] == 1 and [x["version"] for x in v["versions"] if x["status"] == "promoted"] == [1]
-    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": demo[0].text}, timeout=120).json()
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": demo[0].text}, timeout=120,
+                   headers=_bearer(restarted.key["user0"])).json()
     assert r["system_fingerprint"] == "ttrl-v1"
     print(f"\nSERVE REPORT kill: {len(answered)} answered before SIGKILL (all in the store), {len(cut)} cut off; "
           f"restart in {restarted.startup_s:.0f}s serves v{v['current']}")
@@ -299,10 +425,10 @@ def test_a_harmful_update_is_rejected_and_the_served_version_does_not_change(ser
     v = srv.versions()
     assert v["current"] == 1 and [x["version"] for x in v["versions"]] == [0, 1]
     assert any(e["kind"] == "gate_rejected" for e in v["events"])
-    after = asyncio.run(_ask_all(srv.url, demo[:16]))
+    after = asyncio.run(_ask_all(srv.url, demo[:16], restarted.key))
     assert {_version(x) for _, x, _ in after} == {1}
     assert "gate rejected" in srv.learner()["last_alert"]["message"]
-    metrics = httpx.get(f"{srv.url}/metrics").text
+    metrics = httpx.get(f"{srv.url}/metrics", headers=AUTH).text
     assert "ttrl_gate_rejections_total 1" in metrics and "ttrl_serving_version 1" in metrics
 
     # Rollback to any kept version is one call (with the token).
@@ -310,5 +436,6 @@ def test_a_harmful_update_is_rejected_and_the_served_version_does_not_change(ser
     rb = httpx.post(f"{srv.url}/admin/rollback", json={"version": 0}, headers=AUTH, timeout=300)
     assert rb.status_code == 200, rb.text
     assert srv.versions()["current"] == 0
-    r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": demo[1].text}, timeout=120).json()
+    r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": demo[1].text}, timeout=120,
+                   headers=_bearer(restarted.key["user1"])).json()
     assert r["system_fingerprint"] == "ttrl-v0"

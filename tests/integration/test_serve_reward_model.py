@@ -53,7 +53,8 @@ def test_a_round_is_scored_by_the_reward_model(tmp_path):
                                   for i in range(1, 5)))
     srv = Server(tmp_path / "serve", [*base, "serve.port=0"], "reward=reward_model", f"reward.path={rm}",
                  "serve.learn.every_queries=0", "serve.learn.steps=1", "serve.learn.feedback=false",
-                 "serve.learn.min_queries=4", f"serve.gate.regression_set={regression}", "serve.gate.n_samples=2")
+                 "serve.learn.min_queries=4", f"serve.gate.regression_set={regression}", "serve.gate.n_samples=2",
+                 "serve.single_user=true")  # one client, no keys: its queries alone may make a round
     try:
         srv.start()
         for i in range(4):

@@ -225,6 +225,11 @@ def validate_serve(cfg: Any) -> None:
              "use reward=majority_vote (TTRL) or a label-free reward.")
 
     _validate_access(s)
+    from ttrl.serve.faults import ENV, POINTS
+
+    crash = os.environ.get(ENV)
+    if crash and crash not in POINTS:
+        fail(f"${ENV}={crash} is not a crash point; the points are {', '.join(POINTS)} (tests only).")
     lim = s.limits
     if lim.max_body_bytes < 1024:
         fail(f"serve.limits.max_body_bytes={lim.max_body_bytes} must be at least 1024 (a request needs room).")

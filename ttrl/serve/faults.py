@@ -5,6 +5,7 @@ its own process group (the server, its Ray cluster, engines and trainer
 ranks: a power cut) the first time it reaches that point:
 
     round_step           after a learning round's first TTRL step
+    version_saving       a promoted version is written, still under its temporary name
     version_saved        a promoted version's folder is on disk, the store does not know it yet
     promotion_committed  the store serves the new version, no engine has it yet
 
@@ -19,7 +20,7 @@ import os
 import signal
 import sys
 
-POINTS = ("round_step", "version_saved", "promotion_committed")
+POINTS = ("round_step", "version_saving", "version_saved", "promotion_committed")
 ENV = "TTRL_SERVE_CRASH_AT"
 
 

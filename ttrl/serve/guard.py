@@ -11,8 +11,11 @@ OpenAI-style JSON error that names what to change:
     /v1/*: the identity's rate and in-flight caps else 429 with Retry-After
     /metrics with API keys on: the admin token    else 401
     a body: Content-Type application/json         else 415 (text/plain needs no CORS preflight)
-    a body: at most serve.limits.max_body_bytes   else 413, on Content-Length before a byte
-                                                 is read, and while reading chunked bodies
+    a body: at most serve.limits.max_body_bytes   else 413, decided on Content-Length before a
+                                                 byte is read (and while reading chunked
+                                                 bodies); a refused body is dropped unread
+                                                 (up to 64 MiB, so the client sees the 413),
+                                                 never stored or parsed
 
 Allowed origins get CORS headers (and their preflights an answer); no other
 response carries any. Every answer, refusals made here and 5xx included, is
@@ -152,7 +155,7 @@ class Guard:
                        headers=(("connection", "close"),))
 
     async def _read(self, receive: Callable[[], Awaitable[dict]]) -> bytes | None:
-        """The whole body, or None once it passes the limit (the rest is never read)."""
+        """The whole body, or None once it passes the limit (what is read past it is dropped, not kept)."""
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -161,6 +164,7 @@ class Guard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.p.max_body_bytes:
+                await _drain(receive, message)
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -207,6 +211,11 @@ class Guard:
                                           headers=(("retry-after", str(limited.retry_after_s)),))
             if refusal is None:
                 refusal = self._body_headers(method, headers)
+                if refusal is not None and refusal.reason == "body_size" and "100-continue" not in \
+                        headers.get("expect", "").lower():
+                    # The client is sending it anyway: swallow it unread (bounded), or it would see a
+                    # reset instead of the 413. With Expect: 100-continue it never sends the body at all.
+                    await _drain(receive)
             body = b""
             if refusal is None:
                 got = await self._read(receive)
@@ -251,6 +260,20 @@ class Guard:
         raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
+
+
+# Past this many bytes a refused body is no longer drained: the connection is closed under the client.
+DRAIN_MAX_BYTES = 64 << 20
+
+
+async def _drain(receive: Callable[[], Awaitable[dict]], last: dict | None = None) -> None:
+    """Receive and drop the rest of a refused body, up to DRAIN_MAX_BYTES."""
+    dropped = 0
+    while (last is None or last.get("more_body", False)) and dropped < DRAIN_MAX_BYTES:
+        last = await receive()
+        if last["type"] == "http.disconnect":
+            return
+        dropped += len(last.get("body", b""))
 
 
 def _replay(body: bytes, receive: Callable) -> Callable[[], Awaitable[dict]]:

@@ -420,7 +420,8 @@ class Learner:
                     ctx = StepContext(self.staging, reward, self.tokenizer, self.opts, self.rng)
                     row = step(ctx, prompts)
                     corrected += reward.corrected
-                    feedback_labels.update(reward.labels)
+                    # By prompt: what the round taught on each prompt whose verdict was earned, and why.
+                    feedback_labels.update({p.text: reward.labels[p.id] for p in prompts if p.id in reward.labels})
                     step_rows.append(row)
                     if row.get("train/skipped"):
                         events.append(f"step {s + 1}: non-finite loss or gradient norm (update skipped)")

@@ -6,6 +6,8 @@ Each client sends one request at a time (completions, cycling through the
 prompts) until the time is up, then stops; the report gives requests/s,
 failures and latency percentiles (overall and per served version). Only
 loopback URLs are accepted: this is a tool for testing your own server.
+A server with API keys takes the key from $TTRL_API_KEY (never the command
+line, where `ps` shows it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -76,10 +79,11 @@ def _version(body: dict) -> int | None:
 
 
 async def one_request(client: Any, url: str, prompt: str, cid: int = 0, extra: dict | None = None,
-                      timeout: float = 120.0) -> Result:
+                      timeout: float = 120.0, headers: dict | None = None) -> Result:
     t0 = time.time()
     try:
-        resp = await client.post(f"{url}/v1/completions", json={"prompt": prompt, **(extra or {})}, timeout=timeout)
+        resp = await client.post(f"{url}/v1/completions", json={"prompt": prompt, **(extra or {})}, timeout=timeout,
+                                 headers=headers)
         t1 = time.time()
         if resp.status_code != 200:
             return Result(cid, prompt, t0, t1, resp.status_code, error=resp.text[:200])
@@ -91,9 +95,11 @@ async def one_request(client: Any, url: str, prompt: str, cid: int = 0, extra: d
 
 async def run_load(url: str, prompts: Sequence[str], clients: int = 8, seconds: float = 30.0,
                    extra: dict | None = None, until: Callable[[], bool] | None = None,
-                   max_seconds: float | None = None) -> tuple[list[Result], float]:
+                   max_seconds: float | None = None,
+                   headers: Sequence[dict] | dict | None = None) -> tuple[list[Result], float]:
     """Clients send requests back to back for `seconds` (and, if given, until `until()` is true,
-    but never past `max_seconds`). Returns every result and the wall time."""
+    but never past `max_seconds`). `headers`: every client's, or one dict per client (its API key).
+    Returns every result and the wall time."""
     import httpx
 
     if not is_loopback(urlparse(url).hostname or ""):
@@ -108,10 +114,16 @@ async def run_load(url: str, prompts: Sequence[str], clients: int = 8, seconds: 
             return True
         return now - start >= seconds and (until is None or until())
 
+    def headers_of(cid: int) -> dict | None:
+        if headers is None or isinstance(headers, dict):
+            return headers
+        return headers[cid % len(headers)]
+
     async def client(cid: int, http: Any) -> None:
         i = cid
         while not done():
-            results.append(await one_request(http, url, prompts[i % len(prompts)], cid, extra))
+            results.append(await one_request(http, url, prompts[i % len(prompts)], cid, extra,
+                                             headers=headers_of(cid)))
             i += clients
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -131,7 +143,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     prompts = args.prompt or [f"{a}+{b}+{c}=" for a, b, c in zip(range(10, 90, 7), range(13, 99, 5), range(21, 99, 3))]
     extra = {"votes": args.votes} if args.votes else None
-    results, wall = asyncio.run(run_load(args.url.rstrip("/"), prompts, args.clients, args.seconds, extra))
+    key = os.environ.get("TTRL_API_KEY")
+    results, wall = asyncio.run(run_load(args.url.rstrip("/"), prompts, args.clients, args.seconds, extra,
+                                         headers={"Authorization": f"Bearer {key}"} if key else None))
     s = summarize(results, wall)
     if args.json:
         print(json.dumps(s, indent=1))

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ttrl.serve.faults import crash_point
+
 
 def fsync_tree(root: Path) -> int:
     """fsync every file under `root`, then every folder bottom-up (entries are data too); returns files synced."""
@@ -75,6 +77,7 @@ class Versions:
         rt.save(str(tmp))
         info = {"version": version, "created": time.time(), "save_s": time.perf_counter() - t0, **manifest}
         (tmp / "manifest.json").write_text(json.dumps(info, indent=1, default=str))
+        crash_point("version_saving")
         fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
