@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 def test_quick_bench_writes_every_ratio(tmp_path):
     out = tmp_path / "bench"
     env = {**os.environ, "CI": "true", "TTRL_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "ttrl.bench", "--quick", "--skip", "labeling,scaling,overlap,sync_large,sync_large_ipc",
+    cmd = [sys.executable, "-m", "ttrl.bench", "--quick", "--skip",
+           "labeling,scaling,overlap,sync_large,sync_large_ipc,serve_guard",
            "--set", "model.warmstart.steps=30", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1100, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -50,3 +51,13 @@ def test_quick_bench_writes_every_ratio(tmp_path):
     # The table a user reads.
     for key in ("rollout_vs_vllm", "sync_share", "step_vs_trl"):
         assert any(line.startswith(key) for line in proc.stdout.splitlines()), proc.stdout
+
+
+def test_the_serve_guard_section_measures_both_sides_of_the_same_load():
+    from ttrl.bench.serve_guard import bench_serve_guard
+
+    res = bench_serve_guard(seconds=1.0, clients=4, rounds=2)
+    for mode in ("on", "off"):
+        assert res[f"serve_guard.rps_{mode}"] > 0 and res[f"serve_guard.failed_{mode}"] == 0, res
+        assert math.isfinite(res[f"serve_guard.p99_ms_{mode}"])
+    assert math.isfinite(res["serve_guard_overhead"])

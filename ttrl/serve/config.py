@@ -150,8 +150,8 @@ class ServeConfig:
     single_user: bool = False
     # Identities (names from the keys file) whose rating alone overrides the vote.
     trusted_raters: list[str] = field(default_factory=list)
-    # Host headers answered (a DNS-rebinding page gets 400); empty = loopback
-    # names and serve.host; "*" = any.
+    # Host headers answered besides loopback names and serve.host (a
+    # DNS-rebinding page, under its own name, gets 400); "*" = any.
     allowed_hosts: list[str] = field(default_factory=list)
     # Browser origins given CORS headers; a request from any other origin gets 403.
     cors_origins: list[str] = field(default_factory=list)

@@ -63,12 +63,11 @@ def host_name(host_header: str) -> str:
 
 
 def allowed_host_set(configured: Iterable[str], serve_host: str) -> frozenset[str] | None:
-    """The Host names answered: serve.allowed_hosts, or loopback names and serve.host; None = any."""
+    """The Host names answered: loopback names, serve.host and serve.allowed_hosts; None = any."""
     configured = list(configured)
     if "*" in configured:
         return None
-    names = configured or [*LOOPBACK_NAMES, serve_host]
-    return frozenset(host_name(n) for n in names if n)
+    return frozenset(host_name(n) for n in [*LOOPBACK_NAMES, serve_host, *configured] if n)
 
 
 @dataclass

@@ -64,6 +64,7 @@ def test_host_names_are_parsed_as_browsers_send_them():
     assert host_name("LocalHost:8000") == "localhost" and host_name("[::1]:8000") == "::1"
     assert host_name("example.com.") == "example.com" and host_name("127.0.0.1") == "127.0.0.1"
     assert allowed_host_set([], "10.0.0.5") == {"localhost", "127.0.0.1", "::1", "10.0.0.5"}
+    assert allowed_host_set(["LLM.lab:443"], "127.0.0.1") == {"localhost", "127.0.0.1", "::1", "llm.lab"}
     assert allowed_host_set(["*"], "0.0.0.0") is None
 
 
