@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from ttrl.cli import CONF_DIR, run_hydra
 from ttrl.config import ConfigError
 from ttrl.rundir import write_resolved_config
-from ttrl.serve.config import register_serve_configs, validate_serve
+from ttrl.serve.config import register_serve_configs, secret_on_command_line, validate_serve
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="serve")
@@ -51,6 +51,10 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    refused = secret_on_command_line(sys.argv[1:])
+    if refused:  # before Hydra, which would write the value into <serve.dir>/.hydra/overrides.yaml
+        print(f"ttrl-serve: config error: {refused}", file=sys.stderr)
+        sys.exit(2)
     register_serve_configs()  # at call, not import: see ttrl/train.py's main()
     run_hydra(_main, "ttrl-serve")
 

@@ -279,6 +279,25 @@ def validate_serve(cfg: Any) -> None:
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
+def secret_on_command_line(argv: list[str]) -> str | None:
+    """Why the command line must be refused before Hydra runs (it writes overrides.yaml), or None.
+
+    A token or key there shows in `ps` and would be written into the serve
+    dir by Hydra before any validation could refuse it.
+    """
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep:
+            continue
+        if key == "serve.admin_token" and value not in ("", "null"):
+            return ("serve.admin_token on the command line is refused: it would show in `ps` and be written to "
+                    "the serve dir; put the token in the environment variable TTRL_ADMIN_TOKEN.")
+        if key == "serve.api_keys_file" and ":" in value and not Path(value).expanduser().exists():
+            return ("serve.api_keys_file must name a file of name:key lines; a key itself on the command line is "
+                    "refused (it would show in `ps` and be written to the serve dir).")
+    return None
+
+
 def api_keys_path(s: Any, environ: Mapping[str, str] | None = None) -> Path | None:
     """serve.api_keys_file, else $TTRL_API_KEYS_FILE, else None (no keys)."""
     environ = os.environ if environ is None else environ
@@ -327,5 +346,5 @@ def _validate_access(s: Any) -> None:
                               "https://app.example.com (scheme, host, optional port).")
 
 
-__all__ = ["API_KEYS_ENV", "ConfigError", "ServeConfig", "ServeGateConfig", "ServeLearnConfig", "ServeLimitsConfig",
+__all__ = ["API_KEYS_ENV", "ConfigError", "secret_on_command_line", "ServeConfig", "ServeGateConfig", "ServeLearnConfig", "ServeLimitsConfig",
            "ServeRootConfig", "api_keys_path", "is_loopback", "register_serve_configs", "validate_serve"]

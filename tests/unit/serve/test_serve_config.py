@@ -145,3 +145,13 @@ def test_keys_hosts_and_single_user(tmp_path, monkeypatch):
     keys.write_text("alice:short\n")
     with pytest.raises(ConfigError, match=r"\$TTRL_API_KEYS_FILE: .* line 1"):
         validate_serve(compose_serve())
+
+
+def test_a_secret_on_the_command_line_is_refused_before_anything_is_written(tmp_path):
+    serve_dir = tmp_path / "serve"
+    for arg in ("serve.admin_token=hunter2-hunter2", "serve.api_keys_file=alice:alice-key-0123456789"):
+        res = subprocess.run([sys.executable, "-m", "ttrl.serve", arg, f"serve.dir={serve_dir}"], capture_output=True,
+                             text=True, cwd=ROOT, timeout=120)
+        assert res.returncode == 2 and "refused" in res.stderr, res.stderr
+        assert "hunter2" not in res.stderr and "alice-key" not in res.stderr
+        assert not serve_dir.exists(), "nothing was written (Hydra's overrides.yaml would hold the secret)"
