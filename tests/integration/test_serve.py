@@ -58,8 +58,9 @@ EXTRA = os.environ.get("TTRL_SERVE_TEST_ARGS", "").split()
 # A 300-step warm start, not the demo's 700: a model that gets about half its samples right
 # is all these tests need (there is room to learn and to be harmed), at under half the build.
 WARM = ["model.warmstart.steps=300"]
+# No per-identity rate limit: these clients are honest and fast (the limits are tested in test_serve_hostile.py).
 BASE = ["experiment=demo", *WARM, "serve.port=0", "trainer.num_workers=1", "logger.progress=false",
-        "serve.learn.every_queries=0", *EXTRA]
+        "serve.learn.every_queries=0", "serve.limits.requests_per_minute=0", *EXTRA]
 N_PROMPTS, REPS = 64, 8  # 512 graded plain answers per measurement: s.e. about 0.022 at accuracy 0.5
 # Chapter 1 learns with TTRL + feedback; the gate's frozen set is grown from the first queries.
 # The gate judges about 20 held-out prompts x 16 samples (paired s.e. of the difference about 0.04),

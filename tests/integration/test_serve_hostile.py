@@ -358,6 +358,7 @@ def test_sigkill_during_a_round_and_a_promotion_leaves_a_store_and_disk_a_restar
     for key, rnd in final["trained"].items():
         rounds_of.setdefault(rnd, set()).add(key)
     print(f"\nHOSTILE REPORT after 3 kills and 4 lives: rounds {[(x['round'], x['outcome']) for x in final['rounds']]},"
-          f" queries trained per round {[(k, len(v)) for k, v in sorted(rounds_of.items())]}")
+          f" queries trained per round {[(k, len(v)) for k, v in sorted(rounds_of.items())]}; start-ups "
+          f"{', '.join(f'{t:.0f}' for t in srv.startup_s)} s")
     assert sorted(rounds_of) == [3, 4] and not rounds_of[3] & rounds_of[4]
     assert final["serving"] == 2 == final["manifest_version"] and final["complete"] == [0, 1, 2]

@@ -108,8 +108,8 @@ class ServeLimitsConfig:
     max_comment_chars: int = 2000
     # Per identity (an API key's name; without keys every client is "anonymous"):
     # requests per minute, as a token bucket that holds `burst` requests (0 = no limit) ...
-    requests_per_minute: float = 600.0
-    burst: int = 60
+    requests_per_minute: float = 1200.0
+    burst: int = 120
     # ... and requests in flight at once (429 beyond either, with Retry-After).
     max_in_flight: int = 16
 

@@ -153,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{s['ok']}/{s['requests']} ok in {wall:.1f}s: {s['rps']:.1f} req/s, p50 {s['p50_s'] * 1e3:.0f} ms, "
               f"p90 {s['p90_s'] * 1e3:.0f} ms, p99 {s['p99_s'] * 1e3:.0f} ms, max {s['max_s'] * 1e3:.0f} ms; "
               f"failed {s['failed']} {s['errors']}")
+    if any(e.startswith("429") for e in s["errors"]):
+        print("(429: the server's per-identity limits, serve.limits.requests_per_minute and max_in_flight, "
+              "apply to a load test too: raise them on the server, or give clients their own keys)")
     sys.exit(0 if s["failed"] == 0 else 1)
 
 
