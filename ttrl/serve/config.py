@@ -47,8 +47,9 @@ class ServeLearnConfig:
     feedback_quorum: int = 2
     # At most this many of the newest unused queries go into one round.
     max_buffer: int = 4096
-    # One identity supplies at most this share of a round's prompts (the rest of
-    # its queries wait); with a single identity's queries there is no round.
+    # Prompts only one identity asked ("its own") are at most this share of a
+    # round's prompts (the rest of its queries wait); prompts asked by two or
+    # more identities always count. With one identity's queries alone there is no round.
     max_client_share: float = 0.5
     # A query whose rollout failed this many rounds is quarantined: kept in the
     # store, never trained on, so the next round goes on without it.

@@ -381,10 +381,11 @@ class Learner:
             try:
                 rows, too_long = self._trainable(rows)
                 share = 1.0 if cfg.serve.single_user else float(ln.max_client_share)
+                trainable = len(rows)
                 rows, per_client = capped(rows, share)
                 if not rows:
                     reason = (f"the unused queries come from one identity; serve.learn.max_client_share={share:g} "
-                              "needs queries of others too" if per_client else "no trainable query")
+                              "needs queries of others too" if trainable else "no trainable query")
                     self.store.finish_round(round_no, "skipped", reasons=[reason],
                                             metrics={"quarantined_now": len(too_long)})
                     return {"round": round_no, "outcome": "skipped", "reasons": [reason]}

@@ -97,38 +97,42 @@ def askers_needed(min_askers: int, single_user: bool) -> int:
     return 1 if single_user else min_askers
 
 
-def share_cap(counts: dict[str, int], share: float) -> int:
-    """The most prompts any one identity may supply: the largest cap k with
-    max(min(n, k)) <= share * sum(min(n, k)); 0 when no cap works (one identity alone)."""
-    if not counts:
+def share_cap(counts: dict[str, int], share: float, shared: int = 0) -> int:
+    """The most prompts of its own any one identity may supply: the largest k with
+    max(min(n, k)) <= share * (shared + sum(min(n, k))); 0 when none works (one identity alone)."""
+    if not counts or max(counts.values()) == 0:
         return 0
     if share >= 1:
         return max(counts.values())
     for k in range(max(counts.values()), 0, -1):
         taken = [min(n, k) for n in counts.values()]
-        if max(taken) <= share * sum(taken) + 1e-9:
+        if max(taken) <= share * (shared + sum(taken)) + 1e-9:
             return k
     return 0
 
 
-def capped(rows: Sequence[dict], share: float, owner_of: str = "client") -> tuple[list[dict], dict[str, int]]:
+def capped(rows: Sequence[dict], share: float) -> tuple[list[dict], dict[str, int]]:
     """The rows (oldest first) whose prompts fit under one identity's share of the round.
 
-    Each distinct prompt belongs to the identity that asked it first in
-    `rows`; rows of a prompt over its owner's cap wait for a later round.
-    Returns (kept rows, prompts per identity kept).
+    A prompt asked by two or more identities is corroborated and always kept.
+    A prompt only one identity asked is that identity's own; each identity
+    keeps its oldest own prompts up to the cap (`share_cap`), and the rows of
+    the others wait for a later round. Returns (kept rows, own prompts kept
+    per identity, "shared" for the corroborated ones).
     """
-    owner: dict[str, str] = {}
-    order: dict[str, list[str]] = {}
+    askers: dict[str, set[str]] = {}
     for q in rows:
-        k = q["prompt_key"]
-        if k not in owner:
-            owner[k] = q[owner_of]
-            order.setdefault(q[owner_of], []).append(k)
-    cap = share_cap({c: len(keys) for c, keys in order.items()}, share)
-    allowed = {k for keys in order.values() for k in keys[:cap]}
+        askers.setdefault(q["prompt_key"], set()).add(q["client"])
+    shared = {k for k, who in askers.items() if len(who) > 1}
+    own: dict[str, list[str]] = {}
+    for k, who in askers.items():  # insertion order: first appearance, oldest first
+        if len(who) == 1:
+            own.setdefault(next(iter(who)), []).append(k)
+    cap = share_cap({c: len(keys) for c, keys in own.items()}, share, len(shared))
+    allowed = shared | {k for keys in own.values() for k in keys[:cap]}
     kept = [q for q in rows if q["prompt_key"] in allowed]
-    return kept, {c: min(len(keys), cap) for c, keys in order.items()}
+    per = {c: min(len(keys), cap) for c, keys in own.items()}
+    return kept, {**per, "shared": len(shared)}
 
 
 def trusted_names(trusted_raters: Collection[str], single_user: bool, anonymous: str = "anonymous") -> set[str]:

@@ -74,22 +74,25 @@ def test_case_and_whitespace_variants_are_one_prompt():
     assert prompt_key("1+2=") != prompt_key("1+3=")
 
 
-@pytest.mark.parametrize("counts, share, cap", [
-    ({"a": 10}, 0.5, 0), ({"a": 10}, 1.0, 10), ({"a": 10, "b": 10}, 0.5, 10), ({"a": 100, "b": 4}, 0.5, 4),
-    ({"a": 100, "b": 4, "c": 4}, 0.5, 8), ({"a": 9, "b": 1, "c": 1}, 0.34, 1), ({}, 0.5, 0),
+@pytest.mark.parametrize("counts, shared, share, cap", [
+    ({"a": 10}, 0, 0.5, 0), ({"a": 10}, 0, 1.0, 10), ({"a": 10, "b": 10}, 0, 0.5, 10), ({"a": 100, "b": 4}, 0, 0.5, 4),
+    ({"a": 100, "b": 4, "c": 4}, 0, 0.5, 8), ({"a": 9, "b": 1, "c": 1}, 0, 0.34, 1), ({}, 0, 0.5, 0),
+    ({"a": 100}, 64, 0.5, 64), ({"a": 100, "b": 3}, 10, 0.5, 13),
 ])
-def test_one_identity_supplies_at_most_its_share_of_a_round(counts, share, cap):
-    assert share_cap(counts, share) == cap
+def test_one_identity_supplies_at_most_its_share_of_a_round(counts, shared, share, cap):
+    assert share_cap(counts, share, shared) == cap
     if cap:
         taken = [min(n, cap) for n in counts.values()]
-        assert max(taken) <= share * sum(taken) + 1e-9
+        assert max(taken) <= share * (shared + sum(taken)) + 1e-9
 
 
-def test_capped_rows_keep_the_flooders_oldest_and_every_row_of_a_kept_prompt():
+def test_a_flood_of_own_prompts_is_capped_and_corroborated_prompts_always_count():
     rows = [{"prompt_key": f"m{i}", "client": "mallory"} for i in range(20)]
     rows += [{"prompt_key": f"h{i}", "client": "honest"} for i in range(3)]
-    rows += [{"prompt_key": "m0", "client": "honest"}]  # honest asks a prompt mallory asked first
+    rows += [{"prompt_key": "m0", "client": "honest"}]  # honest asks a prompt mallory asked too: corroborated
     kept, per = capped(rows, 0.5)
-    assert per == {"mallory": 3, "honest": 3}
-    assert [r["prompt_key"] for r in kept] == ["m0", "m1", "m2", "h0", "h1", "h2", "m0"]
-    assert capped(rows[:20], 0.5) == ([], {"mallory": 0}), "one identity alone: no round"
+    assert per == {"mallory": 4, "honest": 3, "shared": 1}
+    assert [r["prompt_key"] for r in kept] == ["m0", "m1", "m2", "m3", "m4", "h0", "h1", "h2", "m0"]
+    assert capped(rows[:20], 0.5) == ([], {"mallory": 0, "shared": 0}), "one identity alone: no round"
+    many = [{"prompt_key": f"p{i}", "client": c} for i in range(64) for c in ("u0", "u1")]
+    assert len(capped(many, 0.5)[0]) == 128, "prompts every user asks are never capped"
