@@ -8,8 +8,8 @@ rates answers; the server never sees it.
 Starting a server costs minutes on a 2-core CI box, so the file runs ONE
 server life story, in order, and the tests check its chapters:
 
-    server 1 (fresh serve dir, API keys for four honest users and two attackers;
-              TTRL + earned user feedback as reward)
+    server 1 (fresh serve dir, API keys for four honest users, trusted raters,
+              and two attackers; TTRL + earned user feedback as reward)
       before: the test prompts, plain (each asked by several users, who rate
               their own answers truthfully) and by self-consistency;
               mallory rates wrong answers up on 16 of them, again and again;
@@ -236,7 +236,10 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, keys):
-    srv = Server(tmp_path_factory.mktemp("serve") / "serve", [*BASE, f"serve.api_keys_file={keys[0]}"])
+    # The honest users are the operator's graders (trusted raters): each one's truthful rating of its own
+    # answers teaches, as one user's did before identities existed (the round measured on three warm starts).
+    srv = Server(tmp_path_factory.mktemp("serve") / "serve", [*BASE, f"serve.api_keys_file={keys[0]}",
+                                                              f"serve.trusted_raters=[{','.join(USERS)}]"])
     yield srv
     srv.stop()
 
@@ -342,7 +345,7 @@ def test_one_identitys_ratings_teach_nothing_and_two_agreeing_identities_change_
     for item in learned.regression_after:
         for a in pushed.get(item["prompt"], ()):
             assert not is_equivalent(item["label"], a), item
-    assert all(it["source"] == "vote" or it["prompt"] not in pushed for it in learned.regression_after)
+    # (An item of her prompts may still come from feedback: the honest users' earned verdict, the true sum.)
     share_before, share_after = _share(learned.plain, pushed), _share(learned.after, pushed)
     # Two identities that agree are a quorum (serve.learn.feedback_quorum=2): their answer is the label.
     assert agreed, "the colluders never drew a wrong answer with a shared seed"
