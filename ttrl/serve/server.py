@@ -159,6 +159,11 @@ def run_server(cfg: Any, serve_dir: Path) -> None:
     if keys_file is not None and loosely_readable(keys_file):
         print(f"ttrl-serve: WARNING: the API keys file {keys_file} is readable by other users (chmod 600 it)",
               file=sys.stderr, flush=True)
+    if api_keys is None and not s.single_user and s.learn.enabled and s.gate.regression_set is None:
+        print("ttrl-serve: note: without API keys every client is one identity, 'anonymous', and the learner "
+              "needs two (a round takes prompts of several identities, serve.learn.max_client_share; the gate's "
+              "set takes prompts two identities asked, serve.gate.min_askers): for a server of your own, set "
+              "serve.single_user=true; for several clients, serve.api_keys_file", file=sys.stderr, flush=True)
     if api_keys is None and s.allow_unauthenticated:
         print(f"ttrl-serve: WARNING: no API keys and serve.allow_unauthenticated=true on {s.host}: anyone who "
               "reaches the server is the same identity, 'anonymous'", file=sys.stderr, flush=True)
