@@ -7,8 +7,9 @@ guard that checks nothing (no keys, any Host, no limits). The engine is
 the stand-in of `ttrl.serve.testing` answering at once, so what is measured
 is the HTTP path itself, the part the guard adds to; the load is the
 project's load test (`ttrl.serve.loadtest.run_load`), alternating the two
-setups so that drift on a shared machine hits both. Never used by the
-server; never starts Ray or vLLM.
+setups so that drift on a shared machine hits both. It also times the
+guard alone on one request, in process (microseconds, no network). Never
+used by the server; never starts Ray or vLLM.
 """
 
 from __future__ import annotations
@@ -101,7 +102,43 @@ def bench_serve_guard(seconds: float = 5.0, clients: int = 8, rounds: int = 2) -
         res[f"serve_guard.p99_ms_{mode}"] = 1e3 * sum(s["p99_s"] for s in runs) / len(runs)
         res[f"serve_guard.failed_{mode}"] = sum(s["failed"] for s in runs)
     res["serve_guard_overhead"] = res["serve_guard.rps_off"] / res["serve_guard.rps_on"] - 1
+    res |= _per_request(policies, keys)
     return res
+
+
+def _per_request(policies: dict[str, Any], keys: dict[str, str], n: int = 20000) -> dict[str, float]:
+    """Microseconds the guard itself spends on one admitted request (no network, an app that answers at once)."""
+    from ttrl.serve.app import ServeMetrics
+    from ttrl.serve.guard import Guard
+
+    body = b'{"prompt": "12+34=", "max_tokens": 16}'
+    key = next(iter(keys.values()))
+    headers = [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()), (b"authorization", f"Bearer {key}".encode()),
+               (b"user-agent", b"bench"), (b"accept", b"*/*")]
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        pass
+
+    async def timed(guard) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await guard({"type": "http", "path": "/v1/completions", "method": "POST", "headers": headers},
+                        receive, send)
+        return (time.perf_counter() - t0) / n * 1e6
+
+    out: dict[str, list[float]] = {"on": [], "off": []}
+    for mode in ("off", "on", "off", "on"):
+        out[mode].append(asyncio.run(timed(Guard(app, policies[mode], ServeMetrics(lambda: 0, lambda: 0)))))
+    return {f"serve_guard.us_per_request_{m}": min(v) for m, v in out.items()}
 
 
 __all__ = ["bench_serve_guard"]
