@@ -63,7 +63,7 @@ docs-reference: $(STAMP) ## regenerate docs/reference/config.md from the datacla
 docs: docs-reference ## the docs site: the config reference regenerated, then site/ built by mkdocs --strict
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
-docs-serve: docs-reference ## the docs site with live reload on http://$(DOCS_ADDR)
+docs-serve: docs-reference ## the docs site with live reload, on loopback (DOCS_ADDR, default 127.0.0.1:8000)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --strict --dev-addr $(DOCS_ADDR)
 
 docs-check: docs ## open the built site in headless Chromium: images decode, screenshots in outputs/docs-check/
