@@ -144,7 +144,7 @@ class Browser:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise CheckError(f"no answer to {method} within {TIMEOUT_S:.0f} s")
-            msg = json.loads(self.ws.recv(timeout=left))
+            msg = json.loads(self._recv(left, method))
             if msg.get("id") == self._id:
                 if "error" in msg:
                     raise CheckError(f"{method} failed: {msg['error'].get('message')}")
@@ -157,7 +157,13 @@ class Browser:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise CheckError(f"no {event} within {TIMEOUT_S:.0f} s")
-            self.events.append(json.loads(self.ws.recv(timeout=left)))
+            self.events.append(json.loads(self._recv(left, event)))
+
+    def _recv(self, timeout: float, waiting_for: str) -> str:
+        try:
+            return self.ws.recv(timeout=timeout)
+        except TimeoutError:
+            raise CheckError(f"no {waiting_for} within {TIMEOUT_S:.0f} s") from None
 
     def evaluate(self, expression: str) -> Any:
         out = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
