@@ -11,9 +11,11 @@ STAMP  := $(VENV)/.ttrl-installed
 # A GPU machine gets the CUDA build of vLLM; anything else gets the CPU build.
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 VLLM_VERSION := 0.32.0
-EXTRAS := engine,slurm,bench,dev
+EXTRAS := engine,slurm,bench,dev,docs
+# Where `make docs-serve` listens (loopback: the preview is for this machine).
+DOCS_ADDR ?= 127.0.0.1:8000
 
-.PHONY: help install run test test-unit test-integration bench gpu-check lint format clean
+.PHONY: help install run test test-unit test-integration bench gpu-check lint format clean docs docs-serve docs-check docs-reference
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -55,6 +57,18 @@ bench: $(STAMP) ## the performance suite; writes outputs/bench/latest.json
 gpu-check: $(STAMP) ## on a GPU node: install, two colocated GRPO steps, parity, one table (exits 2 without a GPU)
 	$(PY) -m ttrl.bench.gpu_check
 
+docs-reference: $(STAMP) ## regenerate docs/reference/config.md from the dataclasses and conf/ (with CI=true: fail if stale)
+	$(PY) -m ttrl.docs_reference $(if $(filter true,$(CI)),--check)
+
+docs: docs-reference ## the docs site: the config reference regenerated, then site/ built by mkdocs --strict
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+docs-serve: docs-reference ## the docs site with live reload, on loopback (DOCS_ADDR, default 127.0.0.1:8000)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --strict --dev-addr $(DOCS_ADDR)
+
+docs-check: docs ## open the built site in headless Chromium: images decode, screenshots in outputs/docs-check/
+	$(PY) -m ttrl.docs_check --site site --out outputs/docs-check
+
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check ttrl tests
 
@@ -64,5 +78,5 @@ format: $(STAMP) ## ruff format + import sort
 lock: ## refresh requirements/cpu.lock from the current .venv (after a deliberate upgrade)
 	$(PIP) freeze --exclude-editable | grep -v '^ttrl' > requirements/cpu.lock
 
-clean: ## remove caches and run outputs (keeps .venv)
-	rm -rf outputs multirun .pytest_cache .ruff_cache
+clean: ## remove caches, run outputs and the built docs (keeps .venv)
+	rm -rf outputs multirun site .pytest_cache .ruff_cache

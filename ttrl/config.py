@@ -151,11 +151,16 @@ class Section:
 class TinyModelConfig:
     """Shape of the randomly initialised tiny Qwen2 built by `model=tiny`."""
 
+    # Width of the model; must equal num_heads * head_dim.
     hidden_size: int = 128
+    # Transformer blocks.
     num_layers: int = 2
+    # Attention heads (as many key/value heads: no grouped-query attention).
     num_heads: int = 2
     head_dim: int = 64  # vLLM's CPU attention needs head_dim >= 32
+    # Width of the MLP inside each block.
     intermediate_size: int = 512
+    # Seed of the random initialisation; part of the cache key, so each seed is its own model.
     seed: int = 0
 
 
@@ -177,12 +182,16 @@ class WarmStartConfig:
     change a number and a new model is trained; keep them and it is reused.
     """
 
+    # Optimizer steps of the supervised warm start.
     steps: int = 500
+    # Peak learning rate of the warm start (AdamW, no weight decay).
     lr: float = 1e-3
     # Linear warm-up over the first warmup_steps, then cosine decay from lr to
     # lr * min_lr_ratio over the rest (the trainer's schedule).
     warmup_steps: int = 0
+    # Where the cosine decay ends, as a share of lr.
     min_lr_ratio: float = 0.1
+    # Worked solutions per optimizer step, drawn fresh from the easy split each step.
     batch_size: int = 256
     # Share of 2-number sums in the easy split (the rest have data.synthetic.terms numbers).
     short_share: float = 0.5
@@ -190,6 +199,7 @@ class WarmStartConfig:
     # This is what makes the demo work: the model learns a random slip, so one
     # sample is often wrong while the majority of 16 is usually right.
     slip: float = 0.2
+    # Seed of the easy split's stream and of the training order; a new seed is a new warm start.
     seed: int = 0
 
 
@@ -206,21 +216,36 @@ def _check_warmstart(s: Section) -> None:
 
 @dataclass
 class ModelConfig:
+    """The policy model: where it comes from, how a problem becomes its prompt, its precision and context.
+
+    One file per model in conf/model/ (`model=qwen2.5-math-1.5b`); `model=tiny` and
+    `model=tiny_arith` are built locally, with no download.
+    """
+
+    # A short name for the model: the run's label in logs and the model id ttrl-serve answers
+    # to (unless serve.model_name).
     name: str = "tiny"
     # A Hugging Face model id or local dir; "tiny" builds the random tiny
     # model, "tiny-arith" the tiny model warm-started on the arithmetic task.
     # No default here: each conf/model/ file sets it, and `path: ???` (model=plain)
     # can only stay unset, and be reported, over a schema that has none.
     path: str = MISSING
+    # A tokenizer dir or hub id when it is not the model's own; null = model.path.
     tokenizer_path: Optional[str] = None
     # How a problem becomes a prompt: "plain" (the template below) or "chat"
     # (the tokenizer's chat template with `system_prompt`).
     template: str = "plain"
+    # The user text around the problem; `{problem}` marks where it goes (both templates).
     prompt_template: str = "{problem}"
+    # The system turn of template=chat (Qwen2.5-Math: reason step by step, answer in
+    # \boxed{}); null = none.
     system_prompt: Optional[str] = None
     # "auto" = bfloat16 on GPU, float32 on CPU.
     dtype: str = "auto"
+    # Context length of the engines, prompt plus response: must exceed
+    # rollout.max_new_tokens (and eval.max_new_tokens).
     max_model_len: int = 1024
+    # Only false is accepted: models are loaded without running code from their repo.
     trust_remote_code: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
@@ -254,9 +279,13 @@ def _check_model(s: Section) -> None:
 class SyntheticDataConfig:
     """The built-in arithmetic task (sums of `terms` numbers of `digits` digits)."""
 
+    # Problems in the split (the unlabeled test set a demo trains and evaluates on).
     num_problems: int = 256
+    # Numbers in each sum.
     terms: int = 3
+    # Digits of each number.
     digits: int = 2
+    # Seed of the problems; the warm start never sees the first 256 of this seed's problems.
     seed: int = 1234
 
 
@@ -289,6 +318,7 @@ class ChoicesConfig:
     incorrect_keys: list[str] = field(default_factory=list)
     # One letter per option, in display order.
     letters: str = "ABCD"
+    # Seed of the option order (with each row's id), so every machine shows the same letters.
     seed: int = 0
     # Written after the options ("" = none).
     instruction: str = "Answer with the letter of the correct option."
@@ -322,19 +352,34 @@ def _check_choices(s: Section) -> None:
 
 @dataclass
 class DataConfig:
+    """The prompts a run trains on: a generated task, a local file or a hub dataset.
+
+    Answers are read for metrics only (label quality, pass@1); a label-free reward never sees
+    them. One file per benchmark in conf/data/ (`data=math500`).
+    """
+
     # "synthetic", "synthetic_choice", "jsonl" or a benchmark name (aime24, amc, math500, gpqa_diamond, ...).
     name: str = "synthetic"
+    # The Hugging Face dataset id when the prompts come from the hub (null: local_path or a
+    # generated task).
     hf_name: Optional[str] = None
+    # The dataset's configuration (subset) name, if it has several.
     hf_subset: Optional[str] = None
+    # The split to read from the hub.
     hf_split: str = "test"
     # A local .jsonl/.json/.parquet/.csv file that replaces the hub download.
     local_path: Optional[str] = None
+    # The field holding a row's id (default: its position), used in logs and for option order.
     id_key: str = "id"
+    # The field holding the problem text; a row without it is an error naming file and line.
     problem_key: str = "problem"
     # Not read when choices.correct_key is set (the answer is then a letter).
     answer_key: str = "answer"
+    # Keep only the first this many prompts (null: all of them).
     limit: Optional[int] = None
+    # Prompts per training step; each gets rollout.n_votes samples.
     prompts_per_step: int = 8
+    # Shuffle the prompts every epoch (seeded by the run's seed); false keeps file order.
     shuffle: bool = True
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     choices: ChoicesConfig = field(default_factory=ChoicesConfig)
@@ -360,16 +405,30 @@ def _check_data(s: Section) -> None:
 # ── rollout ────────────────────────────────────────────────────────────────
 @dataclass
 class RolloutConfig:
+    """Generation on the vLLM engine actors: how many samples per prompt, how they are sampled,
+    and how new weights reach the engines after every update.
+    """
+
     n_votes: int = 64  # samples per prompt for the majority vote
     n_train: int = 32  # of which this many are kept for the update
     # "first" keeps the first n_train (the official TTRL code), "random" draws.
     subsample: str = "first"
+    # Sampling temperature; the paper uses 1.0 for Qwen2.5-Math (0.6 for other families).
+    # Must be > 0: a vote needs samples that differ.
     temperature: float = 1.0
+    # Nucleus sampling: keep the smallest set of tokens holding this much probability (1 = off).
     top_p: float = 1.0
+    # Sample from the k most likely tokens only; -1 = off.
     top_k: int = -1
+    # Longest response in tokens (the paper: 3072); model.max_model_len must leave room
+    # for the prompt.
     max_new_tokens: int = 3072
+    # vLLM engine actors, each a whole copy of the model; prompts are spread over them.
     num_engines: int = 1
+    # GPUs per engine; only 1 is supported for now (use more engines instead).
     tensor_parallel_size: int = 1
+    # Share of a GPU's memory each engine may take for weights and KV cache (GPU
+    # runs); keep it low enough for the trainer when colocated.
     gpu_memory_utilization: float = 0.5
     # KV cache size for vLLM's CPU backend, in GiB.
     cpu_kv_cache_gb: float = 1.0
@@ -378,15 +437,20 @@ class RolloutConfig:
     # the engines generate, so Ray's one thread per actor would leave cores
     # unused); with overlap, only the CPUs the trainer ranks leave.
     cpu_threads: Optional[int] = None
+    # Reuse the KV cache of a shared prompt prefix: every prompt is sampled
+    # n_votes times, so its prompt is computed once.
     enable_prefix_caching: bool = True
     # null = decide by device (eager on CPU, CUDA graphs on GPU).
     enforce_eager: Optional[bool] = None
     # Release the KV cache while training when engines share GPUs with it.
     sleep_between_steps: bool = False
+    # Added to the run's seed for the engines' sampling, to vary generation alone.
     seed: int = 0
     # Generate step k+1 while step k trains (one step off-policy): the
     # stale samples are reweighted by min(pi_old/pi_behaviour, tis_cap).
     overlap: bool = False
+    # With overlap only: the cap of the truncated importance weight above (null = no
+    # reweighting of the stale samples).
     tis_cap: Optional[float] = 2.0
     # A rollout engine that dies is restarted by Ray, re-synced with the
     # current weights, and the generation retried up to this many times.
@@ -439,6 +503,10 @@ def _check_rollout(s: Section) -> None:
 # ── label ──────────────────────────────────────────────────────────────────
 @dataclass
 class LabelConfig:
+    """How the answer of a sample is read and compared: the basis of the vote, the rewards and
+    every accuracy metric.
+    """
+
     # How a sample's answer is pulled out of its text (ttrl.labeling.extract.EXTRACTORS),
     # and so how answers compare: for the step's vote and rewards, label quality, eval
     # and ttrl-serve alike. boxed (last \boxed{}, math-verify) | choice (a letter A-J,
@@ -470,6 +538,11 @@ def _check_label(s: Section) -> None:
 # ── reward ─────────────────────────────────────────────────────────────────
 @dataclass
 class RewardConfig:
+    """What a sample is paid: `name` picks a registered reward (ttrl/rewards/); the other keys are
+    options of particular rewards, each saying which one reads it. One file per reward in
+    conf/reward/ (`reward=self_certainty`).
+    """
+
     # majority_vote (label-free) | soft_majority | token_entropy | self_certainty | trajectory_logprob |
     # co_reward (label-free) | ground_truth (oracle) | custom | reward_model | random (control)
     name: str = "majority_vote"
@@ -484,6 +557,7 @@ class RewardConfig:
     min_ratio: float = 0.0
     # For `random`: the chance of a 1, and the generator's seed (null: the run's seed).
     p: float = 0.5
+    # For `random`: the generator's seed (null: the run's seed).
     seed: Optional[int] = None
     # For `trajectory_logprob`: the mean log-prob per token rather than the sum.
     per_token: bool = False
@@ -495,9 +569,15 @@ class RewardConfig:
     # combined by ensemble_reduce (mean | min); scores whitened by their running
     # mean and std; clamped to [-clip, clip]; minus length_penalty per response token.
     ensemble: list[str] = field(default_factory=list)
+    # How the ensemble's scores combine: mean, or min (the most sceptical model wins).
     ensemble_reduce: str = "mean"
+    # Whiten the scores by their running mean and std, so the scale of the RM does not set
+    # the step size.
     normalize: bool = False
+    # Clamp scores to [-clip, clip] after whitening (null = no clamp): one outlier score cannot
+    # dominate a group.
     clip: Optional[float] = None
+    # Subtracted per response token, against RMs that pay for length (0 = off).
     length_penalty: float = 0.0
 
 
@@ -550,27 +630,48 @@ def _check_reward(s: Section) -> None:
 # ── algorithm ──────────────────────────────────────────────────────────────
 @dataclass
 class AlgorithmConfig:
+    """The policy update: advantage estimator, policy loss, KL to the reference, entropy bonus,
+    and the critic for PPO. Each name is looked up in a registry of ttrl/algos/, so a new
+    estimator or loss is one function, one decorator and one file in conf/algorithm/.
+    """
+
+    # A label for logs, W&B tags and ttrl-compare's columns (the file in conf/algorithm/).
     name: str = "grpo"
     # grpo | dr_grpo | rloo | reinforce_pp | gae
     advantage: str = "grpo"
+    # Train a value model beside the policy (PPO); only advantage=gae reads its values.
     use_critic: bool = False
+    # Discount over tokens for gae and reinforce_pp; estimators that score whole responses need 1.
     gamma: float = 1.0
+    # GAE's lambda (bias vs variance of the token advantages); 1 for every other estimator.
     lam: float = 1.0
+    # The registered policy loss (ttrl/algos/losses.py): ppo_clip, PPO's clipped surrogate.
     policy_loss: str = "ppo_clip"
+    # The ratio is clipped to [1 - clip_low, 1 + clip_high].
     clip_low: float = 0.2
+    # Above clip_low, DAPO's clip-higher (e.g. 0.28): more room for unlikely tokens to grow,
+    # against entropy collapse.
     clip_high: float = 0.2
+    # Dual clip (> 1): for negative advantages the loss is capped at -dual_clip * A, so a
+    # runaway ratio cannot make it unbounded; null = off.
     dual_clip: Optional[float] = None
     # token_mean | seq_mean_token_sum | seq_mean_token_mean
     loss_agg: str = "token_mean"
     # KL to the reference policy: as a loss term or as a per-token reward penalty.
     kl_coef: float = 0.0
+    # How the per-token KL is estimated: k1 (log-ratio), k2 (half its square), k3 or
+    # low_var_kl (unbiased, non-negative, clamped).
     kl_estimator: str = "k3"
+    # true: subtract kl_coef * KL from the token rewards (PPO's classic penalty); false: add
+    # it to the loss.
     kl_in_reward: bool = False
+    # Weight of an entropy bonus in the loss, against collapse; 0 = off.
     entropy_coef: float = 0.0
     # Passes over each batch of rollouts.
     ppo_epochs: int = 1
     # Critic (PPO only).
     value_clip: float = 0.2
+    # The critic's learning rate (its optimiser follows trainer.lr_schedule).
     critic_lr: float = 1e-5
 
 
@@ -611,23 +712,37 @@ def _check_algorithm(s: Section) -> None:
 # ── trainer ────────────────────────────────────────────────────────────────
 @dataclass
 class TrainerConfig:
+    """The DeepSpeed trainer of the policy: run length, checkpoints, ranks, optimiser, schedule,
+    batch sizes and memory.
+    """
+
+    # Training steps of the run; null = trainer.episodes passes over the prompts.
     total_steps: Optional[int] = None
     # Passes over the data; used when total_steps is null.
     episodes: int = 1
     save_every: int = 0  # 0 = only at the end
+    # Checkpoints kept in the run dir; older ones are deleted after each save.
     keep_last: int = 2
     # auto (newest checkpoint in the run dir) | none | a checkpoint path
     resume: str = "auto"
     num_workers: int = 1  # DeepSpeed ranks of the policy
+    # DeepSpeed ZeRO stage: 0 plain data parallel, 1 shards optimizer states, 2 also
+    # gradients, 3 also parameters (the most memory saved, a gather per forward).
     zero_stage: int = 3
+    # Peak learning rate of the policy (AdamW); the paper's 5e-7.
     lr: float = 5e-7
     lr_schedule: str = "cosine"  # cosine | constant | linear
+    # Optimizer steps of linear warm-up from 0 to lr.
     warmup_steps: int = 0
     # Warmup as a share of all optimizer steps; used when warmup_steps is 0.
     warmup_ratio: Optional[float] = None
+    # Where cosine and linear decay end, as a share of lr.
     min_lr_ratio: float = 0.0
+    # AdamW's decoupled weight decay.
     weight_decay: float = 0.0
+    # AdamW's (beta1, beta2).
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # Clip the global gradient norm to this (0 = no clipping).
     grad_clip: float = 1.0
     # Samples per optimizer step (rollouts of a step split into mini-batches);
     # null = the whole step's batch is one mini-batch.
@@ -637,8 +752,12 @@ class TrainerConfig:
     # rank; null = micro_batch_size. Under ZeRO-3 every forward gathers all
     # parameters, so a larger one means fewer gathers, for more activation memory.
     logprob_micro_batch_size: Optional[int] = None
+    # Keep optimizer states (and with ZeRO-3 parameters) in CPU memory: slower, fits bigger models.
     offload: bool = False
+    # Recompute activations in the backward pass: less memory, about a third
+    # more compute.
     gradient_checkpointing: bool = False
+    # Training precision; auto = bfloat16 on GPU, float32 on CPU.
     dtype: str = "auto"
     # A non-finite loss or gradient norm skips the update; this many skips in
     # a row stop the run (the last checkpoint stays intact).
@@ -675,14 +794,25 @@ def _check_trainer(s: Section) -> None:
 # ── eval ───────────────────────────────────────────────────────────────────
 @dataclass
 class EvalConfig:
+    """Evaluation on the run's own prompts (the paper's protocol: pass@1 averaged over n_samples,
+    maj@k), during training and by `ttrl-eval`. It reads ground truth, as metrics may.
+    """
+
     every_n_steps: int = 0  # 0 = never during training
+    # Evaluate the starting model before the first step (the "before" of before/after).
     at_start: bool = False
+    # Evaluate after the last step.
     at_end: bool = False
+    # Samples per prompt: pass@1 is averaged over them, maj@k votes among them.
     n_samples: int = 16
+    # Sampling temperature of evaluation (the paper: 0.6).
     temperature: float = 0.6
+    # Nucleus sampling of evaluation (the paper: 0.95).
     top_p: float = 0.95
     max_new_tokens: Optional[int] = None  # null = rollout.max_new_tokens
+    # The k of pass@k and maj@k to report; each at most n_samples.
     ks: list[int] = field(default_factory=lambda: [1, 16])
+    # One greedy sample per prompt instead (temperature 0): a deterministic pass@1.
     greedy: bool = False
     # `ttrl-eval` only: a checkpoint or model dir that replaces model.path.
     checkpoint: Optional[str] = None
@@ -704,12 +834,18 @@ def _check_eval(s: Section) -> None:
 # ── logger ─────────────────────────────────────────────────────────────────
 @dataclass
 class WandbConfig:
+    """Weights & Biases logging, beside metrics.jsonl (`logger=wandb` turns it on)."""
+
+    # Log to W&B at all (conf/logger/wandb.yaml sets it); metrics.jsonl is written either way.
     enabled: bool = False
+    # The W&B project the runs go to.
     project: str = "ttrl"
+    # The W&B team or user; null = the account's default.
     entity: Optional[str] = None
     # null: the jobs of one `-m` sweep share "<experiment>/<sweep dir name>"
     # (PPO, GRPO and SER runs of a sweep line up); a single run has no group.
     group: Optional[str] = None
+    # Extra tags; the experiment, algorithm and reward names are always added.
     tags: list[str] = field(default_factory=list)
     # null: "<experiment>/<the job's overrides>", e.g. "debug/algorithm=ppo,seed=1".
     name: Optional[str] = None
@@ -718,6 +854,7 @@ class WandbConfig:
     # trains its own reward model first (e.g. "ser+ppo/reward_model").
     job_type: Optional[str] = None
     mode: str = "offline"  # online | offline | disabled
+    # A free-text note shown with the run.
     notes: Optional[str] = None
 
 
@@ -729,12 +866,16 @@ def _check_wandb(s: Section) -> None:
 
 @dataclass
 class LoggerConfig:
+    """What a run records: metrics.jsonl, sample tables, progress bars, and W&B."""
+
     jsonl: bool = True  # metrics.jsonl in the run dir, always on by default
     samples_every: int = 10  # a table of prompts/completions/votes every N steps (0 = never)
     # Size of that table: the first `samples_prompts` prompts of the step,
     # `samples_per_prompt` completions each (samples.jsonl and W&B).
     samples_prompts: int = 4
+    # Completions shown per prompt in that table.
     samples_per_prompt: int = 4
+    # Progress bars and per-step lines on stderr; false for quiet sweeps and CI.
     progress: bool = True
     # The metric `ttrl-train` returns at the end of a run (its last value):
     # what a Hydra sweeper such as Optuna (hydra/sweeper=optuna_lr_kl) optimises.
@@ -752,13 +893,26 @@ def _check_logger(s: Section) -> None:
 # ── cluster ────────────────────────────────────────────────────────────────
 @dataclass
 class ClusterConfig:
+    """Where the actors run: a local Ray cluster or one to join, GPU placement, SLURM sizes, and
+    custom Ray resources to pin actors to nodes. One file per setting in conf/cluster/.
+    """
+
     # null = start a local Ray cluster; "auto" or "host:port" = join one.
     address: Optional[str] = None
+    # CPUs of the local Ray cluster a run starts; null = the CPUs this process may use (at
+    # least what the actors need). Not read when joining a cluster.
     num_cpus: Optional[int] = None
+    # GPUs of the local Ray cluster a run starts; null = what Ray detects. Not read when
+    # joining a cluster.
     num_gpus: Optional[int] = None
     # colocate: engines and trainers share GPUs | split: separate GPUs
     placement: str = "colocate"
+    # How many nodes the run spans, as its launcher reports it
+    # (experiments/slurm/ray_multinode.sbatch): a record in config.yaml for comparing runs.
+    # Ray places the actors on whatever nodes joined; nothing reads this to place them.
     nodes: int = 1
+    # GPUs per node: cluster=slurm asks SLURM for this many per job
+    # (hydra.launcher.gpus_per_node).
     gpus_per_node: int = 0
     # Seconds to wait for actors to be placed before naming what is missing.
     placement_timeout_s: float = 300.0
@@ -769,6 +923,7 @@ class ClusterConfig:
     # YAML `trainer_resources: {trainer: 1}`; on the command line (a new key)
     # `+cluster.trainer_resources.trainer=1`. Empty: placed anywhere.
     trainer_resources: dict[str, float] = field(default_factory=dict)
+    # The same for each rollout engine, e.g. {engine: 1}.
     engine_resources: dict[str, float] = field(default_factory=dict)
 
 
@@ -801,6 +956,7 @@ class SafetyConfig:
     # warn: log an event | stop: end the run | rollback: reload the best
     # evaluated checkpoint and multiply the learning rate by lr_factor.
     action: str = "warn"
+    # Steps in each moving average; a detector waits until its window is full.
     window: int = 3
     # Label-free vote signals (ttrl.metrics.safety.VoteTracker), on by default
     # in every run whose reward does not read the ground truth: the share of
@@ -812,6 +968,8 @@ class SafetyConfig:
     # 0.51 and 0.81; a drift limit of 0.3 caught the old 1:1 warm start's
     # collapse at step 8, 0.25 at step 4.
     max_flip_rate: Optional[float] = 0.2
+    # The limit of the second signal above, the share of revisited prompts whose
+    # vote moved from their first (or anchor) vote.
     max_first_vote_drift: Optional[float] = 0.25
     # The votes losing their consensus: the paired change of each revisited
     # prompt's majority ratio since its first (or anchor) vote, averaged over
@@ -829,20 +987,27 @@ class SafetyConfig:
     # which learns, 0.97-0.99. On a task whose starting votes are mostly
     # wrong a good judge pays dissenters often: lower it or set null there.
     min_vote_alignment: Optional[float] = 0.55
+    # A vote counts as confident (for the flip rate) when its previous majority ratio
+    # was at least this.
     flip_confident: float = 0.5
     # Before the first step, vote on this many prompts (n_votes samples each,
     # the rollout's sampling) with the starting policy, so vote drift is
     # measured from step 1 rather than from each prompt's first revisit.
     # 0: no anchor pass; the drift starts at the first revisit.
     anchor_prompts: int = 0
+    # Policy entropy (train/entropy) averaging below this: the policy stopped exploring.
     min_entropy: Optional[float] = None
+    # Majority ratio averaging above this: everything agrees, right or not.
     max_majority_ratio: Optional[float] = None
     # Mean response length leaving [min, max] tokens.
     min_response_length: Optional[float] = None
+    # The upper bound of the length band above.
     max_response_length: Optional[float] = None
     # eval/pass@1 falling this far (absolute) below the best seen so far.
     max_eval_drop: Optional[float] = None
+    # rollback: the k-th rollback multiplies the learning rate by lr_factor ** k, after reloading the weights.
     lr_factor: float = 0.5
+    # rollback: once this many are done, the next collapse restores the rollback target and stops the run.
     max_rollbacks: int = 2
 
 
@@ -865,6 +1030,8 @@ def _check_safety(s: Section) -> None:
 class FaultConfig:
     """Deliberate faults, for testing the guards above; leave empty in real runs."""
 
+    # Steps whose loss is made NaN on purpose, to show the update is skipped and the
+    # run stops after trainer.max_skipped_steps in a row.
     nan_loss_at_steps: list[int] = field(default_factory=list)
 
 
@@ -897,23 +1064,39 @@ class SERRewardModelConfig:
     # same loss. A backbone that already ranks answers by likelihood starts as a
     # judge instead of relearning judgement through a fresh head.
     head: str = "scalar"
+    # The RM's input text: {q} is the prompt, {a} the response.
     template: str = "Question: {q}\n\nAnswer: {a}"
+    # Longest RM input in tokens; longer ones lose their beginning (the answer is at the end).
     max_length: int = 1024
+    # End each input with the EOS token, where the scalar head reads (for tokenizers that
+    # add none).
     append_eos: bool = False
+    # DeepSpeed ranks of the RM trainer.
     num_workers: int = 1
+    # DeepSpeed ZeRO stage of the RM trainer.
     zero_stage: int = 2
+    # Peak learning rate of the RM.
     lr: float = 1e-5
+    # cosine | constant | linear, as trainer.lr_schedule.
     lr_schedule: str = "cosine"
+    # Warm-up as a share of the RM's optimizer steps.
     warmup_ratio: float = 0.03
+    # AdamW's weight decay for the RM.
     weight_decay: float = 0.0
+    # Gradient-norm clip for the RM (0 = none).
     grad_clip: float = 1.0
+    # Passes over each round's training data.
     epochs: int = 1
     # At least this many optimizer steps per round (small seed sets run more epochs).
     min_steps: int = 0
     batch_size: int = 32  # pairs (or items) per optimizer step
     micro_batch_size: int = 8  # per rank and forward pass
+    # Pairwise: adds center_coef * (r_chosen + r_rejected)^2 per pair, which keeps the
+    # scores centred on 0 (Bradley-Terry only sees their difference).
     center_coef: float = 0.01
+    # Keep the RM's optimizer states in CPU memory.
     offload: bool = False
+    # Recompute the RM's activations in the backward pass (less memory).
     gradient_checkpointing: bool = False
     # added to the run's seed
     seed: int = 0
@@ -951,60 +1134,97 @@ class SERConfig:
     policy against it (`reward=reward_model reward.path=ser`).
     """
 
+    # Run SER first: train the reward model, round after round, before any policy step.
     enabled: bool = False
     # pairwise: preference pairs, Bradley-Terry loss | pointwise: one
     # response correct or not (verifiable tasks), binary cross-entropy.
     mode: str = "pairwise"
+    # After SER, train the policy against its RM (needs reward=reward_model
+    # reward.path=ser); false runs SER alone.
     then_policy: bool = True
     # ── data: synthetic (the arithmetic preference task) | jsonl | hf
+    # Where the labelled data comes from: synthetic (the arithmetic preference task), jsonl (a
+    # local file), hf (a hub dataset).
     source: str = "synthetic"
     preset: str = "synthetic"  # a name for logs (conf/ser/<preset>.yaml)
+    # source=jsonl: the file of pairs (or pointwise rows): .jsonl, .json or .parquet.
     local_path: Optional[str] = None
+    # source=jsonl: a file of held-out rows; null = eval_fraction of local_path.
     eval_path: Optional[str] = None
+    # source=hf: the dataset id.
     hf_name: Optional[str] = None
+    # source=hf: the dataset's configuration name.
     hf_subset: Optional[str] = None
+    # source=hf: a data dir inside the dataset repo.
     hf_data_dir: Optional[str] = None
+    # source=hf: the training split.
     hf_split: str = "train"
+    # source=hf: the held-out split; null = eval_fraction of the training split.
     eval_split: Optional[str] = None
     # Held-out share when no eval split/file is given.
     eval_fraction: float = 0.1
+    # Keep only the first this many rows (null: all).
     limit: Optional[int] = None
     # null: chosen/rejected are whole conversations split at `prompt_marker`.
     prompt_key: Optional[str] = "prompt"
+    # The field holding the preferred response (or whole conversation).
     chosen_key: str = "chosen"
+    # The field holding the dispreferred one.
     rejected_key: str = "rejected"
+    # With prompt_key null: the prompt is everything up to and including the last
+    # occurrence of this marker, which both responses must share.
     prompt_marker: Optional[str] = None
     # pointwise files: one graded response per row (problem: ser.prompt_key, default "problem")
     response_key: str = "response"
+    # pointwise files: the field telling whether the response is correct.
     answer_key: str = "answer"
+    # source=synthetic: training pairs (pointwise: problems).
     synthetic_num_pairs: int = 2000
+    # source=synthetic: held-out pairs, which pick SER's best round.
     synthetic_num_eval: int = 500
     # Test pairs, apart from the held-out ones that pick the best round (0 = none).
     synthetic_num_test: int = 0
+    # source=synthetic: numbers in each sum.
     synthetic_terms: int = 3
+    # source=synthetic: digits of each number.
     synthetic_digits: int = 2
+    # source=synthetic: seed of the problems and of the wrong answers.
     synthetic_seed: int = 7
     # boxed: "\\boxed{97}" | worked: "37+48=85,85+12=97 \\boxed{97}" (match what the model writes)
     synthetic_style: str = "boxed"
     # pointwise: responses per problem of the synthetic task
     synthetic_per_problem: int = 2
     # ── the loop
+    # Share of the training data whose labels the seed RM is trained on (round 0); the
+    # rest is labelled by the RM itself.
     seed_fraction: float = 0.15
+    # Status 1 (sure of both): one response with sigmoid(score) above high, the other below low.
     high: float = 0.55
+    # The lower threshold of status 1.
     low: float = 0.45
+    # Status 2 (sure of the difference): the two probabilities differ by more than this.
     min_gap: float = 0.3
+    # Keep status-2 pairs too (pairwise only); false keeps status 1 alone.
     use_status2: bool = True
+    # Self-labelling rounds after the seed RM (0 = the seed RM only).
     max_rounds: int = 3
+    # Stop after this many rounds without a better held-out accuracy.
     patience: int = 1
     # true: each round retrains from the backbone; false: continues from the last RM.
     reinit_each_round: bool = True
     # ── the reward model's trainer: ser.rm.lr, ser.rm.path, ... (SERRewardModelConfig)
     rm: SERRewardModelConfig = field(default_factory=SERRewardModelConfig)
+    # Items per forward pass when the RM scores the unlabelled data.
     score_batch_size: int = 64
+    # Train LoRA adapters instead of the whole RM (saves memory on big backbones).
     lora: bool = False
+    # LoRA rank.
     lora_r: int = 8
+    # LoRA scaling numerator (the update is scaled by alpha / r).
     lora_alpha: int = 16
+    # Dropout on the LoRA path.
     lora_dropout: float = 0.0
+    # The modules that get adapters (the attention projections by default).
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # What reward=reward_model returns: raw | sigmoid; null = raw (pairwise), sigmoid (pointwise).
     reward_transform: Optional[str] = None
@@ -1049,7 +1269,18 @@ def _check_ser(s: Section) -> None:
 # ── root ───────────────────────────────────────────────────────────────────
 @dataclass
 class TTRLConfig:
+    """The whole config of `ttrl-train` and `ttrl-eval` (conf/config.yaml composes it).
+
+    Sections follow the data flow of a step: model, data, rollout, label, reward, algorithm,
+    trainer; then eval, logger, cluster, the collapse guard (safety), test faults and SER.
+    `ttrl-train --cfg job` prints it composed; each run dir keeps it resolved in config.yaml.
+    """
+
+    # The run's seed: prompt order, torch, the engines' sampling (plus rollout.seed), the random
+    # reward (unless reward.seed), SER's splits (the RM's init adds ser.rm.seed).
     seed: int = 0
+    # The experiment's name: the run dir (outputs/<experiment>/<time>), the W&B name, group
+    # and tags. Each conf/experiment/ file sets its own.
     experiment: str = "default"
     device: str = "auto"  # auto | cpu | cuda
     model: ModelConfig = field(default_factory=ModelConfig)

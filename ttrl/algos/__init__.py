@@ -1,7 +1,7 @@
 """The RL maths of ttrl: advantage estimators, policy/value losses, KL estimators.
 
 Pure torch functions, registered by name so that configs can pick them
-(`algorithm.adv_estimator=grpo`, `...policy_loss=ppo_clip`, `...kl=k3`).
+(`algorithm.advantage=grpo`, `algorithm.policy_loss=ppo_clip`, `algorithm.kl_estimator=k3`).
 This package must never import ray, vllm or deepspeed, never touch a model or
 an optimiser, and never see ground-truth answers: tensors in, tensors out.
 """

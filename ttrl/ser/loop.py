@@ -250,7 +250,7 @@ def ser_round_loop(cfg: Any, rm: Any, task: _Pairwise | _Pointwise, out_dir: Pat
         if improved:
             best_round = round_no
             # The test accuracy rides along (it never picks the round): reports of the
-            # policies this RM rewards read it from ttrl_rm.json (ttrl.arms_report).
+            # policies this RM rewards read it from ttrl_rm.json (ttrl.report.arms).
             rm.save(final, ser_round=round_no, held_out_accuracy=acc,
                     **({"test_accuracy": ev["ser/test_accuracy"]} if "ser/test_accuracy" in ev else {}))
         return row

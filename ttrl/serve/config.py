@@ -30,11 +30,13 @@ API_KEYS_ENV = "TTRL_API_KEYS_FILE"
 class ServeLearnConfig:
     """The background learner: TTRL steps on the queries the server answered."""
 
+    # Learn from the queries at all; false serves the starting weights only.
     enabled: bool = True
     # A round starts once this many queries arrived since the last one (0 = never by count) ...
     every_queries: int = 64
     # ... or this many seconds after the last round, if at least `min_queries` arrived (0 = never by time).
     every_seconds: float = 0.0
+    # Queries that must have arrived for a round started by time (every_seconds).
     min_queries: int = 8
     # learn() steps per round: each takes data.prompts_per_step buffered queries
     # (cycled when fewer arrived), n_votes samples each on the staging engine.
@@ -44,6 +46,7 @@ class ServeLearnConfig:
     # (thumbs-down) when `feedback_quorum` distinct identities agree on it, or
     # when one of serve.trusted_raters says so. One identity alone changes nothing.
     feedback: bool = True
+    # Distinct identities that must agree before a rating changes a label.
     feedback_quorum: int = 2
     # At most this many of the newest unused queries go into one round.
     max_buffer: int = 4096
@@ -80,8 +83,11 @@ class ServeGateConfig:
     # and length (null = serve.max_tokens); a fixed seed makes current and
     # candidate draw with the same random numbers.
     n_samples: int = 16
+    # Their temperature (null = serve.temperature).
     temperature: Optional[float] = None
+    # Their length (null = serve.max_tokens).
     max_new_tokens: Optional[int] = None
+    # The sampling seed both models draw with.
     seed: int = 1234
     # Promote only if the candidate's regression score >= current - tolerance
     # (about the sampling noise of 32 items x 16 samples; the log gives the s.e.).
@@ -110,6 +116,7 @@ class ServeLimitsConfig:
     # Per identity (an API key's name; without keys every client is "anonymous"):
     # requests per minute, as a token bucket that holds `burst` requests (0 = no limit) ...
     requests_per_minute: float = 1200.0
+    # The bucket's size: requests an identity may send at once after a quiet spell.
     burst: int = 120
     # ... and requests in flight at once (429 beyond either, with Retry-After).
     max_in_flight: int = 16
@@ -117,6 +124,12 @@ class ServeLimitsConfig:
 
 @dataclass
 class ServeConfig:
+    """`ttrl-serve`: the OpenAI-compatible server that answers queries and learns from them.
+
+    Who may connect (host, keys, origins, admin token), how it answers (votes, sampling,
+    batching), and what it learns (`learn`), keeps (`gate`) and allows (`limits`).
+    """
+
     # Loopback by default. Beyond loopback the server needs API keys, or
     # serve.allow_unauthenticated=true saying that an open API is meant.
     host: str = "127.0.0.1"
@@ -134,7 +147,9 @@ class ServeConfig:
     max_tokens: Optional[int] = None  # null = rollout.max_new_tokens (also the default of a request)
     # Requests batched into one engine call, and queued at most (then 503).
     max_batch: int = 64
+    # Requests waiting for an engine at most; the next one gets 503 (overloaded).
     max_queue: int = 1024
+    # A request not answered within this many seconds gets 504.
     request_timeout_s: float = 120.0
     # A file of `name:key` lines (null = the TTRL_API_KEYS_FILE environment
     # variable, else no keys). With keys, every /v1/* request needs

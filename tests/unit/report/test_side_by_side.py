@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ttrl.compare import CompareError, compare, expand_run_dirs, load_run, main, run_labels
+from ttrl.compare import main
+from ttrl.report.runs import CompareError, expand_run_dirs, load_run, run_labels
+from ttrl.report.side_by_side import compare
 
 
 def _config(algorithm: str = "grpo", seed: int = 0, **extra) -> dict:

@@ -19,9 +19,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ttrl.compare import expand_run_dirs, load_run, mean_std
-from ttrl.grid_report import maj_key_of
 from ttrl.metrics.logger import arm_name
+from ttrl.report.plots import arms_bands
+from ttrl.report.runs import expand_run_dirs, load_run, maj_key_of, mean_std, without_nan
 
 
 def _rm_meta(run_dir: Path, cfg: dict) -> dict[str, Any] | None:
@@ -94,38 +94,6 @@ def markdown(table: list[dict], summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(table: list[dict], path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    arms = list(dict.fromkeys(r["arm"] for r in table if len(r["curve"]) >= 1))
-    if not arms:
-        return None
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
-    for arm in arms:
-        curves = [dict(r["curve"]) for r in table if r["arm"] == arm and r["curve"]]
-        # Steps that every seed evaluated: a band over fewer seeds would look narrower than it is.
-        steps = sorted(set.intersection(*(set(c) for c in curves)))
-        if not steps:
-            continue
-        ys = [[c[s] for c in curves] for s in steps]
-        line, = ax.plot(steps, [statistics.mean(y) for y in ys], marker="o", markersize=3,
-                        label=f"{arm} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
-        if len(curves) > 1:
-            ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.18)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("eval pass@1 (held-out prompts)")
-    ax.set_title("pass@1 per arm: mean over seeds, band = worst to best seed")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 def arms_report(run_dirs: list[Path], out: Path) -> Path:
     """Write arms.md, arms.json and arms.png into `out`; return the table's path."""
     table = [run_row(load_run(d)) for d in expand_run_dirs(list(run_dirs))]
@@ -133,7 +101,7 @@ def arms_report(run_dirs: list[Path], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     md = out / "arms.md"
     md.write_text(f"# ttrl-compare --arms: {len(table)} runs, {len(summary)} arms\n\n{markdown(table, summary)}")
-    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in table]
+    clean = [without_nan(r) for r in table]
     (out / "arms.json").write_text(json.dumps({"runs": clean, "arms": summary}, indent=1, default=str))
-    plot(table, out / "arms.png")
+    arms_bands(table, out / "arms.png")
     return md

@@ -18,7 +18,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ttrl.compare import expand_run_dirs, load_run
+from ttrl.report.plots import grid_before_after
+from ttrl.report.runs import expand_run_dirs, load_run, maj_key_of, without_nan
 
 ARMS = {"majority_vote": "ttrl", "ground_truth": "oracle", "random": "random"}
 ORDER = {"ttrl": 0, "oracle": 1, "random": 2}  # how arms are listed; any other reward comes last
@@ -29,11 +30,6 @@ MAX_MAJ_DROP = 0.02
 
 def _evals(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("eval/pass@1") is not None]
-
-
-def maj_key_of(rows: list[dict]) -> str | None:
-    keys = {k for r in rows for k in r if k.startswith("eval/maj@") and "stderr" not in k and k != "eval/maj@1"}
-    return max(keys, key=lambda k: int(k.split("@")[1])) if keys else None
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -139,43 +135,20 @@ def markdown(table: list[dict], summary: dict[str, Any]) -> str:
 
 
 def plot(table: list[dict], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {"ttrl": "tab:blue", "oracle": "tab:green", "random": "tab:gray"}
+    """grid.png: runs grouped by warm start, then arm, then seed."""
     runs = sorted(table, key=lambda r: (r["warm_start"], ORDER.get(r["arm"], 3), str(r["seed"])))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110, sharey=True)
-    for ax, (a, b, name) in zip(axes, [("pass1_before", "pass1_after", "eval pass@1"),
-                                       ("maj_before", "maj_after", "eval maj@N")]):
-        for x, r in enumerate(runs):
-            c = colors.get(r["arm"], "tab:purple")
-            ax.plot([x, x], [r[a], r[b]], color=c, linewidth=2)
-            ax.plot(x, r[a], "o", color=c, markerfacecolor="white")
-            ax.plot(x, r[b], "o", color=c)
-            if r["guard_step"] is not None:
-                ax.plot(x, r[b], "x", color="red", markersize=10)
-        ax.set_xticks(range(len(runs)))
-        ax.set_xticklabels([f"{r['arm']} {r['warm_start']} s{r['seed']}" for r in runs], rotation=70, fontsize=7)
-        ax.set_title(f"{name}: before (open) → after (filled); red x: guard fired", fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("share of test prompts")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return grid_before_after(runs, out)
 
 
 def grid_report(paths: list[Path], out: Path, replay_guard: bool = False) -> Path:
+    """Write grid.md, grid.json and grid.png into `out`; return the table's path."""
     runs = [load_run(d) for d in expand_run_dirs(paths)]
     table = [run_row(r, replay_guard) for r in runs]
     summary = summarize(table)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "grid.md"
     md.write_text(f"# Demo grid: {len(table)} runs\n\n" + markdown(table, summary))
-    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in table]
+    clean = [without_nan(r) for r in table]
     (out / "grid.json").write_text(json.dumps({"runs": clean, "summary": summary}, indent=1, default=str))
     plot(table, out / "grid.png")
     return md
