@@ -23,7 +23,7 @@ from ttrl.distributed.device import resolve_device, resolve_dtype
 from ttrl.distributed.group import WorkerGroup
 from ttrl.distributed.placement import Placement
 from ttrl.distributed.ray_setup import Needs, engine_cpu_threads, start_ray, stop_ray, usable_cpus
-from ttrl.distributed.startup import bring_up, engines_size_first
+from ttrl.distributed.startup import ActorTimes, Phases, bring_up, engines_size_first
 from ttrl.rollout.vllm_engine import EngineArgs, VLLMEngine
 from ttrl.rollout.weights import EngineSyncError
 from ttrl.trainer.batch import Batch, batch_size, concat, select, split
@@ -59,8 +59,11 @@ class Runtime:
                       gpus=(max(W, r.num_engines * r.tensor_parallel_size) if colocate
                             else W * n_groups + r.num_engines * r.tensor_parallel_size) if gpu else 0,
                       resources=custom)
+        self.phases = Phases(t0=time.time())
         self.owns_ray = start_ray(cfg.cluster.address, self.device, needs, cfg.cluster.num_cpus,
                                   cfg.cluster.num_gpus)
+        self.phases.ray_s = time.time() - self.phases.t0
+        submitted: dict[str, float] = {}
         # Colocated: slot i hosts engine i and rank i of each trainer group.
         # Split: every actor has its own slot (see placement.py).
         self.placement = Placement(gpu=gpu, colocate=colocate, world_size=W, n_groups=n_groups,
@@ -79,6 +82,7 @@ class Runtime:
         engine_cls = ray.remote(VLLMEngine)
 
         def start_engines():
+            submitted["engines"] = time.time()
             self.engines = [
                 engine_cls.options(name=f"rollout-{i}", max_restarts=r.max_restarts, max_task_retries=0,
                                    **self.placement.engine(i)).remote(
@@ -102,6 +106,7 @@ class Runtime:
                     with_ref=self.need_ref)
 
         def start_trainers():
+            submitted["ranks"] = time.time()
             self.policy = WorkerGroup(PolicyWorker, W, spec, name="policy",
                                       placement=lambda rank: self.placement.trainer(0, rank))
             self.critic = WorkerGroup(CriticWorker, W, spec, name="critic",
@@ -116,8 +121,12 @@ class Runtime:
 
         # Engines and DeepSpeed initialise at once, except where they share a
         # GPU: there the engines size their KV cache first (startup.py).
-        infos, _ = bring_up(start_engines, start_trainers, engines_size_first(gpu, colocate))
+        infos, setups = bring_up(start_engines, start_trainers, engines_size_first(gpu, colocate))
         self.startup_s = time.perf_counter() - t0
+        self.phases.engines = [ActorTimes(submitted["engines"], i["t_spawned"], i["t_imported"], i["t_ready"])
+                               for i in infos]
+        self.phases.ranks = [ActorTimes(submitted["ranks"], x["t_spawned"], x["t_imported"], x["t_ready"])
+                             for x in setups]
         self.engine_startup_s = max(i["startup_s"] for i in infos)
         self.weights_version = 0
         self.engine_restarts = 0

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ttrl.distributed.startup import process_created
 from ttrl.rollout.weights import check_weights, checkpoint_shapes, unpack
 
 
@@ -52,6 +53,7 @@ class VLLMEngine:
     """One vLLM engine (possibly tensor-parallel). Methods are called over Ray."""
 
     def __init__(self, args: EngineArgs):
+        self.t_init = time.time()
         self.args = args
         if args.device == "cpu":
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(args.cpu_kv_cache_gb)))
@@ -66,6 +68,7 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        self.t_imported = time.time()
         t0 = time.perf_counter()
         kwargs: dict[str, Any] = dict(
             model=args.model_path,
@@ -88,10 +91,12 @@ class VLLMEngine:
         self.expected_shapes = checkpoint_shapes(args.model_path)
         self.weights_version = 0
         self.tokenizer = self.llm.get_tokenizer()
+        self.t_ready = time.time()
 
     # ── health ────────────────────────────────────────────────────────────
     def info(self) -> dict[str, Any]:
-        return {"startup_s": self.startup_s, "weights_version": self.weights_version, "pid": os.getpid()}
+        return {"startup_s": self.startup_s, "weights_version": self.weights_version, "pid": os.getpid(),
+                "t_spawned": process_created(), "t_imported": self.t_imported, "t_ready": self.t_ready}
 
     # ── sampling ──────────────────────────────────────────────────────────
     def generate(self, prompt_token_ids: list[list[int]], n: int, temperature: float, top_p: float,

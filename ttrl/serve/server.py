@@ -305,7 +305,7 @@ async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, contro
            "single user (trusted), no keys" if s.single_user else "no API keys (every client is 'anonymous')")
     print(f"ttrl-serve: serving v{served} of {scfg.model_name} at {url}/v1 (OpenAI API), votes={s.votes}; {who}; "
           f"learner {'on' if controller.learner else 'off'}; admin API {'on' if admin_token else 'off'}; "
-          f"store {store.path}", file=sys.stderr, flush=True)
+          f"store {store.path}; started in {startup_s:.0f} s ({rt.phases.line()})", file=sys.stderr, flush=True)
     try:
         await task
     finally:

@@ -67,6 +67,45 @@ def _engines_get(refs: list) -> list:
                               f"{first})") from None
 
 
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def _lighten_deepspeed(device: str) -> None:
+    """Leave out two things DeepSpeed does at every start that this project never uses.
+
+    - ZeRO's optimizer checks import DeepSpeed's Muon optimizer to ask
+      `isinstance(optimizer, MuonWithAuxAdam)`; that module torch.compile()s
+      kernels when imported, pulling in inductor (about 1.5 s a rank, every
+      start). A stand-in module whose class nothing is an instance of
+      answers the same question. (Muon is never this project's optimizer.)
+    - On CPU its gloo backend builds a shared-memory all-reduce kernel: a C++
+      compile of about a minute the first time on a machine (then 1 s to load
+      at every start), for collectives that gloo runs in milliseconds at this
+      project's CPU sizes. Without it DeepSpeed uses gloo's own.
+    Both touch DeepSpeed 0.19's internals by name; a version without them is
+    left alone.
+    """
+    import sys
+    import types
+
+    if MUON_MODULE not in sys.modules:
+        stub = types.ModuleType(MUON_MODULE)
+        stub.__doc__ = "ttrl's stand-in: the Muon optimizer is never used (see ttrl.trainer.worker)."
+
+        class MuonWithAuxAdam:  # never instantiated: `isinstance(x, MuonWithAuxAdam)` is False for all x
+            pass
+
+        stub.MuonWithAuxAdam = MuonWithAuxAdam
+        sys.modules[MUON_MODULE] = stub
+    if device == "cpu":
+        import importlib
+
+        # By module path: `import deepspeed.comm.torch as m` would bind deepspeed.comm's attribute `torch`.
+        ds_torch = importlib.import_module("deepspeed.comm.torch")
+        if hasattr(ds_torch, "build_shm_op"):
+            ds_torch.build_shm_op = lambda: None
+
+
 class _DSWorker:
     """Common plumbing: process group, model loading, forward passes."""
 
@@ -88,10 +127,21 @@ class _DSWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def _times(self, t0: float) -> dict[str, float]:
+        """What setup() returns: its seconds, and the wall-clock times of the start-up line."""
+        from ttrl.distributed.startup import process_created
+
+        return {"setup_s": time.perf_counter() - t0, "t_spawned": process_created(),
+                "t_imported": self.t_imported, "t_ready": time.time()}
+
     def _init_dist(self, master_addr: str, master_port: int) -> None:
         _setup_env(self.rank, self.world_size, master_addr, master_port, self.device)
+        _lighten_deepspeed(self.device)
         import deepspeed
         import torch
+        import transformers  # noqa: F401 - imported here so that the start-up line counts it as an import
+
+        self.t_imported = time.time()
 
         if self.device == "cpu":
             # Ray pins OMP threads per actor; keep torch consistent with it.
@@ -237,7 +287,7 @@ class PolicyWorker(_DSWorker):
         if s["with_ref"]:
             ds_ref = self._ds_config(train=False, lr=s["lr"])
             self.ref = self._wrap(self._load(load, ds_ref), ds_ref, train=False)
-        return {"setup_s": time.perf_counter() - t0}
+        return self._times(t0)
 
     # ── forward passes ────────────────────────────────────────────────────
     def _logp(self, model, batch: dict, temperature: float, with_entropy: bool = False,
@@ -761,7 +811,7 @@ class CriticWorker(_DSWorker):
         model = self._load(load, ds)
         model.config.use_cache = False
         self.engine = self._wrap(model, ds, train=True, total_opt_steps=total_opt_steps)
-        return {"setup_s": time.perf_counter() - t0}
+        return self._times(t0)
 
     def _values(self, batch: dict):
         from ttrl.trainer.batch import response_slice

@@ -57,3 +57,21 @@ def test_sleeping_engines_wake_weights_then_sync_then_kv_cache():
     awake = RecordingRuntime()
     push_weights(awake, asleep=False)
     assert awake.calls == [("sync",)]
+
+
+def test_the_start_up_line_says_where_the_seconds_went():
+    from ttrl.distributed.startup import ActorTimes, Phases
+
+    ph = Phases(ray_s=4.04, t0=100.0)
+    # Engine: asked at 105, process at 105.2, vLLM imported at 112, built at 115.
+    ph.engines = [ActorTimes(105.0, 105.2, 112.0, 115.0)]
+    # Ranks: rank 1 got its process 2 s late; both set up by 117.
+    ph.ranks = [ActorTimes(105.1, 105.3, 109.0, 116.0), ActorTimes(105.1, 107.1, 110.0, 117.0)]
+    ph.after["anchor_votes"] = 6.0
+    assert ph.line() == ("Ray 4.0 s; 1 engine 10.0 s (process + imports 6.8, vLLM 3.0); 2 ranks 11.9 s (waiting "
+                         "2.0, process + imports 3.7, DeepSpeed 7.0); anchor votes 6.0 s")
+    d = ph.as_dict()
+    assert d["startup/engines_s"] == pytest.approx(10.0) and d["startup/rank_wait_s"] == pytest.approx(2.0)
+    assert d["startup/anchor_votes_s"] == 6.0
+    # A clock a little off between processes never makes a part negative.
+    assert ActorTimes(10.0, 9.5, 12.0, 11.0).parts() == (0.0, 2.0, 0.0)

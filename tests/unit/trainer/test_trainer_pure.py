@@ -156,3 +156,4 @@ def test_cpu_engines_get_the_cores_the_trainer_leaves():
     assert engine_cpu_threads(2, 1, 2, overlap=True) == 1   # they train meanwhile: never fewer than one
     assert engine_cpu_threads(16, 2, 4, overlap=True) == 6
     assert engine_cpu_threads(16, 3, 4, overlap=False) == 5
+
