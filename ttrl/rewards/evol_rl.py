@@ -24,8 +24,8 @@ novelty unnormalised, we keep the two sides on their stated ranges.
 
 The paper's other two parts are options of the update, not of the reward:
 asymmetric clipping (DAPO's clip-higher, `algorithm.clip_high=0.28` above
-`clip_low=0.2`) and an entropy bonus (`algorithm.entropy_coef`, 0.001-0.003
-in the authors' scripts). Both exist in ttrl/algos/losses.py and the
+`clip_low=0.2`) and an entropy bonus (`algorithm.entropy_coef`; the authors'
+script takes 0.001 or 0.003, off by default). Both exist in ttrl/algos/losses.py and the
 trainer; experiments/sweeps/hard_regime.sh sets them for this arm.
 
 Which similarity, and why: the paper embeds each response with a sentence

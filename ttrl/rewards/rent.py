@@ -19,8 +19,9 @@ math model's response, the closing sentence that states the answer.
 What we follow: the negative mean token entropy, from the policy's full
 next-token distributions, trained with the run's GRPO-family estimator.
 What we simplify: a fixed token count from the end stands in for the
-paper's span choices (its "last chunk" is a share of the response; its
-answer-token span needs the tokenizer to find the answer); the entropy is
+paper's span choices (its "last chunk" is a share of the response, and it
+found the answer tokens alone a weaker signal than that chunk; 16 tokens
+keep the last step's result beside the boxed answer); the entropy is
 the trainer's forward pass at the sampling temperature (the step's
 token_stats with "entropies", one pass, as `token_entropy` gets its mean).
 A sample with no response tokens gets its group's lowest reward, as for the
