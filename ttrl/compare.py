@@ -1,8 +1,9 @@
-"""`ttrl-compare RUN_DIR... [--out DIR] [--grid | --arms]`: the command line of the reports.
+"""`ttrl-compare RUN_DIR... [--out DIR] [--grid | --arms | --collapse-step]`: the command line of the reports.
 
 An entry module, like ttrl/train.py: it parses the command line, calls one
 report of ttrl/report/ (side by side by default, `--grid` for the demo
-grid, `--arms` per arm with the seed spread) and prints its table. Bad run
+grid, `--arms` per arm with the seed spread, `--collapse-step` for how many
+steps each run's votes held) and prints its table. Bad run
 dirs end in one line on stderr and exit code 2, never a traceback. No
 library module imports this one; the reports themselves live in
 ttrl/report/ and never modify a run dir.
@@ -35,6 +36,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arms", action="store_true",
                     help="one line and one pass@1 curve per arm (logger.wandb.job_type, else algorithm/reward), "
                          "with the spread across seeds (arms.md, arms.json, arms.png) instead")
+    ap.add_argument("--collapse-step", action="store_true",
+                    help="the model-collapse step of each run: the first step the guard's consensus signals fire, "
+                         "replayed from its votes (collapse.md, collapse.json) instead")
+    ap.add_argument("--against", nargs="+", type=Path, metavar="RUN",
+                    help="with --collapse-step: full runs (e.g. TTRL) whose pass@1 gain each warm start's "
+                         "collapse step is ranked against (Spearman)")
     args = ap.parse_args(argv)
     try:
         runs = list(args.runs)
@@ -48,6 +55,15 @@ def main(argv: list[str] | None = None) -> None:
             md = grid_report(runs, args.out, replay_guard=args.replay_guard)
             print(md.read_text())
             print(f"ttrl-compare: wrote {md}, grid.json and grid.png in {args.out}", file=sys.stderr)
+            return
+        if args.against and not args.collapse_step:
+            ap.error("--against goes with --collapse-step")
+        if args.collapse_step:
+            from ttrl.report.collapse import collapse_report
+
+            md = collapse_report(runs, args.out, against=args.against)
+            print(md.read_text())
+            print(f"ttrl-compare: wrote {md} and collapse.json in {args.out}", file=sys.stderr)
             return
         if args.arms:
             from ttrl.report.arms import arms_report

@@ -536,6 +536,111 @@ def _check_label(s: Section) -> None:
 
 
 # ── reward ─────────────────────────────────────────────────────────────────
+# The methods built for votes that are often wrong read their paper's knobs
+# from a sub-section named after them (reward.scrl.tau_pos): one section per
+# method, each read by that reward alone (ttrl/rewards/<name>.py says how).
+@dataclass
+class SelfHarmonyConfig:
+    """`reward=self_harmony` (Self-Harmony, arXiv 2511.01191): the label is the answer with the highest
+    harmonic mean of its shares of the question's samples and of its reframing's (`reward.view`)."""
+
+    # A label whose harmonic-mean score 2pq/(p+q) is below this pays nothing (0: every label pays).
+    min_score: float = 0.0
+
+
+@_rules(SelfHarmonyConfig)
+def _check_self_harmony(s: Section) -> None:
+    s.share("min_score", why="a harmonic mean of two shares")
+
+
+@dataclass
+class EvolRLConfig:
+    """`reward=evol_rl` (EVOL-RL, arXiv 2509.15194): the majority vote as anchor, samples ranked within
+    each side of it by the novelty of their reasoning. Its clip-higher and entropy bonus are
+    `algorithm.clip_high` (0.28 in the paper) and `algorithm.entropy_coef`."""
+
+    # A sample's similarity to its group: this weight on the mean cosine to its side of the vote,
+    # the rest on the max cosine to any other sample (0.5 in the authors' code).
+    mean_weight: float = 0.5
+    # The reasoning's vector is its bag of character n-grams of this length, compared by cosine.
+    ngram: int = 3
+
+
+@_rules(EvolRLConfig)
+def _check_evol_rl(s: Section) -> None:
+    s.share("mean_weight")
+    s.at_least(1, "ngram")
+
+
+@dataclass
+class ToolVerifiedConfig:
+    """`reward=tool_verified` (T3RL, arXiv 2603.02203): each sample's worked steps checked by a
+    calculator; votes weighted by the share of its checks that hold."""
+
+    # The vote weight of a sample whose every check holds (T3RL's omega; about 5 worked best there);
+    # a sample votes with 1 + (this - 1) * its share of checks that hold. 1 = the plain majority vote.
+    verified_weight: float = 5.0
+    # Run the calculator in a sandboxed worker process (hard deadline, capped memory) rather than
+    # in the trainer's process.
+    sandbox: bool = True
+    # The sandboxed calculator's deadline for one step's samples, in seconds; a miss skips the step.
+    timeout_s: float = 10.0
+
+
+@_rules(ToolVerifiedConfig)
+def _check_tool_verified(s: Section) -> None:
+    s.at_least(1, "verified_weight", why="1 is the plain majority vote")
+    s.above(0, "timeout_s")
+
+
+@dataclass
+class SCRLConfig:
+    """`reward=scrl` (SCRL, arXiv 2603.19880): a positive label only under strict consensus, negative
+    labels for rare answers produced with above-average entropy. Defaults: the authors' script."""
+
+    # binary (+a_plus / -a_minus / 0) | continuous (scaled by the answer's share, minus lambda_h
+    # times its class's entropy above the prompt's mean)
+    mode: str = "continuous"
+    # The top answer is the positive label only if it holds at least this share of the samples ...
+    tau_pos: float = 0.375
+    # ... and leads the runner-up by more than this share.
+    tau_marg: float = 0.125
+    # Answers holding less than this share, with a class entropy at or above the prompt's mean, are negatives.
+    tau_low: float = 0.125
+    # Scale of the positive reward.
+    a_plus: float = 1.0
+    # Scale of the negative reward.
+    a_minus: float = 1.0
+    # continuous mode: weight of the entropy term (class mean entropy minus the prompt's, in nats).
+    lambda_h: float = 0.1
+
+
+@_rules(SCRLConfig)
+def _check_scrl(s: Section) -> None:
+    s.one_of("mode", ("binary", "continuous"))
+    s.share("tau_pos", "tau_marg", "tau_low", why="a share of the samples")
+    s.at_least(0, "a_plus", "a_minus", "lambda_h")
+
+
+@dataclass
+class RentConfig:
+    """`reward=rent` (RENT, arXiv 2505.22660): minus the policy's mean token entropy over the end of
+    the response."""
+
+    # How many tokens from the response's end are measured; null = all of them (= reward=token_entropy).
+    last_tokens: Optional[int] = 16
+
+
+@_rules(RentConfig)
+def _check_rent(s: Section) -> None:
+    s.at_least(1, "last_tokens")
+
+
+# The rewards that read a sub-section of their own name, and its schema.
+_REWARD_SECTIONS = {"self_harmony": SelfHarmonyConfig, "evol_rl": EvolRLConfig, "tool_verified": ToolVerifiedConfig,
+                    "scrl": SCRLConfig, "rent": RentConfig}
+
+
 @dataclass
 class RewardConfig:
     """What a sample is paid: `name` picks a registered reward (ttrl/rewards/); the other keys are
@@ -544,7 +649,8 @@ class RewardConfig:
     """
 
     # majority_vote (label-free) | soft_majority | token_entropy | self_certainty | trajectory_logprob |
-    # co_reward (label-free) | ground_truth (oracle) | custom | reward_model | random (control)
+    # co_reward | self_harmony | evol_rl | tool_verified | scrl | rent (label-free) | ground_truth
+    # (oracle) | custom | reward_model | random (control)
     name: str = "majority_vote"
     # For `custom`: "package.module:function", TRL-style reward function.
     fn: Optional[str] = None
@@ -561,7 +667,7 @@ class RewardConfig:
     seed: Optional[int] = None
     # For `trajectory_logprob`: the mean log-prob per token rather than the sum.
     per_token: bool = False
-    # For `co_reward`: how the second view of a problem is made, a view of
+    # For `co_reward` and `self_harmony`: how the second view of a problem is made, a view of
     # ttrl/data/views.py (reorder_terms) or "package.module:function".
     view: Optional[str] = None
     # For `reward_model`, the defences against reward hacking (all off by default;
@@ -579,6 +685,11 @@ class RewardConfig:
     clip: Optional[float] = None
     # Subtracted per response token, against RMs that pay for length (0 = off).
     length_penalty: float = 0.0
+    self_harmony: SelfHarmonyConfig = field(default_factory=SelfHarmonyConfig)
+    evol_rl: EvolRLConfig = field(default_factory=EvolRLConfig)
+    tool_verified: ToolVerifiedConfig = field(default_factory=ToolVerifiedConfig)
+    scrl: SCRLConfig = field(default_factory=SCRLConfig)
+    rent: RentConfig = field(default_factory=RentConfig)
 
 
 # What ttrl.rewards.custom.load_function imports: "package.module:function" (or a dotted path).
@@ -602,16 +713,25 @@ def _check_reward(s: Section) -> None:
               f"{s.key('path')} must point to a reward model dir when {s.key('name')}=reward_model.")
     s.share("min_ratio", "p")
     s.at_least(0, "seed")
-    s.require(s.name != "co_reward" or bool(s.view),
+    viewed = ("co_reward", "self_harmony")  # the rewards that vote on a second view of each problem
+    s.require(s.name not in viewed or bool(s.view),
               f"{s.key('view')} must name a view (reorder_terms, or 'package.module:function') when"
-              f" {s.key('name')}=co_reward.")
+              f" {s.key('name')}={s.name}.")
     if s.view and ":" not in s.view and "." not in s.view:  # a registered view, not a user's function
         from ttrl.data.views import VIEWS
 
         s.registered("view", VIEWS)
-    s.require(s.view is None or s.name == "co_reward",
-              f"{s.key('view')}={_show(s.view)} is only read by {s.key('name')}=co_reward, not"
+    s.require(s.view is None or s.name in viewed,
+              f"{s.key('view')}={_show(s.view)} is only read by {s.key('name')}=co_reward or self_harmony, not"
               f" {s.key('name')}={s.name}.")
+    # A method's own sub-section set for another reward would be ignored: say so.
+    for section, schema in _REWARD_SECTIONS.items():
+        node = getattr(s, section)
+        for f in fields(schema):
+            value = getattr(node, f.name)
+            s.require(s.name == section or value == f.default,
+                      f"{s.key(section)}.{f.name}={_show(value)} is only read by {s.key('name')}={section}, not"
+                      f" {s.key('name')}={s.name}.")
     s.one_of("ensemble_reduce", ("mean", "min"))
     s.require(all(str(p).strip() for p in s.ensemble),
               f"{s.key('ensemble')}={_show(s.ensemble)} must list reward model dirs (an entry is empty).")

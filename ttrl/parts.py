@@ -145,6 +145,9 @@ def reward_options(cfg: Any) -> dict[str, Any]:
             scorer = EnsembleScorer([scorer, *(RemoteRewardModel(check_reward_model_dir(p)) for p in r.ensemble)],
                                     r.ensemble_reduce)
         return {"scorer": scorer, "normalize": r.normalize, "clip": r.clip, "length_penalty": r.length_penalty}
+    if OmegaConf.is_dict(r) and r.name in r and OmegaConf.is_dict(r[r.name]):
+        # self_harmony, evol_rl, tool_verified, scrl, rent: their paper's knobs, reward.<name>.*, key for key.
+        return OmegaConf.to_container(r[r.name], resolve=True)  # type: ignore[return-value]
     if r.name in ("majority_vote", "co_reward"):
         return {"min_ratio": r.min_ratio}
     if r.name == "trajectory_logprob":

@@ -140,9 +140,11 @@ def step(ctx: StepContext, prompts: list[Prompt], *, next_prompts: list[Prompt] 
     # ── 2+3. label without labels, reward agreement with the vote ─────────
     t = time.perf_counter()
     token_stats = None
-    if "token_stats" in getattr(ctx.reward, "needs", ()):
+    needs = getattr(ctx.reward, "needs", ())
+    if "token_stats" in needs:
         # Intrinsic rewards read each token's whole distribution: one trainer pass.
-        token_stats = sample_token_stats(rt, groups, ctx.tokenizer.pad_token_id, o.temperature)  # [P][n_votes]
+        token_stats = sample_token_stats(rt, groups, ctx.tokenizer.pad_token_id, o.temperature,  # [P][n_votes]
+                                         with_entropies="token_entropies" in needs)
         timings["timing/token_stats"] = time.perf_counter() - t
     try:
         out = compute_rewards(ctx.reward, groups, token_stats)                       # [P][n_votes]
@@ -270,10 +272,12 @@ def _skipped(err: Exception, t_step: float) -> dict[str, Any]:
 
 
 def sample_token_stats(rt: StepRuntime, groups: list[Group], pad_id: int,
-                 temperature: float) -> list[list[dict[str, float]]]:
+                 temperature: float, with_entropies: bool = False) -> list[list[dict[str, Any]]]:
     """Each sample's mean token entropy and self-certainty under the policy, and its token count.
 
     [P][n] dicts {"entropy", "self_certainty", "tokens"}; the means are NaN for a sample with no tokens.
+    `with_entropies` (a reward that `needs` "token_entropies", e.g. rent) adds "entropies": the entropy
+    of each of the sample's response tokens, in order (a list as long as its response).
     """
     batch = _pack(groups, [list(range(len(g.samples))) for g in groups], pad_id)
     per_token = rt.token_stats(batch, temperature)                                  # name -> [B, R]
@@ -282,11 +286,19 @@ def sample_token_stats(rt: StepRuntime, groups: list[Group], pad_id: int,
     means = {k: torch.where(n > 0, (v * mask).sum(1) / n.clamp(min=1), torch.nan).tolist()
              for k, v in per_token.items()}
     means["tokens"] = n.tolist()
+    # Responses are left-aligned in the batch: a sample's tokens are its row's first n columns.
+    entropies = per_token_rows(per_token["entropy"], n) if with_entropies else None
     out, row = [], 0
     for g in groups:
-        out.append([{k: means[k][row + i] for k in means} for i in range(len(g.samples))])
+        out.append([{k: means[k][row + i] for k in means} | ({"entropies": entropies[row + i]} if entropies is not None else {})
+                    for i in range(len(g.samples))])
         row += len(g.samples)
     return out
+
+
+def per_token_rows(values: Tensor, lengths: Tensor) -> list[list[float]]:
+    """Each row's first `lengths[row]` values ([B, R] -> B lists): a left-aligned response's tokens."""
+    return [row[:int(k)] for row, k in zip(values.tolist(), lengths.tolist())]
 
 
 def _score(rt: StepRuntime, batch: Batch, o: StepOptions) -> tuple[bool, Tensor | None, dict[str, float]]:

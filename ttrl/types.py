@@ -21,7 +21,7 @@ class Prompt:
     answer: str | None = None
     # The text fed to the engine after the model's template was applied.
     text: str = ""
-    # A second view of the problem (same answer), templated: for co_reward only, else "".
+    # A second view of the problem (same answer), templated: for co_reward and self_harmony only, else "".
     view_text: str = ""
 
     def scrubbed(self) -> Prompt:

@@ -54,6 +54,8 @@ class Reward:
     # distribution averaged over the sample's response tokens (and "tokens",
     # their number), which the step
     # asks the trainer for (one forward pass) only when a reward needs them;
+    # "token_entropies" (with "token_stats"), each sample's per-token entropies
+    # as well, under the key "entropies" (a list as long as the response);
     # "views", the answers of the samples of each prompt's second view
     # (`view_answers`), which the step samples beside the prompt's own.
     needs: frozenset[str] = frozenset()
@@ -92,7 +94,7 @@ def build_reward(name: str, extractor: str | None = None, **options: Any) -> Rew
 
 
 def compute_rewards(reward: Reward, groups: list[Group],
-                    token_stats: list[list[dict[str, float]]] | None = None) -> RewardOutput:
+                    token_stats: list[list[dict[str, Any]]] | None = None) -> RewardOutput:
     """Reward every sample of every group; the loop's only way to call a reward.
 
     `token_stats` ([prompts][samples]) must be given when the reward `needs` them.
@@ -112,6 +114,9 @@ def compute_rewards(reward: Reward, groups: list[Group],
     if "token_stats" in needs:
         if token_stats is None:
             raise ValueError(f"reward {type(reward).__name__} needs token_stats and none were computed")
+        if "token_entropies" in needs and any("entropies" not in s for row in token_stats for s in row):
+            raise ValueError(f"reward {type(reward).__name__} needs each token's entropy and the token_stats "
+                             f"hold only the means")
         extras["token_stats"] = token_stats
     out = reward(prompts, completions, answers, **extras)
 

@@ -1,0 +1,101 @@
+#!/bin/bash
+# Where the vote is wrong: every method built for that regime beside TTRL's
+# majority vote, the ground-truth oracle and the random control, on the hard
+# test beds, over several warm starts x seeds; a model-collapse probe per warm
+# start; then per bed one table and one plot per arm (--arms) and the
+# collapse-step tables (--collapse-step).
+#   experiments/sweeps/hard_regime.sh [more overrides]          # e.g. trainer.total_steps=40
+#   BEDS=demo_hard ARMS="majority_vote tool_verified" WARMSTARTS="0:0 1:1 4:7" SEEDS="0 1" \
+#     experiments/sweeps/hard_regime.sh
+#   DRY_RUN=1 experiments/sweeps/hard_regime.sh                  # print the commands, run nothing
+# Beds (BEDS): experiment=demo_hard (the demo's recipe on demo_collapse's
+# weaker warm start) and experiment=demo_hard_4terms (four-term sums).
+# Arms (ARMS): reward=<arm> on the bed, nothing else changed, except evol_rl,
+# which also gets the paper's update options: algorithm.clip_high=0.28 and
+# algorithm.entropy_coef=0.001 (EVOL_RL_OPTS). majority_vote is TTRL,
+# ground_truth the oracle, random the control. Every arm runs every warm start
+# (MODEL_SEED:DATA_SEED, model.tiny.seed:model.warmstart.seed, as in
+# demo_grid.sh) and every seed; its W&B job type is the arm.
+# Probes: one `debug=collapse_probe` run per bed and warm start (token_entropy,
+# at most 20 steps, stops at the first consensus firing; PROBE_REWARD).
+# Resumable: a finished run (training.png) or a probe that stopped at its
+# collapse step is not run again, so a killed sweep continues where it
+# stopped; a failed run is reported and the sweep goes on.
+# Cost on 2 cores: about 7-10 minutes a run (self_harmony samples twice as
+# much; scrl and rent add one trainer forward pass a step), 2-3 a probe, plus
+# 5-9 the first time a warm start is built: with the defaults (2 beds x 3 warm
+# starts x 2 seeds x 8 arms = 96 runs and 6 probes) about 12-16 hours.
+# Output, per bed: $OUT/<bed>/<arm>_ws<m>-<d>_s<seed>/, $OUT/<bed>/probes/,
+# and $OUT/report/<bed>/ with arms.md/png (per arm: median and worst gain, maj
+# after, guard firings), collapse.md (each run's collapse step) and
+# probes/collapse.md (each warm start's probe beside its TTRL gain, Spearman).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+BEDS=${BEDS:-"demo_hard demo_hard_4terms"}
+ARMS=${ARMS:-"majority_vote self_harmony evol_rl tool_verified scrl rent ground_truth random"}
+WARMSTARTS=${WARMSTARTS:-"0:0 1:1 4:7"}
+SEEDS=${SEEDS:-"0 1"}
+PROBE_REWARD=${PROBE_REWARD:-token_entropy}
+EVOL_RL_OPTS=${EVOL_RL_OPTS:-"algorithm.clip_high=0.28 algorithm.entropy_coef=0.001"}
+OUT=${OUT:-multirun/hard-regime-$(date +%Y-%m-%d_%H-%M-%S)}
+BIN=${BIN:-$([ -x .venv/bin/ttrl-train ] && echo .venv/bin/ || echo "")}
+DRY_RUN=${DRY_RUN:-0}
+for b in $BEDS; do
+  [ -f "conf/experiment/$b.yaml" ] || { echo "hard_regime: no experiment '$b' (conf/experiment/$b.yaml)" >&2; exit 2; }
+done
+for a in $ARMS; do
+  [ -f "conf/reward/$a.yaml" ] || { echo "hard_regime: no reward '$a' in ARMS (conf/reward/$a.yaml)" >&2; exit 2; }
+done
+echo "hard regime -> $OUT (beds: $BEDS; arms: $ARMS; warm starts: $WARMSTARTS; seeds: $SEEDS; overrides: $*)"
+
+run() {  # run <run dir> <done test: full|probe> <ttrl-train arguments...>
+  local dir=$1 kind=$2
+  shift 2
+  if [ "$DRY_RUN" = 1 ]; then echo "${BIN}ttrl-train $* hydra.run.dir=$dir"; return 0; fi
+  if [ -f "$dir/training.png" ] || { [ "$kind" = probe ] && grep -qs '"safety/collapse_step"' "$dir/metrics.jsonl"; }; then
+    echo "== $dir: done already"; return 0
+  fi
+  mkdir -p "$(dirname "$dir")"
+  echo "== $(date +%T) $dir"
+  # A probe ends with exit status 3 when its guard stops it: that is its answer, not a failure.
+  local rc=0
+  "${BIN}ttrl-train" "$@" hydra.run.dir="$dir" > "$dir.log" 2>&1 || rc=$?
+  if [ "$rc" != 0 ] && ! { [ "$kind" = probe ] && [ "$rc" = 3 ]; }; then echo "!! $dir exited $rc (see $dir.log)"; fi
+  tail -n 8 "$dir.log" | grep -E "pass@1|maj@|collapse|stopped|done in" || true
+}
+
+for bed in $BEDS; do
+  for ws in $WARMSTARTS; do
+    m=${ws%%:*}; d=${ws##*:}
+    warm=(model.tiny.seed="$m" model.warmstart.seed="$d")
+    run "$OUT/$bed/probes/probe_ws${m}-${d}" probe experiment="$bed" debug=collapse_probe reward="$PROBE_REWARD" \
+      "${warm[@]}" seed=0 trainer.resume=none logger.wandb.job_type=probe "$@"
+    for arm in $ARMS; do
+      extra=()
+      [ "$arm" = evol_rl ] && read -r -a extra <<< "$EVOL_RL_OPTS"
+      for s in $SEEDS; do
+        run "$OUT/$bed/${arm}_ws${m}-${d}_s${s}" full experiment="$bed" reward="$arm" ${extra[@]+"${extra[@]}"} "${warm[@]}" \
+          seed="$s" trainer.resume=none logger.wandb.job_type="$arm" "$@"
+      done
+    done
+  done
+done
+
+for bed in $BEDS; do
+  rep="$OUT/report/$bed"
+  ttrl_runs=$(ls -d "$OUT/$bed"/majority_vote_ws*/ 2>/dev/null || true)
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "${BIN}ttrl-compare $OUT/$bed --arms --out $rep"
+    echo "${BIN}ttrl-compare $OUT/$bed --collapse-step --out $rep"
+    echo "${BIN}ttrl-compare $OUT/$bed/probes --collapse-step --against <the majority_vote runs> --out $rep/probes"
+    continue
+  fi
+  # Each report is its own step: one that cannot be made (no finished run yet) does not stop the others.
+  "${BIN}ttrl-compare" "$OUT/$bed" --arms --out "$rep" || echo "!! no --arms report for $bed"
+  "${BIN}ttrl-compare" "$OUT/$bed" --collapse-step --out "$rep" > /dev/null || echo "!! no --collapse-step report for $bed"
+  if [ -n "$ttrl_runs" ]; then
+    # shellcheck disable=SC2086  # one argument per run dir
+    "${BIN}ttrl-compare" "$OUT/$bed/probes" --collapse-step --against $ttrl_runs --out "$rep/probes" \
+      || echo "!! no probe report for $bed"
+  fi
+done
