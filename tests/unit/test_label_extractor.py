@@ -161,3 +161,28 @@ def test_a_custom_extractor_config_threads_its_path():
     cfg = compose_config("label.extractor=custom", "label.custom_extractor=no_such_pkg_xyz.answers:read")
     with pytest.raises(ValueError, match="label.custom_extractor='no_such_pkg_xyz.answers:read'"):
         configured_extractor(cfg.label)
+
+
+def test_the_anchor_votes_reuse_the_starting_eval_when_it_sampled_as_the_votes_do(tmp_path):
+    """The guard's anchor is the starting policy's votes: a starting eval drawn with the rollout's sampling
+    already is that draw (one generation saved at every start); with other sampling it votes afresh."""
+    from ttrl.data.sampler import PromptSampler
+    from ttrl.run import evaluate, start_guard
+
+    for same, expect_calls in ((True, 1), (False, 2)):
+        overrides = ("eval.temperature=1.0", "eval.top_p=1.0", "rollout.temperature=1.0", "rollout.top_p=1.0",
+                     "rollout.max_new_tokens=24", "safety.anchor_prompts=1") + (() if same else ("eval.top_p=0.9",))
+        cfg, ctx = _ctx(*overrides)
+        generate = ctx.rt.generate
+        n = [0]
+
+        def counted(*a, **k):
+            n[0] += 1
+            return generate(*a, **k)
+
+        ctx.rt.generate = counted
+        drawn: dict = {}
+        first = evaluate(cfg, ctx, PROMPTS, keep=drawn)
+        start_guard(cfg, ctx, PROMPTS, tmp_path, 0, first, PromptSampler(1, 1, False, 0), True, drawn)
+        assert n[0] == expect_calls
+        assert ctx.vote_rows == [{"id": "p0", "label": "1", "ratio": 0.5, "margin": 0.25, "classes": 2}]
