@@ -176,7 +176,7 @@ def test_the_anchor_votes_reuse_the_starting_eval_when_it_sampled_as_the_votes_d
         generate = ctx.rt.generate
         n = [0]
 
-        def counted(*a, **k):
+        def counted(*a, generate=generate, n=n, **k):
             n[0] += 1
             return generate(*a, **k)
 
