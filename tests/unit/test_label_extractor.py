@@ -174,15 +174,15 @@ def test_the_anchor_votes_reuse_the_starting_eval_when_it_sampled_as_the_votes_d
                      "rollout.max_new_tokens=24", "safety.anchor_prompts=1") + (() if same else ("eval.top_p=0.9",))
         cfg, ctx = _ctx(*overrides)
         generate = ctx.rt.generate
-        n = [0]
+        calls = [0]
 
-        def counted(*a, generate=generate, n=n, **k):
-            n[0] += 1
-            return generate(*a, **k)
+        def counted(*a, _generate=generate, _calls=calls, **k):
+            _calls[0] += 1
+            return _generate(*a, **k)
 
         ctx.rt.generate = counted
         drawn: dict = {}
         first = evaluate(cfg, ctx, PROMPTS, keep=drawn)
         start_guard(cfg, ctx, PROMPTS, tmp_path, 0, first, PromptSampler(1, 1, False, 0), True, drawn)
-        assert n[0] == expect_calls
+        assert calls[0] == expect_calls
         assert ctx.vote_rows == [{"id": "p0", "label": "1", "ratio": 0.5, "margin": 0.25, "classes": 2}]
