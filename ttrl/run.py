@@ -25,6 +25,7 @@ import torch
 from ttrl import checkpoint
 from ttrl.data.sampler import PromptSampler
 from ttrl.distributed.seam import StepRuntime
+from ttrl.distributed.startup import process_created
 from ttrl.labeling.extract import extract_answer
 from ttrl.labeling.vote import majority_votes
 from ttrl.metrics.logger import Loggers, build_loggers
@@ -77,9 +78,11 @@ def run(cfg: Any, run_dir: Path) -> float | None:
             rt.phases.after["anchor_votes"] = time.perf_counter() - t_guard
         # The anchor votes (if any) as step 0 of votes.jsonl: a guard signal can be replayed on a finished run.
         log.log_votes(0, ctx.vote_rows)
+        # Seconds from the command (this process's creation) to the first step, with the phases: a
+        # metric of the first step's row (make bench's startup section reads it).
+        started = {"startup/first_step_s": time.time() - process_created(), **rt.phases.as_dict()}
         if not quiet:
-            say(f"first step {time.perf_counter() - t_start:.0f}s after the command started "
-                f"({rt.phases.line()})")
+            say(f"first step {started['startup/first_step_s']:.0f}s after the command ({rt.phases.line()})")
 
         def draw() -> list[Prompt]:
             return [prompts[i] for i in sampler.next_batch()]
@@ -94,8 +97,8 @@ def run(cfg: Any, run_dir: Path) -> float | None:
             # Overlap: the next batch is sampled while this one trains, one step off-policy.
             upcoming = draw() if cfg.rollout.overlap and step_no < steps else None
             row = {"step": step_no, **step(ctx, batch, next_prompts=upcoming, t0=t_last,
-                                           inject_nan=step_no in cfg.faults.nan_loss_at_steps), **resumed}
-            resumed = {}
+                                           inject_nan=step_no in cfg.faults.nan_loss_at_steps), **resumed, **started}
+            resumed, started = {}, {}
             if eval_due(cfg, step_no, steps):
                 row |= evaluate(cfg, ctx, prompts)
             stop_reason = guard.check(row)  # may roll back, adding event/* keys to the row

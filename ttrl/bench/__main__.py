@@ -2,7 +2,7 @@
 
     python -m ttrl.bench                 # the tiny CPU model, the default sizes
     python -m ttrl.bench --quick         # smaller sizes (a few minutes)
-    python -m ttrl.bench --skip trl      # leave out sections (rollout,labeling,sync,trl,scaling,memory,overlap,sync_large,sync_large_ipc,serve_guard)
+    python -m ttrl.bench --skip trl      # leave out sections (rollout,labeling,sync,trl,scaling,memory,overlap,sync_large,sync_large_ipc,serve_guard,startup)
     python -m ttrl.bench --sync-large-mib 2048   # sync_large: a 2 GiB model through the Ray weight path
     python -m ttrl.bench --set model=qwen2.5-math-1.5b --set device=cuda   # any model/device (Hydra overrides)
 
@@ -34,7 +34,7 @@ from typing import Any
 from ttrl.metrics import column_mean
 
 SECTIONS = ("rollout", "labeling", "token_stats", "sync", "trl", "scaling", "memory", "overlap", "sync_large",
-            "sync_large_ipc", "serve_guard")
+            "sync_large_ipc", "serve_guard", "startup")
 
 
 def _compose(overrides: list[str]):
@@ -111,12 +111,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The serving front door's cost per request: HTTP only, no cluster (ttrl/bench/serve_guard.py).
     section("serve_guard", lambda: __import__("ttrl.bench.serve_guard", fromlist=["x"]).bench_serve_guard(
         seconds=3.0 if quick else 10.0))
+    # Seconds from the command to the first step, a `ttrl-train` of one step in a process of its own,
+    # before the bench's own cluster starts (TRL's side is timed in the trl section).
+    section("startup", lambda: __import__("ttrl.bench.startup", fromlist=["x"]).bench_startup(
+        [*base, f"rollout.n_votes={n_train}", f"rollout.n_train={n_train}"]))
     # A model of >= 1 GiB through the Ray weight path, in a cluster of its own
     # before the tiny model's starts (2 engines and a trainer rank hold it).
     section("sync_large", lambda: suite.bench_sync_large(args.sync_large_mib))
     # The same model through the colocated path (2 trainer ranks, each feeding its engine by handle).
     section("sync_large_ipc", lambda: suite.bench_sync_large(args.sync_large_mib, path="ipc"))
-    if not set(SECTIONS) - {"sync_large", "sync_large_ipc", "serve_guard"} - args.skip:
+    if not set(SECTIONS) - {"sync_large", "sync_large_ipc", "serve_guard", "startup"} - args.skip:
         return res
     setup = build_parts(cfg)
     prompts = setup.prompts
@@ -249,6 +253,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if "trl.step_s" in out:
                 out["step_vs_trl"] = res["trl.ttrl_step_s"] / out["trl.step_s"]
                 out["step_vs_trl_overlap"] = res["trl.ttrl_overlap_step_s"] / out["trl.step_s"]
+            if "trl.startup_s" in out and "startup.ttrl_s" in res:
+                out["startup_vs_trl"] = res["startup.ttrl_s"] / out["trl.startup_s"]
             return out
 
         section("trl", trl)
@@ -263,7 +269,8 @@ def report(res: dict[str, Any], out_dir: Path) -> None:
                ("step_vs_trl_overlap", "< 1"), ("sync_large_vs_memcpy", ">= 0.3"), ("sync_large_store_ratio", "<= 1.2"),
                ("sync_large_ipc_vs_memcpy", "reported"), ("sync_large_ipc_store_ratio", "~0"),
                ("scaling.votes_exponent", "~1 (linear)"), ("overlap_speedup", "> 1"),
-               ("serve_guard_overhead", "reported (req/s lost to keys, limits, checks)")]
+               ("serve_guard_overhead", "reported (req/s lost to keys, limits, checks)"),
+               ("startup_vs_trl", "<= 1 (command to first step)")]
     print(f"\n{'metric':<28}{'value':>12}  target")
     for key, target in targets:
         v = res.get(key)

@@ -67,9 +67,12 @@ def run(model_path: str, prompts: list[str], group: int, prompts_per_step: int, 
         def __init__(self):
             self.times: list[float] = []
             self.t0 = 0.0
+            self.first_step_at: float | None = None  # wall clock
 
         def on_step_begin(self, args, state, control, **kw):
             self.t0 = time.perf_counter()
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
 
         def on_step_end(self, args, state, control, **kw):
             self.times.append(time.perf_counter() - self.t0)
@@ -93,7 +96,11 @@ def run(model_path: str, prompts: list[str], group: int, prompts_per_step: int, 
     trainer.train()
     times = timer.times[1:] or timer.times  # the first step pays for warm-up
     lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
+    from ttrl.distributed.startup import process_created
+
     return {"trl.step_s": statistics.median(times), "trl.steps": len(times), "trl.use_vllm": float(use_vllm),
+            # From this process's creation to its first step: imports, model, colocated vLLM, trainer.
+            "trl.startup_s": (timer.first_step_at or time.time()) - process_created(),
             "trl.vllm_weight_push": ("reload_weights" if vllm_reload else "load_weights") if use_vllm else "",
             "trl.mean_completion_tokens": statistics.mean(lengths[1:] or lengths) if lengths else float("nan"),
             "trl.threads": torch.get_num_threads()}
