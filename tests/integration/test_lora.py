@@ -219,17 +219,23 @@ def test_resume_from_an_adapter_checkpoint_continues_bit_exactly(zero3, tmp_path
 def test_a_saved_adapter_is_served_from_disk_and_merges_into_the_base(zero3, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from ttrl.serve.versions import Versions
     from ttrl.trainer.lora import merge
 
     c, rt = zero3, zero3.rt
     rt.sync_weights()
     trainer = c.trainer_logprobs()
-    rt.save(str(tmp_path), export_hf=True)
-    adapter_dir = tmp_path / "policy"
-    # ttrl-eval and ttrl-serve load an adapter dir beside the base: engine 1 takes it from disk.
+    # As ttrl-serve keeps a promoted version: Runtime.save under versions/v7 (policy/ is the adapter).
+    versions = Versions(tmp_path / "versions")
+    adapter_dir = versions.save(rt, 7) / "policy"
     c.update_without_sync()
+    assert c.max_diff(0, c.trainer_logprobs()) > TOL
+    # ttrl-eval (and the start of ttrl-serve with model.lora.path) load the adapter dir beside the base...
     ray.get(rt.engines[1].load_adapter_dir.remote(str(adapter_dir), rt.weights_version))
     assert c.max_diff(1, trainer) < TOL
+    # ... and ttrl-serve's swaps, rollbacks and restarts load a version's packed blobs.
+    ray.get(rt.engines[0].load_weights.remote(versions.blobs(7, rt.engine_dtype), 7))
+    assert c.max_diff(0, trainer) < TOL
     # The export: one plain model dir, the adapter merged into the weights, scoring as the trainer did.
     out = merge(c.parts.model_path, str(adapter_dir), str(tmp_path / "merged"))
     model = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
