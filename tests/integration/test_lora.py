@@ -98,7 +98,7 @@ def _check_parity(c: Cluster, label: str) -> dict[str, float]:
     from ttrl.step import step
 
     rt = c.rt
-    # The starting adapter (B = 0) went to every engine at start-up, as version 0.
+    # The starting adapter (B = 0, or model.lora.path's) went to every engine at start-up, as version 0.
     assert c.versions() == {0}
     base_ref = c.trainer_logprobs("ref")
     for e in range(2):
@@ -132,14 +132,36 @@ def _check_parity(c: Cluster, label: str) -> dict[str, float]:
     return {"max_diff": max(fresh), "bytes": adapter_bytes}
 
 
-def test_adapter_sync_parity_zero2_two_engines_with_a_lora_critic():
-    # PPO: the critic trains adapters of its own and its value head, on the same frozen base.
-    c = Cluster("trainer.zero_stage=2", "algorithm=ppo")
+def _random_adapter(tmp_path: Path) -> Path:
+    """An adapter dir of the tiny model (B != 0), as a LoRA checkpoint's policy/ would hold."""
+    from transformers import AutoModelForCausalLM
+
+    from ttrl.models import resolve_model_path
+    from ttrl.rollout.lora import write_adapter
+    from ttrl.trainer.lora import adapter_params, wrap
+
+    base = resolve_model_path(compose_config(*BASE).model)
+    spec = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                      "gate_proj", "up_proj", "down_proj"],
+            "init": "default"}
+    model = wrap(AutoModelForCausalLM.from_pretrained(base), spec, seed=1)
+    g = torch.Generator().manual_seed(1)
+    tensors = {n: (torch.randn(p.shape, generator=g) * 0.05 if ".lora_B." in n else p.detach())
+               for n, p in adapter_params(model)}
+    return write_adapter(tmp_path / "start" / "policy", tensors, spec, base)
+
+
+def test_adapter_sync_parity_zero2_two_engines_from_a_saved_adapter_with_a_lora_critic(tmp_path):
+    # model.lora.path: training starts from a saved adapter (as ttrl-serve serves one as its v0), which
+    # every engine is pushed at start-up. PPO: the critic trains adapters of its own and its value head.
+    c = Cluster("trainer.zero_stage=2", "algorithm=ppo", f"model.lora.path={_random_adapter(tmp_path)}")
     try:
         assert c.rt.weight_sync == "ray"
         critic = c.rt.critic.call("trainable_names")
         assert all(".lora_" in n or ".score.modules_to_save." in n for ns in critic for n in ns)
         assert any(".score." in n for n in critic[0])
+        start, base = c.trainer_logprobs(), c.trainer_logprobs("ref")
+        assert max(abs(a - b) for a, b in zip(start, base)) > TOL, "the saved adapter was not loaded"
         _check_parity(c, "ZeRO-2")
     finally:
         c.close()

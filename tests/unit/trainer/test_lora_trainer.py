@@ -157,3 +157,18 @@ def test_cfg_job_prints_the_estimate_below_the_config():
     import yaml
 
     assert yaml.safe_load(out.stdout)["model"]["lora"]["r"] == 64  # still YAML: the estimate is comments
+
+
+def test_with_gradient_checkpointing_the_adapters_get_gradients_and_the_base_none(tiny_dir):
+    # The 7B preset recomputes activations (trainer.gradient_checkpointing): with a frozen base and
+    # non-reentrant checkpointing (the worker's), gradients still reach the adapters.
+    model = _model(tiny_dir)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    peft_model = wrap(model, SPEC, seed=0)
+    peft_model.train()
+    ids = torch.tensor([[3, 5, 7, 9, 11, 4, 8, 2]])
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters()}
+    assert all(g is None for n, g in grads.items() if ".lora_" not in n)
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".lora_B." in n)
