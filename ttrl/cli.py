@@ -57,6 +57,24 @@ def _suggest(err: BaseException, full_key: str) -> str:
     return f"; did you mean {head + '.' if head else ''}{close[0]}?" if close else ""
 
 
+def _switched(cause: BaseException) -> str | None:
+    """For a true/false given to a section that was a switch (ser.lora=true): the flag inside it, else None."""
+    import typing
+    from dataclasses import is_dataclass
+
+    from ttrl.config import switched_key
+
+    schema, leaf = getattr(cause, "object_type", None), getattr(cause, "key", None)
+    if not (isinstance(schema, type) and is_dataclass(schema) and isinstance(leaf, str)):
+        return None
+    section = typing.get_type_hints(schema).get(leaf)
+    return switched_key(section, getattr(cause, "value", None))
+
+
+def _show(value: object) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 def _one_sentence(err: BaseException) -> str | None:
     """The user-facing sentence for a config mistake, or None for other errors."""
     from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -85,6 +103,10 @@ def _one_sentence(err: BaseException) -> str | None:
                 return f"config error: {key} is a new key; add it with +{key}=VALUE."
             return f"config error: {key or msg} is not a known key{_suggest(cause, key) or '.'}"
         if isinstance(cause, ValidationError):
+            switched = _switched(cause)
+            if switched:
+                value = _show(getattr(cause, "value", None))
+                return f"config error: {key}={value} is {key}.{switched}={value} now ({key} is a section)."
             return f"config error: {key}: {msg}."
         return f"config error: {key + ': ' if key else ''}{msg}."
     if isinstance(err, ConfigCompositionException):

@@ -214,6 +214,55 @@ def _check_warmstart(s: Section) -> None:
     s.at_least(0, "seed")
 
 
+# The projections of a Qwen2-family (and Llama) block: vLLM serves adapters on these (packed as qkv_proj and
+# gate_up_proj), and peft finds them by these names.
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (peft LoRA) instead of full fine-tuning: `model.lora` for the policy, `ser.lora` for SER's
+    reward model.
+
+    Only the adapters' parameters are trainable and in the optimizer. For the policy, each sync sends the
+    adapter alone to the engines (started with LoRA on), checkpoints keep the adapter and its optimizer
+    state, and the KL reference is the base with the adapter switched off (no second copy of the weights).
+    """
+
+    # Train adapters instead of the whole model.
+    enabled: bool = False
+    # The adapters' rank (vLLM serves ranks up to 512).
+    r: int = 8
+    # Scaling numerator: an adapter's update is scaled by alpha / r.
+    alpha: float = 16.0
+    # Dropout on an adapter's input while training (0 = none; the engines never drop).
+    dropout: float = 0.0
+    # The projections that get an adapter; default: every attention and MLP projection of a Qwen2 (or Llama)
+    # block, the linear layers vLLM can serve an adapter on.
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_MODULES))
+    # How the adapters start; both leave the base weights untouched and start with B = 0 (the policy starts as
+    # the base): default (A Kaiming-uniform, peft's default) | gaussian (A normal with std 1/r). Inits that
+    # rewrite the base weights (PiSSA, OLoRA, LoftQ) are refused: the engines hold the base unchanged.
+    init: str = "default"
+    # Policy only: an adapter dir to start from (a checkpoint's policy/ trained with LoRA, or any peft
+    # adapter of model.path); its r, alpha and target_modules replace the three keys above. ttrl-train
+    # continues training it, ttrl-serve serves it as its starting version; null = a fresh adapter.
+    path: Optional[str] = None
+
+
+@_rules(LoraConfig)
+def _check_lora(s: Section) -> None:
+    s.within(1, 512, "r", why="vLLM's largest max_lora_rank")
+    s.above(0, "alpha")
+    s.within(0, 1, "dropout", high_open=True)
+    mods = list(s.target_modules)
+    s.require(bool(mods) and len(set(mods)) == len(mods) and all(m in LORA_MODULES for m in mods),
+              f"{s.key('target_modules')}={_show(mods)} must name distinct projections among"
+              f" {', '.join(LORA_MODULES)} (the linear layers of a Qwen2 block that vLLM serves adapters on).")
+    s.one_of("init", ("default", "gaussian"))
+    s.filled("path")
+    s.require(s.path is None or s.enabled,
+              f"{s.key('path')} is only read with {s.key('enabled')}=true.")
+
+
 @dataclass
 class ModelConfig:
     """The policy model: where it comes from, how a problem becomes its prompt, its precision and context.
@@ -249,6 +298,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    # Train a LoRA adapter of the policy instead of all its weights (model.lora.enabled=true).
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 # What the DeepSpeed config (ttrl/trainer/ds_config.py) and vLLM understand;
@@ -1336,16 +1387,9 @@ class SERConfig:
     rm: SERRewardModelConfig = field(default_factory=SERRewardModelConfig)
     # Items per forward pass when the RM scores the unlabelled data.
     score_batch_size: int = 64
-    # Train LoRA adapters instead of the whole RM (saves memory on big backbones).
-    lora: bool = False
-    # LoRA rank.
-    lora_r: int = 8
-    # LoRA scaling numerator (the update is scaled by alpha / r).
-    lora_alpha: int = 16
-    # Dropout on the LoRA path.
-    lora_dropout: float = 0.0
-    # The modules that get adapters (the attention projections by default).
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Train LoRA adapters instead of the whole RM (ser.lora.enabled=true; saves memory on big backbones).
+    # The policy's schema (model.lora); ser.lora.path is not read here.
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # What reward=reward_model returns: raw | sigmoid; null = raw (pairwise), sigmoid (pointwise).
     reward_transform: Optional[str] = None
 
@@ -1378,10 +1422,8 @@ def _check_ser(s: Section) -> None:
     s.at_least(0, "max_rounds")
     s.at_least(1, "patience")
     s.at_least(1, "score_batch_size")
-    s.at_least(1, "lora_r", "lora_alpha")
-    s.within(0, 1, "lora_dropout", high_open=True)
-    s.require(len(s.lora_target_modules) > 0 and all(m.strip() for m in s.lora_target_modules),
-              f"{s.key('lora_target_modules')}={_show(s.lora_target_modules)} must name at least one module.")
+    s.require(s.lora.path is None, f"{s.key('lora.path')} is not read: SER trains its reward model's adapters"
+                                   " from scratch each round.")
     s.require(s.reward_transform in (None, "raw", "sigmoid"),
               f"{s.key('reward_transform')}={s.reward_transform!r} must be raw, sigmoid or null.")
 
@@ -1619,6 +1661,9 @@ def _check_types(node: Any, schema: type, path: str) -> None:
         hints = _hints(sub_schema)
         where = sub_path or "the config"
         if not (is_dataclass(sub) or isinstance(sub, _Keys)):
+            switched = switched_key(sub_schema, sub)
+            if switched:
+                raise ConfigError(f"{where}={_show(sub)} is {where}.{switched}={_show(sub)} now ({where} is a section).")
             raise ConfigError(f"{where} must be a section of keys, not {_show(sub)}.")
         if isinstance(sub, _Keys):
             for name in sub.keys():
@@ -1655,6 +1700,18 @@ def moved_key(schema: type, path: str, name: str) -> str | None:
     return None
 
 
+def switched_key(section: Any, value: Any) -> str | None:
+    """The flag a true/false given for a whole section now lives at ('enabled' for ser.lora=true), or None.
+
+    A key that was a switch (ser.lora: bool) became a section with the
+    switch inside it (ser.lora.enabled); the old command line should be told
+    the new name, not that a bool is not a section. Shared by validate() and
+    ttrl.cli.
+    """
+    hints = _hints(section) if isinstance(section, type) and is_dataclass(section) else {}
+    return "enabled" if isinstance(value, bool) and hints.get("enabled") is bool else None
+
+
 def _check_rules(node: Any, schema: type, path: str) -> None:
     for sub, sub_schema, sub_path in _sections(node, schema, path):
         check = _RULES.get(sub_schema)
@@ -1674,5 +1731,6 @@ __all__ = [
     "register_configs",
     "validate",
     "moved_key",
+    "switched_key",
     "to_container",
 ]

@@ -58,18 +58,24 @@ class Parts:
         return self.rt
 
     def local_engine(self) -> VLLMEngine:
-        """One vLLM engine in this process: no Ray, no trainer (ttrl-eval)."""
+        """One vLLM engine in this process: no Ray, no trainer (ttrl-eval); with model.lora.path, base + adapter."""
         from ttrl.distributed.device import resolve_device, resolve_dtype
+        from ttrl.rollout.lora import lora_spec
         from ttrl.rollout.vllm_engine import EngineArgs, VLLMEngine
 
         cfg, r = self.cfg, self.cfg.rollout
         device = resolve_device(cfg.device)
-        return VLLMEngine(EngineArgs(
+        lora = lora_spec(cfg.model.lora)
+        engine = VLLMEngine(EngineArgs(
             model_path=self.model_path, dtype=resolve_dtype(cfg.model.dtype, device),
             max_model_len=cfg.model.max_model_len, seed=cfg.seed,
             enforce_eager=(device == "cpu") if r.enforce_eager is None else r.enforce_eager,
             enable_prefix_caching=r.enable_prefix_caching, gpu_memory_utilization=r.gpu_memory_utilization,
-            tensor_parallel_size=r.tensor_parallel_size, cpu_kv_cache_gb=r.cpu_kv_cache_gb, device=device))
+            tensor_parallel_size=r.tensor_parallel_size, cpu_kv_cache_gb=r.cpu_kv_cache_gb, device=device,
+            lora=lora))
+        if lora and cfg.model.lora.path:
+            engine.load_adapter_dir(cfg.model.lora.path)
+        return engine
 
     def close(self) -> None:
         """Let the reward (a reward model's actor) go, then the runtime's actors."""
@@ -89,6 +95,10 @@ def build_parts(cfg: Any, with_prompts: bool = True) -> Parts:
     grade.use(grade.GradeOptions(timeout_s=cfg.label.grade_timeout_s))
     try:
         model_path = resolve_model_path(cfg.model, cfg.data)
+        if cfg.model.lora.enabled and cfg.model.lora.path:
+            from ttrl.rollout.lora import lora_spec
+
+            lora_spec(cfg.model.lora)  # an adapter dir we cannot read or serve fails here, naming it
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_path)

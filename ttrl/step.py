@@ -357,6 +357,8 @@ def _metrics(groups: list[Group], batch: Batch, out: RewardOutput, kept_rewards:
         "train/grad_norm": trained.pop("grad_norm", float("nan")),
         "train/lr": trained.pop("lr", float("nan")),
         "sync/bytes": sync.get("bytes", 0.0),
+        # The sync round alone, as its sender timed it (timing/sync also holds waking sleeping engines).
+        "sync/seconds": sync.get("total_s", 0.0),
     }
     return stats | {f"train/{k}" if "/" not in k else k: v for k, v in trained.items()}
 

@@ -51,12 +51,34 @@ def _main(cfg: DictConfig) -> float | None:
         sys.exit(3)
 
 
+def print_memory_estimate(argv: list[str]) -> None:
+    """After `--cfg job` (or `all`): the model states' memory per GPU, as YAML comments below the config.
+
+    Hydra prints the config and never calls the task, so the config is
+    composed once more here; an invalid one (already printed) gets no estimate.
+    """
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.cfg not in ("job", "all") or args.multirun:
+        return
+    from ttrl.cli import compose
+    from ttrl.trainer.memory import describe
+
+    try:
+        cfg = compose(args.overrides)
+    except Exception:  # noqa: BLE001 - the composed config above says what it is; nothing to size
+        return
+    print("\n".join(f"# {line}" for line in describe(cfg)))
+
+
 def main() -> None:
     # Registered here, not at import: the schema must be in Hydra's ConfigStore
     # before it composes, and a SLURM sweep (submitit) ships the ConfigStore's
     # state to its jobs with the launcher, so nothing needs it earlier.
     register_configs()
     run_hydra(_main, "ttrl-train")
+    print_memory_estimate(sys.argv[1:])
 
 
 if __name__ == "__main__":

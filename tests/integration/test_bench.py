@@ -3,7 +3,8 @@
 `python -m ttrl.bench --quick` with a short warm start, leaving out the
 sections that only add time (labelling, scaling and overlap reuse the same
 machinery; sync_large is the 2-engine sync of tests/integration/test_engine.py
-at 1 GiB, where the store's share is checked too). What is checked is what a reader of the table relies on: the
+at 1 GiB, where the store's share is checked too; lora_large and lora_demo
+time the syncs and steps of tests/integration/test_lora.py's runtimes twice). What is checked is what a reader of the table relies on: the
 side-by-side figures exist and are finite, nothing failed silently (every
 section error lands in the JSON as `<section>.error`), TRL's own vLLM mode
 ran (so step_vs_trl compares vLLM with vLLM), and every actor's memory was
@@ -27,7 +28,7 @@ def test_quick_bench_writes_every_ratio(tmp_path):
     out = tmp_path / "bench"
     env = {**os.environ, "CI": "true", "TTRL_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "ttrl.bench", "--quick", "--skip",
-           "labeling,scaling,overlap,sync_large,sync_large_ipc,serve_guard",
+           "labeling,scaling,overlap,sync_large,sync_large_ipc,serve_guard,lora_large,lora_demo",
            "--set", "model.warmstart.steps=30", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1100, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

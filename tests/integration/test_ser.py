@@ -113,8 +113,8 @@ def test_pointwise_ser_with_lora_on_zero2(tmp_path):
                          "logger.progress=false", "ser.synthetic_num_pairs=40", "ser.synthetic_num_eval=10",
                          "ser.seed_fraction=0.25", "ser.max_rounds=1", "ser.high=0.5", "ser.low=0.5",
                          "ser.rm.num_workers=1", "ser.rm.zero_stage=2", "ser.rm.batch_size=8",
-                         "ser.rm.micro_batch_size=4", "ser.rm.min_steps=3", "ser.rm.lr=1e-3", "ser.lora=true",
-                         "ser.lora_r=4")
+                         "ser.rm.micro_batch_size=4", "ser.rm.min_steps=3", "ser.rm.lr=1e-3", "ser.lora.enabled=true",
+                         "ser.lora.r=4")
     res = run_ser(cfg, tmp_path)
     assert not ray.is_initialized()
     rows = [json.loads(line) for line in (tmp_path / "ser" / "metrics.jsonl").read_text().splitlines()]

@@ -58,6 +58,12 @@ BAD: dict[str, Any] = {
     "device": "tpu",
     # model
     "model.path": "",
+    "model.lora.r": 513,
+    "model.lora.alpha": 0.0,
+    "model.lora.dropout": 1.0,
+    "model.lora.target_modules": ["qkv_proj"],
+    "model.lora.init": "pissa",
+    "model.lora.path": "",
     "model.tokenizer_path": "",
     "model.template": "jinja",
     "model.prompt_template": "Q: no placeholder",
@@ -280,10 +286,12 @@ BAD: dict[str, Any] = {
     "ser.rm.center_coef": -0.1,
     "ser.rm.seed": -1,
     "ser.score_batch_size": 0,
-    "ser.lora_r": 0,
-    "ser.lora_alpha": 0,
-    "ser.lora_dropout": 1.0,
-    "ser.lora_target_modules": [],
+    "ser.lora.r": 0,
+    "ser.lora.alpha": 0.0,
+    "ser.lora.dropout": 1.0,
+    "ser.lora.target_modules": [],
+    "ser.lora.init": "pissa",
+    "ser.lora.path": "/an/adapter",
     "ser.reward_transform": "tanh",
 }
 
@@ -555,6 +563,11 @@ def _sentence(*overrides: str) -> str:
     (["+ser.rm_epochs=2"], "config error: ser.rm_epochs is not a known key of ser; it is ser.rm.epochs now."),
     # A misspelt key inside the section still gets its did-you-mean.
     (["ser.rm.lrr=1e-5"], "config error: ser.rm.lrr is not a known key; did you mean ser.rm.lr?"),
+    # SER's LoRA keys were flat (ser.lora_r) and a switch (ser.lora=true) before the policy's LoRA schema.
+    (["ser.lora_r=4"], "config error: ser.lora_r is not a known key; it is ser.lora.r now."),
+    (["ser.lora_target_modules=[q_proj]"],
+     "config error: ser.lora_target_modules is not a known key; it is ser.lora.target_modules now."),
+    (["ser.lora=true"], "config error: ser.lora=true is ser.lora.enabled=true now (ser.lora is a section)."),
 ])
 def test_an_old_flat_key_names_the_nested_key_it_became(overrides, words):
     assert _sentence(*overrides) == words

@@ -20,7 +20,7 @@ What is an entry module: a module where a process starts, that parses the
 command line or composes a Hydra config and then calls the library:
 `ttrl.train` (`ttrl-train`), `ttrl.eval.cli` (`ttrl-eval`),
 `ttrl.serve.cli` (`ttrl-serve`), `ttrl.compare` (`ttrl-compare`, over the
-reports of ttrl/report/) and every `__main__` module (`python -m
+reports of ttrl/report/), `ttrl.export` (`ttrl-export`) and every `__main__` module (`python -m
 ttrl.serve`, `python -m ttrl.bench`). Entry modules may import each other
 (`ttrl/serve/__main__.py` runs `ttrl.serve.cli`). Everything else is
 library, including `ttrl.cli` (the Hydra runner the entries share); other
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "ttrl"
 
 ENTRY = {"ttrl.train", "ttrl.eval.cli", "ttrl.serve.cli", "ttrl.compare", "ttrl.serve.__main__",
-         "ttrl.bench.__main__"}
+         "ttrl.bench.__main__", "ttrl.export"}
 # Console scripts whose module is a library that also holds a `main()` (see the docstring); none today.
 LIBRARY_SCRIPTS: set[str] = set()
 

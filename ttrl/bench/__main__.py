@@ -2,7 +2,7 @@
 
     python -m ttrl.bench                 # the tiny CPU model, the default sizes
     python -m ttrl.bench --quick         # smaller sizes (a few minutes)
-    python -m ttrl.bench --skip trl      # leave out sections (rollout,labeling,sync,trl,scaling,memory,overlap,sync_large,sync_large_ipc,serve_guard,startup)
+    python -m ttrl.bench --skip trl      # leave out sections (rollout,labeling,sync,trl,scaling,memory,overlap,sync_large,sync_large_ipc,serve_guard,startup,lora_large,lora_demo)
     python -m ttrl.bench --sync-large-mib 2048   # sync_large: a 2 GiB model through the Ray weight path
     python -m ttrl.bench --set model=qwen2.5-math-1.5b --set device=cuda   # any model/device (Hydra overrides)
 
@@ -34,7 +34,9 @@ from typing import Any
 from ttrl.metrics import column_mean
 
 SECTIONS = ("rollout", "labeling", "token_stats", "sync", "trl", "scaling", "memory", "overlap", "sync_large",
-            "sync_large_ipc", "serve_guard", "startup")
+            "sync_large_ipc", "serve_guard", "startup", "lora_large", "lora_demo")
+# Sections that start clusters (or processes) of their own, before the tiny model's.
+OWN_CLUSTER = {"sync_large", "sync_large_ipc", "serve_guard", "startup", "lora_large", "lora_demo"}
 
 
 def _compose(overrides: list[str]):
@@ -120,7 +122,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     section("sync_large", lambda: suite.bench_sync_large(args.sync_large_mib))
     # The same model through the colocated path (2 trainer ranks, each feeding its engine by handle).
     section("sync_large_ipc", lambda: suite.bench_sync_large(args.sync_large_mib, path="ipc"))
-    if not set(SECTIONS) - {"sync_large", "sync_large_ipc", "serve_guard", "startup"} - args.skip:
+
+    # LoRA against full weights, the same model twice in this process: the sync_large model's syncs
+    # (lora_sync_bytes_ratio, lora_sync_vs_full), and the demo model's syncs and steps (lora_step_vs_full).
+    def lora_large() -> dict[str, float]:
+        out = suite.bench_lora(suite.sync_large_overrides(args.sync_large_mib), "lora_large")
+        return out | {"lora_sync_bytes_ratio": out["lora_large.sync_bytes_ratio"],
+                      "lora_sync_vs_full": out["lora_large.sync_vs_full"]}
+
+    def lora_demo() -> dict[str, float]:
+        def steps(rt: Any, parts: Any, c: Any) -> list[dict]:
+            ctx = StepContext(rt, parts.reward, parts.tokenizer, StepOptions.from_config(c), random.Random(0))
+            smp = PromptSampler(len(parts.prompts), c.data.prompts_per_step, True, 0)
+            _steps(ctx, c, parts.prompts, smp, 1, overlap=False)  # warm-up
+            return _steps(ctx, c, parts.prompts, smp, 2 if quick else 4, overlap=False)
+
+        out = suite.bench_lora(base, "lora_demo", step_fn=steps)
+        return out | {"lora_step_vs_full": out["lora_demo.step_vs_full"]}
+
+    section("lora_large", lora_large)
+    section("lora_demo", lora_demo)
+    if not set(SECTIONS) - OWN_CLUSTER - args.skip:
         return res
     setup = build_parts(cfg)
     prompts = setup.prompts
@@ -269,6 +291,8 @@ def report(res: dict[str, Any], out_dir: Path) -> None:
                ("step_vs_trl_overlap", "< 1"), ("sync_large_vs_memcpy", ">= 0.3"), ("sync_large_store_ratio", "<= 1.2"),
                ("sync_large_ipc_vs_memcpy", "reported"), ("sync_large_ipc_store_ratio", "~0"),
                ("scaling.votes_exponent", "~1 (linear)"), ("overlap_speedup", "> 1"),
+               ("lora_sync_bytes_ratio", "<= 0.02"), ("lora_sync_vs_full", "<= 0.1"),
+               ("lora_step_vs_full", "reported"),
                ("serve_guard_overhead", "reported (req/s lost to keys, limits, checks)"),
                ("startup_vs_trl", "<= 1 (command to first step)")]
     print(f"\n{'metric':<28}{'value':>12}  target")

@@ -330,6 +330,56 @@ def bench_sync_large(mib: int, repeats: int = 3, path: str = "ray") -> dict[str,
         setup.close()
 
 
+# ── 4b. LoRA: the adapter's sync (and step) against the full model's ────
+def _timed_syncs(rt: Any, repeats: int) -> tuple[float, float]:
+    """Median seconds of `repeats` syncs after a warm-up one, and the bytes one moves."""
+    rt.sync_weights()  # warm-up: the plan, the first puts, the engines' first load
+    times, res = [], {}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = rt.sync_weights()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), float(res["bytes"])
+
+
+def bench_lora(overrides: list[str], prefix: str, repeats: int = 3, steps: int = 0,
+               step_fn: Callable[[Any, Any, Any], list[dict]] | None = None) -> dict[str, float]:
+    """The same model and config twice in this process, full weights then a LoRA adapter (model.lora).
+
+    `<prefix>.sync_bytes_ratio`: bytes a sync moves, adapter over full model;
+    `<prefix>.sync_vs_full`: median seconds of a sync, adapter over full (one
+    cluster each, one after the other, the same repeats). With `step_fn`
+    (runtime, parts, cfg -> step rows), `<prefix>.step_vs_full`: the mean
+    `timing/step` of its rows, adapter over full (and each mode's generate,
+    train and sync seconds of those steps).
+    """
+    from ttrl.cli import compose
+    from ttrl.metrics import column_mean
+    from ttrl.parts import build_parts
+
+    out: dict[str, float] = {}
+    for mode in ("full", "lora"):
+        cfg = compose([*overrides, f"model.lora.enabled={'true' if mode == 'lora' else 'false'}"])
+        setup = build_parts(cfg)
+        rt = setup.start_runtime(total_opt_steps=1000)
+        try:
+            secs, nbytes = _timed_syncs(rt, repeats)
+            out[f"{prefix}.{mode}_sync_s"], out[f"{prefix}.{mode}_sync_bytes"] = secs, nbytes
+            if step_fn is not None:
+                rows = step_fn(rt, setup, cfg)
+                # The step and where it goes: vLLM's LoRA kernels (generate) and peft's layers (train) cost too.
+                for key in ("step", "generate", "train", "sync"):
+                    out[f"{prefix}.{mode}_{key}_s" if key != "sync" else f"{prefix}.{mode}_step_sync_s"] = \
+                        column_mean(rows, f"timing/{key}")
+        finally:
+            setup.close()
+    out[f"{prefix}.sync_bytes_ratio"] = out[f"{prefix}.lora_sync_bytes"] / out[f"{prefix}.full_sync_bytes"]
+    out[f"{prefix}.sync_vs_full"] = out[f"{prefix}.lora_sync_s"] / out[f"{prefix}.full_sync_s"]
+    if step_fn is not None:
+        out[f"{prefix}.step_vs_full"] = out[f"{prefix}.lora_step_s"] / out[f"{prefix}.full_step_s"]
+    return out
+
+
 # ── 5. scaling fit ───────────────────────────────────────────────────────
 def loglog_slope(xs: list[float], ys: list[float]) -> float:
     """Least-squares slope of log(y) on log(x): 1.0 means linear growth."""

@@ -4,7 +4,9 @@
 worker groups, and implements the seam a step talks through
 (`ttrl.distributed.seam.StepRuntime`): generate, log-probs, values, train,
 sync weights, save and load. It splits batches across ranks and engines; it
-knows nothing of rewards, votes or ground truth.
+knows nothing of rewards, votes or ground truth. With model.lora.enabled
+the engines start with LoRA on and every sync moves the policy's adapter
+alone (the same paths; `ttrl.rollout.lora`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ttrl.distributed.group import WorkerGroup
 from ttrl.distributed.placement import Placement
 from ttrl.distributed.ray_setup import Needs, engine_cpu_threads, start_ray, stop_ray, usable_cpus
 from ttrl.distributed.startup import ActorTimes, Phases, bring_up, engines_size_first
+from ttrl.rollout.lora import lora_spec
 from ttrl.rollout.vllm_engine import EngineArgs, VLLMEngine
 from ttrl.rollout.weights import EngineSyncError
 from ttrl.trainer.batch import Batch, batch_size, concat, select, split
@@ -47,6 +50,8 @@ class Runtime:
         r, t, a = cfg.rollout, cfg.trainer, cfg.algorithm
         self.need_ref = a.kl_coef > 0
         self.need_critic = a.use_critic
+        # The LoRA spec (r, alpha, targets: model.lora, or the adapter dir it names), None for full weights.
+        self.lora = lora_spec(cfg.model.lora)
         gpu = self.device == "cuda"
         W = t.num_workers
         n_groups = 1 + int(self.need_critic)
@@ -78,7 +83,7 @@ class Runtime:
             enable_prefix_caching=r.enable_prefix_caching, gpu_memory_utilization=r.gpu_memory_utilization,
             tensor_parallel_size=r.tensor_parallel_size, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
             device=self.device, enable_sleep_mode=gpu and r.sleep_between_steps,
-            cpu_threads=0 if gpu else self.engine_threads(r.overlap))
+            cpu_threads=0 if gpu else self.engine_threads(r.overlap), lora=self.lora)
         engine_cls = ray.remote(VLLMEngine)
 
         def start_engines():
@@ -103,7 +108,9 @@ class Runtime:
                     critic_lr=a.critic_lr, lr_schedule=t.lr_schedule,
                     warmup_steps=t.warmup_steps or round((t.warmup_ratio or 0.0) * total_opt_steps),
                     min_lr_ratio=t.min_lr_ratio, gradient_checkpointing=t.gradient_checkpointing,
-                    with_ref=self.need_ref)
+                    # With LoRA the reference is the policy's base (its adapter off): no second copy.
+                    with_ref=self.need_ref and self.lora is None,
+                    lora=self.lora, lora_path=cfg.model.lora.path if self.lora else None, base_path=model_path)
 
         def start_trainers():
             submitted["ranks"] = time.time()
@@ -143,6 +150,10 @@ class Runtime:
                 print(f"ttrl: colocated weight handoff unavailable ({why[0]}); using the Ray path",
                       file=sys.stderr, flush=True)
                 self.weight_sync = "ray"
+        if self.lora:
+            # The starting adapter (zero, or model.lora.path's), pushed as version 0: from here on every
+            # engine serves base + adapter, and a refused adapter stops the run before its first step.
+            self.policy.call("push_weights", self.engines, 0, self.engine_dtype)
 
     @staticmethod
     def _pick_weight_sync(asked: str, gpu: bool, colocate: bool, ranks: int, engines: int) -> str:
@@ -210,7 +221,8 @@ class Runtime:
                     time.sleep(1.0)
             if info["weights_version"] != self.weights_version:
                 stale.append(i)
-        if stale and self.weights_version > 0:
+        # A LoRA engine (re)starts without an adapter: push it even the starting one (version 0).
+        if stale and (self.weights_version > 0 or self.lora):
             self.policy.call("push_weights", [self.engines[i] for i in stale], self.weights_version,
                              self.engine_dtype)
         if stale and self.weight_sync == "nccl":

@@ -2,6 +2,8 @@
 
     ttrl-eval model=qwen2.5-math-1.5b data=math500 eval.n_samples=16 eval.ks=[1,4,16]
     ttrl-eval eval.checkpoint=outputs/demo/.../checkpoints/step_80/policy experiment=demo
+    ttrl-eval eval.checkpoint=outputs/demo_lora/.../checkpoints/step_80/policy experiment=demo_lora
+        (a LoRA checkpoint's policy/ is an adapter: it is served on the base, model.path)
     ttrl-eval ... eval.greedy=true
 
 Writes `eval.json` (pass@1, pass@k, maj@k with standard errors, settings)
@@ -30,10 +32,14 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     from ttrl.eval.runner import evaluate
     from ttrl.labeling.extract import configured_extractor
     from ttrl.parts import build_parts
+    from ttrl.rollout.lora import is_adapter_dir
     from ttrl.step import token_ids
 
     e = cfg.eval
-    if e.checkpoint:
+    if e.checkpoint and is_adapter_dir(e.checkpoint):
+        # An adapter (a LoRA run's policy/): the base stays model.path, the engine serves it with the adapter.
+        cfg = OmegaConf.merge(cfg, {"model": {"lora": {"enabled": True, "path": e.checkpoint}}})
+    elif e.checkpoint:
         cfg = OmegaConf.merge(cfg, {"model": {"path": e.checkpoint}})
     parts = build_parts(cfg)
     try:
@@ -46,7 +52,8 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     finally:
         parts.close()
     result = {
-        "model": parts.model_path, "data": cfg.data.name, "n_samples": 1 if e.greedy else e.n_samples,
+        "model": parts.model_path, "adapter": cfg.model.lora.path if cfg.model.lora.enabled else None,
+        "data": cfg.data.name, "n_samples": 1 if e.greedy else e.n_samples,
         "temperature": 0.0 if e.greedy else e.temperature, "top_p": e.top_p, "greedy": e.greedy,
         "metrics": summary, "wall_s": time.perf_counter() - t0,
     }

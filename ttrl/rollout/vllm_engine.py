@@ -7,6 +7,12 @@ checkpoint's names and shapes first (a failed in-place reload would kill the
 engine), loaded through the worker extension, and then the prefix cache is
 reset: cached KV blocks were computed with the old weights.
 
+With `EngineArgs.lora` (model.lora.enabled) the engine starts with vLLM's
+LoRA support on and keeps its base weights: every weight path then carries
+the policy's adapter alone, checked against the shapes this engine expects
+(`ttrl.rollout.lora`), and installed in place of the adapter it served;
+every request from then on runs with it.
+
 It must never import deepspeed or see a ground-truth answer: it returns
 samples and nothing else.
 """
@@ -47,6 +53,8 @@ class EngineArgs:
     cpu_threads: int = 0  # 0: leave torch's default (Ray's: the actor's CPU count)
     device: str = "cpu"
     enable_sleep_mode: bool = False
+    # LoRA spec (ttrl.rollout.lora.lora_spec): serve the base plus an adapter that syncs replace.
+    lora: dict | None = None
 
 
 class VLLMEngine:
@@ -86,12 +94,35 @@ class VLLMEngine:
         if args.device != "cpu":
             kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = args.enable_sleep_mode
+        if args.lora:
+            from ttrl.rollout.lora import engine_rank
+
+            # One adapter, the policy's: a slot for it and nothing cached beside it.
+            kwargs.update(enable_lora=True, max_lora_rank=engine_rank(args.lora["r"]), max_loras=1, max_cpu_loras=1)
         self.llm = LLM(**kwargs)
         self.startup_s = time.perf_counter() - t0
         self.expected_shapes = checkpoint_shapes(args.model_path)
-        self.weights_version = 0
+        self._lora_setup(args)
         self.tokenizer = self.llm.get_tokenizer()
         self.t_ready = time.time()
+
+    def _lora_setup(self, args: EngineArgs) -> None:
+        """What a LoRA engine expects of an adapter; its version is -1 until it holds one.
+
+        -1 differs from every version the driver has, so a fresh (or
+        restarted) LoRA engine is always pushed the current adapter, even the
+        starting one (version 0).
+        """
+        self.weights_version = 0
+        self.adapter_shapes: dict | None = None
+        self._peft: dict | None = None
+        self._lora_request: Any = None  # the LoRARequest of every request, once an adapter is in
+        if args.lora:
+            from ttrl.rollout.lora import adapter_shapes, peft_config
+
+            self.adapter_shapes = adapter_shapes(self.expected_shapes, args.lora["target_modules"], args.lora["r"])
+            self._peft = peft_config(args.lora, args.model_path)
+            self.weights_version = -1
 
     # ── health ────────────────────────────────────────────────────────────
     def info(self) -> dict[str, Any]:
@@ -124,7 +155,8 @@ class VLLMEngine:
                               logprobs=0, seed=seed, flat_logprobs=True, detokenize=False)
 
     def _generate(self, prompt_token_ids: list[list[int]], params: Any) -> list[list[dict[str, Any]]]:
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False,
+                                 lora_request=self._lora_request)
         ids = [[list(o.token_ids) for o in req.outputs] for req in outs]
         texts = iter(self.tokenizer.batch_decode([x for per_prompt in ids for x in per_prompt],
                                                  skip_special_tokens=True))
@@ -138,7 +170,7 @@ class VLLMEngine:
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         seqs = [{"prompt_token_ids": p + c} for p, c in zip(prompt_token_ids, completion_token_ids)]
-        outs = self.llm.generate(seqs, params, use_tqdm=False)
+        outs = self.llm.generate(seqs, params, use_tqdm=False, lora_request=self._lora_request)
         result = []
         for req, p, c in zip(outs, prompt_token_ids, completion_token_ids):
             full = p + c
@@ -163,6 +195,14 @@ class VLLMEngine:
         received: dict[str, Any] = {}
         for blob in blobs:
             received.update(unpack(blob))
+        if self.args.lora:  # a LoRA engine's versions are adapters
+            from ttrl.rollout.lora import check_adapter_tensors
+
+            check_adapter_tensors(received, self.adapter_shapes, self.args.lora)
+            del received
+            self._install(version, lambda: self.llm.collective_rpc("ttrl_install_adapter_blobs",
+                                                                   args=(blobs, self._peft)))
+            return {"load_s": time.perf_counter() - t0, "bytes": float(sum(len(b) for b in blobs))}
         # A tied lm_head is not stored separately in the checkpoint.
         check_weights(received, self.expected_shapes, optional=("lm_head.weight",))
         del received
@@ -179,15 +219,20 @@ class VLLMEngine:
         store (no copy) and copied once, into the model. The sender checked
         finiteness after its cast.
         """
+        import functools
+
         import ray
 
-        from ttrl.rollout.nccl_sync import check_plan, plan_from_wire
-
         t0 = time.perf_counter()
-        check_plan(plan_from_wire(plan_wire), self.expected_shapes, self.args.dtype, optional=("lm_head.weight",))
+        self._check_plan(plan_wire)
         arrays = ray.get(list(refs))
-        self.llm.collective_rpc("ttrl_load_store_weights", args=(arrays, plan_wire))
         nbytes = float(sum(a.nbytes for bucket in arrays for a in bucket))
+        if self.args.lora:
+            # The worker copies the adapter out of the store's buffers (vLLM scales its tensors in place).
+            self._install(version, functools.partial(self.llm.collective_rpc, "ttrl_install_adapter",
+                                                     args=(arrays, plan_wire, self._peft)))
+            return {"load_s": time.perf_counter() - t0, "bytes": nbytes}
+        self.llm.collective_rpc("ttrl_load_store_weights", args=(arrays, plan_wire))
         del arrays  # the store may free the buckets once the sender drops its refs
         self.llm.reset_prefix_cache()
         self.weights_version = version
@@ -200,12 +245,14 @@ class VLLMEngine:
 
     def begin_shared_sync(self, plan_wire: list[dict]) -> int:
         """Check the plan, then open a round of buckets by handle; returns the bucket count."""
-        from ttrl.rollout.nccl_sync import check_plan, plan_from_wire
-
-        check_plan(plan_from_wire(plan_wire), self.expected_shapes, self.args.dtype, optional=("lm_head.weight",))
+        self._check_plan(plan_wire)
+        if self.args.lora:
+            return self.llm.collective_rpc("ttrl_adapter_begin", args=(plan_wire,))[0]
         return self.llm.collective_rpc("ttrl_shared_begin", args=(plan_wire,))[0]
 
     def load_shared_bucket(self, index: int, handle: dict) -> int:
+        if self.args.lora:
+            return self.llm.collective_rpc("ttrl_adapter_bucket", args=(index, handle))[0]
         return self.llm.collective_rpc("ttrl_shared_bucket", args=(index, handle))[0]
 
     def end_shared_sync(self, version: int | None) -> dict[str, float]:
@@ -216,6 +263,17 @@ class VLLMEngine:
         driver re-syncs it).
         """
         t0 = time.perf_counter()
+        if self.args.lora:  # the adapter is installed now, whole, or not at all
+            res: dict = {}
+
+            def end() -> None:
+                res.update(self.llm.collective_rpc("ttrl_adapter_end", args=(self._peft,))[0])
+
+            if version is None:
+                self.llm.collective_rpc("ttrl_adapter_end", args=(None,))
+                return {"load_s": time.perf_counter() - t0, "bytes": 0.0}
+            self._install(version, end)
+            return {"load_s": res["receive_s"] + time.perf_counter() - t0, "bytes": res["bytes"]}
         try:
             res = self.llm.collective_rpc("ttrl_shared_end")[0]
         finally:
@@ -237,10 +295,58 @@ class VLLMEngine:
 
     def check_weight_plan(self, bucket_metas: list[dict]) -> None:
         """Refuse a bucket plan whose names, shapes or dtypes this engine cannot load."""
+        self._check_plan(bucket_metas)
+
+    def _check_plan(self, plan_wire: list[dict]) -> None:
+        """The full model's names and shapes, or on a LoRA engine its adapter's: ValueError naming a tensor."""
         from ttrl.rollout.nccl_sync import check_plan, plan_from_wire
 
-        check_plan(plan_from_wire(bucket_metas), self.expected_shapes, self.args.dtype,
-                   optional=("lm_head.weight",))
+        plan = plan_from_wire(plan_wire)
+        if self.args.lora:
+            from ttrl.rollout.lora import check_adapter_plan
+
+            check_adapter_plan(plan, self.adapter_shapes, self.args.lora, self.args.dtype)
+        else:
+            check_plan(plan, self.expected_shapes, self.args.dtype, optional=("lm_head.weight",))
+
+    def _install(self, version: int, load: Any) -> None:
+        """Run `load` (an adapter install on every worker), then serve the adapter from the next request.
+
+        The prefix cache is reset either way (its blocks hold the old
+        adapter's keys and values). If the install fails after vLLM removed
+        the old adapter, this engine serves the base until the driver
+        re-syncs it (its version is then -1, which no version matches).
+        """
+        from vllm.lora.request import LoRARequest
+
+        from ttrl.rollout.lora import ADAPTER_ID, ADAPTER_NAME
+
+        try:
+            load()
+        except BaseException:
+            self._lora_request, self.weights_version = None, -1
+            raise
+        finally:
+            self.llm.reset_prefix_cache()
+        # The path is never read: the adapter is in vLLM's manager before any request names it.
+        self._lora_request = LoRARequest(ADAPTER_NAME, ADAPTER_ID, lora_path=f"in-memory:{ADAPTER_NAME}")
+        self.weights_version = version
+
+    def load_adapter_dir(self, path: str, version: int = 0) -> dict[str, float]:
+        """Serve the adapter in a peft dir (ttrl-eval, the start of ttrl-serve): read, checked, installed."""
+        from ttrl.rollout.lora import check_adapter_tensors, read_tensors
+        from ttrl.rollout.nccl_sync import to_dtype
+        from ttrl.rollout.weights import pack
+
+        t0 = time.perf_counter()
+        if not self.args.lora:
+            raise ValueError(f"adapter {path}: this engine was started without LoRA (EngineArgs.lora)")
+        tensors = {n: t.to(to_dtype(self.args.dtype)) for n, t in read_tensors(path).items()}
+        check_adapter_tensors(tensors, self.adapter_shapes, self.args.lora)
+        blobs = [pack(tensors.items())]
+        self._install(version, lambda: self.llm.collective_rpc("ttrl_install_adapter_blobs",
+                                                               args=(blobs, self._peft)))
+        return {"load_s": time.perf_counter() - t0, "bytes": float(len(blobs[0]))}
 
     def receive_weights_nccl(self, bucket_metas: list[dict], version: int,
                              timeout_s: float | None = None) -> dict[str, float]:
@@ -250,6 +356,11 @@ class VLLMEngine:
         weights version stays the old one, and the caller re-syncs.
         """
         t0 = time.perf_counter()
+        if self.args.lora:
+            out: list = []
+            self._install(version, lambda: out.extend(
+                self.llm.collective_rpc("ttrl_receive_adapter", args=(bucket_metas, self._peft, timeout_s))))
+            return {"load_s": time.perf_counter() - t0, "bytes": out[0]["bytes"]}
         res = self.llm.collective_rpc("ttrl_receive_weights", args=(bucket_metas, timeout_s))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.weights_version = version

@@ -245,3 +245,130 @@ class TTRLWorkerExtension:
         if error is not None:
             raise RuntimeError(f"weight sync: loading a received bucket failed: {error!r}") from error
         return {"bytes": float(nbytes), "receive_s": time.perf_counter() - t0}
+
+    # ── LoRA: the adapter alone, installed in place ───────────────────────
+    # With enable_lora the engine keeps its base weights; an adapter arrives by
+    # any path above (same plans, wire names of rollout/lora.py), already
+    # checked by the rollout actor against the shapes it expects, and replaces
+    # the one adapter this worker serves in vLLM's LoRA manager: no file, no
+    # reload of the base. A failed install leaves the old adapter removed only
+    # if vLLM itself failed after the checks (the engine then serves the base,
+    # its version stays the old one and the driver re-syncs it).
+    def ttrl_install_adapter(self, buckets: list, plan_wire: list[dict], peft: dict) -> int:
+        """Install an adapter from `nccl_sync.iter_store_buckets`' buckets (Ray path); returns its bytes."""
+        from ttrl.rollout.nccl_sync import plan_from_wire, store_named
+
+        tensors = {n: t.clone() for n, t in store_named(buckets, plan_from_wire(plan_wire))}
+        return self._ttrl_install(tensors, peft)
+
+    def ttrl_install_adapter_blobs(self, blobs: list[bytes], peft: dict) -> int:
+        """Install an adapter from packed bytes (`weights.pack`: a served version, an adapter dir)."""
+        from ttrl.rollout.weights import unpack
+
+        tensors: dict = {}
+        for blob in blobs:
+            tensors.update(unpack(blob))
+        return self._ttrl_install(tensors, peft)
+
+    def ttrl_adapter_begin(self, plan_wire: list[dict]) -> int:
+        """Colocated path: open a round that collects the adapter's buckets (installed at the end)."""
+        from ttrl.rollout.nccl_sync import plan_from_wire
+
+        plan = plan_from_wire(plan_wire)
+        self._ttrl_adapter = {"plan": plan, "next": 0, "tensors": {}, "t0": time.perf_counter()}
+        return len(plan)
+
+    def ttrl_adapter_bucket(self, index: int, handle: dict) -> int:
+        """Copy bucket `index` out of the sender's buffer (it may drop the buffer on return)."""
+        from ttrl.rollout.ipc import open_shared
+        from ttrl.rollout.nccl_sync import unpack_bucket
+
+        st = getattr(self, "_ttrl_adapter", None)
+        if st is None:
+            raise RuntimeError("weight sync: ttrl_adapter_bucket outside a round (no ttrl_adapter_begin)")
+        if index != st["next"] or index >= len(st["plan"]):
+            raise RuntimeError(f"weight sync: got adapter bucket {index}, expected {st['next']} of {len(st['plan'])}")
+        buf = open_shared(handle, self.device)
+        for name, view in unpack_bucket(buf, st["plan"][index]):
+            st["tensors"][name] = view.clone()  # copied out: nothing here aliases the sender's buffer
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.current_stream().synchronize()
+        st["next"] += 1
+        return st["plan"][index].nbytes
+
+    def ttrl_adapter_end(self, peft: dict | None) -> dict[str, float]:
+        """Close the round: install what came (`peft` None: the sender gave up; drop it, keep the old adapter)."""
+        st = getattr(self, "_ttrl_adapter", None)
+        self._ttrl_adapter = None
+        if st is None or peft is None:
+            return {"bytes": 0.0, "receive_s": 0.0}
+        if st["next"] != len(st["plan"]):
+            raise RuntimeError(f"weight sync: the adapter round ended after {st['next']} of {len(st['plan'])} "
+                               "buckets")
+        nbytes = self._ttrl_install(st["tensors"], peft)
+        return {"bytes": float(nbytes), "receive_s": time.perf_counter() - st["t0"]}
+
+    def ttrl_receive_adapter(self, bucket_metas: list[dict], peft: dict,
+                             timeout_s: float | None = None) -> dict[str, float]:
+        """GPU path: receive the adapter's buckets by broadcast, then install it."""
+        import torch
+
+        from ttrl.rollout.nccl_sync import plan_from_wire, receive_buckets
+
+        comm = getattr(self, "_ttrl_weight_comm", None)
+        if comm is None:
+            raise RuntimeError("weight sync: ttrl_receive_adapter before ttrl_init_weight_group")
+        plan = plan_from_wire(bucket_metas)
+        t0 = time.perf_counter()
+        cuda = self.device.type == "cuda"
+
+        def bcast(buf):
+            comm.broadcast(buf, src=0, stream=torch.cuda.current_stream() if cuda else None)
+
+        tensors: dict = {}
+        try:
+            for named in receive_buckets(plan, bcast, self.device, timeout_s):
+                tensors.update(named)  # views of a fresh buffer per bucket: nothing else holds them
+        except BaseException:
+            self.ttrl_close_weight_group()  # as ttrl_receive_weights: a failed round frees this worker
+            raise
+        if cuda:
+            torch.cuda.current_stream().synchronize()
+        nbytes = self._ttrl_install(tensors, peft)
+        return {"bytes": float(nbytes), "receive_s": time.perf_counter() - t0}
+
+    def _ttrl_install(self, tensors: dict, peft: dict) -> int:
+        """Build a vLLM LoRAModel from `tensors` (wire names) and put it in place of the adapter served now.
+
+        Everything that can fail on the adapter itself (its config against the
+        engine's LoRA config, a module vLLM has no LoRA layer for) fails
+        before the old adapter is removed.
+        """
+        from vllm.config import set_current_vllm_config
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+
+        from ttrl.rollout.lora import ADAPTER_ID
+
+        manager = self.model_runner.lora_manager
+        helper = PEFTHelper.from_dict(dict(peft))
+        helper.validate_legal(manager.lora_config)
+        adapters = manager._adapter_manager  # the LoRAModelManager: slots and layers
+        model = LoRAModel.from_lora_tensors(ADAPTER_ID, tensors, helper, device="cpu",
+                                            dtype=manager.lora_config.lora_dtype,
+                                            model_vocab_size=manager.vocab_size)
+        known = set(adapters.modules) | {m for subs in adapters.packed_modules.values() for m in subs}
+        unknown = sorted(m for m in model.loras if m not in known)
+        if unknown:
+            raise ValueError(f"weight sync: this engine has no LoRA layer for {unknown[:3]}; refusing the adapter")
+        with set_current_vllm_config(self.vllm_config):
+            adapters.remove_adapter(ADAPTER_ID)
+            adapters.add_adapter(model)
+            adapters.activate_adapter(ADAPTER_ID)
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.current_stream().synchronize()  # the slots hold the new weights on return
+        return sum(t.numel() * t.element_size() for t in tensors.values())

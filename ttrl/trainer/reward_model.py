@@ -259,11 +259,11 @@ def build_rm_model(path: str, dtype: Any, pad_token_id: int | None, lora: dict |
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     seq_cls = model
     if lora:
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import get_peft_model
 
-        task = TaskType.CAUSAL_LM if head == "likelihood" else TaskType.SEQ_CLS
-        cfg = LoraConfig(task_type=task, r=lora["r"], lora_alpha=lora["alpha"],
-                         lora_dropout=lora["dropout"], target_modules=list(lora["target_modules"]))
+        from ttrl.trainer.lora import peft_lora_config
+
+        cfg = peft_lora_config(lora, "CAUSAL_LM" if head == "likelihood" else "SEQ_CLS")
         model = get_peft_model(model, cfg)  # a `score` head stays fully trainable (modules_to_save)
         seq_cls = model.get_base_model()
     scalar_rm, likelihood_rm = _rm_classes()
@@ -468,8 +468,9 @@ class RewardModelTrainer:
         fmt = RMFormat(template=r.template, max_length=r.max_length, append_eos=r.append_eos,
                        mode=s.mode, transform=s.reward_transform or ("sigmoid" if s.mode == "pointwise" else "raw"),
                        head=r.head)
-        lora = ({"r": s.lora_r, "alpha": s.lora_alpha, "dropout": s.lora_dropout,
-                 "target_modules": list(s.lora_target_modules)} if s.lora else None)
+        from ttrl.rollout.lora import lora_spec
+
+        lora = lora_spec(s.lora)  # ser.lora: the policy's LoRA schema
         gpu = device == "cuda"
         return cls(model_path, tokenizer, fmt, num_workers=r.num_workers, zero_stage=r.zero_stage,
                    batch_size=r.batch_size, micro_batch_size=r.micro_batch_size, lr=r.lr,

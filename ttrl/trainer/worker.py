@@ -9,6 +9,12 @@ never talk to the driver about ground truth or rewards, only tensors.
 Weights leave the policy through `push_weights`: all ranks take part in
 gathering (ZeRO-3 gathers one layer at a time), rank 0 packs the tensors
 and hands them to every rollout engine.
+
+With `spec["lora"]` (model.lora.enabled) the policy (and the critic) is the
+base plus peft adapters (`lora.py`), only the adapters train, and every
+path above moves the adapter alone (`_sync_params`); the reference is the
+policy with its adapter switched off, and checkpoints keep the adapter and
+its optimizer state, not the frozen base.
 """
 
 from __future__ import annotations
@@ -200,6 +206,41 @@ class _DSWorker:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched))
         return engine
 
+    @property
+    def lora(self) -> dict | None:
+        """The LoRA spec (ttrl.rollout.lora.lora_spec) when this group trains adapters, else None."""
+        return self.spec.get("lora")
+
+    def _with_adapter(self, model, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+        """`model` wrapped in LoRA adapters when the spec asks for them (before DeepSpeed), else itself.
+
+        With `lora_path` (model.lora.path) the adapters start from that dir's tensors.
+        """
+        if self.lora is None:
+            return model
+        from ttrl.trainer.lora import load_into, wrap
+
+        model = wrap(model, self.lora, self.spec["seed"], task_type, modules_to_save)
+        path = self.spec.get("lora_path")
+        if path and task_type == "CAUSAL_LM":
+            from ttrl.rollout.lora import read_tensors
+
+            load_into(model, read_tensors(path), path)
+        return model
+
+    def trainable_names(self) -> list[str]:
+        """Names of the parameters this rank trains (what its optimizer holds): with LoRA, the adapter's."""
+        return [n for n, p in self.engine.module.named_parameters() if p.requires_grad]
+
+    def _save_state(self, path: str, tag: str) -> None:
+        # With LoRA the frozen base is left out: it is the model dir the run started from.
+        self.engine.save_checkpoint(path, tag=tag, exclude_frozen_parameters=self.lora is not None)
+
+    def _load_state(self, path: str, tag: str) -> None:
+        # Not strict with LoRA: the checkpoint holds the adapters alone, the base is already loaded.
+        self.engine.load_checkpoint(path, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                    load_module_strict=self.lora is None)
+
     def release_memory(self) -> int:
         """Hand the GPU memory torch keeps cached (freed activations, gradients) back to the driver.
 
@@ -282,6 +323,7 @@ class PolicyWorker(_DSWorker):
         if s["gradient_checkpointing"]:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        model = self._with_adapter(model)
         self.engine = self._wrap(model, ds_train, train=True, total_opt_steps=total_opt_steps)
         self.ref = None
         if s["with_ref"]:
@@ -310,15 +352,20 @@ class PolicyWorker(_DSWorker):
 
     def compute_logprobs(self, batch: dict, temperature: float, which: str = "policy") -> Any:
         """Log-probs [b, R] of the response tokens under the policy or the reference."""
+        import contextlib
+
         import torch
 
-        model = self.engine if which == "policy" else self.ref
+        lora_ref = which == "ref" and self.lora is not None
+        model = self.engine if which == "policy" or lora_ref else self.ref
         if model is None:
             raise RuntimeError("reference log-probs asked for, but no reference model was loaded")
-        if which == "policy":
+        if model is self.engine:
             self.engine.eval()
+        # With LoRA the reference is the base: the policy with its adapter switched off, no second copy.
+        off = self.engine.module.disable_adapter() if lora_ref else contextlib.nullcontext()
         parts = []
-        with torch.no_grad():
+        with torch.no_grad(), off:
             for rows, mb in self._micro_batches(batch, no_grad=True):
                 logp, _ = self._logp(model, self._to_dev(mb), temperature)
                 parts.append((rows, logp))
@@ -428,13 +475,25 @@ class PolicyWorker(_DSWorker):
         return out
 
     # ── weights out ───────────────────────────────────────────────────────
-    def _full_named_params(self, dtype=None) -> Iterator[tuple[str, Any]]:
-        """Full (gathered) parameters one at a time; every rank must iterate."""
+    def _sync_params(self) -> list[tuple[str, Any]]:
+        """(name, parameter) of what a weight sync sends: every parameter, or with LoRA the adapter's alone.
+
+        Names are what the engines load: the HF model's, or the adapter's
+        wire names (ttrl.rollout.lora). Every weight path, the plan, the
+        finiteness check and the fingerprint go by this list.
+        """
+        if self.lora is not None:
+            from ttrl.trainer.lora import adapter_params
+
+            return adapter_params(self.engine.module)
+        return list(self.engine.module.named_parameters())
+
+    def _full_named_params(self, dtype=None, params: list | None = None) -> Iterator[tuple[str, Any]]:
+        """Full (gathered) parameters one at a time (all, or `params`); every rank must iterate."""
         import deepspeed
 
-        module = self.engine.module
         zero3 = self.spec["zero_stage"] == 3
-        for name, p in module.named_parameters():
+        for name, p in (self.engine.module.named_parameters() if params is None else params):
             if zero3:
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                     t = p.data.detach().to("cpu", dtype=dtype).clone() if self.rank == 0 else None
@@ -451,7 +510,7 @@ class PolicyWorker(_DSWorker):
 
         key = (dtype, bucket_mb)
         if getattr(self, "_bucket_plan_key", None) != key:
-            plan = plan_buckets(param_specs(self.engine.module.named_parameters(), dtype), bucket_mb << 20)
+            plan = plan_buckets(param_specs(self._sync_params(), dtype), bucket_mb << 20)
             self._bucket_plan_cached, self._bucket_plan_key = (plan, plan_to_wire(plan)), key
         return self._bucket_plan_cached
 
@@ -471,7 +530,8 @@ class PolicyWorker(_DSWorker):
         wire = to_dtype(dtype)
         on_cpu = next(self.engine.module.parameters()).device.type == "cpu"
         # On CPU the packing casts (one copy); from a GPU cast there, then copy the smaller tensor out.
-        named = ((n, t) for n, t in self._full_named_params(dtype=None if on_cpu else wire) if t is not None)
+        named = ((n, t) for n, t in self._full_named_params(dtype=None if on_cpu else wire, params=self._sync_params())
+                 if t is not None)
         if self.rank != 0:
             for _ in named:  # take part in every gather
                 pass
@@ -507,7 +567,7 @@ class PolicyWorker(_DSWorker):
 
         from ttrl.rollout.nccl_sync import layer_groups
 
-        params = dict(self.engine.module.named_parameters())
+        params = dict(self._sync_params())
         zero3 = self.spec["zero_stage"] == 3
         keep = self.rank == 0 if keep is None else keep
         for names in layer_groups(list(params)):
@@ -528,7 +588,7 @@ class PolicyWorker(_DSWorker):
         from ttrl.rollout.nccl_sync import all_finite
 
         held = []
-        for p in self.engine.module.parameters():
+        for _, p in self._sync_params():
             t = getattr(p, "ds_tensor", None)
             t = p.data if t is None else t
             if t.numel() and t.is_floating_point():
@@ -760,7 +820,7 @@ class PolicyWorker(_DSWorker):
         zero3 = self.spec["zero_stage"] == 3
         if not zero3 and self.rank != 0:
             return None
-        params = list(self.engine.module.parameters())
+        params = [p for _, p in self._sync_params()]  # with LoRA the adapter: all that trains
         device = params[0].device if params else torch.device("cpu")
         total = torch.zeros((), dtype=torch.float64, device=device)
         for p in params:
@@ -772,8 +832,21 @@ class PolicyWorker(_DSWorker):
             dist.all_reduce(total)
         return float(total) if self.rank == 0 else None
 
+    def sync_state(self) -> dict[str, Any] | None:
+        """What a weight sync sends, gathered, as CPU tensors by name (rank 0; tests and checks)."""
+        out = {n: t.clone() for n, t in self._full_named_params(params=self._sync_params()) if t is not None}
+        return out if self.rank == 0 else None
+
     def save_hf(self, path: str, tokenizer_path: str) -> str | None:
-        """Export the policy as a Hugging Face model dir (rank 0 writes)."""
+        """Export the policy as a Hugging Face model dir, or with LoRA as a peft adapter dir (rank 0 writes)."""
+        if self.lora is not None:
+            from ttrl.rollout.lora import write_adapter
+
+            tensors = {n: t for n, t in self._full_named_params(params=self._sync_params()) if t is not None}
+            if self.rank != 0:
+                return None
+            write_adapter(path, tensors, self.lora, self.spec.get("base_path"))
+            return path
         sd = {n: t for n, t in self._full_named_params() if t is not None}
         if self.rank != 0:
             return None
@@ -785,11 +858,11 @@ class PolicyWorker(_DSWorker):
         return path
 
     def save_state(self, path: str, tag: str) -> None:
-        """Optimizer, scheduler and sharded weights (collective) for resuming."""
-        self.engine.save_checkpoint(path, tag=tag)
+        """Optimizer, scheduler and sharded weights (collective) for resuming; with LoRA, of the adapter alone."""
+        self._save_state(path, tag)
 
     def load_state(self, path: str, tag: str) -> None:
-        self.engine.load_checkpoint(path, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        self._load_state(path, tag)
 
 
 class CriticWorker(_DSWorker):
@@ -810,6 +883,8 @@ class CriticWorker(_DSWorker):
 
         model = self._load(load, ds)
         model.config.use_cache = False
+        # With LoRA the critic gets adapters of its own (and a trainable value head), from the same base.
+        model = self._with_adapter(model, task_type="TOKEN_CLS", modules_to_save=["score"])
         self.engine = self._wrap(model, ds, train=True, total_opt_steps=total_opt_steps)
         return self._times(t0)
 
@@ -854,7 +929,7 @@ class CriticWorker(_DSWorker):
                 "critic_grad_norm": float(gn) if gn is not None else float("nan")}
 
     def save_state(self, path: str, tag: str) -> None:
-        self.engine.save_checkpoint(path, tag=tag)
+        self._save_state(path, tag)
 
     def load_state(self, path: str, tag: str) -> None:
-        self.engine.load_checkpoint(path, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        self._load_state(path, tag)
