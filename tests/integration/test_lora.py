@@ -211,6 +211,12 @@ def test_a_killed_engine_is_restarted_with_the_current_adapter(zero3):
     assert row["rollout/logprob_diff"] < TOL, "the restarted engine sampled without the current adapter"
     assert c.versions() == {rt.weights_version}
     assert c.max_diff(0, c.trainer_logprobs()) < TOL
+    # Lost while the adapter is being sent: restarted and re-synced, the run goes on.
+    c.update_without_sync()
+    ray.kill(rt.engines[1], no_restart=False)
+    rt.sync_weights()
+    assert c.versions() == {rt.weights_version}
+    assert c.max_diff(1, c.trainer_logprobs()) < TOL
 
 
 def test_resume_from_an_adapter_checkpoint_continues_bit_exactly(zero3, tmp_path):
