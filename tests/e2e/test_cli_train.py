@@ -18,7 +18,7 @@ import yaml
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 TTRL_TRAIN = str(Path(sys.executable).parent / "ttrl-train")
-# The metric names of DESIGN.md that every training step must log.
+# The metric names every training step must log (docs/development/contracts.md lists them).
 STEP_METRICS = [
     "label/accuracy", "label/majority_ratio", "reward/accuracy", "reward/mean", "train/pass@1",
     "train/kl", "train/entropy", "train/clip_frac", "timing/generate", "timing/sync", "timing/train",

@@ -108,7 +108,7 @@ def test_gpu_base_image_matches_the_cuda_of_the_pinned_torch():
     assert minor in TORCH_CUDA, f"torch {torch}: add the CUDA its PyPI wheels need to TORCH_CUDA"
     image = args_of(GPU)["CUDA_IMAGE"]
     assert image.startswith(f"nvidia/cuda:{TORCH_CUDA[minor]}."), (image, torch)
-    assert "-devel-" in image, "DeepSpeed builds its ops with nvcc: use a devel image"
+    assert "-devel-" in image, "keep a devel image: a kernel a dependency builds on first use needs nvcc and the CUDA headers"
     assert ("FROM", "${CUDA_IMAGE}") in GPU
 
 
