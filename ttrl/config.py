@@ -1134,7 +1134,7 @@ class SafetyConfig:
     # confident votes (previous ratio >= flip_confident) that changed since the
     # prompt's last visit, and the share of revisited prompts whose vote
     # differs from their first (or anchor) one. Calibrated on the demo task
-    # (README, Reliability): healthy runs peaked at 0.06 and 0.22 (3-step
+    # (docs/reliability.md, the guard's record): healthy runs peaked at 0.06 and 0.22 (3-step
     # averages; 0.12 drift on the grid's warm starts), collapsing ones reached
     # 0.51 and 0.81; a drift limit of 0.3 caught the old 1:1 warm start's
     # collapse at step 8, 0.25 at step 4.
@@ -1145,7 +1145,7 @@ class SafetyConfig:
     # The votes losing their consensus: the paired change of each revisited
     # prompt's majority ratio since its first (or anchor) vote, averaged over
     # the window, falling below minus this. Calibrated on the demo grid
-    # (README, Reliability): healthy runs never averaged below -0.005, the
+    # (docs/reliability.md, the guard's record): healthy runs never averaged below -0.005, the
     # random-reward control fell through -0.03 by about step 11.
     max_consensus_drop: Optional[float] = 0.03
     # A reward that does not side with the vote: `label/vote_alignment` (of
@@ -1153,7 +1153,7 @@ class SafetyConfig:
     # the reward pays the sample that agrees with the prompt's vote; 1 for
     # majority vote, 0.5 for a reward blind to the vote such as the random
     # control) averaged over the window, falling below this. Calibrated on
-    # the demo (README, Reliability): token entropy and self-certainty, which
+    # the demo (docs/reliability.md, the guard's record): token entropy and self-certainty, which
     # collapse there, averaged 0.43-0.52 from step 3; trajectory log-prob,
     # which learns, 0.97-0.99. On a task whose starting votes are mostly
     # wrong a good judge pays dissenters often: lower it or set null there.

@@ -8,7 +8,7 @@ time the syncs and steps of tests/integration/test_lora.py's runtimes twice). Wh
 side-by-side figures exist and are finite, nothing failed silently (every
 section error lands in the JSON as `<section>.error`), TRL's own vLLM mode
 ran (so step_vs_trl compares vLLM with vLLM), and every actor's memory was
-sampled. The figures' values are measured by hand (README), never asserted.
+sampled. The figures' values are measured by hand (docs/performance.md), never asserted.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ from ttrl.report.runs import expand_run_dirs, load_run, maj_key_of, without_nan
 
 ARMS = {"majority_vote": "ttrl", "ground_truth": "oracle", "random": "random"}
 ORDER = {"ttrl": 0, "oracle": 1, "random": 2}  # how arms are listed; any other reward comes last
-# The bar every label-free demo run must meet (README, issue "the demo gains on every machine").
+# The bar every label-free demo run must meet (docs/results.md, the demo across warm starts;
+# issue "the demo gains on every machine").
 MIN_GAIN = 0.10
 MAX_MAJ_DROP = 0.02
 
