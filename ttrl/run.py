@@ -63,17 +63,15 @@ def run(cfg: Any, run_dir: Path) -> float | None:
         ctx = StepContext(rt, parts.reward, parts.tokenizer, StepOptions.from_config(cfg), rng,
                           votes=VoteTracker(cfg.safety.flip_confident))
         history: list[dict[str, Any]] = []
-        drawn: dict[str, Any] = {}  # the starting eval's answers, which the guard's anchor votes may reuse
         if cfg.eval.at_start and start == 0:
             t_eval = time.perf_counter()
-            history.append({"step": 0, **evaluate(cfg, ctx, prompts, keep=drawn)})
+            history.append({"step": 0, **evaluate(cfg, ctx, prompts)})
             rt.phases.after["first_eval"] = time.perf_counter() - t_eval
             log.log(history[-1])
             if not quiet:
                 say(f"before training: {eval_line(history[-1])}")
         t_guard = time.perf_counter()
-        guard = start_guard(cfg, ctx, prompts, run_dir, start, history[-1] if history else None, sampler, quiet,
-                            drawn)
+        guard = start_guard(cfg, ctx, prompts, run_dir, start, history[-1] if history else None, sampler, quiet)
         if ctx.vote_rows:
             rt.phases.after["anchor_votes"] = time.perf_counter() - t_guard
         # The anchor votes (if any) as step 0 of votes.jsonl: a guard signal can be replayed on a finished run.
@@ -151,40 +149,16 @@ def resume(cfg: Any, run_dir: Path, rt: StepRuntime, sampler: PromptSampler, rng
                    "resume/checkpoint_fingerprint": state.get("weights_fingerprint")}
 
 
-def evaluate(cfg: Any, ctx: StepContext, prompts: list[Prompt], keep: dict[str, Any] | None = None
-             ) -> dict[str, float]:
-    """eval/* metrics of the current policy on `prompts` (ground truth: metrics only).
-
-    `keep`, when given, receives the sampling the eval drew with and each
-    prompt's extracted answers (never their grades): the anchor votes reuse
-    them when they would sample the same way.
-    """
+def evaluate(cfg: Any, ctx: StepContext, prompts: list[Prompt]) -> dict[str, float]:
+    """eval/* metrics of the current policy on `prompts` (ground truth: metrics only)."""
     from ttrl.eval.runner import evaluate as grade_policy
 
     e = cfg.eval
-    sampling = eval_sampling(cfg)
-    summary, records = grade_policy(ctx.rt.generate, prompts, token_ids(ctx.tokenizer, prompts), n=e.n_samples,
-                                    temperature=e.temperature, top_p=e.top_p,
-                                    max_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, ks=list(e.ks),
-                                    greedy=e.greedy, extractor=ctx.opts.extractor)
-    if keep is not None:
-        keep["sampling"] = sampling
-        keep["answers"] = {r["id"]: list(r["answers"]) for r in records}
+    summary, _ = grade_policy(ctx.rt.generate, prompts, token_ids(ctx.tokenizer, prompts), n=e.n_samples,
+                              temperature=e.temperature, top_p=e.top_p,
+                              max_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, ks=list(e.ks),
+                              greedy=e.greedy, extractor=ctx.opts.extractor)
     return {f"eval/{k}": v for k, v in summary.items() if k not in ("n_problems", "n_samples")}
-
-
-def eval_sampling(cfg: Any) -> tuple:
-    """(n, temperature, top_p, top_k, max_tokens) the eval samples with."""
-    e = cfg.eval
-    if e.greedy:
-        return (1, 0.0, 1.0, -1, e.max_new_tokens or cfg.rollout.max_new_tokens)
-    return (e.n_samples, e.temperature, e.top_p, -1, e.max_new_tokens or cfg.rollout.max_new_tokens)
-
-
-def rollout_sampling(cfg: Any) -> tuple:
-    """(n, temperature, top_p, top_k, max_tokens) a step's votes sample with."""
-    r = cfg.rollout
-    return (r.n_votes, r.temperature, r.top_p, r.top_k, r.max_new_tokens)
 
 
 def eval_due(cfg: Any, step_no: int, steps: int) -> bool:
@@ -193,13 +167,16 @@ def eval_due(cfg: Any, step_no: int, steps: int) -> bool:
 
 
 def start_guard(cfg: Any, ctx: StepContext, prompts: list[Prompt], run_dir: Path, start: int,
-                first_eval: dict[str, Any] | None, sampler: PromptSampler, quiet: bool,
-                drawn: dict[str, Any] | None = None) -> Guard:
+                first_eval: dict[str, Any] | None, sampler: PromptSampler, quiet: bool) -> Guard:
     """The guard, anchored on the starting policy's votes, with the starting weights as a rollback target.
 
-    `drawn`: the starting eval's answers; when it sampled the prompts exactly
-    as a step's votes do, the anchor votes are those answers' votes (the same
-    draw from the same policy) instead of a second generation.
+    The anchor votes are always a generation of their own, even when the
+    starting eval sampled as a step's votes do. Reusing the eval's answers
+    (tried: one 128 x 16 generation saved) biased the consensus signal: on warm
+    start 0:0 the eval's draw had a mean majority ratio of 0.628 against 0.597
+    and 0.599 for two draws of the rollout's own (fresh anchors; step 1, all
+    128 prompts, the same policy), a -0.03 shift that is the signal's whole
+    threshold, and a healthy LoRA run (+0.288 pass@1) was flagged at step 3.
     """
     label_free = not ctx.reward.needs_ground_truth
     guard = Guard(cfg, ctx.rt, run_dir, label_free=label_free)
@@ -210,14 +187,10 @@ def start_guard(cfg: Any, ctx: StepContext, prompts: list[Prompt], run_dir: Path
         k = cfg.safety.anchor_prompts
         # Its own generator: the run's rng (subsampling) draws as it would without an anchor.
         anchored = prompts if k >= len(prompts) else random.Random(cfg.seed).sample(prompts, k)
-        reuse = None
-        if drawn and drawn.get("sampling") == rollout_sampling(cfg) and \
-                all(p.id in drawn["answers"] for p in anchored):
-            reuse = [drawn["answers"][p.id] for p in anchored]
-        ratio = anchor_votes(cfg, ctx, anchored, reuse)
+        ratio = anchor_votes(cfg, ctx, anchored)
         if not quiet:
             say(f"guard anchored on the starting policy's votes for {len(anchored)} prompts "
-                f"(majority ratio {ratio:.3f}{'; the starting eval drew them' if reuse else ''})")
+                f"(majority ratio {ratio:.3f})")
     first_pass1 = first_eval.get("eval/pass@1") if first_eval else None
     if first_eval:
         # The starting eval is the first "best": a run that only ever gets
@@ -232,19 +205,16 @@ def start_guard(cfg: Any, ctx: StepContext, prompts: list[Prompt], run_dir: Path
     return guard
 
 
-def anchor_votes(cfg: Any, ctx: StepContext, prompts: list[Prompt],
-                 answers: list[list[str | None]] | None = None) -> float:
+def anchor_votes(cfg: Any, ctx: StepContext, prompts: list[Prompt]) -> float:
     """Vote on `prompts` with the starting policy (the rollout's sampling); the tracker's reference.
 
-    `answers`: answers already drawn that way (the starting eval's), else sampled now.
     Label-free: the votes are kept, never graded. Returns the mean majority ratio.
     """
     r = cfg.rollout
     extractor = ctx.opts.extractor
-    if answers is None:
-        outs = ctx.rt.generate(token_ids(ctx.tokenizer, prompts), n=r.n_votes, temperature=r.temperature,
-                               top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens)
-        answers = [[extract_answer(o["text"], extractor, prompt=p.id) for o in out] for p, out in zip(prompts, outs)]
+    outs = ctx.rt.generate(token_ids(ctx.tokenizer, prompts), n=r.n_votes, temperature=r.temperature,
+                           top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens)
+    answers = [[extract_answer(o["text"], extractor, prompt=p.id) for o in out] for p, out in zip(prompts, outs)]
     votes = majority_votes(answers, extractor=extractor)
     ctx.votes.anchor([p.id for p in prompts], votes)
     ctx.vote_rows = [{"id": p.id, "label": v.label, "ratio": round(v.ratio, 4), "margin": round(v.margin, 4),

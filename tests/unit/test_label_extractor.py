@@ -163,26 +163,24 @@ def test_a_custom_extractor_config_threads_its_path():
         configured_extractor(cfg.label)
 
 
-def test_the_anchor_votes_reuse_the_starting_eval_when_it_sampled_as_the_votes_do(tmp_path):
-    """The guard's anchor is the starting policy's votes: a starting eval drawn with the rollout's sampling
-    already is that draw (one generation saved at every start); with other sampling it votes afresh."""
+def test_the_anchor_votes_are_drawn_afresh_even_when_the_eval_sampled_as_the_votes_do(tmp_path):
+    """The guard's consensus signal compares a step's votes with the anchor's: both must be the rollout's own
+    draws. Reusing the starting eval's answers shifted the signal by its whole threshold (ttrl.run.start_guard)."""
     from ttrl.data.sampler import PromptSampler
     from ttrl.run import evaluate, start_guard
 
-    for same, expect_calls in ((True, 1), (False, 2)):
-        overrides = ("eval.temperature=1.0", "eval.top_p=1.0", "rollout.temperature=1.0", "rollout.top_p=1.0",
-                     "rollout.max_new_tokens=24", "safety.anchor_prompts=1") + (() if same else ("eval.top_p=0.9",))
-        cfg, ctx = _ctx(*overrides)
-        generate = ctx.rt.generate
-        calls = [0]
+    cfg, ctx = _ctx("eval.temperature=1.0", "eval.top_p=1.0", "rollout.temperature=1.0", "rollout.top_p=1.0",
+                    "rollout.max_new_tokens=24", "safety.anchor_prompts=1")
+    generate = ctx.rt.generate
+    calls: list[dict] = []
 
-        def counted(*a, _generate=generate, _calls=calls, **k):
-            _calls[0] += 1
-            return _generate(*a, **k)
+    def counted(*a, **k):
+        calls.append(k)
+        return generate(*a, **k)
 
-        ctx.rt.generate = counted
-        drawn: dict = {}
-        first = evaluate(cfg, ctx, PROMPTS, keep=drawn)
-        start_guard(cfg, ctx, PROMPTS, tmp_path, 0, first, PromptSampler(1, 1, False, 0), True, drawn)
-        assert calls[0] == expect_calls
-        assert ctx.vote_rows == [{"id": "p0", "label": "1", "ratio": 0.5, "margin": 0.25, "classes": 2}]
+    ctx.rt.generate = counted
+    first = evaluate(cfg, ctx, PROMPTS)
+    start_guard(cfg, ctx, PROMPTS, tmp_path, 0, first, PromptSampler(1, 1, False, 0), True)
+    assert len(calls) == 2, "the eval and the anchor votes each generate"
+    assert calls[1]["n"] == cfg.rollout.n_votes and calls[1]["max_tokens"] == 24
+    assert ctx.vote_rows == [{"id": "p0", "label": "1", "ratio": 0.5, "margin": 0.25, "classes": 2}]
