@@ -69,6 +69,22 @@ def compose_config(*overrides: str):
     return cfg
 
 
+def tiny_model_in_own_cache(tmp_path_factory, num_layers: int):
+    """Yield a tiny random Qwen2 (hidden 64, one head of 64) built under a TTRL_CACHE of the test module's own,
+    restoring the caller's TTRL_CACHE after: a module fixture's model never lands in the user's cache."""
+    from ttrl.models.tiny import ensure_tiny_model, tiny_spec
+
+    old = os.environ.get("TTRL_CACHE")
+    os.environ["TTRL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        yield ensure_tiny_model(tiny_spec(64, num_layers, 1, 64, 128, seed=1, max_position_embeddings=256))
+    finally:
+        if old is None:
+            os.environ.pop("TTRL_CACHE")
+        else:
+            os.environ["TTRL_CACHE"] = old
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.exists():

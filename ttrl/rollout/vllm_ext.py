@@ -95,11 +95,7 @@ class TTRLWorkerExtension:
         from ttrl.rollout.ipc import open_shared
         from ttrl.rollout.nccl_sync import unpack_bucket
 
-        st = getattr(self, "_ttrl_shared", None)
-        if st is None:
-            raise RuntimeError("weight sync: ttrl_shared_bucket outside a round (no ttrl_shared_begin)")
-        if index != st["next"] or index >= len(st["plan"]):
-            raise RuntimeError(f"weight sync: got bucket {index}, expected {st['next']} of {len(st['plan'])}")
+        st = self._ttrl_next_bucket("_ttrl_shared", "ttrl_shared_bucket", "ttrl_shared_begin", "bucket", index)
         buf = open_shared(handle, self.device)
         named = unpack_bucket(buf, st["plan"][index])
         del buf
@@ -246,6 +242,15 @@ class TTRLWorkerExtension:
             raise RuntimeError(f"weight sync: loading a received bucket failed: {error!r}") from error
         return {"bytes": float(nbytes), "receive_s": time.perf_counter() - t0}
 
+    def _ttrl_next_bucket(self, attr: str, method: str, begin: str, what: str, index: int) -> dict:
+        """The open colocated round's state (`attr`), checked that bucket `index` is the one it expects next."""
+        st = getattr(self, attr, None)
+        if st is None:
+            raise RuntimeError(f"weight sync: {method} outside a round (no {begin})")
+        if index != st["next"] or index >= len(st["plan"]):
+            raise RuntimeError(f"weight sync: got {what} {index}, expected {st['next']} of {len(st['plan'])}")
+        return st
+
     # ── LoRA: the adapter alone, installed in place ───────────────────────
     # With enable_lora the engine keeps its base weights; an adapter arrives by
     # any path above (same plans, wire names of rollout/lora.py), already
@@ -283,11 +288,8 @@ class TTRLWorkerExtension:
         from ttrl.rollout.ipc import open_shared
         from ttrl.rollout.nccl_sync import unpack_bucket
 
-        st = getattr(self, "_ttrl_adapter", None)
-        if st is None:
-            raise RuntimeError("weight sync: ttrl_adapter_bucket outside a round (no ttrl_adapter_begin)")
-        if index != st["next"] or index >= len(st["plan"]):
-            raise RuntimeError(f"weight sync: got adapter bucket {index}, expected {st['next']} of {len(st['plan'])}")
+        st = self._ttrl_next_bucket("_ttrl_adapter", "ttrl_adapter_bucket", "ttrl_adapter_begin", "adapter bucket",
+                                    index)
         buf = open_shared(handle, self.device)
         for name, view in unpack_bucket(buf, st["plan"][index]):
             st["tensors"][name] = view.clone()  # copied out: nothing here aliases the sender's buffer

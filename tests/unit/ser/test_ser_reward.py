@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ttrl.models.tiny import ensure_tiny_model, tiny_spec
+from tests.conftest import tiny_model_in_own_cache
 from ttrl.rewards import REWARDS, build_reward, compute_rewards
 from ttrl.rewards.reward_model import check_reward_model_dir
 from ttrl.trainer.reward_model import (
@@ -26,17 +26,7 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    import os
-
-    old = os.environ.get("TTRL_CACHE")
-    os.environ["TTRL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        yield ensure_tiny_model(tiny_spec(64, 1, 1, 64, 128, seed=1, max_position_embeddings=256))
-    finally:
-        if old is None:
-            os.environ.pop("TTRL_CACHE")
-        else:
-            os.environ["TTRL_CACHE"] = old
+    yield from tiny_model_in_own_cache(tmp_path_factory, num_layers=1)
 
 
 @pytest.fixture(scope="module")

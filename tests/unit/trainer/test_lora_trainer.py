@@ -9,8 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT, compose_config
-from ttrl.models.tiny import ensure_tiny_model, tiny_spec
+from tests.conftest import ROOT, compose_config, tiny_model_in_own_cache
 from ttrl.rollout.lora import adapter_shapes, check_adapter_plan, read_tensors, write_adapter
 from ttrl.rollout.nccl_sync import param_specs, plan_buckets, plan_from_wire, plan_to_wire
 from ttrl.rollout.weights import checkpoint_shapes
@@ -25,17 +24,7 @@ SPEC = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ALL, "init": "de
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    import os
-
-    old = os.environ.get("TTRL_CACHE")
-    os.environ["TTRL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        yield ensure_tiny_model(tiny_spec(64, 2, 1, 64, 128, seed=1, max_position_embeddings=256))
-    finally:
-        if old is None:
-            os.environ.pop("TTRL_CACHE")
-        else:
-            os.environ["TTRL_CACHE"] = old
+    yield from tiny_model_in_own_cache(tmp_path_factory, num_layers=2)
 
 
 def _model(tiny_dir):
