@@ -19,6 +19,7 @@ Plain torch in this process: no Ray, no vLLM, no DeepSpeed.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -73,6 +74,40 @@ def ensure_warmstart(model_cfg: Any, synth_cfg: Any, progress: bool = True) -> P
 def train_warmstart(model_dir: Path, spec: dict[str, Any], progress: bool = True) -> dict[str, float]:
     """Supervised training in place (loss on the completion tokens only)."""
     import torch
+
+    # vLLM, once used in this process (an in-process engine, a test before this one), caps torch at
+    # one thread and replaces torch.set_num_threads with a warning: a serve test's 300-step build then
+    # ran on one of two cores (784 s on a 2-core AMD EPYC). The build takes the threads a fresh process
+    # would have, through torch._C's setter, and gives the old count back when it is done.
+    before, threads = torch.get_num_threads(), build_threads()
+    torch._C.set_num_threads(threads)
+    try:
+        stats = _train(model_dir, spec, progress, torch)
+    finally:
+        torch._C.set_num_threads(before)
+    return stats | {"threads": threads}
+
+
+def build_threads() -> int:
+    """Torch's own default for a fresh process: OMP_NUM_THREADS if set, else the physical cores we may use.
+
+    The warm start's weights depend on the thread count (float sums change order), so the count is the
+    one a plain `make run` has always used, recorded in the model's ttrl_spec.json.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or usable
+    except ImportError:  # psutil comes with Ray; without it, every usable CPU
+        physical = usable
+    return max(1, min(usable, physical))
+
+
+def _train(model_dir: Path, spec: dict[str, Any], progress: bool, torch: Any) -> dict[str, float]:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -39,3 +39,29 @@ def test_build_is_cached_by_content_and_tokenizer_round_trips(tmp_path, monkeypa
     assert cfg.head_dim == 64 and cfg.num_hidden_layers == 1
     other = tiny_spec(64, 1, 1, 64, 128, seed=4, max_position_embeddings=256)
     assert spec_hash(other) != spec_hash(spec)
+
+
+def test_warmstart_build_takes_fresh_process_threads_and_gives_them_back(tmp_path, monkeypatch):
+    # vLLM, once used in a process, leaves torch at one thread; a warm start built after it
+    # (the serve tests' fixture) ran on one core. The build uses a fresh process's count.
+    import torch
+
+    from ttrl.cli import compose
+    from ttrl.models import warmstart
+
+    monkeypatch.setenv("TTRL_CACHE", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # what a fresh process would take, whatever the box
+    cfg = compose(["experiment=demo", "model.tiny.hidden_size=64", "model.tiny.num_heads=2",
+                       "model.tiny.head_dim=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64",
+                       "model.warmstart.steps=2", "model.warmstart.batch_size=4", "model.warmstart.warmup_steps=1"])
+    seen = []
+    monkeypatch.setattr(warmstart, "_train", lambda *a: seen.append(torch.get_num_threads()) or {"train_s": 0.0})
+    before = torch.get_num_threads()
+    torch._C.set_num_threads(1)
+    try:
+        path = warmstart.ensure_warmstart(cfg.model, cfg.data.synthetic, progress=False)
+        assert seen == [2]
+        assert torch.get_num_threads() == 1, "the caller's thread count is given back"
+    finally:
+        torch._C.set_num_threads(before)
+    assert '"threads": 2' in (path / "ttrl_spec.json").read_text()
