@@ -108,6 +108,8 @@ class Service:
         self.scfg, self.tokenizer, self.model_cfg = scfg, tokenizer, model_cfg
         self.pool, self.store, self.controller = pool, store, controller
         self.tenants = tenants  # ttrl.serve.tenants.Tenants with serve.tenants, else None
+        if tenants is not None:
+            tenants.on_create = lambda name: self.metrics.tenants_created.inc()
         self.writer = GroupCommitWriter(store)
         self.metrics = ServeMetrics(lambda: len(getattr(pool, "queue", ())), lambda: controller.served_version())
         self.started = time.time()
@@ -139,10 +141,7 @@ class Service:
                                  "an API key of serve.api_keys_file", status=403, kind="permission_error") from None
         if name is None:
             return None, None
-        before = self.tenants.created
         adapter = await run_in_threadpool(self.tenants.get, name)
-        if self.tenants.created > before:
-            self.metrics.tenants_created.inc(self.tenants.created - before)
         return name, adapter.wire()
 
     async def _answer_one(self, ids: list[int], s: P.Sampling, client: str, adapter: tuple | None = None

@@ -107,7 +107,8 @@ class Tenants:
             row = json.loads(info.read_text())
             if (info.parent / "adapter" / CONFIG_FILE).is_file():
                 self._known[row["name"]] = TenantAdapter(row["name"], int(row["id"]), str(info.parent / "adapter"))
-        self.created = 0  # tenants created by this process (for /metrics)
+        self.created = 0  # tenants created by this process
+        self.on_create: Callable[[str], None] | None = None  # told each new tenant's name (/metrics counts them)
 
     def tenant_of(self, identity: str) -> str | None:
         """The tenant of an API key's name; None for a key marked `-` (the shared version).
@@ -141,6 +142,8 @@ class Tenants:
             fsync_dir(d.parent)
             self._known[name] = t
             self.created += 1
+            if self.on_create is not None:
+                self.on_create(name)
             return t
 
     def listing(self) -> list[dict[str, Any]]:

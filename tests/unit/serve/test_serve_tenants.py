@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 
 import httpx
 import pytest
 import torch
 
 from tests.unit.serve.test_serve_app import MODEL_CFG, FakeController
-from tests.unit.serve.test_serve_config import compose_serve
+from tests.unit.serve.test_serve_config import ROOT, compose_serve
 from ttrl.config import ConfigError
 from ttrl.serve.app import Service, ServiceConfig, build_app
 from ttrl.serve.auth import ApiKeys, KeysFileError, load_api_keys, load_tenants
@@ -71,6 +73,14 @@ def test_tenants_without_an_api_keys_file_are_refused(monkeypatch):
     cfg = compose_serve("serve.tenants.enabled=true", "model.lora.enabled=true", "serve.learn.enabled=false")
     with pytest.raises(ConfigError, match=r"serve.tenants.enabled=true needs serve.api_keys_file"):
         validate_serve(cfg)
+
+
+def test_the_command_line_says_why_in_one_sentence_and_exits_2():
+    res = subprocess.run([sys.executable, "-m", "ttrl.serve", "serve.tenants.enabled=true"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("ttrl-serve: config error: serve.tenants.enabled=true needs LoRA serving")
+    assert len(res.stderr.strip().splitlines()) == 1
 
 
 # ── who is which tenant ───────────────────────────────────────────────────
@@ -171,8 +181,9 @@ def test_a_batch_holds_at_most_max_loaded_tenants_and_the_loads_are_counted():
 # ── the API ───────────────────────────────────────────────────────────────
 def test_each_key_is_answered_by_its_tenant_and_a_client_without_one_is_refused(tmp_path):
     served = _served(tmp_path)
-    f = _keys(tmp_path, "alice:alice-key-0123456789\nbob:bob-key-0123456789:team\neval:eval-key-0123456789:-\n")
-    headers = {n: {"Authorization": f"Bearer {n}-key-0123456789"} for n in ("alice", "bob", "eval")}
+    f = _keys(tmp_path, "alice:alice-key-0123456789\nbob:bob-key-0123456789:team\neval:eval-key-0123456789:-\n"
+                        "dave:dave-key-0123456789\n")
+    headers = {n: {"Authorization": f"Bearer {n}-key-0123456789"} for n in ("alice", "bob", "eval", "dave")}
 
     async def main():
         eng = FakeEngine(delay=0.002, tenant_slots=2)
@@ -201,8 +212,12 @@ def test_each_key_is_answered_by_its_tenant_and_a_client_without_one_is_refused(
             assert r.status_code == 403 and "has no tenant" in r.json()["error"]["message"]
             listing = (await c.get("/admin/tenants", headers={"Authorization": "Bearer admin-token-123"})).json()
             assert [t["name"] for t in listing["tenants"]] == ["alice", "team"] and listing["loads"] == 2
+            # A new tenant's first requests, all at once: one tenant created, counted once.
+            rs = await asyncio.gather(*(c.post("/v1/completions", json={"prompt": "1+1="}, headers=headers["dave"])
+                                        for _ in range(4)))
+            assert [r.status_code for r in rs] == [200] * 4
             metrics = (await c.get("/metrics", headers={"Authorization": "Bearer admin-token-123"})).text
-            assert "ttrl_tenants_created_total 2" in metrics
+            assert "ttrl_tenants_created_total 3" in metrics
         await pool.stop()
         svc.close()
 
