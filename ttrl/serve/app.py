@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,7 +142,13 @@ class Service:
                                  "an API key of serve.api_keys_file", status=403, kind="permission_error") from None
         if name is None:
             return None, None
-        adapter = await run_in_threadpool(self.tenants.get, name)
+        try:
+            adapter = await run_in_threadpool(self.tenants.get, name)
+        except (OSError, ValueError) as err:
+            # The operator's to fix (the log says what); the client is not shown the server's paths.
+            print(f"ttrl-serve: tenant {name!r} cannot be served: {err}", file=sys.stderr, flush=True)
+            raise P.RequestError(f"the adapter of tenant {name!r} cannot be served (the server log says why)",
+                                 status=500, kind="server_error") from None
         return name, adapter.wire()
 
     async def _answer_one(self, ids: list[int], s: P.Sampling, client: str, adapter: tuple | None = None

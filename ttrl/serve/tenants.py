@@ -126,7 +126,9 @@ class Tenants:
                 return known
             d = adapter_dir(self.root, name)
             from_version = None
-            if not (d / CONFIG_FILE).is_file():
+            if (d / CONFIG_FILE).is_file():
+                self._check(d)
+            else:
                 src = self.served_adapter()
                 tmp = d.with_name(d.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -145,6 +147,17 @@ class Tenants:
             if self.on_create is not None:
                 self.on_create(name)
             return t
+
+    def _check(self, d: Path) -> None:
+        """An adapter someone put in a tenant's folder must fit the engines' LoRA slots (rank, targets):
+        ValueError naming the folder, before any engine tries it (a failed load inside vLLM fails its batch)."""
+        from ttrl.rollout.lora import read_spec
+
+        own, served = read_spec(d), read_spec(self.served_adapter())
+        for key in ("r", "target_modules"):
+            if own[key] != served[key]:
+                raise ValueError(f"the adapter at {d} has {key}={own[key]}, the served adapter (model.lora) "
+                                 f"{key}={served[key]}; the engines serve only adapters of the served one's shape")
 
     def listing(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -149,6 +149,16 @@ def test_an_adapter_written_before_the_first_request_is_the_one_served(tmp_path)
     assert json.loads((root / "bob" / "tenant.json").read_text())["from_version"] is None
 
 
+def test_an_adapter_of_another_shape_in_a_tenant_folder_is_refused_naming_it(tmp_path):
+    served = _served(tmp_path)
+    root = tmp_path / "tenants"
+    write_adapter(root, "bob", {A: torch.randn(4, 64), B: torch.ones(64, 4)}, {**SPEC, "r": 4}, "base")
+    t = Tenants(root, lambda: served, {"bob": "bob"})
+    with pytest.raises(ValueError, match=r"tenants/bob/adapter has r=4, the served adapter \(model.lora\) r=2"):
+        t.get("bob")
+    assert t.listing() == [], "a refused adapter is no tenant"
+
+
 # ── batches ───────────────────────────────────────────────────────────────
 def test_a_batch_holds_at_most_max_loaded_tenants_and_the_loads_are_counted():
     async def main():
@@ -182,8 +192,9 @@ def test_a_batch_holds_at_most_max_loaded_tenants_and_the_loads_are_counted():
 def test_each_key_is_answered_by_its_tenant_and_a_client_without_one_is_refused(tmp_path):
     served = _served(tmp_path)
     f = _keys(tmp_path, "alice:alice-key-0123456789\nbob:bob-key-0123456789:team\neval:eval-key-0123456789:-\n"
-                        "dave:dave-key-0123456789\n")
-    headers = {n: {"Authorization": f"Bearer {n}-key-0123456789"} for n in ("alice", "bob", "eval", "dave")}
+                        "dave:dave-key-0123456789\nerin:erin-key-0123456789\n")
+    headers = {n: {"Authorization": f"Bearer {n}-key-0123456789"} for n in ("alice", "bob", "eval", "dave", "erin")}
+    write_adapter(tmp_path / "tenants", "erin", {A: torch.randn(4, 64), B: torch.ones(64, 4)}, {**SPEC, "r": 4})
 
     async def main():
         eng = FakeEngine(delay=0.002, tenant_slots=2)
@@ -218,6 +229,10 @@ def test_each_key_is_answered_by_its_tenant_and_a_client_without_one_is_refused(
             assert [r.status_code for r in rs] == [200] * 4
             metrics = (await c.get("/metrics", headers={"Authorization": "Bearer admin-token-123"})).text
             assert "ttrl_tenants_created_total 3" in metrics
+            # An adapter the engines cannot serve: a 500 for its tenant, the server's paths kept from the client.
+            r = await c.post("/v1/completions", json={"prompt": "1+1="}, headers=headers["erin"])
+            assert r.status_code == 500 and "tenant 'erin' cannot be served" in r.json()["error"]["message"]
+            assert str(tmp_path) not in r.text
         await pool.stop()
         svc.close()
 
