@@ -49,12 +49,13 @@ class Parts:
     reward: Reward
     rt: Runtime | None = None
 
-    def start_runtime(self, total_opt_steps: int, overrides: dict | None = None) -> Runtime:
-        """Start Ray, the rollout engines and the trainer ranks (`overrides`: config keys for the runtime only)."""
+    def start_runtime(self, total_opt_steps: int, overrides: dict | None = None, tenant_slots: int = 0) -> Runtime:
+        """Start Ray, the rollout engines and the trainer ranks (`overrides`: config keys for the runtime only;
+        `tenant_slots`: per-request adapters each LoRA engine holds, for ttrl-serve's tenants)."""
         from ttrl.distributed.runtime import Runtime
 
         cfg = OmegaConf.merge(self.cfg, overrides) if overrides else self.cfg
-        self.rt = Runtime(cfg, self.model_path, total_opt_steps)
+        self.rt = Runtime(cfg, self.model_path, total_opt_steps, tenant_slots=tenant_slots)
         return self.rt
 
     def local_engine(self) -> VLLMEngine:

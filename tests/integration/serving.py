@@ -107,9 +107,12 @@ class Server:
             time.sleep(1.0)
 
 
-def write_keys(path: Path, names: list[str]) -> dict[str, dict[str, str]]:
-    """An API keys file (mode 600) for `names`; name -> the Authorization header of its key."""
+def write_keys(path: Path, names: list[str], tenants: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """An API keys file (mode 600) for `names`; name -> the Authorization header of its key.
+
+    `tenants`: name -> the tenant field of its line (serve.tenants; `-` = the shared version)."""
     keys = {n: f"{n}-test-key-{i:04d}-0123456789" for i, n in enumerate(names)}
-    path.write_text("".join(f"{n}:{k}\n" for n, k in keys.items()))
+    tenants = tenants or {}
+    path.write_text("".join(f"{n}:{k}{':' + tenants[n] if n in tenants else ''}\n" for n, k in keys.items()))
     path.chmod(0o600)
     return {n: {"Authorization": f"Bearer {k}"} for n, k in keys.items()}

@@ -40,7 +40,8 @@ class Runtime:
     mini: int
     weights_version: int
 
-    def __init__(self, cfg: Any, model_path: str, total_opt_steps: int):
+    def __init__(self, cfg: Any, model_path: str, total_opt_steps: int, tenant_slots: int = 0):
+        # tenant_slots: per-request adapters each LoRA engine holds besides the policy's (ttrl-serve's tenants).
         t0 = time.perf_counter()
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -83,7 +84,8 @@ class Runtime:
             enable_prefix_caching=r.enable_prefix_caching, gpu_memory_utilization=r.gpu_memory_utilization,
             tensor_parallel_size=r.tensor_parallel_size, cpu_kv_cache_gb=r.cpu_kv_cache_gb,
             device=self.device, enable_sleep_mode=gpu and r.sleep_between_steps,
-            cpu_threads=0 if gpu else self.engine_threads(r.overlap), lora=self.lora)
+            cpu_threads=0 if gpu else self.engine_threads(r.overlap), lora=self.lora,
+            tenant_slots=tenant_slots if self.lora else 0)
         engine_cls = ray.remote(VLLMEngine)
 
         def start_engines():

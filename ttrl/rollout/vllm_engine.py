@@ -13,6 +13,12 @@ the policy's adapter alone, checked against the shapes this engine expects
 (`ttrl.rollout.lora`), and installed in place of the adapter it served;
 every request from then on runs with it.
 
+With `EngineArgs.tenant_slots` (ttrl-serve's `serve.tenants`) a LoRA engine
+also serves per-request adapters beside that shared one: `generate_tenants`
+takes each prompt's adapter folder and stable int id, vLLM loads it from
+disk the first time and keeps `tenant_slots` of them resident (its own LRU;
+the shared adapter is pinned), and the loads and unloads are counted.
+
 It must never import deepspeed or see a ground-truth answer: it returns
 samples and nothing else.
 """
@@ -55,6 +61,8 @@ class EngineArgs:
     enable_sleep_mode: bool = False
     # LoRA spec (ttrl.rollout.lora.lora_spec): serve the base plus an adapter that syncs replace.
     lora: dict | None = None
+    # With lora: adapters a request may name besides the shared one (ttrl-serve's tenants), resident at once.
+    tenant_slots: int = 0
 
 
 class VLLMEngine:
@@ -97,12 +105,19 @@ class VLLMEngine:
         if args.lora:
             from ttrl.rollout.lora import engine_rank
 
-            # One adapter, the policy's: a slot for it and nothing cached beside it.
-            kwargs.update(enable_lora=True, max_lora_rank=engine_rank(args.lora["r"]), max_loras=1, max_cpu_loras=1)
+            # The policy's adapter (pinned when tenants share the engine) and one slot per resident tenant
+            # adapter; as many cached as served, so an unloaded tenant is read from disk again.
+            slots = 1 + max(0, int(args.tenant_slots))
+            kwargs.update(enable_lora=True, max_lora_rank=engine_rank(args.lora["r"]), max_loras=slots,
+                          max_cpu_loras=slots)
         self.llm = LLM(**kwargs)
         self.startup_s = time.perf_counter() - t0
         self.expected_shapes = checkpoint_shapes(args.model_path)
         self._lora_setup(args)
+        self._tenant_requests: dict[int, Any] = {}  # tenant id -> its LoRARequest
+        self._tenant_counts = {"loads": 0, "unloads": 0}  # as last reported by generate_tenants
+        if args.lora and args.tenant_slots > 0:
+            self.llm.collective_rpc("ttrl_count_adapters")
         self.tokenizer = self.llm.get_tokenizer()
         self.t_ready = time.time()
 
@@ -143,6 +158,40 @@ class VLLMEngine:
         """
         return self._generate(prompt_token_ids, [self._params(*k) for k in keys])
 
+    def generate_tenants(self, prompt_token_ids: list[list[int]], keys: list[tuple],
+                         adapters: list[tuple[str, int, str] | None]) -> dict[str, Any]:
+        """`generate_each` where each prompt names its adapter: (tenant, int id, adapter folder), or None for
+        the shared one. {"outputs": as generate_each's, "loads", "unloads": adapters read from disk and
+        dropped during this call, "resident": tenant adapters held now}.
+
+        At most `tenant_slots` distinct tenants per call (the pool's batches
+        respect it): with more, vLLM would evict an adapter a running request needs.
+        """
+        from vllm.lora.request import LoRARequest
+
+        if not self.args.lora or self.args.tenant_slots < 1:
+            raise ValueError("generate_tenants: this engine was started without tenant slots (EngineArgs.tenant_slots)")
+        distinct = {a[1] for a in adapters if a is not None}
+        if len(distinct) > self.args.tenant_slots:
+            raise ValueError(f"generate_tenants: {len(distinct)} tenants in one call, the engine holds "
+                             f"{self.args.tenant_slots} (serve.tenants.max_loaded)")
+        requests = []
+        for a in adapters:
+            if a is None:
+                requests.append(self._lora_request)
+                continue
+            name, int_id, path = a
+            req = self._tenant_requests.get(int_id)
+            if req is None or req.lora_path != path:
+                req = self._tenant_requests[int_id] = LoRARequest(f"tenant:{name}", int_id, lora_path=path)
+            requests.append(req)
+        params = [self._params(*k) for k in keys]
+        outs = self._generate(prompt_token_ids, params, requests)
+        now = self.llm.collective_rpc("ttrl_adapter_counts")[0]
+        delta = {k: now[k] - self._tenant_counts[k] for k in ("loads", "unloads")}
+        self._tenant_counts = {k: now[k] for k in ("loads", "unloads")}
+        return {"outputs": outs, **delta, "resident": now["resident"]}
+
     @staticmethod
     def _params(n: int, temperature: float, top_p: float, top_k: int, max_tokens: int, seed: int | None) -> Any:
         from vllm import SamplingParams
@@ -154,9 +203,10 @@ class VLLMEngine:
         return SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
                               logprobs=0, seed=seed, flat_logprobs=True, detokenize=False)
 
-    def _generate(self, prompt_token_ids: list[list[int]], params: Any) -> list[list[dict[str, Any]]]:
+    def _generate(self, prompt_token_ids: list[list[int]], params: Any,
+                  lora_requests: list | None = None) -> list[list[dict[str, Any]]]:
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False,
-                                 lora_request=self._lora_request)
+                                 lora_request=self._lora_request if lora_requests is None else lora_requests)
         ids = [[list(o.token_ids) for o in req.outputs] for req in outs]
         texts = iter(self.tokenizer.batch_decode([x for per_prompt in ids for x in per_prompt],
                                                  skip_special_tokens=True))

@@ -369,8 +369,48 @@ class TTRLWorkerExtension:
             adapters.remove_adapter(ADAPTER_ID)
             adapters.add_adapter(model)
             adapters.activate_adapter(ADAPTER_ID)
+            if adapters.capacity > 1:
+                # Tenants' adapters share the cache (serve.tenants): the shared one has no file to be read
+                # back from, so vLLM's LRU must never unload it. Removing it above unpinned it.
+                adapters.pin_adapter(ADAPTER_ID)
         if self.device.type == "cuda":
             import torch
 
             torch.cuda.current_stream().synchronize()  # the slots hold the new weights on return
         return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    # ── LoRA: tenants' adapters, loaded and unloaded by vLLM's LRU ────────
+    # With tenant slots vLLM reads a tenant's adapter from its folder the first
+    # time a request names it, and drops the least recently used one when its
+    # cache is full. These hooks only count what vLLM does (ttrl-serve reports
+    # the counts); they change nothing in it.
+    def ttrl_count_adapters(self) -> None:
+        """Start counting tenant adapter loads (from disk) and unloads; once, at engine start."""
+        from ttrl.rollout.lora import ADAPTER_ID
+
+        worker = self.model_runner.lora_manager
+        cache = worker._adapter_manager._registered_adapters  # vLLM's LRU of resident adapters
+        counts = self._ttrl_adapter_counts = {"loads": 0, "unloads": 0}
+        load, on_remove = worker._load_adapter, cache._on_remove
+
+        def counted_load(request):
+            lora = load(request)
+            if request.lora_int_id != ADAPTER_ID:
+                counts["loads"] += 1
+            return lora
+
+        def counted_remove(key, value):
+            if key != ADAPTER_ID:
+                counts["unloads"] += 1
+            return on_remove(key, value)
+
+        worker._load_adapter = counted_load
+        cache._on_remove = counted_remove
+
+    def ttrl_adapter_counts(self) -> dict:
+        """Tenant adapter loads and unloads since the engine started, and the tenant adapters resident now."""
+        from ttrl.rollout.lora import ADAPTER_ID
+
+        counts = getattr(self, "_ttrl_adapter_counts", {"loads": 0, "unloads": 0})
+        resident = sorted(i for i in self.model_runner.lora_manager.list_adapters() if i != ADAPTER_ID)
+        return {**counts, "resident": resident}

@@ -6,6 +6,7 @@
     POST /v1/feedback            {"id": <response id>, "thumbs": "up"|"down" | "score": 0..1 | "rating": ±1}
     GET  /health                 liveness, served version, queue, learner state
     GET  /metrics                Prometheus text
+    GET  /admin/tenants          tenants, their adapter ids, adapter loads/unloads  (admin token; serve.tenants)
     GET  /admin/versions         versions on disk, learning rounds, gate events   (admin token)
     POST /admin/rollback         {"version": N}: serve (and train from) version N (admin token)
     POST /admin/learn            start a learning round now                        (admin token)
@@ -16,13 +17,16 @@ request is answered only after its record (identity, prompt, samples, vote,
 answer, version) is committed to the store. `Service` holds the request
 path and talks to the engines through an `EnginePool`-like object and to
 the learner and versions through a `Controller`; both are plain objects,
-so the app runs against fakes in unit tests.
+so the app runs against fakes in unit tests. With `serve.tenants` a request
+is answered with its tenant's adapter (`ttrl.serve.tenants`); a client whose
+identity has no tenant is refused (403), never served another model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +81,13 @@ class ServeMetrics:
         self.swap_pause = r.gauge("ttrl_last_swap_pause_seconds", "Longest engine pause of the last hot swap")
         self.rollbacks = r.counter("ttrl_rollbacks_total", "Admin rollbacks")
         self.engine_events = r.counter("ttrl_engine_events_total", "Engine deaths and recoveries", ["kind"])
+        self.tenant_loads = r.counter("ttrl_tenant_adapter_loads_total",
+                                      "Tenant adapters read from disk into a serving engine (serve.tenants)")
+        self.tenant_unloads = r.counter("ttrl_tenant_adapter_unloads_total",
+                                        "Tenant adapters a serving engine dropped, least recently used first")
+        self.tenants_created = r.counter("ttrl_tenants_created_total",
+                                         "Tenants created on their first request (adapter copied from the served "
+                                         "version)")
         r.gauge("ttrl_queue_depth", "Requests waiting for an engine", fn=queue_depth)
         r.gauge("ttrl_serving_version", "Weights version being served", fn=served_version)
 
@@ -94,9 +105,12 @@ class ServiceConfig:
 
 class Service:
     def __init__(self, scfg: ServiceConfig, tokenizer: Any, model_cfg: Any, pool: Any, store: Store,
-                 controller: Controller):
+                 controller: Controller, tenants: Any = None):
         self.scfg, self.tokenizer, self.model_cfg = scfg, tokenizer, model_cfg
         self.pool, self.store, self.controller = pool, store, controller
+        self.tenants = tenants  # ttrl.serve.tenants.Tenants with serve.tenants, else None
+        if tenants is not None:
+            tenants.on_create = lambda name: self.metrics.tenants_created.inc()
         self.writer = GroupCommitWriter(store)
         self.metrics = ServeMetrics(lambda: len(getattr(pool, "queue", ())), lambda: controller.served_version())
         self.started = time.time()
@@ -116,10 +130,34 @@ class Service:
         if not ids:
             raise P.RequestError("the prompt is empty after tokenisation", "prompt")
 
-    async def _answer_one(self, ids: list[int], s: P.Sampling, client: str
+    async def _adapter(self, client: str) -> tuple[str | None, tuple | None]:
+        """With tenants: (tenant, its adapter for the engine), the tenant created on its first request;
+        (None, None) for a key marked to be served the shared version. Tenants off: (None, None)."""
+        if self.tenants is None:
+            return None, None
+        try:
+            name = self.tenants.tenant_of(client)
+        except KeyError:
+            raise P.RequestError(f"the identity {client!r} has no tenant: with serve.tenants every request needs "
+                                 "an API key of serve.api_keys_file", status=403, kind="permission_error") from None
+        if name is None:
+            return None, None
+        try:
+            adapter = await run_in_threadpool(self.tenants.get, name)
+        except (OSError, ValueError) as err:
+            # The operator's to fix (the log says what); the client is not shown the server's paths.
+            print(f"ttrl-serve: tenant {name!r} cannot be served: {err}", file=sys.stderr, flush=True)
+            raise P.RequestError(f"the adapter of tenant {name!r} cannot be served (the server log says why)",
+                                 status=500, kind="server_error") from None
+        return name, adapter.wire()
+
+    async def _answer_one(self, ids: list[int], s: P.Sampling, client: str, adapter: tuple | None = None
                           ) -> tuple[list[dict], list[dict], int, Any]:
         """(returned choices, all samples, version, selection or None) for one prompt."""
-        samples, version = await self.pool.generate(ids, s.engine_key(), client)
+        if adapter is None:
+            samples, version = await self.pool.generate(ids, s.engine_key(), client)
+        else:
+            samples, version = await self.pool.generate(ids, s.engine_key(), client, adapter)
         self.metrics.generated_tokens.inc(sum(len(o["token_ids"]) for o in samples))
         selection = None
         if s.votes > 1:
@@ -143,9 +181,10 @@ class Service:
         rid = P.new_id(prefix)
         for ids in prompt_ids:
             self._check_length(ids, s)
+        tenant, adapter = await self._adapter(client)
         try:
             results = await asyncio.wait_for(
-                asyncio.gather(*(self._answer_one(ids, s, client) for ids in prompt_ids)),
+                asyncio.gather(*(self._answer_one(ids, s, client, adapter) for ids in prompt_ids)),
                 timeout=self.scfg.request_timeout_s)
         except TimeoutError:
             raise P.RequestError(f"no answer within serve.request_timeout_s={self.scfg.request_timeout_s:g}s",
@@ -171,6 +210,8 @@ class Service:
             choices.extend(picked)
             extras.append({"version": v, "votes": s.votes, "answer": records[-1].answer,
                            "agreement": records[-1].agreement})
+            if self.tenants is not None:
+                extras[-1]["tenant"] = tenant  # None: the shared version answered
         # Durable before the answer leaves: a crash after this line loses no answered query.
         await asyncio.wrap_future(self.writer.submit(records))
         self.metrics.answered.inc(len(records))
@@ -318,6 +359,16 @@ def build_app(service: Service, policy: GuardPolicy | None = None) -> Guard:
             return JSONResponse(await run_in_threadpool(service.controller.rollback, v))
         except P.RequestError as err:
             return error(err)
+
+    @app.get("/admin/tenants")
+    async def tenants(request: Request):
+        if (resp := admin_denied(request)) is not None:
+            return resp
+        if service.tenants is None:
+            return error(P.RequestError("tenants are off (serve.tenants.enabled=false)", status=409,
+                                        kind="conflict"))
+        stats = service.pool.stats().get("tenant_adapters", {}) if hasattr(service.pool, "stats") else {}
+        return JSONResponse({"tenants": await run_in_threadpool(service.tenants.listing), **stats})
 
     @app.post("/admin/learn")
     async def learn_now(request: Request):

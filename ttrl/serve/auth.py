@@ -8,6 +8,11 @@ client's identity, which the store keeps with every query and rating and
 which the learner counts (quorums, shares). Without keys every client is
 the one identity "anonymous".
 
+A line may name a third field, its tenant (`name:key:tenant`, used with
+`serve.tenants`): keys that share a tenant share its adapter. Without the
+field a key's tenant is its name; `-` says the key is no tenant and is
+answered by the shared served version.
+
 `/admin/*` (versions, rollback, a learning round on demand) changes what is
 served, so it takes a token from the environment variable
 `serve.admin_token_env` (TTRL_ADMIN_TOKEN). Without it the admin API is off
@@ -31,6 +36,8 @@ from pathlib import Path
 MIN_TOKEN_CHARS = 8
 MIN_KEY_CHARS = 16
 ANONYMOUS = "anonymous"
+# The tenant field of a key that is no tenant: answered by the shared served version.
+SHARED = "-"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 # Printable ASCII without space and ':' (the field separator).
 _KEY = re.compile(r"^[!-9;-~]+$")
@@ -48,22 +55,39 @@ class Denied:
 
 def load_api_keys(path: str | Path) -> dict[str, str]:
     """name -> key from a file of `name:key` lines (`#` comments and blank lines allowed)."""
+    return {name: key for name, (key, _) in _read_keys_file(path).items()}
+
+
+def load_tenants(path: str | Path) -> dict[str, str | None]:
+    """name -> its tenant (the line's third field, else the name itself; None for `-`: no tenant)."""
+    return {name: (None if tenant == SHARED else tenant or name)
+            for name, (_, tenant) in _read_keys_file(path).items()}
+
+
+def _read_keys_file(path: str | Path) -> dict[str, tuple[str, str]]:
+    """name -> (key, tenant field or "") from a keys file; KeysFileError naming the file and line."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise KeysFileError(f"cannot read {path}: {type(err).__name__}") from None
     keys: dict[str, str] = {}
+    tenants: dict[str, str] = {}
     seen: dict[str, int] = {}
     for no, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        name, sep, key = line.partition(":")
-        name, key = name.strip(), key.strip()
+        name, sep, rest = line.partition(":")
+        key, sep2, tenant = rest.partition(":")
+        name, key, tenant = name.strip(), key.strip(), tenant.strip()
         where = f"{path} line {no}"
-        if not sep or not name or not key:
-            raise KeysFileError(f"{where} is not a `name:key` line")
+        if not sep or not name or not key or (sep2 and not tenant):
+            raise KeysFileError(f"{where} is not a `name:key` line (or `name:key:tenant`)")
+        if tenant and tenant != SHARED and not _NAME.match(tenant):
+            # A tenant names a folder under <serve.dir>/tenants/: no separators, no leading dot.
+            raise KeysFileError(f"{where}: the tenant {tenant!r} must be 1-64 letters, digits or _.@- (starting "
+                                f"with a letter or digit), or {SHARED!r} for none")
         if not _NAME.match(name):
             raise KeysFileError(f"{where}: the name {name!r} must be 1-64 letters, digits or _.@- (starting with a "
                                 "letter or digit)")
@@ -78,10 +102,11 @@ def load_api_keys(path: str | Path) -> dict[str, str]:
         if any(hashlib.sha256(k.encode()).hexdigest() == digest for k in keys.values()):
             raise KeysFileError(f"{where}: the key of {name!r} is also another name's key")
         keys[name] = key
+        tenants[name] = tenant
         seen[name] = no
     if not keys:
         raise KeysFileError(f"{path} holds no `name:key` line")
-    return keys
+    return {name: (key, tenants[name]) for name, key in keys.items()}
 
 
 def loosely_readable(path: str | Path) -> bool:
@@ -161,5 +186,5 @@ def check_admin(headers: Mapping[str, str], token: str | None) -> Denied | None:
     return None
 
 
-__all__ = ["ANONYMOUS", "ApiKeys", "Denied", "KeysFileError", "bearer", "check_admin", "is_admin",
-           "load_api_keys", "loosely_readable", "presented_token", "resolve_admin_token"]
+__all__ = ["ANONYMOUS", "SHARED", "ApiKeys", "Denied", "KeysFileError", "bearer", "check_admin", "is_admin",
+           "load_api_keys", "load_tenants", "loosely_readable", "presented_token", "resolve_admin_token"]

@@ -123,6 +123,25 @@ class ServeLimitsConfig:
 
 
 @dataclass
+class ServeTenantsConfig:
+    """A model per tenant: each API key's tenant is served its own LoRA adapter on the one shared base.
+
+    Needs model.lora.enabled=true (the engines then serve adapters) and
+    serve.api_keys_file (a key's tenant is its name, or the third field of
+    its line). A tenant's adapter is <serve.dir>/tenants/<name>/adapter/ (peft
+    format), a copy of the served version's adapter made on its first
+    request; its r, alpha and target modules are therefore model.lora's.
+    Per-tenant learning is not built yet: serve.learn.enabled must be false.
+    """
+
+    # Serve each tenant its own adapter (false: one model for every client).
+    enabled: bool = False
+    # Tenant adapters resident in each serving engine at once; the least
+    # recently used one is unloaded, and read from disk again when asked for.
+    max_loaded: int = 4
+
+
+@dataclass
 class ServeConfig:
     """`ttrl-serve`: the OpenAI-compatible server that answers queries and learns from them.
 
@@ -181,6 +200,7 @@ class ServeConfig:
     limits: ServeLimitsConfig = field(default_factory=ServeLimitsConfig)
     learn: ServeLearnConfig = field(default_factory=ServeLearnConfig)
     gate: ServeGateConfig = field(default_factory=ServeGateConfig)
+    tenants: ServeTenantsConfig = field(default_factory=ServeTenantsConfig)
 
 
 @dataclass
@@ -241,6 +261,7 @@ def validate_serve(cfg: Any) -> None:
              "use reward=majority_vote (TTRL) or a label-free reward.")
 
     _validate_access(s)
+    _validate_tenants(cfg)
     from ttrl.serve.faults import ENV, POINTS
 
     crash = os.environ.get(ENV)
@@ -290,6 +311,31 @@ def validate_serve(cfg: Any) -> None:
         fail(f"serve.gate.min_askers={g.min_askers} must be at least 1.")
     if not 0 <= g.rotate_share < 1:
         fail(f"serve.gate.rotate_share={g.rotate_share} must be in [0, 1).")
+
+
+# vLLM allocates every adapter slot (max_loras) in every LoRA layer at start-up, used or not: a typo such as
+# 4000 would take the engine's memory before the first request, so the key has a ceiling.
+MAX_LOADED_LIMIT = 64
+
+
+def _validate_tenants(cfg: Any) -> None:
+    """serve.tenants: LoRA serving, keys to name tenants, no learner (not per tenant yet), a sane max_loaded."""
+    t = cfg.serve.tenants
+    if not t.enabled:
+        return
+    if not 1 <= t.max_loaded <= MAX_LOADED_LIMIT:
+        raise ConfigError(f"serve.tenants.max_loaded={t.max_loaded} must be between 1 and {MAX_LOADED_LIMIT} "
+                          "(tenant adapters resident per serving engine).")
+    if not cfg.model.lora.enabled:
+        raise ConfigError("serve.tenants.enabled=true needs LoRA serving: set model.lora.enabled=true (each tenant "
+                          "is served its own adapter on the shared base, with model.lora's r, alpha and targets).")
+    if api_keys_path(cfg.serve) is None:
+        raise ConfigError("serve.tenants.enabled=true needs serve.api_keys_file: a tenant is the name of an API key "
+                          "(or the third field of its line, name:key:tenant), and a client without a key has none.")
+    if cfg.serve.learn.enabled:
+        raise ConfigError("serve.tenants.enabled=true needs serve.learn.enabled=false: per-tenant learning is not "
+                          "built yet, and the shared learner would train on tenants' queries for a model none of "
+                          "them is served.")
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -363,4 +409,4 @@ def _validate_access(s: Any) -> None:
 
 
 __all__ = ["API_KEYS_ENV", "ConfigError", "secret_on_command_line", "ServeConfig", "ServeGateConfig", "ServeLearnConfig", "ServeLimitsConfig",
-           "ServeRootConfig", "api_keys_path", "is_loopback", "register_serve_configs", "validate_serve"]
+           "ServeRootConfig", "ServeTenantsConfig", "api_keys_path", "is_loopback", "register_serve_configs", "validate_serve"]

@@ -12,6 +12,14 @@ oldest first: one client's backlog cannot starve another. A batch that
 fails (not by an engine's death) is retried one request at a time, so a
 bad request fails alone.
 
+With tenants (`max_adapters` > 0, serve.tenants) each request carries its
+tenant's adapter (name, int id, folder) or None (the shared version), the
+engine call is `generate_tenants`, and a batch holds requests of at most
+`max_adapters` distinct tenants: an engine keeps that many tenant adapters
+resident, and a batch with more would make vLLM unload one a running
+request needs. The others wait for the next batch, their order kept. The
+adapter loads and unloads each call reports are summed here.
+
 A hot swap (`swap`) walks the engines one at a time: the engine takes no
 new batch, the `load_weights` call is submitted at once and so runs right
 after the batch in flight, which finishes on the old weights; every later
@@ -56,6 +64,7 @@ class _Req:
     key: tuple  # (n, temperature, top_p, top_k, max_tokens, seed)
     fut: asyncio.Future
     client: str = "anonymous"
+    adapter: tuple | None = None  # (tenant, int id, adapter folder) with tenants on; None = the shared version
     attempts: int = 0
     solo: bool = False  # its batch failed: run it alone, so a bad request fails by itself
     t_enqueue: float = field(default_factory=time.perf_counter)
@@ -71,6 +80,7 @@ class _Engine:
     loading: bool = False
     lost: bool = False  # did not come back from a restart: out of service for good
     restarts: int = 0
+    resident: list[int] = field(default_factory=list)  # tenant adapter ids the engine held after its last call
 
 
 class EnginePool:
@@ -78,7 +88,8 @@ class EnginePool:
                  blobs_for: Callable[[int], list[bytes]] | None = None, max_retries: int = 2,
                  recover_timeout_s: float = 600.0, on_batch: Callable[[int, float], None] | None = None,
                  on_event: Callable[..., None] | None = None,
-                 death_errors: tuple[type[BaseException], ...] | None = None):
+                 death_errors: tuple[type[BaseException], ...] | None = None, max_adapters: int = 0,
+                 on_adapters: Callable[[int, int], None] | None = None):
         if not engines:
             raise ValueError("EnginePool needs at least one engine")
         self.engines = [_Engine(h, i, version) for i, h in enumerate(engines)]
@@ -88,6 +99,10 @@ class EnginePool:
         self.blobs_for = blobs_for
         self.on_batch = on_batch
         self.on_event = on_event or (lambda kind, **kw: None)
+        # Tenants: distinct tenant adapters per batch (0 = tenants off), and what to tell of (loads, unloads).
+        self.max_adapters = max_adapters
+        self.on_adapters = on_adapters
+        self.adapter_loads = self.adapter_unloads = 0
         self.queue: deque[_Req] = deque()
         if death_errors is None:  # an engine call failing with one of these means the actor died
             from ray.exceptions import RayActorError
@@ -125,15 +140,19 @@ class EnginePool:
         t.add_done_callback(self._tasks.discard)
 
     # ── requests ──────────────────────────────────────────────────────────
-    async def generate(self, ids: list[int], key: tuple, client: str = "anonymous") -> tuple[list[dict], int]:
-        """Samples for one prompt ([n] engine dicts) and the weights version that drew them."""
+    async def generate(self, ids: list[int], key: tuple, client: str = "anonymous",
+                       adapter: tuple | None = None) -> tuple[list[dict], int]:
+        """Samples for one prompt ([n] engine dicts) and the weights version that drew them.
+
+        `adapter`: with tenants, the tenant's (name, int id, folder), or None for the shared version.
+        """
         if self._stopped:
             raise EngineUnavailable("the server is shutting down")
         if all(e.lost for e in self.engines):
             raise EngineUnavailable("no rollout engine is alive")
         if len(self.queue) >= self.max_queue:
             raise Overloaded(f"{len(self.queue)} requests are queued (serve.max_queue); retry later")
-        req = _Req(ids, key, asyncio.get_running_loop().create_future(), client)
+        req = _Req(ids, key, asyncio.get_running_loop().create_future(), client, adapter)
         self.queue.append(req)
         assert self._wake is not None, "EnginePool.start() first"
         self._wake.set()
@@ -157,9 +176,14 @@ class EnginePool:
             for r in live:
                 per_client.setdefault(r.client, deque()).append(r)
             batch = []
+            tenants: set[int] = set()
             while per_client and len(batch) < self.max_batch:
                 for c in list(per_client):
-                    batch.append(per_client[c].popleft())
+                    r = per_client[c].popleft()
+                    if self._fits(r, tenants):
+                        batch.append(r)
+                    else:  # a tenant beyond max_adapters: this client's later requests wait too (order kept)
+                        per_client[c].clear()
                     if not per_client[c]:
                         del per_client[c]
                     if len(batch) >= self.max_batch:
@@ -167,6 +191,15 @@ class EnginePool:
         taken = {id(r) for r in batch}
         self.queue = deque(r for r in live if id(r) not in taken)
         return batch
+
+    def _fits(self, r: _Req, tenants: set[int]) -> bool:
+        """Whether `r` may join a batch whose tenant adapter ids are `tenants` (added when it may)."""
+        if not self.max_adapters or r.adapter is None or r.adapter[1] in tenants:
+            return True
+        if len(tenants) >= self.max_adapters:
+            return False
+        tenants.add(r.adapter[1])
+        return True
 
     async def _dispatch(self) -> None:
         assert self._wake is not None
@@ -187,7 +220,13 @@ class EnginePool:
         version = eng.version
         t0 = time.perf_counter()
         try:
-            outs = await eng.handle.generate_each.remote([r.ids for r in batch], [r.key for r in batch])
+            if self.max_adapters:
+                res = await eng.handle.generate_tenants.remote([r.ids for r in batch], [r.key for r in batch],
+                                                               [r.adapter for r in batch])
+                outs = res["outputs"]
+                self._count_adapters(eng, res)
+            else:
+                outs = await eng.handle.generate_each.remote([r.ids for r in batch], [r.key for r in batch])
             self.batches += 1
             if self.on_batch:
                 self.on_batch(len(batch), time.perf_counter() - t0)
@@ -225,6 +264,14 @@ class EnginePool:
             eng.busy = False
             if self._wake:
                 self._wake.set()
+
+    def _count_adapters(self, eng: _Engine, res: dict[str, Any]) -> None:
+        loads, unloads = int(res.get("loads", 0)), int(res.get("unloads", 0))
+        self.adapter_loads += loads
+        self.adapter_unloads += unloads
+        eng.resident = list(res.get("resident", []))
+        if self.on_adapters is not None and (loads or unloads):
+            self.on_adapters(loads, unloads)
 
     # ── recovery ──────────────────────────────────────────────────────────
     async def _recover(self, eng: _Engine) -> None:
@@ -325,9 +372,14 @@ class EnginePool:
             self._wake.set()
 
     def stats(self) -> dict[str, Any]:
-        return {"queue": len(self.queue), "batches": self.batches, "version": self.version,
-                "engines": [{"index": e.index, "version": e.version, "alive": e.alive, "busy": e.busy,
-                             "loading": e.loading, "lost": e.lost, "restarts": e.restarts} for e in self.engines]}
+        out = {"queue": len(self.queue), "batches": self.batches, "version": self.version,
+               "engines": [{"index": e.index, "version": e.version, "alive": e.alive, "busy": e.busy,
+                            "loading": e.loading, "lost": e.lost, "restarts": e.restarts} for e in self.engines]}
+        if self.max_adapters:
+            out["tenant_adapters"] = {"max_loaded": self.max_adapters, "loads": self.adapter_loads,
+                                      "unloads": self.adapter_unloads,
+                                      "resident": {e.index: e.resident for e in self.engines}}
+        return out
 
 
 __all__ = ["EnginePool", "EngineUnavailable", "Overloaded", "SwapFailed"]

@@ -7,7 +7,9 @@
 
 Startup resumes from `serve.dir`: the store says which version is served;
 the trainer loads its state, every engine loads its weights from disk.
-The first start writes v0 (the starting weights). When the server is
+The first start writes v0 (the starting weights). With `serve.tenants` the
+serving engines also hold `serve.tenants.max_loaded` tenant adapters each,
+read from `<serve.dir>/tenants/` (`ttrl.serve.tenants`). When the server is
 listening, `<serve.dir>/server.json` holds its address (with `serve.port=0`
 that is how a caller learns the port).
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ttrl.rundir import write_atomic
-from ttrl.serve.auth import ApiKeys, loosely_readable, resolve_admin_token
+from ttrl.serve.auth import ApiKeys, load_tenants, loosely_readable, resolve_admin_token
 from ttrl.serve.config import api_keys_path
 from ttrl.serve.engines import SwapFailed
 from ttrl.serve.protocol import Defaults, RequestError, RequestLimits
@@ -178,7 +180,8 @@ def run_server(cfg: Any, serve_dir: Path) -> None:
     # One more engine than asked for: the staging engine (learner rollouts, gate). Versions reach
     # the engines from disk and staging through push_weights: no NCCL weight group.
     rt = parts.start_runtime(int(cfg.trainer.total_steps or 1_000_000),
-                             overrides={"rollout": {"num_engines": cfg.rollout.num_engines + 1, "weight_sync": "ray"}})
+                             overrides={"rollout": {"num_engines": cfg.rollout.num_engines + 1, "weight_sync": "ray"}},
+                             tenant_slots=s.tenants.max_loaded if s.tenants.enabled else 0)
     serving, staging = rt.engines[:-1], rt.engines[-1]
     learner = None
     try:
@@ -218,8 +221,15 @@ def run_server(cfg: Any, serve_dir: Path) -> None:
                               served=controller.served_version, trainer_lock=trainer_lock, labelled=labelled,
                               on_round=controller.on_round, alert=controller.on_alert)
             controller.learner = learner
+        tenants = None
+        if s.tenants.enabled:
+            from ttrl.serve.tenants import Tenants
+
+            # A new tenant starts from the version served when it first asks (validation made keys_file exist).
+            tenants = Tenants(serve_dir / "tenants", lambda: versions.hf_dir(controller.served_version()),
+                              load_tenants(keys_file))
         asyncio.run(_serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, controller, admin_token,
-                           served, rt.startup_s, api_keys, _vocab_size(model_path, tokenizer)))
+                           served, rt.startup_s, api_keys, _vocab_size(model_path, tokenizer), tenants))
     finally:
         if learner is not None:
             learner.stop()
@@ -241,7 +251,7 @@ def _vocab_size(model_path: str, tokenizer: Any) -> int:
 
 
 async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, controller, admin_token, served,
-                 startup_s, api_keys, vocab_size) -> None:
+                 startup_s, api_keys, vocab_size, tenants=None) -> None:
     import uvicorn
 
     from ttrl.labeling.extract import configured_extractor
@@ -253,7 +263,8 @@ async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, contro
     s, r = cfg.serve, cfg.rollout
     loop = asyncio.get_running_loop()
     pool = EnginePool(serving, served, max_batch=s.max_batch, max_queue=s.max_queue,
-                      blobs_for=lambda v: versions.blobs(v, rt.engine_dtype), max_retries=r.max_retries)
+                      blobs_for=lambda v: versions.blobs(v, rt.engine_dtype), max_retries=r.max_retries,
+                      max_adapters=s.tenants.max_loaded if tenants is not None else 0)
     defaults = Defaults(temperature=float(s.temperature if s.temperature is not None else r.temperature),
                         top_p=float(s.top_p if s.top_p is not None else r.top_p),
                         max_tokens=int(s.max_tokens or r.max_new_tokens), votes=int(s.votes),
@@ -263,7 +274,7 @@ async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, contro
                          request_timeout_s=float(s.request_timeout_s), admin_token=admin_token,
                          extractor=configured_extractor(cfg.label),
                          limits=RequestLimits(int(lim.max_prompts), int(lim.max_samples), int(lim.max_comment_chars)))
-    service = Service(scfg, tokenizer, cfg.model, pool, store, controller)
+    service = Service(scfg, tokenizer, cfg.model, pool, store, controller, tenants)
     m = service.metrics
     policy = GuardPolicy(allowed_hosts=allowed_host_set(s.allowed_hosts, s.host),
                          cors_origins=frozenset(str(o).rstrip("/") for o in s.cors_origins),
@@ -278,7 +289,11 @@ async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, contro
         m.engine_events.inc(kind=kind)
         store.add_event(kind, **payload)
 
-    pool.on_batch, pool.on_event = on_batch, on_event
+    def on_adapters(loads: int, unloads: int) -> None:
+        m.tenant_loads.inc(loads)
+        m.tenant_unloads.inc(unloads)
+
+    pool.on_batch, pool.on_event, pool.on_adapters = on_batch, on_event, on_adapters
     controller.pool, controller.loop, controller.metrics = pool, loop, m
     await pool.start()
     if controller.learner is not None:
@@ -304,7 +319,8 @@ async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, contro
     who = (f"API keys for {len(api_keys.names)} identities" if api_keys else
            "single user (trusted), no keys" if s.single_user else "no API keys (every client is 'anonymous')")
     print(f"ttrl-serve: serving v{served} of {scfg.model_name} at {url}/v1 (OpenAI API), votes={s.votes}; {who}; "
-          f"learner {'on' if controller.learner else 'off'}; admin API {'on' if admin_token else 'off'}; "
+          f"learner {'on' if controller.learner else 'off'}; "
+          f"{f'tenants on ({s.tenants.max_loaded} adapters resident per engine)' if tenants else 'tenants off'}; admin API {'on' if admin_token else 'off'}; "
           f"store {store.path}; started in {startup_s:.0f} s ({rt.phases.line()})", file=sys.stderr, flush=True)
     try:
         await task

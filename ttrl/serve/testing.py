@@ -5,6 +5,9 @@ and a deliberately harmful reward (the integration test shows the gate rejecting
 can tell: `engine.method.remote(...)` returns an awaitable, and calls run
 one at a time in the order they were made. Its answers depend on the
 weights version it holds, so a test can see which version answered.
+With `tenant_slots` it also takes `generate_tenants` calls and keeps that
+many tenant adapters "resident" in least-recently-used order, counting
+loads and unloads as a real engine reports them.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def boxed(answer: str, logprobs=(-0.5, -0.5, -0.5)) -> dict:
 
 class FakeEngine:
     def __init__(self, answer: Callable[[list[int], int, int], dict] | None = None, delay: float = 0.01,
-                 refuse: Callable[[list[int]], bool] | None = None, fail_load: Callable[[int], bool] | None = None):
+                 refuse: Callable[[list[int]], bool] | None = None, fail_load: Callable[[int], bool] | None = None,
+                 tenant_slots: int = 0):
         # answer(prompt_ids, version, sample_index) -> one engine sample dict
         self.answer = answer or (lambda ids, version, j: boxed(f"v{version}"))
         self.delay = delay
@@ -48,6 +52,10 @@ class FakeEngine:
         self.generate_each = _Method(self._generate_each)
         self.load_weights = _Method(self._load)
         self.info = _Method(self._info)
+        self.generate_tenants = _Method(self._generate_tenants)
+        self.tenant_slots = tenant_slots
+        self.resident: list[int] = []  # tenant adapter ids, least recently used first
+        self.loads = self.unloads = 0
 
     def _l(self) -> asyncio.Lock:
         if self._lock is None:
@@ -66,6 +74,27 @@ class FakeEngine:
                 raise ValueError("the engine refused a prompt")
             self.log.append(("generate", len(prompts), self.version, list(keys)))
             return [[self.answer(p, self.version, j) for j in range(key[0])] for p, key in zip(prompts, keys)]
+
+    async def _generate_tenants(self, prompts, keys, adapters):
+        distinct = {a[1] for a in adapters if a is not None}
+        if len(distinct) > self.tenant_slots:
+            raise ValueError(f"{len(distinct)} tenants in one call, {self.tenant_slots} slots")
+        loads = unloads = 0
+        for a in adapters:
+            if a is None:
+                continue
+            if a[1] in self.resident:
+                self.resident.remove(a[1])
+            else:
+                loads += 1
+                if len(self.resident) >= self.tenant_slots:
+                    self.resident.pop(0)
+                    unloads += 1
+            self.resident.append(a[1])
+        outs = await self._generate_each(prompts, keys)
+        self.log[-1] = (*self.log[-1], [a[0] if a else None for a in adapters])
+        self.loads, self.unloads = self.loads + loads, self.unloads + unloads
+        return {"outputs": outs, "loads": loads, "unloads": unloads, "resident": list(self.resident)}
 
     async def _load(self, blobs, version):
         async with self._l():

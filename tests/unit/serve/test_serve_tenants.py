@@ -1,0 +1,239 @@
+"""A model per tenant, the pure parts: config, who is which tenant, adapters on disk, batches, the API on fakes.
+
+The real engines (vLLM multi-LoRA on CPU) are tests/integration/test_serve_tenants.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+import torch
+
+from tests.unit.serve.test_serve_app import MODEL_CFG, FakeController
+from tests.unit.serve.test_serve_config import ROOT, compose_serve
+from ttrl.config import ConfigError
+from ttrl.serve.app import Service, ServiceConfig, build_app
+from ttrl.serve.auth import ApiKeys, KeysFileError, load_api_keys, load_tenants
+from ttrl.serve.config import validate_serve
+from ttrl.serve.engines import EnginePool
+from ttrl.serve.guard import GuardPolicy, allowed_host_set
+from ttrl.serve.limits import ClientLimits
+from ttrl.serve.protocol import Defaults
+from ttrl.serve.store import Store
+from ttrl.serve.tenants import FIRST_ID, Tenants, adapter_dir, write_adapter
+from ttrl.serve.testing import FakeDeath, FakeEngine, FakeTokenizer
+
+pytestmark = pytest.mark.unit
+
+SPEC = {"r": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": ["q_proj"], "init": "default"}
+A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+def _keys(tmp_path, text: str):
+    f = tmp_path / "keys"
+    f.write_text(text)
+    f.chmod(0o600)
+    return f
+
+
+# ── config ────────────────────────────────────────────────────────────────
+def _tenant_cfg(tmp_path, *overrides: str):
+    keys = _keys(tmp_path, "alice:alice-key-0123456789\n")
+    return compose_serve("serve.tenants.enabled=true", "model.lora.enabled=true", "serve.learn.enabled=false",
+                         f"serve.api_keys_file={keys}", *overrides)
+
+
+def test_tenants_are_off_by_default_and_validate_when_on(tmp_path):
+    cfg = compose_serve()
+    assert cfg.serve.tenants.enabled is False and cfg.serve.tenants.max_loaded == 4
+    validate_serve(_tenant_cfg(tmp_path))
+
+
+@pytest.mark.parametrize("override, words", [
+    ("serve.tenants.max_loaded=0", "serve.tenants.max_loaded=0 must be between 1 and 64"),
+    ("serve.tenants.max_loaded=1000", "serve.tenants.max_loaded=1000"),
+    ("model.lora.enabled=false", "serve.tenants.enabled=true needs LoRA serving: set model.lora.enabled=true"),
+    ("serve.learn.enabled=true", "serve.tenants.enabled=true needs serve.learn.enabled=false"),
+])
+def test_a_misconfigured_tenants_section_is_one_sentence_naming_the_key(tmp_path, override, words):
+    with pytest.raises(ConfigError) as err:
+        validate_serve(_tenant_cfg(tmp_path, override))
+    assert words in str(err.value)
+    assert str(err.value).count(". ") == 0, "one sentence"
+
+
+def test_tenants_without_an_api_keys_file_are_refused(monkeypatch):
+    monkeypatch.delenv("TTRL_API_KEYS_FILE", raising=False)
+    cfg = compose_serve("serve.tenants.enabled=true", "model.lora.enabled=true", "serve.learn.enabled=false")
+    with pytest.raises(ConfigError, match=r"serve.tenants.enabled=true needs serve.api_keys_file"):
+        validate_serve(cfg)
+
+
+def test_the_command_line_says_why_in_one_sentence_and_exits_2():
+    res = subprocess.run([sys.executable, "-m", "ttrl.serve", "serve.tenants.enabled=true"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("ttrl-serve: config error: serve.tenants.enabled=true needs LoRA serving")
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+# ── who is which tenant ───────────────────────────────────────────────────
+def test_a_key_line_names_its_tenant_or_is_its_own_or_none(tmp_path):
+    f = _keys(tmp_path, "alice:alice-key-0123456789\nbob:bob-key-0123456789:team-a\n"
+                        "carol:carol-key-0123456789:team-a\neval:eval-key-0123456789:-\n")
+    assert load_tenants(f) == {"alice": "alice", "bob": "team-a", "carol": "team-a", "eval": None}
+    assert load_api_keys(f)["bob"] == "bob-key-0123456789", "the tenant field is not part of the key"
+    assert ApiKeys.from_file(f).identify("carol-key-0123456789") == "carol"
+
+
+@pytest.mark.parametrize("line, words", [
+    ("bob:bob-key-0123456789:../etc", "line 1: the tenant '../etc' must be"),
+    ("bob:bob-key-0123456789:", "line 1 is not a `name:key` line"),
+    ("bob:bob-key-0123456789:a:b", "line 1: the tenant 'a:b' must be"),
+])
+def test_a_bad_tenant_field_names_the_line_never_the_key(tmp_path, line, words):
+    with pytest.raises(KeysFileError) as err:
+        load_tenants(_keys(tmp_path, line + "\n"))
+    assert words in str(err.value) and "bob-key" not in str(err.value)
+
+
+# ── adapters on disk ──────────────────────────────────────────────────────
+def _served(tmp_path):
+    """A served version's adapter folder (as versions/v0/policy), B = 0."""
+    from ttrl.rollout.lora import write_adapter as write_peft
+
+    return write_peft(tmp_path / "versions" / "v0" / "policy",
+                      {A: torch.randn(2, 64), B: torch.zeros(64, 2)}, SPEC, "base")
+
+
+def test_a_new_tenant_starts_from_the_served_adapter_with_a_stable_id(tmp_path):
+    from ttrl.rollout.lora import read_spec, read_tensors
+
+    served = _served(tmp_path)
+    root = tmp_path / "tenants"
+    t = Tenants(root, lambda: served, {"alice": "alice", "bob": "team", "eval": None})
+    a = t.get(t.tenant_of("alice"))
+    b = t.get(t.tenant_of("bob"))
+    assert (a.id, b.id) == (FIRST_ID, FIRST_ID + 1) and t.get("alice") == a and t.created == 2
+    assert a.path == str(adapter_dir(root, "alice"))
+    got, want = read_tensors(a.path), read_tensors(served)
+    assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+    assert not got[B].any(), "a new tenant's B is zero: it answers as the base"
+    assert read_spec(a.path) == read_spec(served)
+    assert json.loads((root / "alice" / "tenant.json").read_text())["from_version"] == "v0"
+    assert t.tenant_of("eval") is None
+    with pytest.raises(KeyError):
+        t.tenant_of("anonymous")
+    # A restart finds the same ids; a new tenant gets the next one.
+    again = Tenants(root, lambda: served, {"carol": "carol"})
+    assert again.get("team") == b and again.get("carol").id == FIRST_ID + 2 and again.created == 1
+
+
+def test_an_adapter_written_before_the_first_request_is_the_one_served(tmp_path):
+    from ttrl.rollout.lora import read_tensors
+
+    served = _served(tmp_path)
+    root = tmp_path / "tenants"
+    hot = {A: torch.randn(2, 64), B: torch.ones(64, 2)}
+    write_adapter(root, "bob", hot, SPEC, "base")
+    write_adapter(root, "bob", hot, SPEC, "base")  # replaced in place, atomically
+    assert sorted(p.name for p in (root / "bob").iterdir()) == ["adapter"]
+    b = Tenants(root, lambda: served, {"bob": "bob"}).get("bob")
+    assert torch.equal(read_tensors(b.path)[B], hot[B])
+    assert json.loads((root / "bob" / "tenant.json").read_text())["from_version"] is None
+
+
+def test_an_adapter_of_another_shape_in_a_tenant_folder_is_refused_naming_it(tmp_path):
+    served = _served(tmp_path)
+    root = tmp_path / "tenants"
+    write_adapter(root, "bob", {A: torch.randn(4, 64), B: torch.ones(64, 4)}, {**SPEC, "r": 4}, "base")
+    t = Tenants(root, lambda: served, {"bob": "bob"})
+    with pytest.raises(ValueError, match=r"tenants/bob/adapter has r=4, the served adapter \(model.lora\) r=2"):
+        t.get("bob")
+    assert t.listing() == [], "a refused adapter is no tenant"
+
+
+# ── batches ───────────────────────────────────────────────────────────────
+def test_a_batch_holds_at_most_max_loaded_tenants_and_the_loads_are_counted():
+    async def main():
+        eng = FakeEngine(delay=0.02, tenant_slots=2)
+        seen = []
+        pool = EnginePool([eng], 0, death_errors=(FakeDeath,), max_adapters=2,
+                          on_adapters=lambda lo, un: seen.append((lo, un)))
+        await pool.start()
+        key = (1, 1.0, 1.0, -1, 4, None)
+        ads = {n: (n, i, f"/t/{n}") for i, n in enumerate(["a", "b", "c"], FIRST_ID)}
+        # Busy the engine, then queue: 3 tenants and the shared version, several requests each.
+        first = asyncio.create_task(pool.generate([1], key, "x", ads["a"]))
+        await asyncio.sleep(0.005)
+        jobs = [pool.generate([i], key, f"client-{n}", ads[n]) for i, n in enumerate("abcabc")]
+        jobs += [pool.generate([9], key, "shared-user", None)]
+        await asyncio.gather(first, *jobs)
+        calls = [entry for entry in eng.log if entry[0] == "generate"]
+        for entry in calls:
+            assert len({t for t in entry[-1] if t is not None}) <= 2, entry
+        assert sum(len(entry[-1]) for entry in calls) == 8
+        assert pool.adapter_loads == eng.loads >= 3 and pool.adapter_unloads == eng.unloads >= 1
+        assert sum(lo for lo, _ in seen) == eng.loads
+        st = pool.stats()["tenant_adapters"]
+        assert st["max_loaded"] == 2 and st["loads"] == eng.loads and len(st["resident"][0]) == 2
+        await pool.stop()
+
+    asyncio.run(main())
+
+
+# ── the API ───────────────────────────────────────────────────────────────
+def test_each_key_is_answered_by_its_tenant_and_a_client_without_one_is_refused(tmp_path):
+    served = _served(tmp_path)
+    f = _keys(tmp_path, "alice:alice-key-0123456789\nbob:bob-key-0123456789:team\neval:eval-key-0123456789:-\n"
+                        "dave:dave-key-0123456789\nerin:erin-key-0123456789\n")
+    headers = {n: {"Authorization": f"Bearer {n}-key-0123456789"} for n in ("alice", "bob", "eval", "dave", "erin")}
+    write_adapter(tmp_path / "tenants", "erin", {A: torch.randn(4, 64), B: torch.ones(64, 4)}, {**SPEC, "r": 4})
+
+    async def main():
+        eng = FakeEngine(delay=0.002, tenant_slots=2)
+        pool = EnginePool([eng], 0, death_errors=(FakeDeath,), max_adapters=2)
+        await pool.start()
+        tenants = Tenants(tmp_path / "tenants", lambda: served, load_tenants(f))
+        defaults = Defaults(temperature=1.0, top_p=1.0, max_tokens=8, votes=1, max_model_len=256)
+        svc = Service(ServiceConfig("tiny", defaults, 30.0, "admin-token-123"), FakeTokenizer(), MODEL_CFG, pool,
+                      Store(tmp_path / "store.sqlite"), FakeController(), tenants)
+        policy = GuardPolicy(allowed_hosts=allowed_host_set([], "127.0.0.1"), cors_origins=frozenset(),
+                             max_body_bytes=1 << 20, api_keys=ApiKeys.from_file(f), admin_token="admin-token-123",
+                             limits=ClientLimits(0.0, 100, 16))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(svc, policy)),
+                                     base_url="http://localhost") as c:
+            got = {}
+            for n in ("alice", "bob", "eval", "alice"):
+                r = await c.post("/v1/completions", json={"prompt": "1+1="}, headers=headers[n])
+                assert r.status_code == 200, r.text
+                got[n] = r.json()["ttrl"]["tenant"]
+            assert got == {"alice": "alice", "bob": "team", "eval": None}
+            assert [e[-1] for e in eng.log] == [["alice"], ["team"], [None], ["alice"]]
+            assert (await c.post("/v1/completions", json={"prompt": "1+1="})).status_code == 401
+            # An identity the guard let in but with no tenant (not from the keys file) is refused, never served.
+            svc.tenants.key_tenants.pop("alice")
+            r = await c.post("/v1/completions", json={"prompt": "1+1="}, headers=headers["alice"])
+            assert r.status_code == 403 and "has no tenant" in r.json()["error"]["message"]
+            listing = (await c.get("/admin/tenants", headers={"Authorization": "Bearer admin-token-123"})).json()
+            assert [t["name"] for t in listing["tenants"]] == ["alice", "team"] and listing["loads"] == 2
+            # A new tenant's first requests, all at once: one tenant created, counted once.
+            rs = await asyncio.gather(*(c.post("/v1/completions", json={"prompt": "1+1="}, headers=headers["dave"])
+                                        for _ in range(4)))
+            assert [r.status_code for r in rs] == [200] * 4
+            metrics = (await c.get("/metrics", headers={"Authorization": "Bearer admin-token-123"})).text
+            assert "ttrl_tenants_created_total 3" in metrics
+            # An adapter the engines cannot serve: a 500 for its tenant, the server's paths kept from the client.
+            r = await c.post("/v1/completions", json={"prompt": "1+1="}, headers=headers["erin"])
+            assert r.status_code == 500 and "tenant 'erin' cannot be served" in r.json()["error"]["message"]
+            assert str(tmp_path) not in r.text
+        await pool.stop()
+        svc.close()
+
+    asyncio.run(main())

@@ -1,0 +1,168 @@
+"""A model per tenant (`serve.tenants`): who is which tenant, and each tenant's adapter on disk.
+
+With tenants on, every API key belongs to a tenant (its name, or the third
+field of its line: `ttrl.serve.auth.load_tenants`), and each tenant is
+served its own LoRA adapter on the one shared base:
+
+    <serve.dir>/tenants/<name>/adapter/      peft dir: adapter_config.json, adapter_model.safetensors
+    <serve.dir>/tenants/<name>/tenant.json   {"name", "id", "created", "from_version"}
+
+A tenant is created on its first request: its adapter is a copy of the
+served version's adapter (`<serve.dir>/versions/v<N>/policy/`; at v0 with
+model.lora's default init its B matrices are zero, so a new tenant answers
+exactly as the base does), unless an adapter is already in its folder (one
+an operator or a test wrote there with `write_adapter`). Its int id, which
+its vLLM LoRARequest carries, is given once and kept in tenant.json, so it is
+stable across restarts; id 1 is the shared adapter's
+(`ttrl.rollout.lora.ADAPTER_ID`), tenants count from 2.
+
+Folders are written under a temporary name and renamed into place, so a
+crash never leaves half an adapter that a later start would serve. Only the
+server process assigns ids (one lock); other processes may write adapters.
+
+Must never import ray or vllm, or talk to an engine: the engines read the
+adapter folders themselves (`VLLMEngine.generate_tenants`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ttrl.rollout.lora import ADAPTER_ID, CONFIG_FILE, WEIGHTS_FILE
+from ttrl.rundir import write_atomic
+from ttrl.serve.versions import fsync_dir, fsync_tree
+
+FIRST_ID = ADAPTER_ID + 1
+INFO_FILE = "tenant.json"
+
+
+@dataclass(frozen=True)
+class TenantAdapter:
+    """What an engine needs to serve a tenant: its name, its stable int id, its adapter folder."""
+
+    name: str
+    id: int
+    path: str
+
+    def wire(self) -> tuple[str, int, str]:
+        """As it crosses Ray to the engine (plain data)."""
+        return (self.name, self.id, self.path)
+
+
+def adapter_dir(root: str | Path, name: str) -> Path:
+    return Path(root) / name / "adapter"
+
+
+def _install_dir(tmp: Path, final: Path) -> None:
+    """Rename a complete, synced folder into place (replacing an older one) and sync its parent."""
+    fsync_tree(tmp)
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_adapter(root: str | Path, name: str, tensors: Mapping[str, Any], spec: Mapping[str, Any],
+                  base: str | None = None) -> Path:
+    """Write (or replace) tenant `name`'s adapter: peft format, wire names, atomically.
+
+    An engine that holds the tenant's old adapter keeps serving it until it
+    unloads it (least recently used) or restarts; phase 1 has no reload on
+    demand, so write a tenant's adapter before its first request.
+    """
+    from ttrl.rollout.lora import write_adapter as write_peft
+
+    final = adapter_dir(root, name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_peft(tmp, tensors, dict(spec), base)
+    _install_dir(tmp, final)
+    return final
+
+
+class Tenants:
+    """The tenants of one serve dir: created on first use, each with a stable id and an adapter folder."""
+
+    def __init__(self, root: str | Path, served_adapter: Callable[[], Path], key_tenants: Mapping[str, str | None]):
+        # served_adapter(): the served version's adapter folder, what a new tenant starts from.
+        # key_tenants: API key name -> its tenant (None: the key is served the shared version).
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.served_adapter = served_adapter
+        self.key_tenants = dict(key_tenants)
+        self._lock = threading.Lock()
+        self._known: dict[str, TenantAdapter] = {}
+        for info in sorted(self.root.glob(f"*/{INFO_FILE}")):
+            row = json.loads(info.read_text())
+            if (info.parent / "adapter" / CONFIG_FILE).is_file():
+                self._known[row["name"]] = TenantAdapter(row["name"], int(row["id"]), str(info.parent / "adapter"))
+        self.created = 0  # tenants created by this process
+        self.on_create: Callable[[str], None] | None = None  # told each new tenant's name (/metrics counts them)
+
+    def tenant_of(self, identity: str) -> str | None:
+        """The tenant of an API key's name; None for a key marked `-` (the shared version).
+
+        KeyError for an identity that is no key of the file (anonymous): the
+        caller refuses it rather than serve it some model silently.
+        """
+        return self.key_tenants[identity]
+
+    def get(self, name: str) -> TenantAdapter:
+        """Tenant `name`'s adapter, creating the tenant (adapter copied from the served version) on first use."""
+        with self._lock:
+            known = self._known.get(name)
+            if known is not None:
+                return known
+            d = adapter_dir(self.root, name)
+            from_version = None
+            if (d / CONFIG_FILE).is_file():
+                self._check(d)
+            else:
+                src = self.served_adapter()
+                tmp = d.with_name(d.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                for f in (CONFIG_FILE, WEIGHTS_FILE):  # the adapter alone, not peft's README or anything else
+                    shutil.copy2(src / f, tmp / f)
+                _install_dir(tmp, d)
+                from_version = src.parent.name
+            used = [t.id for t in self._known.values()]
+            t = TenantAdapter(name, max(used, default=FIRST_ID - 1) + 1, str(d))
+            write_atomic(d.parent / INFO_FILE, json.dumps({"name": name, "id": t.id, "created": time.time(),
+                                                           "from_version": from_version}, indent=1))
+            fsync_dir(d.parent)
+            self._known[name] = t
+            self.created += 1
+            if self.on_create is not None:
+                self.on_create(name)
+            return t
+
+    def _check(self, d: Path) -> None:
+        """An adapter someone put in a tenant's folder must fit the engines' LoRA slots (rank, targets):
+        ValueError naming the folder, before any engine tries it (a failed load inside vLLM fails its batch)."""
+        from ttrl.rollout.lora import read_spec
+
+        own, served = read_spec(d), read_spec(self.served_adapter())
+        for key in ("r", "target_modules"):
+            if own[key] != served[key]:
+                raise ValueError(f"the adapter at {d} has {key}={own[key]}, the served adapter (model.lora) "
+                                 f"{key}={served[key]}; the engines serve only adapters of the served one's shape")
+
+    def listing(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"name": t.name, "id": t.id, "path": t.path} for t in sorted(self._known.values(),
+                                                                                 key=lambda t: t.id)]
+
+
+__all__ = ["FIRST_ID", "INFO_FILE", "TenantAdapter", "Tenants", "adapter_dir", "write_adapter"]
