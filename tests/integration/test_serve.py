@@ -339,12 +339,20 @@ def test_one_identitys_ratings_teach_nothing_and_two_agreeing_identities_change_
     pushed, agreed = learned.pushed, learned.agreed
     assert len(pushed) >= 8, f"mallory found wrong answers on only {len(pushed)} of 16 prompts"
     for prompt, answers in pushed.items():
-        label = taught.get(prompt, {}).get("label")
-        assert label is None or not any(is_equivalent(label, a) for a in answers), (prompt, taught.get(prompt))
-    # The frozen set: nothing mallory said entered it or changed it.
+        t = taught.get(prompt, {})
+        # Her thumbs-up never became an earned verdict (the one way a rating makes an answer the label) ...
+        assert not any(is_equivalent(up, a) for up, _ in t.get("ups", ()) for a in answers), (prompt, t)
+        # ... so a label equal to one of her answers can only be the model's own: with no earned thumbs-up,
+        # the largest class of its samples the honest users' thumbs-down left (seen once:
+        # the vote said 208 on 85+73+30=, the answer she had pushed).
+        label = t.get("label")
+        if label is not None and any(is_equivalent(label, a) for a in answers):
+            assert not t.get("ups"), (prompt, t)
+    # The frozen set: nothing mallory said entered it or changed it. An item is the model's own consensus
+    # (source "vote") or an earned thumbs-up (source "feedback"); one of hers could only come from the latter.
     for item in learned.regression_after:
         for a in pushed.get(item["prompt"], ()):
-            assert not is_equivalent(item["label"], a), item
+            assert item["source"] == "vote" or not is_equivalent(item["label"], a), item
     # (An item of her prompts may still come from feedback: the honest users' earned verdict, the true sum.)
     share_before, share_after = _share(learned.plain, pushed), _share(learned.after, pushed)
     # Two identities that agree are a quorum (serve.learn.feedback_quorum=2): their answer is the label.
