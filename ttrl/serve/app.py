@@ -9,7 +9,7 @@
     GET  /admin/tenants          tenants, their adapter ids, adapter loads/unloads  (admin token; serve.tenants)
     GET  /admin/versions         versions on disk, learning rounds, gate events   (admin token)
     POST /admin/rollback         {"version": N}: serve (and train from) version N (admin token)
-    POST /admin/learn            start a learning round now                        (admin token)
+    POST /admin/learn            start a learning round now (?tenant=NAME: that tenant's) (admin token)
 
 Every request first passes `ttrl.serve.guard.Guard` (Host, Origin, API key,
 per-identity limits, Content-Type, body size; every answer counted). A
@@ -206,7 +206,7 @@ class Service:
                 samples=[{"text": o["text"], "answer": a, "mean_logprob": _finite(mean_logprob(o)),
                           "tokens": len(o["token_ids"]), "chosen": sel is not None and j == sel.index}
                          for j, (o, a) in enumerate(zip(samples, answers))],
-                request=request, latency_s=time.perf_counter() - t0, client=client))
+                request=request, latency_s=time.perf_counter() - t0, client=client, tenant=tenant))
             choices.extend(picked)
             extras.append({"version": v, "votes": s.votes, "answer": records[-1].answer,
                            "agreement": records[-1].agreement})
@@ -236,7 +236,7 @@ class Service:
         for r in rows:
             if index < len(r["response"]):
                 fid, replaced = self.store.add_feedback(
-                    FeedbackRecord(rid, r["idx"], index, score, comment, client=client))
+                    FeedbackRecord(rid, r["idx"], index, score, comment, client=client, tenant=r.get("tenant")))
                 self.metrics.feedback.inc(verdict="up" if score >= 0.5 else "down")
                 return {"ok": True, "feedback_id": fid, "id": rid, "index": body.get("index", 0), "score": score,
                         "replaced": replaced}
@@ -374,7 +374,10 @@ def build_app(service: Service, policy: GuardPolicy | None = None) -> Guard:
     async def learn_now(request: Request):
         if (resp := admin_denied(request)) is not None:
             return resp
+        tenant = request.query_params.get("tenant")
         try:
+            if tenant is not None:
+                return JSONResponse(await run_in_threadpool(service.controller.learn_now, tenant))
             return JSONResponse(await run_in_threadpool(service.controller.learn_now))
         except P.RequestError as err:
             return error(err)

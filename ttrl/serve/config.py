@@ -131,7 +131,9 @@ class ServeTenantsConfig:
     its line). A tenant's adapter is <serve.dir>/tenants/<name>/adapter/ (peft
     format), a copy of the served version's adapter made on its first
     request; its r, alpha and target modules are therefore model.lora's.
-    Per-tenant learning is not built yet: serve.learn.enabled must be false.
+    With serve.learn.enabled each learning round is one tenant's: it trains
+    that tenant's adapter on that tenant's queries, behind the gate, and
+    promotes <serve.dir>/tenants/<name>/versions/v<N>/ for it alone.
     """
 
     # Serve each tenant its own adapter (false: one model for every client).
@@ -319,7 +321,7 @@ MAX_LOADED_LIMIT = 64
 
 
 def _validate_tenants(cfg: Any) -> None:
-    """serve.tenants: LoRA serving, keys to name tenants, no learner (not per tenant yet), a sane max_loaded."""
+    """serve.tenants: LoRA serving, keys to name tenants, a sane max_loaded (the learner learns per tenant)."""
     t = cfg.serve.tenants
     if not t.enabled:
         return
@@ -332,10 +334,6 @@ def _validate_tenants(cfg: Any) -> None:
     if api_keys_path(cfg.serve) is None:
         raise ConfigError("serve.tenants.enabled=true needs serve.api_keys_file: a tenant is the name of an API key "
                           "(or the third field of its line, name:key:tenant), and a client without a key has none.")
-    if cfg.serve.learn.enabled:
-        raise ConfigError("serve.tenants.enabled=true needs serve.learn.enabled=false: per-tenant learning is not "
-                          "built yet, and the shared learner would train on tenants' queries for a model none of "
-                          "them is served.")
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")

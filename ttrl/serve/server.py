@@ -106,11 +106,19 @@ class ServeController:
             self.metrics.rollbacks.inc()
         return {"ok": True, "current": version, "previous": before, "swap": stats}
 
-    def learn_now(self) -> dict[str, Any]:
+    def learn_now(self, tenant: str | None = None) -> dict[str, Any]:
+        """Start a round now; with tenants, `tenant`'s (None: the next ready tenant's)."""
         if self.learner is None:
             raise RequestError("the learner is off (serve.learn.enabled=false)", status=409, kind="conflict")
-        self.learner.trigger()
-        return {"ok": True, "triggered": True, "state": self.learner.state}
+        if tenant is not None:
+            if self.learner.tenants is None:
+                raise RequestError("tenant=... needs serve.tenants.enabled=true", "tenant", status=409,
+                                   kind="conflict")
+            if tenant not in {t["name"] for t in self.learner.tenants.listing()}:
+                raise RequestError(f"no tenant {tenant!r} (a tenant exists after its first request)", "tenant",
+                                   status=404, kind="not_found")
+        self.learner.trigger(tenant)
+        return {"ok": True, "triggered": True, "state": self.learner.state, "tenant": tenant}
 
     def on_round(self, summary: dict[str, Any]) -> None:
         if self.metrics is not None:
@@ -216,11 +224,6 @@ def run_server(cfg: Any, serve_dir: Path) -> None:
 
         trainer_lock = threading.Lock()
         controller = ServeController(cfg, store, versions, rt, served, trainer_lock)
-        if s.learn.enabled:
-            learner = Learner(cfg, rt, staging, store, versions, tokenizer, reward, swap=controller.swap,
-                              served=controller.served_version, trainer_lock=trainer_lock, labelled=labelled,
-                              on_round=controller.on_round, alert=controller.on_alert)
-            controller.learner = learner
         tenants = None
         if s.tenants.enabled:
             from ttrl.serve.tenants import Tenants
@@ -228,6 +231,12 @@ def run_server(cfg: Any, serve_dir: Path) -> None:
             # A new tenant starts from the version served when it first asks (validation made keys_file exist).
             tenants = Tenants(serve_dir / "tenants", lambda: versions.hf_dir(controller.served_version()),
                               load_tenants(keys_file))
+            _resume_tenants(store, tenants)
+        if s.learn.enabled:
+            learner = Learner(cfg, rt, staging, store, versions, tokenizer, reward, swap=controller.swap,
+                              served=controller.served_version, trainer_lock=trainer_lock, labelled=labelled,
+                              on_round=controller.on_round, alert=controller.on_alert, tenants=tenants)
+            controller.learner = learner
         asyncio.run(_serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, controller, admin_token,
                            served, rt.startup_s, api_keys, _vocab_size(model_path, tokenizer), tenants))
     finally:
@@ -237,6 +246,23 @@ def run_server(cfg: Any, serve_dir: Path) -> None:
         store.close()
         parts.close()  # the reward (reward_model's actor), then the runtime
         print("ttrl-serve: stopped", file=sys.stderr, flush=True)
+
+
+def _resume_tenants(store: Store, tenants: Any) -> None:
+    """Each tenant served its last promoted version (the store's record); version folders a crash left
+    unrecorded (saved, never committed) are removed, as the shared version's are."""
+    served = store.tenant_versions()
+    for d in sorted(p for p in tenants.root.iterdir() if (p / "versions").is_dir()):
+        keep = {v["version"] for v in store.versions(d.name) if v["status"] == "promoted"}
+        removed = tenants.versions(d.name).cleanup(keep)
+        if removed:
+            print(f"ttrl-serve: tenant {d.name!r}: removed unrecorded version dirs {removed}", file=sys.stderr)
+    for name, version in sorted(served.items()):
+        try:
+            tenants.serve_version(name, version)
+        except (KeyError, FileNotFoundError) as err:
+            print(f"ttrl-serve: WARNING: tenant {name!r} should be served v{version} but cannot be ({err}); "
+                  "it is served its first adapter", file=sys.stderr, flush=True)
 
 
 def _vocab_size(model_path: str, tokenizer: Any) -> int:

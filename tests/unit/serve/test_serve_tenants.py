@@ -25,7 +25,7 @@ from ttrl.serve.guard import GuardPolicy, allowed_host_set
 from ttrl.serve.limits import ClientLimits
 from ttrl.serve.protocol import Defaults
 from ttrl.serve.store import Store
-from ttrl.serve.tenants import FIRST_ID, Tenants, adapter_dir, write_adapter
+from ttrl.serve.tenants import FIRST_ID, RoundQueue, Tenants, adapter_dir, ready_tenants, write_adapter
 from ttrl.serve.testing import FakeDeath, FakeEngine, FakeTokenizer
 
 pytestmark = pytest.mark.unit
@@ -59,13 +59,16 @@ def test_tenants_are_off_by_default_and_validate_when_on(tmp_path):
     ("serve.tenants.max_loaded=0", "serve.tenants.max_loaded=0 must be between 1 and 64"),
     ("serve.tenants.max_loaded=1000", "serve.tenants.max_loaded=1000"),
     ("model.lora.enabled=false", "serve.tenants.enabled=true needs LoRA serving: set model.lora.enabled=true"),
-    ("serve.learn.enabled=true", "serve.tenants.enabled=true needs serve.learn.enabled=false"),
 ])
 def test_a_misconfigured_tenants_section_is_one_sentence_naming_the_key(tmp_path, override, words):
     with pytest.raises(ConfigError) as err:
         validate_serve(_tenant_cfg(tmp_path, override))
     assert words in str(err.value)
     assert str(err.value).count(". ") == 0, "one sentence"
+
+
+def test_tenants_learn_per_tenant_so_the_learner_may_be_on(tmp_path):
+    validate_serve(_tenant_cfg(tmp_path, "serve.learn.enabled=true"))
 
 
 def test_tenants_without_an_api_keys_file_are_refused(monkeypatch):
@@ -237,3 +240,61 @@ def test_each_key_is_answered_by_its_tenant_and_a_client_without_one_is_refused(
         svc.close()
 
     asyncio.run(main())
+
+
+# ── per-tenant learning: whose round, version folders (phase 2) ─────────────
+def test_a_tenant_below_min_queries_waits_and_only_new_queries_make_a_round_due():
+    unused = {"alice": 10, "bob": 3, "carol": 12}
+    assert ready_tenants(unused, {}, every_queries=8, min_queries=4) == ["alice", "carol"]
+    # carol's last round left 10 of hers unused (quarantined, say): 2 new ones are not 8.
+    assert ready_tenants(unused, {"carol": 10}, every_queries=8, min_queries=4) == ["alice"]
+    assert ready_tenants(unused, {}, every_queries=0, min_queries=4) == [], "no count trigger, no time trigger"
+    assert ready_tenants(unused, {}, every_queries=0, min_queries=4, timely=True) == ["alice", "carol"]
+    assert ready_tenants(unused, {}, every_queries=0, min_queries=4, manual=True) == ["alice", "carol"], \
+        "a manual trigger without a name does not lift min_queries"
+    assert ready_tenants({"bob": 1}, {}, every_queries=1, min_queries=0) == ["bob"]
+    assert ready_tenants({}, {}, every_queries=1, min_queries=0) == []
+
+
+def test_rounds_go_round_robin_so_a_busy_tenant_cannot_starve_a_quiet_one():
+    q = RoundQueue()
+    order = []
+    for _ in range(7):
+        # alice always has queries; bob and carol too, dave only from the fourth round on.
+        ready = ["alice", "bob", "carol"] + (["dave"] if len(order) >= 3 else [])
+        pick = q.pick(ready)
+        q.done(pick)
+        order.append(pick)
+    assert order == ["alice", "bob", "carol", "dave", "alice", "bob", "carol"]
+    assert q.pick([]) is None
+    q.done("zed")
+    assert q.pick(["alice", "bob"]) == "alice", "after the last name, back to the first"
+    assert q.pick(["bob", "bob"]) == "bob"
+
+
+def test_a_promoted_version_is_a_new_folder_served_to_its_tenant_alone_with_the_same_id(tmp_path):
+    served = tmp_path / "versions" / "v0" / "policy"
+    write_adapter(tmp_path / "seed", "x", {A: torch.zeros(2, 16), B: torch.zeros(16, 2)}, SPEC)
+    served.parent.mkdir(parents=True)
+    (tmp_path / "seed" / "x" / "adapter").rename(served)
+    t = Tenants(tmp_path / "tenants", lambda: served, {"alice": "alice", "bob": "bob"})
+    alice, bob = t.get("alice"), t.get("bob")
+    assert t.origin("alice") == 0, "copied from v0: a round starts from v0's trainer state"
+    with pytest.raises(FileNotFoundError, match="v7"):
+        t.serve_version("alice", 7)
+    v7 = t.versions("alice").path(7) / "policy"
+    write_adapter(tmp_path / "tmp", "a", {A: torch.ones(2, 16), B: torch.ones(16, 2)}, SPEC)
+    v7.parent.mkdir(parents=True)
+    (tmp_path / "tmp" / "a" / "adapter").rename(v7)
+    info = t.serve_version("alice", 7)
+    assert info["previous"] == alice.path and info["path"] == str(v7)
+    assert t.get("alice") == type(alice)("alice", alice.id, str(v7)), "same id, new folder"
+    assert t.get("bob") == bob, "another tenant is untouched"
+    assert str(v7) == str(tmp_path / "tenants" / "alice" / "versions" / "v7" / "policy")
+    assert {r["name"]: r["version"] for r in t.listing()} == {"alice": 7, "bob": None}
+    # A restart reads tenant.json again: the version comes back from the store (server._resume_tenants).
+    again = Tenants(tmp_path / "tenants", lambda: served, {"alice": "alice"})
+    assert again.get("alice").path == alice.path and again.get("alice").id == alice.id
+    write_adapter(tmp_path / "tenants", "carol", {A: torch.ones(2, 16), B: torch.ones(16, 2)}, SPEC)
+    t.get("carol")
+    assert t.origin("carol") is None, "an adapter placed by hand has no trainer state to learn from"
