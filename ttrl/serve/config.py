@@ -141,6 +141,9 @@ class ServeTenantsConfig:
     # Tenant adapters resident in each serving engine at once; the least
     # recently used one is unloaded, and read from disk again when asked for.
     max_loaded: int = 4
+    # Tenants with a `tenant` label of their own on the per-tenant /metrics
+    # counters (the first ones to learn); later ones are counted as `_other`.
+    metrics_max_tenants: int = 32
 
 
 @dataclass
@@ -318,6 +321,8 @@ def validate_serve(cfg: Any) -> None:
 # vLLM allocates every adapter slot (max_loras) in every LoRA layer at start-up, used or not: a typo such as
 # 4000 would take the engine's memory before the first request, so the key has a ceiling.
 MAX_LOADED_LIMIT = 64
+# Each labelled tenant adds series to every per-tenant counter: a scrape stays small below this.
+MAX_LABELLED_TENANTS = 1000
 
 
 def _validate_tenants(cfg: Any) -> None:
@@ -328,6 +333,9 @@ def _validate_tenants(cfg: Any) -> None:
     if not 1 <= t.max_loaded <= MAX_LOADED_LIMIT:
         raise ConfigError(f"serve.tenants.max_loaded={t.max_loaded} must be between 1 and {MAX_LOADED_LIMIT} "
                           "(tenant adapters resident per serving engine).")
+    if not 0 <= t.metrics_max_tenants <= MAX_LABELLED_TENANTS:
+        raise ConfigError(f"serve.tenants.metrics_max_tenants={t.metrics_max_tenants} must be between 0 and "
+                          f"{MAX_LABELLED_TENANTS} (tenants with a /metrics label of their own; 0 = all as _other).")
     if not cfg.model.lora.enabled:
         raise ConfigError("serve.tenants.enabled=true needs LoRA serving: set model.lora.enabled=true (each tenant "
                           "is served its own adapter on the shared base, with model.lora's r, alpha and targets).")

@@ -532,7 +532,16 @@ class Store:
         return self._tx(write)
 
     def rounds(self, limit: int = 50) -> list[dict[str, Any]]:
-        rows = self._rows("SELECT * FROM rounds ORDER BY round DESC LIMIT ?", (limit,))
+        """The last `limit` rounds of the shared version and every tenant, oldest first."""
+        return self._decode_rounds(self._rows("SELECT * FROM rounds ORDER BY round DESC LIMIT ?", (limit,)))
+
+    def tenant_rounds(self, tenant: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The last `limit` rounds of one tenant, oldest first."""
+        return self._decode_rounds(self._rows("SELECT * FROM rounds WHERE tenant=? ORDER BY round DESC LIMIT ?",
+                                              (tenant, limit)))
+
+    @staticmethod
+    def _decode_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for r in rows:
             r["reasons"] = json.loads(r["reasons"] or "[]")
             r["metrics"] = json.loads(r["metrics"] or "{}")

@@ -206,6 +206,31 @@ class Tenants:
                     for t in sorted(self._known.values(), key=lambda t: t.id)]
 
 
+class TenantLabels:
+    """The `tenant` label of the per-tenant /metrics counters, with a cardinality cap.
+
+    The first `cap` tenants seen get their own label value; every later one
+    is counted under OTHER, so a server with thousands of tenants keeps a
+    bounded number of series (serve.tenants.metrics_max_tenants).
+    """
+
+    OTHER = "_other"
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self._named: set[str] = set()
+        self._lock = threading.Lock()
+
+    def label(self, name: str) -> str:
+        with self._lock:
+            if name in self._named:
+                return name
+            if len(self._named) < self.cap:
+                self._named.add(name)
+                return name
+            return self.OTHER
+
+
 def ready_tenants(unused: Mapping[str, int], seen: Mapping[str, int], every_queries: int, min_queries: int,
                   manual: bool = False, timely: bool = False) -> list[str]:
     """The tenants a round may be for now, by name.
@@ -250,5 +275,5 @@ class RoundQueue:
         self.last = name
 
 
-__all__ = ["FIRST_ID", "INFO_FILE", "RoundQueue", "TenantAdapter", "Tenants", "adapter_dir", "ready_tenants",
+__all__ = ["FIRST_ID", "INFO_FILE", "RoundQueue", "TenantAdapter", "TenantLabels", "Tenants", "adapter_dir", "ready_tenants",
            "write_adapter"]

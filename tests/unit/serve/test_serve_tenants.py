@@ -25,7 +25,15 @@ from ttrl.serve.guard import GuardPolicy, allowed_host_set
 from ttrl.serve.limits import ClientLimits
 from ttrl.serve.protocol import Defaults
 from ttrl.serve.store import Store
-from ttrl.serve.tenants import FIRST_ID, RoundQueue, Tenants, adapter_dir, ready_tenants, write_adapter
+from ttrl.serve.tenants import (
+    FIRST_ID,
+    RoundQueue,
+    TenantLabels,
+    Tenants,
+    adapter_dir,
+    ready_tenants,
+    write_adapter,
+)
 from ttrl.serve.testing import FakeDeath, FakeEngine, FakeTokenizer
 
 pytestmark = pytest.mark.unit
@@ -298,3 +306,83 @@ def test_a_promoted_version_is_a_new_folder_served_to_its_tenant_alone_with_the_
     write_adapter(tmp_path / "tenants", "carol", {A: torch.ones(2, 16), B: torch.ones(16, 2)}, SPEC)
     t.get("carol")
     assert t.origin("carol") is None, "an adapter placed by hand has no trainer state to learn from"
+
+
+def test_tenant_labels_on_metrics_are_capped():
+    labels = TenantLabels(2)
+    assert [labels.label(n) for n in ("a", "b", "c", "a", "d", "b")] == ["a", "b", "_other", "a", "_other", "b"]
+    assert TenantLabels(0).label("a") == "_other"
+
+
+def _promoted(t: Tenants, store: Store, name: str, version: int, ones: float) -> None:
+    """A promoted version of `name` as a learning round leaves it: a folder with policy/ and manifest.json,
+    and its row in the store."""
+    d = t.versions(name).path(version)
+    write_adapter(d.parent / ".w", "x", {A: torch.full((2, 16), ones), B: torch.full((16, 2), ones)}, SPEC)
+    d.mkdir(parents=True)
+    (d.parent / ".w" / "x" / "adapter").rename(d / "policy")
+    (d / "manifest.json").write_text("{}")
+    r = store.start_round(store.serving_version(name), 1, name)
+    store.commit_promotion(r, version, str(d), store.serving_version(name), used=[], current_score=0.5,
+                           candidate_score=0.5, metrics={}, tenant=name)
+    t.serve_version(name, version)
+
+
+def test_the_admin_api_gives_each_tenant_its_versions_rounds_and_rollback_and_metrics_by_tenant(tmp_path):
+    import threading
+
+    from ttrl.serve.server import ServeController, _resume_tenants
+    from ttrl.serve.versions import Versions
+
+    served = _served(tmp_path)
+    store = Store(tmp_path / "store.sqlite")
+    store.add_version(0, str(served.parent), "base", serve=True)
+    f = _keys(tmp_path, "alice:alice-key-0123456789\nbob:bob-key-0123456789\n")
+    tenants = Tenants(tmp_path / "tenants", lambda: served, load_tenants(f))
+    tenants.get("alice"), tenants.get("bob")
+    _promoted(tenants, store, "alice", 1, 0.1)
+    _promoted(tenants, store, "alice", 2, 0.2)
+    ctl = ServeController(None, store, Versions(tmp_path / "versions"), None, 0, threading.Lock())
+    ctl.tenants, ctl.tenant_labels = tenants, TenantLabels(1)
+    svc = Service(ServiceConfig("tiny", Defaults(1.0, 1.0, 8, 1, 256), 30.0, "admin-token-123"), FakeTokenizer(),
+                  MODEL_CFG, None, store, ctl, tenants)
+    ctl.metrics = svc.metrics
+    admin = {"Authorization": "Bearer admin-token-123"}
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(svc)),
+                                     base_url="http://localhost") as c:
+            v = (await c.get("/admin/versions", params={"tenant": "alice"}, headers=admin)).json()
+            assert v["tenant"] == "alice" and v["current"] == 2
+            assert [r["version"] for r in v["versions"]] == [1, 2] and len(v["rounds"]) == 2
+            assert (await c.get("/admin/versions", params={"tenant": "bob"}, headers=admin)).json()["versions"] == []
+            r = await c.get("/admin/versions", params={"tenant": "zed"}, headers=admin)
+            assert r.status_code == 404 and "no tenant 'zed'" in r.json()["error"]["message"]
+            r = await c.post("/admin/rollback", params={"tenant": "alice"}, json={"version": 0}, headers=admin)
+            assert r.status_code == 404 and "kept versions: [1, 2]" in r.json()["error"]["message"]
+            r = await c.post("/admin/rollback", params={"tenant": "bob"}, json={"version": 1}, headers=admin)
+            assert r.status_code == 404, "alice's version is not bob's"
+            r = await c.post("/admin/rollback", params={"tenant": "alice"}, json={"version": 1}, headers=admin)
+            assert r.status_code == 200 and r.json()["previous"] == 2, r.text
+            assert tenants.get("alice").path == str(tenants.versions("alice").hf_dir(1))
+            assert store.serving_version("alice") == 1 and store.serving_version() == 0
+            r = await c.post("/admin/learn", params={"tenant": "alice"}, headers=admin)
+            assert r.status_code == 409 and "learner is off" in r.json()["error"]["message"]
+        ctl.on_round({"round": 3, "outcome": "rejected", "tenant": "alice"})
+        ctl.on_round({"round": 4, "outcome": "promoted", "tenant": "bob"})
+        ctl.on_round({"round": 5, "outcome": "promoted"})
+        text = svc.metrics.registry.render()
+        assert 'ttrl_tenant_learning_rounds_total{tenant="alice",outcome="rejected"} 1' in text
+        assert 'ttrl_tenant_learning_rounds_total{tenant="_other",outcome="promoted"} 1' in text, "capped at 1"
+        assert 'ttrl_tenant_gate_rejections_total{tenant="alice"} 1' in text
+        assert "ttrl_learning_rounds_total{outcome=\"promoted\"} 2" in text, "the totals count every round"
+
+    asyncio.run(main())
+    # A restart serves alice the version the store names (the rollback's), and removes unrecorded folders.
+    (tenants.versions("alice").path(9) / "policy").mkdir(parents=True)
+    (tenants.versions("alice").path(9) / "manifest.json").write_text("{}")
+    again = Tenants(tmp_path / "tenants", lambda: served, load_tenants(f))
+    _resume_tenants(store, again)
+    assert again.get("alice").path == str(again.versions("alice").hf_dir(1)) and again.version_of("bob") is None
+    assert again.versions("alice").on_disk() == [1, 2], "v9 was never recorded"
+    svc.close()
