@@ -13,7 +13,10 @@ gate (test_serve.py shows the gate refusing this reward).
 - alice's answers: changed (she is served her new version's folder);
 - the store records the round, its version and every query with its tenant;
 - after a restart, alice is still served her promoted version (same answers
-  as before the restart) and bob still the adapter he started with.
+  as before the restart) and bob still the adapter he started with;
+- a second round of alice's (her first version resident in the engine) is
+  served at once, and `/admin/rollback?tenant=alice` back to her first
+  version answers as it did; bob's answers never move.
 
 Figures are printed as TENANT LEARNING REPORT lines; no assertion is about time.
 """
@@ -37,7 +40,7 @@ LORA = ["model.lora.enabled=true", "model.lora.r=8"]
 # Small rounds: 2 steps of 4 prompts x 8 samples; a learning rate at which 2 LoRA steps move the answers.
 ROUND = ["serve.learn.every_queries=0", "serve.learn.min_queries=1", "serve.learn.steps=2",
          "data.prompts_per_step=4", "rollout.n_votes=8", "rollout.n_train=8", "trainer.micro_batch_size=32",
-         "trainer.lr=1e-3"]
+         "trainer.lr=5e-3"]
 HARMFUL = ["reward=custom", "reward.fn=ttrl.serve.testing:contrarian_reward", "serve.learn.feedback=false"]
 GATE_OFF = ["serve.gate.tolerance=1.0", "serve.gate.max_entropy_drop=null", "serve.gate.max_answer_rate_drop=null",
             "serve.gate.max_length_change=null", "serve.gate.n_samples=2"]
@@ -163,3 +166,25 @@ def test_one_tenants_harmful_round_changes_its_answers_and_no_other_tenants(serv
     again = asyncio.run(_ask(srv.url, h, prompts, ["alice", "bob"]))
     assert all(map(_same, _samples(srv, again["alice"]), alice1)), "alice's promoted version was not served again"
     assert all(map(_same, _samples(srv, again["bob"]), bob0)), "bob's adapter changed across the restart"
+
+    # ── a second round of alice's (her v1 is resident in the engine), then her rollback to v1 ──
+    httpx.post(f"{srv.url}/admin/learn", params={"tenant": "alice"}, headers=AUTH, timeout=30).raise_for_status()
+    rnd2 = srv.wait_rounds(2)[-1]
+    assert rnd2["tenant"] == "alice" and rnd2["outcome"] == "promoted" and rnd2["base_version"] == version, srv.tail()
+    v2 = asyncio.run(_ask(srv.url, h, prompts, ["alice", "bob"]))
+    alice2 = _samples(srv, v2["alice"])
+    assert not any(map(_same, alice2, alice1)), "alice's second version was not served (a stale adapter?)"
+    assert all(map(_same, _samples(srv, v2["bob"]), bob0))
+    r = httpx.post(f"{srv.url}/admin/rollback", params={"tenant": "alice"}, json={"version": version}, headers=AUTH,
+                   timeout=30)
+    assert r.status_code == 200 and r.json()["previous"] == rnd2["version"], r.text
+    back = asyncio.run(_ask(srv.url, h, prompts, ["alice", "bob"]))
+    assert all(map(_same, _samples(srv, back["alice"]), alice1)), "the rollback did not serve alice's v1 again"
+    assert all(map(_same, _samples(srv, back["bob"]), bob0))
+    tv = httpx.get(f"{srv.url}/admin/versions", params={"tenant": "alice"}, headers=AUTH, timeout=30).json()
+    assert tv["current"] == version and [v["version"] for v in tv["versions"]] == [version, rnd2["version"]]
+    metrics = httpx.get(f"{srv.url}/metrics", headers=AUTH, timeout=30).text
+    assert 'ttrl_tenant_learning_rounds_total{tenant="alice",outcome="promoted"} 1' in metrics
+    print(f"TENANT LEARNING REPORT second round of alice's: v{rnd2['version']}, changed on "
+          f"{sum(not _same(a, b) for a, b in zip(alice2, alice1))}/{N_PROMPTS}; rollback to v{version}: alice as "
+          f"at v{version} on {N_PROMPTS}/{N_PROMPTS}, bob as at the start throughout")

@@ -86,8 +86,9 @@ def write_adapter(root: str | Path, name: str, tensors: Mapping[str, Any], spec:
     """Write (or replace) tenant `name`'s adapter: peft format, wire names, atomically.
 
     An engine that holds the tenant's old adapter keeps serving it until it
-    unloads it (least recently used) or restarts; phase 1 has no reload on
-    demand, so write a tenant's adapter before its first request.
+    unloads it (least recently used) or restarts: only a new folder (a
+    promoted version, `serve_version`) is reloaded on demand, so write a
+    tenant's adapter before its first request.
     """
     from ttrl.rollout.lora import write_adapter as write_peft
 
