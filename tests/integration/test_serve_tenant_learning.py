@@ -37,7 +37,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240
 
 WARM = ["model.warmstart.steps=300"]
 LORA = ["model.lora.enabled=true", "model.lora.r=8"]
-# Small rounds: 2 steps of 4 prompts x 8 samples; a learning rate at which 2 LoRA steps move the answers.
+# Small rounds: 2 steps of 4 prompts x 8 samples, at a learning rate at which 2 LoRA steps change the texts
+# (measured: 3 of 4 texts changed, the gate's score 0.500 -> 0.125; at 1e-3 the log-probs moved, no text).
 ROUND = ["serve.learn.every_queries=0", "serve.learn.min_queries=1", "serve.learn.steps=2",
          "data.prompts_per_step=4", "rollout.n_votes=8", "rollout.n_train=8", "trainer.micro_batch_size=32",
          "trainer.lr=5e-3"]
@@ -143,6 +144,7 @@ def test_one_tenants_harmful_round_changes_its_answers_and_no_other_tenants(serv
           f"bob {max(abs(a[1] - b[1]) for a, b in zip(bob1, bob0)):.2e}")
     assert all(map(_same, bob1, bob0)), "bob's answers moved when only alice's adapter was trained"
     assert changed == N_PROMPTS, "alice is not served her new version"
+    assert any(a[0] != b[0] for a, b in zip(alice1, alice0)), "alice's new version changed no text"
 
     listing = {t["name"]: t for t in httpx.get(f"{srv.url}/admin/tenants", headers=AUTH, timeout=30).json()["tenants"]}
     assert listing["alice"]["version"] == version and listing["bob"]["version"] is None

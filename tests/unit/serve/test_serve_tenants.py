@@ -386,3 +386,37 @@ def test_the_admin_api_gives_each_tenant_its_versions_rounds_and_rollback_and_me
     assert again.get("alice").path == str(again.versions("alice").hf_dir(1)) and again.version_of("bob") is None
     assert again.versions("alice").on_disk() == [1, 2], "v9 was never recorded"
     svc.close()
+
+
+def test_the_learner_gives_due_tenants_rounds_in_turn_and_a_manual_trigger_may_name_one(tmp_path):
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from ttrl.serve.learner import Learner
+    from ttrl.serve.store import QueryRecord
+
+    store = Store(tmp_path / "store.sqlite")
+    store.add_queries([QueryRecord(id=f"cmpl-{t}{i}", idx=0, endpoint="completions", prompt=f"{t} {i}", version=0,
+                                   votes=1, response=["x"], client=t, tenant=t)
+                       for t, n in (("alice", 3), ("bob", 3), ("carol", 1)) for i in range(n)])
+    # The learner's trigger logic alone (no trainer, no engines): what `_loop` asks before each round.
+    ln = Learner.__new__(Learner)
+    ln.cfg = SimpleNamespace(serve=SimpleNamespace(learn=SimpleNamespace(every_queries=2, every_seconds=0,
+                                                                         min_queries=2)))
+    ln.store, ln.tenants, ln.queue, ln._seen = store, object(), RoundQueue(), {}
+    ln._manual, ln._manual_tenant, ln._next_tenant, ln._last_round = False, None, None, time.monotonic()
+    ln._cond = threading.Condition()
+    picked = []
+    for _ in range(3):
+        if ln._due() is None:
+            picked.append(None)
+            continue
+        picked.append(ln._next_tenant)
+        ln.queue.done(ln._next_tenant)  # as run_round does; none of its queries got used here
+        ln._seen[ln._next_tenant] = store.count_unused(ln._next_tenant)
+    assert picked == ["alice", "bob", None], "carol (1 query < min_queries=2) waits; no new queries, no round"
+    ln.trigger("carol")
+    assert ln._due() == "manual, tenant 'carol'" and ln._next_tenant == "carol", "the admin named her"
+    ln._manual, ln._manual_tenant = True, None
+    assert ln._due() == "manual" and ln._next_tenant == "alice", "a manual trigger without a name: the next in turn"
