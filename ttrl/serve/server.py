@@ -130,13 +130,13 @@ class ServeController:
         No engine call: the engines read the version's folder on the
         tenant's next request, dropping the adapter they held for it.
         """
-        known = {v["version"]: v for v in self.store.versions(tenant)}
-        disk = self.tenants.versions(tenant)
-        kept = sorted(v for v, row in known.items() if row["status"] == "promoted" and disk.exists(v))
-        if version not in kept:
-            raise RequestError(f"version {version} is not a kept version of tenant {tenant!r}; its kept versions: "
-                               f"{kept}", "version", status=404, kind="not_found")
-        with self.trainer_lock:  # after any learning round in progress
+        with self.trainer_lock:  # after any learning round in progress (which may prune a version)
+            known = {v["version"]: v for v in self.store.versions(tenant)}
+            disk = self.tenants.versions(tenant)
+            kept = sorted(v for v, row in known.items() if row["status"] == "promoted" and disk.exists(v))
+            if version not in kept:
+                raise RequestError(f"version {version} is not a kept version of tenant {tenant!r}; its kept "
+                                   f"versions: {kept}", "version", status=404, kind="not_found")
             before = self.store.serving_version(tenant)
             self.tenants.serve_version(tenant, version)
             self.store.set_state(serving_key(tenant), version)
@@ -385,7 +385,7 @@ async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, contro
     who = (f"API keys for {len(api_keys.names)} identities" if api_keys else
            "single user (trusted), no keys" if s.single_user else "no API keys (every client is 'anonymous')")
     print(f"ttrl-serve: serving v{served} of {scfg.model_name} at {url}/v1 (OpenAI API), votes={s.votes}; {who}; "
-          f"learner {'on' if controller.learner else 'off'}; "
+          f"learner {('on, per tenant' if tenants else 'on') if controller.learner else 'off'}; "
           f"{f'tenants on ({s.tenants.max_loaded} adapters resident per engine)' if tenants else 'tenants off'}; admin API {'on' if admin_token else 'off'}; "
           f"store {store.path}; started in {startup_s:.0f} s ({rt.phases.line()})", file=sys.stderr, flush=True)
     try:
