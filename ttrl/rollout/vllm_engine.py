@@ -17,7 +17,9 @@ With `EngineArgs.tenant_slots` (ttrl-serve's `serve.tenants`) a LoRA engine
 also serves per-request adapters beside that shared one: `generate_tenants`
 takes each prompt's adapter folder and stable int id, vLLM loads it from
 disk the first time and keeps `tenant_slots` of them resident (its own LRU;
-the shared adapter is pinned), and the loads and unloads are counted.
+the shared adapter is pinned), and the loads and unloads are counted. A
+new folder for an id it holds (a tenant's new version) drops the old
+adapter and resets the prefix cache before the call: no stale copy answers.
 
 It must never import deepspeed or see a ground-truth answer: it returns
 samples and nothing else.
@@ -176,15 +178,23 @@ class VLLMEngine:
             raise ValueError(f"generate_tenants: {len(distinct)} tenants in one call, the engine holds "
                              f"{self.args.tenant_slots} (serve.tenants.max_loaded)")
         requests = []
+        replaced = False
         for a in adapters:
             if a is None:
                 requests.append(self._lora_request)
                 continue
             name, int_id, path = a
             req = self._tenant_requests.get(int_id)
+            if req is not None and req.lora_path != path:
+                # A new version of the tenant's adapter (a new folder): vLLM caches adapters by int id, so the
+                # old one is dropped first, and the prefix cache too, whose blocks were computed with it.
+                self.llm.llm_engine.remove_lora(int_id)
+                replaced = True
             if req is None or req.lora_path != path:
                 req = self._tenant_requests[int_id] = LoRARequest(f"tenant:{name}", int_id, lora_path=path)
             requests.append(req)
+        if replaced:
+            self.llm.reset_prefix_cache()  # between calls: no request is running
         params = [self._params(*k) for k in keys]
         outs = self._generate(prompt_token_ids, params, requests)
         now = self.llm.collective_rpc("ttrl_adapter_counts")[0]

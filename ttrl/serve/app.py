@@ -7,9 +7,9 @@
     GET  /health                 liveness, served version, queue, learner state
     GET  /metrics                Prometheus text
     GET  /admin/tenants          tenants, their adapter ids, adapter loads/unloads  (admin token; serve.tenants)
-    GET  /admin/versions         versions on disk, learning rounds, gate events   (admin token)
-    POST /admin/rollback         {"version": N}: serve (and train from) version N (admin token)
-    POST /admin/learn            start a learning round now                        (admin token)
+    GET  /admin/versions         versions on disk, learning rounds, gate events   (admin token; ?tenant=NAME: its own)
+    POST /admin/rollback         {"version": N}: serve (and train from) version N (admin token; ?tenant=NAME: its own)
+    POST /admin/learn            start a learning round now (?tenant=NAME: that tenant's) (admin token)
 
 Every request first passes `ttrl.serve.guard.Guard` (Host, Origin, API key,
 per-identity limits, Content-Type, body size; every answer counted). A
@@ -50,9 +50,10 @@ class Controller(Protocol):
     def served_version(self) -> int: ...
     def notify(self, n_new: int) -> None: ...
     def status(self) -> dict[str, Any]: ...
-    def versions(self) -> dict[str, Any]: ...
-    def rollback(self, version: int) -> dict[str, Any]: ...
-    def learn_now(self) -> dict[str, Any]: ...
+    # tenant (serve.tenants): that tenant's versions, rollback, round; called without it when none is asked for.
+    def versions(self, tenant: str | None = None) -> dict[str, Any]: ...
+    def rollback(self, version: int, tenant: str | None = None) -> dict[str, Any]: ...
+    def learn_now(self, tenant: str | None = None) -> dict[str, Any]: ...
 
 
 class ServeMetrics:
@@ -80,6 +81,11 @@ class ServeMetrics:
         self.swaps = r.counter("ttrl_swaps_total", "Hot swaps of the serving engines (promotions and rollbacks)")
         self.swap_pause = r.gauge("ttrl_last_swap_pause_seconds", "Longest engine pause of the last hot swap")
         self.rollbacks = r.counter("ttrl_rollbacks_total", "Admin rollbacks")
+        # serve.tenants: the same by tenant (the first serve.tenants.metrics_max_tenants by name, then _other).
+        self.tenant_rounds = r.counter("ttrl_tenant_learning_rounds_total", "Tenants' learning rounds by tenant "
+                                       "and outcome (serve.tenants)", ["tenant", "outcome"])
+        self.tenant_rejections = r.counter("ttrl_tenant_gate_rejections_total",
+                                           "Tenants' candidates the safety gate rejected, by tenant", ["tenant"])
         self.engine_events = r.counter("ttrl_engine_events_total", "Engine deaths and recoveries", ["kind"])
         self.tenant_loads = r.counter("ttrl_tenant_adapter_loads_total",
                                       "Tenant adapters read from disk into a serving engine (serve.tenants)")
@@ -206,7 +212,7 @@ class Service:
                 samples=[{"text": o["text"], "answer": a, "mean_logprob": _finite(mean_logprob(o)),
                           "tokens": len(o["token_ids"]), "chosen": sel is not None and j == sel.index}
                          for j, (o, a) in enumerate(zip(samples, answers))],
-                request=request, latency_s=time.perf_counter() - t0, client=client))
+                request=request, latency_s=time.perf_counter() - t0, client=client, tenant=tenant))
             choices.extend(picked)
             extras.append({"version": v, "votes": s.votes, "answer": records[-1].answer,
                            "agreement": records[-1].agreement})
@@ -236,7 +242,7 @@ class Service:
         for r in rows:
             if index < len(r["response"]):
                 fid, replaced = self.store.add_feedback(
-                    FeedbackRecord(rid, r["idx"], index, score, comment, client=client))
+                    FeedbackRecord(rid, r["idx"], index, score, comment, client=client, tenant=r.get("tenant")))
                 self.metrics.feedback.inc(verdict="up" if score >= 0.5 else "down")
                 return {"ok": True, "feedback_id": fid, "id": rid, "index": body.get("index", 0), "score": score,
                         "replaced": replaced}
@@ -345,7 +351,13 @@ def build_app(service: Service, policy: GuardPolicy | None = None) -> Guard:
     async def versions(request: Request):
         if (resp := admin_denied(request)) is not None:
             return resp
-        return JSONResponse(await run_in_threadpool(service.controller.versions))
+        tenant = request.query_params.get("tenant")
+        try:
+            if tenant is not None:
+                return JSONResponse(await run_in_threadpool(service.controller.versions, tenant))
+            return JSONResponse(await run_in_threadpool(service.controller.versions))
+        except P.RequestError as err:
+            return error(err)
 
     @app.post("/admin/rollback")
     async def rollback(request: Request):
@@ -356,6 +368,9 @@ def build_app(service: Service, policy: GuardPolicy | None = None) -> Guard:
             v = body.get("version") if isinstance(body, dict) else None
             if isinstance(v, bool) or not isinstance(v, int):
                 raise P.RequestError("send {\"version\": N}, N a kept version (see /admin/versions)", "version")
+            tenant = request.query_params.get("tenant")
+            if tenant is not None:
+                return JSONResponse(await run_in_threadpool(service.controller.rollback, v, tenant))
             return JSONResponse(await run_in_threadpool(service.controller.rollback, v))
         except P.RequestError as err:
             return error(err)
@@ -374,7 +389,10 @@ def build_app(service: Service, policy: GuardPolicy | None = None) -> Guard:
     async def learn_now(request: Request):
         if (resp := admin_denied(request)) is not None:
             return resp
+        tenant = request.query_params.get("tenant")
         try:
+            if tenant is not None:
+                return JSONResponse(await run_in_threadpool(service.controller.learn_now, tenant))
             return JSONResponse(await run_in_threadpool(service.controller.learn_now))
         except P.RequestError as err:
             return error(err)

@@ -131,7 +131,9 @@ class ServeTenantsConfig:
     its line). A tenant's adapter is <serve.dir>/tenants/<name>/adapter/ (peft
     format), a copy of the served version's adapter made on its first
     request; its r, alpha and target modules are therefore model.lora's.
-    Per-tenant learning is not built yet: serve.learn.enabled must be false.
+    With serve.learn.enabled each learning round is one tenant's: it trains
+    that tenant's adapter on that tenant's queries, behind the gate, and
+    promotes <serve.dir>/tenants/<name>/versions/v<N>/ for it alone.
     """
 
     # Serve each tenant its own adapter (false: one model for every client).
@@ -139,6 +141,9 @@ class ServeTenantsConfig:
     # Tenant adapters resident in each serving engine at once; the least
     # recently used one is unloaded, and read from disk again when asked for.
     max_loaded: int = 4
+    # Tenants with a `tenant` label of their own on the per-tenant /metrics
+    # counters (the first ones to learn); later ones are counted as `_other`.
+    metrics_max_tenants: int = 32
 
 
 @dataclass
@@ -316,26 +321,27 @@ def validate_serve(cfg: Any) -> None:
 # vLLM allocates every adapter slot (max_loras) in every LoRA layer at start-up, used or not: a typo such as
 # 4000 would take the engine's memory before the first request, so the key has a ceiling.
 MAX_LOADED_LIMIT = 64
+# Each labelled tenant adds series to every per-tenant counter: a scrape stays small below this.
+MAX_LABELLED_TENANTS = 1000
 
 
 def _validate_tenants(cfg: Any) -> None:
-    """serve.tenants: LoRA serving, keys to name tenants, no learner (not per tenant yet), a sane max_loaded."""
+    """serve.tenants: LoRA serving, keys to name tenants, a sane max_loaded (the learner learns per tenant)."""
     t = cfg.serve.tenants
     if not t.enabled:
         return
     if not 1 <= t.max_loaded <= MAX_LOADED_LIMIT:
         raise ConfigError(f"serve.tenants.max_loaded={t.max_loaded} must be between 1 and {MAX_LOADED_LIMIT} "
                           "(tenant adapters resident per serving engine).")
+    if not 0 <= t.metrics_max_tenants <= MAX_LABELLED_TENANTS:
+        raise ConfigError(f"serve.tenants.metrics_max_tenants={t.metrics_max_tenants} must be between 0 and "
+                          f"{MAX_LABELLED_TENANTS} (tenants with a /metrics label of their own; 0 = all as _other).")
     if not cfg.model.lora.enabled:
         raise ConfigError("serve.tenants.enabled=true needs LoRA serving: set model.lora.enabled=true (each tenant "
                           "is served its own adapter on the shared base, with model.lora's r, alpha and targets).")
     if api_keys_path(cfg.serve) is None:
         raise ConfigError("serve.tenants.enabled=true needs serve.api_keys_file: a tenant is the name of an API key "
                           "(or the third field of its line, name:key:tenant), and a client without a key has none.")
-    if cfg.serve.learn.enabled:
-        raise ConfigError("serve.tenants.enabled=true needs serve.learn.enabled=false: per-tenant learning is not "
-                          "built yet, and the shared learner would train on tenants' queries for a model none of "
-                          "them is served.")
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")

@@ -38,6 +38,18 @@ removes the failed version's folder.
 Serving never waits for the learner; the learner never touches a serving
 engine except through `EnginePool.swap`. One lock (`trainer_lock`) orders
 rounds, admin rollbacks and restarts on the trainer.
+
+With `serve.tenants` every round is one tenant's (issue 32 phase 2): the
+tenants whose queries make a round due take turns (`RoundQueue`); the round
+first loads the tenant's served version into the trainer and staging (its
+last promoted version, else the shared version its adapter was copied
+from), reads only that tenant's queries, ratings and regression set, and a
+promotion writes `tenants/<name>/versions/v<N>/` and points that tenant
+alone at it (`Tenants.serve_version`). The serving engines' base and every
+other adapter are untouched. A tenant's own identities are its only
+clients, so `learn.max_client_share` and `gate.min_askers` do not apply
+within it (its keys share one model by the operator's choice). The shared
+version does not learn while tenants are on.
 """
 
 from __future__ import annotations
@@ -157,8 +169,17 @@ class Learner:
     def __init__(self, cfg: Any, rt: Any, staging: Any, store: Store, versions: Versions, tokenizer: Any,
                  base_reward: Any, swap: Callable[[int], dict], served: Callable[[], int],
                  trainer_lock: threading.Lock, labelled: list[Prompt] | None = None,
-                 on_round: Callable[[dict], None] | None = None, alert: Callable[[str, dict], None] | None = None):
+                 on_round: Callable[[dict], None] | None = None, alert: Callable[[str, dict], None] | None = None,
+                 tenants: Any = None):
+        from ttrl.serve.tenants import RoundQueue
+
         self.cfg, self.rt, self.store, self.versions, self.tokenizer = cfg, rt, store, versions, tokenizer
+        # serve.tenants: ttrl.serve.tenants.Tenants; every round is then one tenant's.
+        self.tenants = tenants
+        self.queue = RoundQueue()
+        self._seen: dict[str, int] = {}  # tenant -> its unused queries right after its last round
+        self._manual_tenant: str | None = None
+        self._next_tenant: str | None = None
         self.staging = StagingRuntime(rt, staging)
         self.base_reward = base_reward
         self.swap, self.served = swap, served
@@ -186,9 +207,11 @@ class Learner:
             self._new += n_new
             self._cond.notify()
 
-    def trigger(self) -> None:
+    def trigger(self, tenant: str | None = None) -> None:
+        """A round now (with tenants: `tenant`'s, or the next ready tenant's)."""
         with self._cond:
             self._manual = True
+            self._manual_tenant = tenant
             self._cond.notify()
 
     def start(self) -> None:
@@ -205,6 +228,8 @@ class Learner:
 
     def _due(self) -> str | None:
         ln = self.cfg.serve.learn
+        if self.tenants is not None:
+            return self._tenant_due()
         if self._manual:
             return "manual"
         if ln.every_queries and self._new >= ln.every_queries:
@@ -214,6 +239,27 @@ class Learner:
             return f"{time.monotonic() - self._last_round:.0f}s since the last round"
         return None
 
+    def _tenant_due(self) -> str | None:
+        """Whether a tenant's round is due, and whose (`_next_tenant`): the asked tenant on a manual trigger
+        that names one, else the next ready tenant in round-robin order."""
+        from ttrl.serve.tenants import ready_tenants
+
+        ln = self.cfg.serve.learn
+        if self._manual and self._manual_tenant is not None:
+            self._next_tenant = self._manual_tenant
+            return f"manual, tenant {self._manual_tenant!r}"
+        timely = bool(ln.every_seconds) and time.monotonic() - self._last_round >= ln.every_seconds
+        ready = ready_tenants(self.store.unused_by_tenant(), self._seen, int(ln.every_queries),
+                              int(ln.min_queries), manual=self._manual, timely=timely)
+        self._next_tenant = self.queue.pick(ready)
+        if self._next_tenant is None:
+            if self._manual:
+                self._manual = False
+                print(f"ttrl-serve: no learning round: no tenant has serve.learn.min_queries={ln.min_queries} "
+                      "unused queries", file=sys.stderr, flush=True)
+            return None
+        return "manual" if self._manual else f"tenant {self._next_tenant!r}: its queries made a round due"
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -222,12 +268,13 @@ class Learner:
                 if self._stop:
                     return
                 why = self._due()
-                self._manual = False
+                tenant = self._next_tenant if self.tenants is not None else None
+                self._manual, self._manual_tenant = False, None
                 self._new = 0
             if self.disabled:
                 continue
             try:
-                self.run_round(why or "")
+                self.run_round(why or "", tenant=tenant)
             except Exception as err:  # noqa: BLE001 - the server must keep serving
                 self.last_error = f"{type(err).__name__}: {err}"
                 print(f"ttrl-serve: learning round failed: {self.last_error}\n{traceback.format_exc()}",
@@ -271,17 +318,19 @@ class Learner:
         s = self.cfg.serve
         return trusted_names(s.trusted_raters, s.single_user, ANONYMOUS)
 
-    def _prompt_ratings(self, keys: list[str]) -> dict[str, list[Rating]]:
-        """Prompt key -> every identity's verdicts on answers the server gave to it, oldest first."""
+    def _prompt_ratings(self, keys: list[str], tenant: str | None = None) -> dict[str, list[Rating]]:
+        """Prompt key -> every identity's verdicts on answers the server (`tenant`'s adapter) gave to it,
+        oldest first."""
         if not self.cfg.serve.learn.feedback:
             return {}
         trusted = self._trusted()
-        fb = self.store.feedback_by_prompt(keys)
+        fb = self.store.feedback_by_prompt(keys, tenant)
         return {k: [Rating(extract_answer(f["rated"], self.opts.extractor) if f["rated"] is not None else None,
                            float(f["score"]), f["client"], f["client"] in trusted) for f in rows]
                 for k, rows in fb.items()}
 
-    def regression_set(self, rows: list[dict]) -> tuple[list[str], list[str], set[tuple[str, int]], dict]:
+    def regression_set(self, rows: list[dict], tenant: str | None = None
+                       ) -> tuple[list[str], list[str], set[tuple[str, int]], dict]:
         """(prompts, labels, keys frozen now, what changed): the labelled set, or the frozen held-out set.
 
         A full frozen set first retires its oldest `gate.rotate_share`. Then it
@@ -289,16 +338,17 @@ class Learner:
         `gate.min_askers` identities and its n_votes samples (current weights)
         agree >= gate.min_agreement, or when a thumbs-up on one of its answers
         was earned (quorum or trusted rater). At evaluation, earned ratings
-        override the frozen label (`confirmed_label`).
+        override the frozen label (`confirmed_label`). With tenants, each
+        tenant has a set of its own, grown from its own queries and ratings.
         """
         if self.labelled is not None:
             return [p.text for p in self.labelled], [str(p.answer) for p in self.labelled], set(), {}
         g, r, s = self.cfg.serve.gate, self.cfg.rollout, self.cfg.serve
-        items = self.store.regression_items()
+        items = self.store.regression_items(tenant)
         retired: list[dict] = []
         if items and len(items) >= g.regression_size and g.rotate_share > 0:
-            retired = self.store.retire_regression(max(1, round(g.rotate_share * len(items))))
-            items = self.store.regression_items()
+            retired = self.store.retire_regression(max(1, round(g.rotate_share * len(items))), tenant)
+            items = self.store.regression_items(tenant)
         need = g.regression_size - len(items)
         frozen: set[tuple[str, int]] = set()
         added: list[tuple] = []
@@ -311,9 +361,9 @@ class Learner:
                     seen.add(q["prompt_key"])
                     distinct.append(q)
             keys = [q["prompt_key"] for q in distinct]
-            ratings = self._prompt_ratings(keys)
-            askers = self.store.askers(keys)
-            min_askers = 1 if s.single_user else g.min_askers
+            ratings = self._prompt_ratings(keys, tenant)
+            askers = self.store.askers(keys, tenant)
+            min_askers = 1 if s.single_user or tenant is not None else g.min_askers
             eligible = [q for q in distinct if askers.get(q["prompt_key"], 0) >= min_askers
                         or earned(ratings.get(q["prompt_key"], []), self.quorum, self.opts.extractor).label]
             probe = eligible[:min(need, max(1, len(rows) // 2))]
@@ -330,11 +380,11 @@ class Learner:
                     elif i in confident and askers.get(q["prompt_key"], 0) >= min_askers:
                         added.append((q["id"], q["idx"], q["prompt"], v.label, v.ratio, "vote"))
             if added:
-                self.store.add_regression(added)
+                self.store.add_regression(added, tenant)
                 held = {prompt_key(it[2]) for it in added}
                 frozen = {(q["id"], q["idx"]) for q in rows if q["prompt_key"] in held}
-                items = self.store.regression_items()
-        ratings = self._prompt_ratings([it["prompt_key"] for it in items])
+                items = self.store.regression_items(tenant)
+        ratings = self._prompt_ratings([it["prompt_key"] for it in items], tenant)
         prompts, labels = [], []
         for it in items:
             label = confirmed_label(it["label"], ratings.get(it["prompt_key"], []), self.opts.extractor, self.quorum)
@@ -345,9 +395,9 @@ class Learner:
                    "added_by_source": {src: sum(a[5] == src for a in added) for src in ("vote", "feedback")}}
         return prompts, labels, frozen, changes
 
-    def _ratings(self, prompts: list[Prompt]) -> dict[str, list[Rating]]:
-        """Prompt id -> every verdict on any answer the server gave to the same prompt (by key)."""
-        by_key = self._prompt_ratings([prompt_key(p.text) for p in prompts])
+    def _ratings(self, prompts: list[Prompt], tenant: str | None = None) -> dict[str, list[Rating]]:
+        """Prompt id -> every verdict on any answer the server (`tenant`'s adapter) gave to the same prompt."""
+        by_key = self._prompt_ratings([prompt_key(p.text) for p in prompts], tenant)
         return {p.id: by_key[prompt_key(p.text)] for p in prompts if prompt_key(p.text) in by_key}
 
     def _trainable(self, rows: list[dict]) -> tuple[list[dict], list[tuple[str, int]]]:
@@ -361,26 +411,43 @@ class Learner:
         skip = set(bad)
         return [q for q in rows if (q["id"], q["idx"]) not in skip], bad
 
-    def run_round(self, why: str = "manual") -> dict[str, Any]:
+    def run_round(self, why: str = "manual", tenant: str | None = None) -> dict[str, Any]:
+        """One round: of the shared version, or (serve.tenants) of `tenant`'s adapter."""
         from omegaconf import OmegaConf
 
         from ttrl.metrics.safety import CollapseDetector
 
         cfg, ln = self.cfg, self.cfg.serve.learn
+        if self.tenants is not None and tenant is None:
+            return {"outcome": "skipped", "reasons": ["with serve.tenants every round is a tenant's"]}
         with self.trainer_lock:
-            base = self.served()
-            rows = self.store.unused_queries(ln.max_buffer)
+            # A tenant's base: its last promoted version (None: the adapter it was created with).
+            base = self.served() if tenant is None else self.store.serving_version(tenant)
+            rows = self.store.unused_queries(ln.max_buffer, tenant)
+            if tenant is not None:
+                self.queue.done(tenant)
+                self._seen[tenant] = len(rows)
             if not rows:
-                return {"outcome": "skipped", "reasons": ["no new queries"]}
-            self.state = "learning"
-            round_no = self.store.start_round(base, len(rows))
+                return {"outcome": "skipped", "reasons": ["no new queries"], "tenant": tenant}
+            self.state = "learning" if tenant is None else f"learning: tenant {tenant}"
+            round_no = self.store.start_round(base, len(rows), tenant)
             t_round = time.time()
-            print(f"ttrl-serve: learning round {round_no} ({why}): {len(rows)} queries, on top of v{base}",
-                  file=sys.stderr, flush=True)
+            whose = "" if tenant is None else f" of tenant {tenant!r}"
+            print(f"ttrl-serve: learning round {round_no}{whose} ({why}): {len(rows)} queries, on top of "
+                  f"{'its first adapter' if base is None else f'v{base}'}", file=sys.stderr, flush=True)
             chosen: list[dict] = []
             try:
+                if tenant is not None:
+                    try:
+                        start = self._state_dir(tenant, base)
+                    except (ValueError, FileNotFoundError) as err:
+                        self.store.finish_round(round_no, "skipped", reasons=[str(err)])
+                        self._seen[tenant] = len(rows)
+                        return {"round": round_no, "outcome": "skipped", "reasons": [str(err)], "tenant": tenant}
+                    # Trainer and staging hold this tenant's adapter from here on (another tenant's, before).
+                    self._load(start)
                 rows, too_long = self._trainable(rows)
-                share = 1.0 if cfg.serve.single_user else float(ln.max_client_share)
+                share = 1.0 if cfg.serve.single_user or tenant is not None else float(ln.max_client_share)
                 trainable = len(rows)
                 rows, per_client = capped(rows, share)
                 if not rows:
@@ -388,8 +455,8 @@ class Learner:
                               "needs queries of others too" if trainable else "no trainable query")
                     self.store.finish_round(round_no, "skipped", reasons=[reason],
                                             metrics={"quarantined_now": len(too_long)})
-                    return {"round": round_no, "outcome": "skipped", "reasons": [reason]}
-                reg_prompts, reg_labels, frozen, reg_changes = self.regression_set(rows)
+                    return {"round": round_no, "outcome": "skipped", "reasons": [reason], "tenant": tenant}
+                reg_prompts, reg_labels, frozen, reg_changes = self.regression_set(rows, tenant)
                 train = [q for q in rows if (q["id"], q["idx"]) not in frozen]
                 used = [(q["id"], q["idx"]) for q in train]
                 if not train:
@@ -416,7 +483,7 @@ class Learner:
                     chosen = [order[(s * P + i) % len(order)] for i in range(P)]
                     prompts = [Prompt(id=f"{q['id']}:{q['idx']}", problem=q["prompt"], answer=None, text=q["prompt"])
                                for q in chosen]
-                    reward = FeedbackVoteReward(self.base_reward, self._ratings(prompts), self.opts.extractor,
+                    reward = FeedbackVoteReward(self.base_reward, self._ratings(prompts, tenant), self.opts.extractor,
                                                 self.quorum)
                     ctx = StepContext(self.staging, reward, self.tokenizer, self.opts, self.rng)
                     row = step(ctx, prompts)
@@ -446,21 +513,24 @@ class Learner:
                            "step_s": column_mean(step_rows, "timing/step", None)}
                 if decision.promote:
                     self.state = "promoting"
-                    version, swap_stats = self._promote(base, round_no, decision, metrics, used, current, candidate)
+                    version, swap_stats = self._promote(base, round_no, decision, metrics, used, current, candidate,
+                                                        tenant)
                     metrics["swap"] = swap_stats
                     outcome = "promoted" if version is not None else "failed_swap"
                 else:
                     version = None
-                    self._reject(base, round_no, decision, metrics)
+                    self._reject(base, round_no, decision, metrics, tenant)
                     self.store.finish_round(round_no, "rejected", current_score=current.score,
                                             candidate_score=candidate.score, reasons=decision.reasons,
                                             metrics=metrics, used=used)
                     outcome = "rejected"
-                summary = {"round": round_no, "outcome": outcome, "version": version, "base": base,
+                if tenant is not None:
+                    self._seen[tenant] = self.store.count_unused(tenant)
+                summary = {"round": round_no, "outcome": outcome, "version": version, "base": base, "tenant": tenant,
                            "current_score": current.score, "candidate_score": candidate.score,
                            "reasons": decision.reasons, "wall_s": time.time() - t_round, "metrics": metrics}
                 self.rounds_done += 1
-                print(f"ttrl-serve: round {round_no}: {outcome}"
+                print(f"ttrl-serve: round {round_no}{whose}: {outcome}"
                       + (f" v{version}" if version is not None else "")
                       + f" (regression score {current.score:.3f} -> {candidate.score:.3f} on {current.n_items}"
                       f" items; {time.time() - t_round:.1f}s)", file=sys.stderr, flush=True)
@@ -468,7 +538,7 @@ class Learner:
                 return summary
             except _Aborted as err:
                 self.store.finish_round(round_no, "aborted", reasons=[str(err)])
-                return {"round": round_no, "outcome": "aborted"}
+                return {"round": round_no, "outcome": "aborted", "tenant": tenant}
             except BaseException as err:
                 reasons = [f"{type(err).__name__}: {err}"]
                 if chosen:
@@ -478,18 +548,20 @@ class Learner:
                     if n:
                         reasons.append(f"{n} queries quarantined after {ln.max_row_failures} failed rounds")
                 self.store.finish_round(round_no, "failed", reasons=reasons)
-                self.on_round({"round": round_no, "outcome": "failed"})
-                self._restore(base)
+                self.on_round({"round": round_no, "outcome": "failed", "tenant": tenant})
+                self._restore(base, tenant)
                 raise
             finally:
                 self.state = "idle" if not self.disabled else "disabled"
 
-    def _promote(self, base: int, round_no: int, decision: GateDecision, metrics: dict,
-                 used: list[tuple[str, int]], current: EvalResult, candidate: EvalResult
-                 ) -> tuple[int | None, dict]:
+    def _promote(self, base: int | None, round_no: int, decision: GateDecision, metrics: dict,
+                 used: list[tuple[str, int]], current: EvalResult, candidate: EvalResult,
+                 tenant: str | None = None) -> tuple[int | None, dict]:
         """Save, record and swap in the candidate; (version, swap stats), or (None, why) when the swap failed."""
-        known = [v["version"] for v in self.store.versions()]
-        version = max(known + [base]) + 1
+        # One sequence of numbers over the shared version and every tenant's: a number names one folder.
+        version = self.store.next_version()
+        if tenant is not None:
+            return self._promote_tenant(tenant, version, base, round_no, decision, metrics, used, current, candidate)
         path = self.versions.save(self.rt, version, parent=base, round=round_no, delta=decision.delta)
         crash_point("version_saved")
         # Recorded as served (with its queries used) before the swap: a crash from here on restarts on it.
@@ -513,18 +585,71 @@ class Learner:
         self.prune()
         return version, stats
 
-    def _reject(self, base: int, round_no: int, decision: GateDecision, metrics: dict) -> None:
-        self._restore(base)
-        msg = f"gate rejected the candidate of round {round_no}; still serving v{base}: " + "; ".join(decision.reasons)
-        payload = {"round": round_no, "served": base, "reasons": decision.reasons,
+    def _promote_tenant(self, tenant: str, version: int, base: int | None, round_no: int, decision: GateDecision,
+                        metrics: dict, used: list[tuple[str, int]], current: EvalResult, candidate: EvalResult
+                        ) -> tuple[int, dict]:
+        """A tenant's candidate: saved as tenants/<name>/versions/v<N>/, recorded, and served to that tenant
+        alone (the engines read the new folder on its next request; no other adapter or the base moves)."""
+        path = self.tenants.versions(tenant).save(self.rt, version, parent=base, round=round_no,
+                                                   delta=decision.delta, tenant=tenant)
+        crash_point("version_saved")
+        self.store.commit_promotion(round_no, version, str(path), base, used=used, current_score=current.score,
+                                    candidate_score=candidate.score, metrics=metrics, tenant=tenant)
+        crash_point("promotion_committed")
+        stats = self.tenants.serve_version(tenant, version)
+        self.store.add_event("promoted", version=version, round=round_no, parent=base, tenant=tenant)
+        print(f"ttrl-serve: tenant {tenant!r} is now served v{version}", file=sys.stderr, flush=True)
+        self.prune_tenant(tenant)
+        return version, stats
+
+    def _reject(self, base: int | None, round_no: int, decision: GateDecision, metrics: dict,
+                tenant: str | None = None) -> None:
+        self._restore(base, tenant)
+        served = f"v{base}" if base is not None else "its first adapter"
+        whose = "" if tenant is None else f" of tenant {tenant!r}"
+        msg = (f"gate rejected the candidate of round {round_no}{whose}; still serving {served}: "
+               + "; ".join(decision.reasons))
+        payload = {"round": round_no, "served": base, "tenant": tenant, "reasons": decision.reasons,
                    "current": metrics["current"], "candidate": metrics["candidate"]}
         self.store.add_event("gate_rejected", **payload)
         self.alert(msg, payload)
 
-    def _restore(self, version: int) -> None:
-        """Trainer (weights and optimizer) and staging engine back to a version on disk."""
-        self.rt.load(str(self.versions.path(version)))
+    def _restore(self, version: int | None, tenant: str | None = None) -> None:
+        """Trainer (weights and optimizer) and staging engine back to a version on disk (a tenant's: its
+        served one)."""
+        self._load(self.versions.path(version) if tenant is None else self._state_dir(tenant, version))
+
+    def _load(self, path: Any) -> None:
+        self.rt.load(str(path))
         self.staging.sync_weights()
+
+    def _state_dir(self, tenant: str, version: int | None) -> Any:
+        """The trainer state a round of `tenant` starts from: its promoted `version`, or (None) the shared
+        version its adapter was copied from. ValueError for an adapter placed by hand (no trainer state)."""
+        if version is not None:
+            path = self.tenants.versions(tenant).path(version)
+        else:
+            origin = self.tenants.origin(tenant)
+            if origin is None:
+                raise ValueError(f"tenant {tenant!r}'s adapter was placed in its folder, not copied from a version: "
+                                 "there is no trainer state to learn from (per-tenant learning starts from a version)")
+            path = self.versions.path(origin)
+        if not (path / "manifest.json").is_file():
+            raise FileNotFoundError(f"tenant {tenant!r}: no trainer state at {path}")
+        return path
+
+    def prune_tenant(self, tenant: str) -> list[int]:
+        """Keep a tenant's last serve.keep_versions promoted versions (and the one it is served)."""
+        rows = self.store.versions(tenant)
+        promoted = [v["version"] for v in rows if v["status"] == "promoted"]
+        keep = {self.store.serving_version(tenant), *promoted[-self.cfg.serve.keep_versions:]}
+        disk, removed = self.tenants.versions(tenant), []
+        for v in promoted:
+            if v not in keep:
+                disk.remove(v)
+                self.store.set_version_status(v, "pruned")
+                removed.append(v)
+        return removed
 
     def prune(self) -> list[int]:
         keep_n = self.cfg.serve.keep_versions

@@ -31,7 +31,7 @@ from ttrl.serve.auth import ApiKeys, load_tenants, loosely_readable, resolve_adm
 from ttrl.serve.config import api_keys_path
 from ttrl.serve.engines import SwapFailed
 from ttrl.serve.protocol import Defaults, RequestError, RequestLimits
-from ttrl.serve.store import Store
+from ttrl.serve.store import Store, serving_key
 from ttrl.serve.versions import Versions
 
 
@@ -47,6 +47,8 @@ class ServeController:
         self.learner: Any = None
         self.metrics: Any = None
         self.last_alert: dict[str, Any] | None = None
+        self.tenants: Any = None  # serve.tenants: ttrl.serve.tenants.Tenants
+        self.tenant_labels: Any = None  # its /metrics labels (ttrl.serve.tenants.TenantLabels)
 
     def served_version(self) -> int:
         return self._served
@@ -62,7 +64,21 @@ class ServeController:
                 "disabled": ln.disabled if ln else None,
                 "last_alert": self.last_alert}
 
-    def versions(self) -> dict[str, Any]:
+    def _tenant(self, tenant: str) -> str:
+        """`tenant`, a known one: else the one error saying why (tenants off 409, unknown 404)."""
+        if self.tenants is None:
+            raise RequestError("tenant=... needs serve.tenants.enabled=true", "tenant", status=409, kind="conflict")
+        if tenant not in {t["name"] for t in self.tenants.listing()}:
+            raise RequestError(f"no tenant {tenant!r} (a tenant exists after its first request)", "tenant",
+                               status=404, kind="not_found")
+        return tenant
+
+    def versions(self, tenant: str | None = None) -> dict[str, Any]:
+        if tenant is not None:
+            name = self._tenant(tenant)
+            return {"tenant": name, "current": self.store.serving_version(name), "versions": self.store.versions(name),
+                    "rounds": self.store.tenant_rounds(name, 50),
+                    "events": [e for e in self.store.events(limit=500) if e["payload"].get("tenant") == name][-100:]}
         return {"current": self._served, "versions": self.store.versions(), "rounds": self.store.rounds(50),
                 "events": self.store.events(limit=100), "swaps": list(self.pool.swaps[-20:]) if self.pool else []}
 
@@ -83,7 +99,9 @@ class ServeController:
               file=sys.stderr, flush=True)
         return stats
 
-    def rollback(self, version: int) -> dict[str, Any]:
+    def rollback(self, version: int, tenant: str | None = None) -> dict[str, Any]:
+        if tenant is not None:
+            return self._rollback_tenant(self._tenant(tenant), version)
         known = {v["version"]: v for v in self.store.versions()}
         if version not in known or known[version]["status"] not in ("base", "promoted") or \
                 not self.disk.exists(version):
@@ -106,17 +124,46 @@ class ServeController:
             self.metrics.rollbacks.inc()
         return {"ok": True, "current": version, "previous": before, "swap": stats}
 
-    def learn_now(self) -> dict[str, Any]:
+    def _rollback_tenant(self, tenant: str, version: int) -> dict[str, Any]:
+        """Serve `tenant` one of its kept versions again (and its next round trains from it); nothing else moves.
+
+        No engine call: the engines read the version's folder on the
+        tenant's next request, dropping the adapter they held for it.
+        """
+        with self.trainer_lock:  # after any learning round in progress (which may prune a version)
+            known = {v["version"]: v for v in self.store.versions(tenant)}
+            disk = self.tenants.versions(tenant)
+            kept = sorted(v for v, row in known.items() if row["status"] == "promoted" and disk.exists(v))
+            if version not in kept:
+                raise RequestError(f"version {version} is not a kept version of tenant {tenant!r}; its kept "
+                                   f"versions: {kept}", "version", status=404, kind="not_found")
+            before = self.store.serving_version(tenant)
+            self.tenants.serve_version(tenant, version)
+            self.store.set_state(serving_key(tenant), version)
+            self.store.add_event("rollback", version=version, previous=before, tenant=tenant)
+        if self.metrics is not None:
+            self.metrics.rollbacks.inc()
+        return {"ok": True, "tenant": tenant, "current": version, "previous": before}
+
+    def learn_now(self, tenant: str | None = None) -> dict[str, Any]:
+        """Start a round now; with tenants, `tenant`'s (None: the next ready tenant's)."""
         if self.learner is None:
             raise RequestError("the learner is off (serve.learn.enabled=false)", status=409, kind="conflict")
-        self.learner.trigger()
-        return {"ok": True, "triggered": True, "state": self.learner.state}
+        if tenant is not None:
+            self._tenant(tenant)
+        self.learner.trigger(tenant)
+        return {"ok": True, "triggered": True, "state": self.learner.state, "tenant": tenant}
 
     def on_round(self, summary: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.rounds.inc(outcome=summary.get("outcome", "unknown"))
             if summary.get("outcome") == "rejected":
                 self.metrics.rejections.inc()
+            if summary.get("tenant") is not None and self.tenant_labels is not None:
+                label = self.tenant_labels.label(summary["tenant"])
+                self.metrics.tenant_rounds.inc(tenant=label, outcome=summary.get("outcome", "unknown"))
+                if summary.get("outcome") == "rejected":
+                    self.metrics.tenant_rejections.inc(tenant=label)
 
     def on_alert(self, message: str, payload: dict[str, Any]) -> None:
         self.last_alert = {"time": time.time(), "message": message}
@@ -216,18 +263,20 @@ def run_server(cfg: Any, serve_dir: Path) -> None:
 
         trainer_lock = threading.Lock()
         controller = ServeController(cfg, store, versions, rt, served, trainer_lock)
-        if s.learn.enabled:
-            learner = Learner(cfg, rt, staging, store, versions, tokenizer, reward, swap=controller.swap,
-                              served=controller.served_version, trainer_lock=trainer_lock, labelled=labelled,
-                              on_round=controller.on_round, alert=controller.on_alert)
-            controller.learner = learner
         tenants = None
         if s.tenants.enabled:
-            from ttrl.serve.tenants import Tenants
+            from ttrl.serve.tenants import TenantLabels, Tenants
 
             # A new tenant starts from the version served when it first asks (validation made keys_file exist).
             tenants = Tenants(serve_dir / "tenants", lambda: versions.hf_dir(controller.served_version()),
                               load_tenants(keys_file))
+            _resume_tenants(store, tenants)
+            controller.tenants, controller.tenant_labels = tenants, TenantLabels(int(s.tenants.metrics_max_tenants))
+        if s.learn.enabled:
+            learner = Learner(cfg, rt, staging, store, versions, tokenizer, reward, swap=controller.swap,
+                              served=controller.served_version, trainer_lock=trainer_lock, labelled=labelled,
+                              on_round=controller.on_round, alert=controller.on_alert, tenants=tenants)
+            controller.learner = learner
         asyncio.run(_serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, controller, admin_token,
                            served, rt.startup_s, api_keys, _vocab_size(model_path, tokenizer), tenants))
     finally:
@@ -237,6 +286,23 @@ def run_server(cfg: Any, serve_dir: Path) -> None:
         store.close()
         parts.close()  # the reward (reward_model's actor), then the runtime
         print("ttrl-serve: stopped", file=sys.stderr, flush=True)
+
+
+def _resume_tenants(store: Store, tenants: Any) -> None:
+    """Each tenant served its last promoted version (the store's record); version folders a crash left
+    unrecorded (saved, never committed) are removed, as the shared version's are."""
+    served = store.tenant_versions()
+    for d in sorted(p for p in tenants.root.iterdir() if (p / "versions").is_dir()):
+        keep = {v["version"] for v in store.versions(d.name) if v["status"] == "promoted"}
+        removed = tenants.versions(d.name).cleanup(keep)
+        if removed:
+            print(f"ttrl-serve: tenant {d.name!r}: removed unrecorded version dirs {removed}", file=sys.stderr)
+    for name, version in sorted(served.items()):
+        try:
+            tenants.serve_version(name, version)
+        except (KeyError, FileNotFoundError) as err:
+            print(f"ttrl-serve: WARNING: tenant {name!r} should be served v{version} but cannot be ({err}); "
+                  "it is served its first adapter", file=sys.stderr, flush=True)
 
 
 def _vocab_size(model_path: str, tokenizer: Any) -> int:
@@ -319,7 +385,7 @@ async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, contro
     who = (f"API keys for {len(api_keys.names)} identities" if api_keys else
            "single user (trusted), no keys" if s.single_user else "no API keys (every client is 'anonymous')")
     print(f"ttrl-serve: serving v{served} of {scfg.model_name} at {url}/v1 (OpenAI API), votes={s.votes}; {who}; "
-          f"learner {'on' if controller.learner else 'off'}; "
+          f"learner {('on, per tenant' if tenants else 'on') if controller.learner else 'off'}; "
           f"{f'tenants on ({s.tenants.max_loaded} adapters resident per engine)' if tenants else 'tenants off'}; admin API {'on' if admin_token else 'off'}; "
           f"store {store.path}; started in {startup_s:.0f} s ({rt.phases.line()})", file=sys.stderr, flush=True)
     try:

@@ -18,6 +18,13 @@ the next start), `regression` (the frozen pseudo-label set; retired items
 keep their row), `events` and `state`. A store of an older schema is
 migrated in place when opened.
 
+Schema 3 (serve.tenants, issue 32 phase 2) records the tenant of every
+query, rating, round, version and regression item (`tenant`, NULL = the
+shared version, which is every row of an older store). A tenant's rounds
+read and write its own rows only; version numbers stay one sequence over
+the shared version and every tenant (`next_version`), and a tenant's served
+version is the state key `tenant_version:<name>`.
+
 Pure Python (sqlite3): no torch, ray or vllm.
 """
 
@@ -37,7 +44,7 @@ from typing import Any
 from ttrl.serve.auth import ANONYMOUS
 from ttrl.serve.trust import prompt_key
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS queries (
@@ -60,6 +67,7 @@ CREATE TABLE IF NOT EXISTS queries (
     round INTEGER,                  -- the learning round that used it (NULL = not yet)
     failures INTEGER NOT NULL DEFAULT 0,  -- rounds whose rollout of it failed
     quarantined TEXT,               -- why it is never trained on (NULL = it may be)
+    tenant TEXT,                    -- serve.tenants: whose adapter answered (NULL = the shared version)
     PRIMARY KEY (id, idx)
 );
 CREATE TABLE IF NOT EXISTS feedback (
@@ -70,7 +78,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     client TEXT NOT NULL DEFAULT 'anonymous',  -- the identity that rated (one verdict per text)
     score REAL NOT NULL,            -- 1 = thumbs up, 0 = thumbs down, or anything between
     comment TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    tenant TEXT                     -- the rater's tenant (NULL = the shared version)
 );
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY,
@@ -79,7 +88,8 @@ CREATE TABLE IF NOT EXISTS versions (
     parent INTEGER,
     round INTEGER,
     status TEXT NOT NULL,           -- base | promoted | pruned
-    metrics TEXT
+    metrics TEXT,
+    tenant TEXT                     -- the tenant whose adapter it is (NULL = the shared version)
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
@@ -92,7 +102,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     current_score REAL,
     candidate_score REAL,
     reasons TEXT,
-    metrics TEXT
+    metrics TEXT,
+    tenant TEXT                     -- the tenant whose adapter it trained (NULL = the shared version)
 );
 CREATE TABLE IF NOT EXISTS regression (
     id TEXT NOT NULL,
@@ -104,6 +115,7 @@ CREATE TABLE IF NOT EXISTS regression (
     created REAL NOT NULL,
     prompt_key TEXT,
     retired REAL,                   -- when rotation took it out (NULL = in the set)
+    tenant TEXT,                    -- whose set it is in (NULL = the shared version's)
     PRIMARY KEY (id, idx)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -118,9 +130,10 @@ CREATE TABLE IF NOT EXISTS state (
 );
 """
 
-# After the migration: some index columns are new in schema 2.
+# After the migration: some index columns are new in schema 2 or 3.
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS queries_unused ON queries (round, heldout, created);
+CREATE INDEX IF NOT EXISTS queries_tenant ON queries (tenant, round);
 CREATE INDEX IF NOT EXISTS queries_prompt ON queries (prompt);
 CREATE INDEX IF NOT EXISTS queries_prompt_key ON queries (prompt_key);
 CREATE INDEX IF NOT EXISTS feedback_query ON feedback (id, idx);
@@ -136,6 +149,12 @@ _ADDED = [
     ("feedback", "client", "TEXT NOT NULL DEFAULT 'anonymous'"),
     ("regression", "prompt_key", "TEXT"),
     ("regression", "retired", "REAL"),
+    # schema 3: the tenant of every row (NULL = the shared version: every row of an older store)
+    ("queries", "tenant", "TEXT"),
+    ("feedback", "tenant", "TEXT"),
+    ("versions", "tenant", "TEXT"),
+    ("rounds", "tenant", "TEXT"),
+    ("regression", "tenant", "TEXT"),
 ]
 
 
@@ -155,6 +174,7 @@ class QueryRecord:
     latency_s: float | None = None
     created: float = field(default_factory=time.time)
     client: str = ANONYMOUS
+    tenant: str | None = None  # serve.tenants: whose adapter answered; None = the shared version
 
 
 @dataclass
@@ -166,12 +186,14 @@ class FeedbackRecord:
     comment: str | None = None
     created: float = field(default_factory=time.time)
     client: str = ANONYMOUS
+    tenant: str | None = None  # the rater's tenant
 
 
 # Unused, trainable queries: not used by a round, not held out, not quarantined, and not of a prompt
-# that is in the regression set now.
+# that is in the regression set of the same tenant (or of the shared version) now.
 _TRAINABLE = ("round IS NULL AND heldout=0 AND quarantined IS NULL AND prompt_key NOT IN"
-              " (SELECT prompt_key FROM regression WHERE retired IS NULL AND prompt_key IS NOT NULL)")
+              " (SELECT r.prompt_key FROM regression r WHERE r.retired IS NULL AND r.prompt_key IS NOT NULL"
+              " AND r.tenant IS queries.tenant)")
 
 
 class Store:
@@ -195,7 +217,8 @@ class Store:
             self.set_state("schema_version", SCHEMA_VERSION)
 
     def _migrate(self) -> None:
-        """Bring a schema-1 store up to schema 2 in one transaction (new columns, keys, one verdict per rater)."""
+        """Bring an older store up to schema 3 in one transaction: new columns (schema 2: keys, one verdict
+        per rater; schema 3: the tenant of each row, NULL for every existing one)."""
         missing = [(t, c, decl) for t, c, decl in _ADDED
                    if c not in {r[1] for r in self._db.execute(f"PRAGMA table_info({t})")}]
         if not missing:
@@ -241,13 +264,14 @@ class Store:
     def add_queries(self, records: Iterable[QueryRecord]) -> int:
         rows = [(r.id, r.idx, r.created, r.endpoint, r.client, r.prompt, prompt_key(r.prompt),
                  json.dumps(r.request) if r.request is not None else None, r.version, r.votes,
-                 json.dumps(r.response), r.answer, r.agreement, json.dumps(r.samples), r.latency_s)
+                 json.dumps(r.response), r.answer, r.agreement, json.dumps(r.samples), r.latency_s, r.tenant)
                 for r in records]
 
         def write():
             self._db.executemany(
                 "INSERT INTO queries (id, idx, created, endpoint, client, prompt, prompt_key, request, version, votes,"
-                " response, answer, agreement, samples, latency_s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                " response, answer, agreement, samples, latency_s, tenant) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                rows)
             return len(rows)
 
         return self._tx(write)
@@ -266,13 +290,21 @@ class Store:
     def count_queries(self) -> int:
         return self._rows("SELECT COUNT(*) AS n FROM queries")[0]["n"]
 
-    def unused_queries(self, limit: int) -> list[dict[str, Any]]:
-        """The newest `limit` trainable queries no round has used, oldest first."""
-        rows = self._rows(f"SELECT * FROM queries WHERE {_TRAINABLE} ORDER BY created DESC LIMIT ?", (limit,))
+    def unused_queries(self, limit: int, tenant: str | None = None) -> list[dict[str, Any]]:
+        """The newest `limit` trainable queries of `tenant` (None: the shared version's) no round has used,
+        oldest first."""
+        rows = self._rows(f"SELECT * FROM queries WHERE {_TRAINABLE} AND tenant IS ? ORDER BY created DESC LIMIT ?",
+                          (tenant, limit))
         return [_decode_query(r) for r in reversed(rows)]
 
-    def count_unused(self) -> int:
-        return self._rows(f"SELECT COUNT(*) AS n FROM queries WHERE {_TRAINABLE}")[0]["n"]
+    def count_unused(self, tenant: str | None = None) -> int:
+        return self._rows(f"SELECT COUNT(*) AS n FROM queries WHERE {_TRAINABLE} AND tenant IS ?",
+                          (tenant,))[0]["n"]
+
+    def unused_by_tenant(self) -> dict[str, int]:
+        """Tenant -> its unused, trainable queries (tenants with none are absent; the shared version too)."""
+        return {r["tenant"]: r["n"] for r in self._rows(
+            f"SELECT tenant, COUNT(*) AS n FROM queries WHERE {_TRAINABLE} AND tenant IS NOT NULL GROUP BY tenant")}
 
     def mark_used(self, keys: Iterable[tuple[str, int]], round_no: int) -> None:
         keys = list(keys)
@@ -281,15 +313,15 @@ class Store:
     def _mark_used(self, keys: list[tuple[str, int]], round_no: int) -> None:
         self._db.executemany("UPDATE queries SET round=? WHERE id=? AND idx=?", [(round_no, i, x) for i, x in keys])
 
-    def askers(self, keys: Iterable[str]) -> dict[str, int]:
-        """Prompt key -> distinct identities that ever asked it."""
+    def askers(self, keys: Iterable[str], tenant: str | None = None) -> dict[str, int]:
+        """Prompt key -> distinct identities that ever asked it (of `tenant`; None: of the shared version)."""
         out: dict[str, int] = {}
         keys = list(dict.fromkeys(keys))
         for i in range(0, len(keys), 400):
             chunk = keys[i:i + 400]
             marks = ",".join("?" * len(chunk))
             for r in self._rows(f"SELECT prompt_key, COUNT(DISTINCT client) AS n FROM queries WHERE prompt_key IN"
-                                f" ({marks}) GROUP BY prompt_key", chunk):
+                                f" ({marks}) AND tenant IS ? GROUP BY prompt_key", [*chunk, tenant]):
                 out[r["prompt_key"]] = r["n"]
         return out
 
@@ -323,9 +355,10 @@ class Store:
             if old is not None:
                 self._db.execute("DELETE FROM feedback WHERE fid=?", (old[0],))
             # A new row (not an update): its fid orders it after every verdict already given.
-            cur = self._db.execute("INSERT INTO feedback (id, idx, choice, client, score, comment, created)"
-                                   " VALUES (?,?,?,?,?,?,?)",
-                                   (fb.id, fb.idx, fb.choice, fb.client, fb.score, fb.comment, fb.created))
+            cur = self._db.execute("INSERT INTO feedback (id, idx, choice, client, score, comment, created, tenant)"
+                                   " VALUES (?,?,?,?,?,?,?,?)",
+                                   (fb.id, fb.idx, fb.choice, fb.client, fb.score, fb.comment, fb.created,
+                                    fb.tenant))
             return int(cur.lastrowid), old is not None
 
         return self._tx(write)
@@ -342,9 +375,10 @@ class Store:
                 out.setdefault((r["id"], r["idx"]), []).append(r)
         return out
 
-    def feedback_by_prompt(self, keys: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-        """Every verdict on any response to these prompt keys (all requests, all rounds), oldest first,
-        each with the rated text (`rated`) and the rater (`client`)."""
+    def feedback_by_prompt(self, keys: Iterable[str], tenant: str | None = None) -> dict[str, list[dict[str, Any]]]:
+        """Every verdict on any response to these prompt keys (all requests, all rounds) that `tenant`'s
+        adapter (None: the shared version) gave, oldest first, each with the rated text (`rated`) and the
+        rater (`client`)."""
         out: dict[str, list[dict[str, Any]]] = {}
         keys = list(dict.fromkeys(keys))
         for i in range(0, len(keys), 400):
@@ -352,7 +386,7 @@ class Store:
             marks = ",".join("?" * len(chunk))
             rows = self._rows(f"SELECT f.*, q.prompt_key AS prompt_key, q.response AS response FROM feedback f"
                               f" JOIN queries q ON f.id = q.id AND f.idx = q.idx WHERE q.prompt_key IN ({marks})"
-                              f" ORDER BY f.fid", chunk)
+                              f" AND q.tenant IS ? ORDER BY f.fid", [*chunk, tenant])
             for r in rows:
                 texts = json.loads(r.pop("response"))
                 r["rated"] = texts[r["choice"]] if 0 <= r["choice"] < len(texts) else None
@@ -363,71 +397,87 @@ class Store:
         return self._rows("SELECT COUNT(*) AS n FROM feedback")[0]["n"]
 
     # ── regression set (frozen pseudo-labels) ─────────────────────────────
-    def add_regression(self, items: Iterable[tuple]) -> None:
-        """Freeze (id, idx, prompt, label, agreement[, source]) items; every query of their prompt (by key)
-        is held out of training while they are in the set."""
+    def add_regression(self, items: Iterable[tuple], tenant: str | None = None) -> None:
+        """Freeze (id, idx, prompt, label, agreement[, source]) items into `tenant`'s set (None: the shared
+        version's); every query of theirs with the same prompt (by key) is held out of training while they are."""
         items = [tuple(it) if len(it) == 6 else (*it, "vote") for it in items]
         now = time.time()
 
         def write():
             self._db.executemany("INSERT OR IGNORE INTO regression (id, idx, prompt, label, agreement, source, created,"
-                                 " prompt_key) VALUES (?,?,?,?,?,?,?,?)",
-                                 [(*it, now, prompt_key(it[2])) for it in items])
-            self._db.executemany("UPDATE queries SET heldout=1 WHERE prompt_key=?",
-                                 [(prompt_key(it[2]),) for it in items])
+                                 " prompt_key, tenant) VALUES (?,?,?,?,?,?,?,?,?)",
+                                 [(*it, now, prompt_key(it[2]), tenant) for it in items])
+            self._db.executemany("UPDATE queries SET heldout=1 WHERE prompt_key=? AND tenant IS ?",
+                                 [(prompt_key(it[2]), tenant) for it in items])
 
         self._tx(write)
 
-    def regression_items(self) -> list[dict[str, Any]]:
-        """The items in the set now, oldest first."""
-        return self._rows("SELECT * FROM regression WHERE retired IS NULL ORDER BY created, id, idx")
+    def regression_items(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """The items in `tenant`'s set (None: the shared version's) now, oldest first."""
+        return self._rows("SELECT * FROM regression WHERE retired IS NULL AND tenant IS ? ORDER BY created, id, idx",
+                          (tenant,))
 
-    def retire_regression(self, n: int) -> list[dict[str, Any]]:
-        """Take the `n` oldest items out of the set; their prompts may be trained on again."""
+    def retire_regression(self, n: int, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Take the `n` oldest items out of `tenant`'s set; their prompts may be trained on again."""
         def write():
             rows = [dict(r) for r in self._db.execute(
-                "SELECT * FROM regression WHERE retired IS NULL ORDER BY created, id, idx LIMIT ?", (n,))]
+                "SELECT * FROM regression WHERE retired IS NULL AND tenant IS ? ORDER BY created, id, idx LIMIT ?",
+                (tenant, n))]
             now = time.time()
             self._db.executemany("UPDATE regression SET retired=? WHERE id=? AND idx=?",
                                  [(now, r["id"], r["idx"]) for r in rows])
-            self._db.executemany("UPDATE queries SET heldout=0 WHERE prompt_key=? AND prompt_key NOT IN"
-                                 " (SELECT prompt_key FROM regression WHERE retired IS NULL)",
-                                 [(r["prompt_key"],) for r in rows])
+            self._db.executemany("UPDATE queries SET heldout=0 WHERE prompt_key=? AND tenant IS ? AND prompt_key"
+                                 " NOT IN (SELECT prompt_key FROM regression WHERE retired IS NULL AND tenant IS ?)",
+                                 [(r["prompt_key"], tenant, tenant) for r in rows])
             return rows
 
         return self._tx(write) if n > 0 else []
 
     # ── versions ──────────────────────────────────────────────────────────
     def add_version(self, version: int, path: str, status: str, parent: int | None = None,
-                    round_no: int | None = None, metrics: dict | None = None, serve: bool = False) -> None:
-        """Record a version; with serve=True it also becomes the served one, in the same transaction."""
-        self._tx(self._add_version, version, path, status, parent, round_no, metrics, serve)
+                    round_no: int | None = None, metrics: dict | None = None, serve: bool = False,
+                    tenant: str | None = None) -> None:
+        """Record a version (of `tenant`; None: the shared version); with serve=True it also becomes the one
+        served (to that tenant), in the same transaction."""
+        self._tx(self._add_version, version, path, status, parent, round_no, metrics, serve, tenant)
 
-    def _add_version(self, version, path, status, parent, round_no, metrics, serve) -> None:
-        self._db.execute("INSERT OR REPLACE INTO versions (version, created, path, parent, round, status, metrics)"
-                         " VALUES (?,?,?,?,?,?,?)", (version, time.time(), path, parent, round_no, status,
-                                                     json.dumps(metrics or {})))
+    def _add_version(self, version, path, status, parent, round_no, metrics, serve, tenant=None) -> None:
+        self._db.execute("INSERT OR REPLACE INTO versions (version, created, path, parent, round, status, metrics,"
+                         " tenant) VALUES (?,?,?,?,?,?,?,?)", (version, time.time(), path, parent, round_no, status,
+                                                               json.dumps(metrics or {}), tenant))
         if serve:
-            self._set_state(("serving_version", version))
+            self._set_state((serving_key(tenant), version))
+
+    def next_version(self) -> int:
+        """The next version number: one sequence over the shared version and every tenant's."""
+        return int(self._rows("SELECT COALESCE(MAX(version), -1) + 1 AS n FROM versions")[0]["n"])
 
     def set_version_status(self, version: int, status: str) -> None:
         self._tx(lambda: self._db.execute("UPDATE versions SET status=? WHERE version=?", (status, version)))
 
-    def versions(self) -> list[dict[str, Any]]:
-        rows = self._rows("SELECT * FROM versions ORDER BY version")
+    def versions(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """The versions of `tenant` (None: the shared version's), oldest first."""
+        rows = self._rows("SELECT * FROM versions WHERE tenant IS ? ORDER BY version", (tenant,))
         for r in rows:
             r["metrics"] = json.loads(r["metrics"] or "{}")
         return rows
 
-    def serving_version(self) -> int | None:
-        v = self.get_state("serving_version")
+    def serving_version(self, tenant: str | None = None) -> int | None:
+        """The version served (to `tenant`; None: the shared one); None when none was recorded (a tenant
+        that never promoted one is served the adapter it was created with)."""
+        v = self.get_state(serving_key(tenant))
         return None if v is None else int(v)
 
+    def tenant_versions(self) -> dict[str, int]:
+        """Tenant -> the version it is served, for every tenant that promoted one."""
+        return {r["key"][len(TENANT_KEY):]: int(json.loads(r["value"]))
+                for r in self._rows("SELECT key, value FROM state WHERE key LIKE ?", (TENANT_KEY + "%",))}
+
     # ── rounds ────────────────────────────────────────────────────────────
-    def start_round(self, base_version: int, n_queries: int) -> int:
+    def start_round(self, base_version: int | None, n_queries: int, tenant: str | None = None) -> int:
         def write():
-            cur = self._db.execute("INSERT INTO rounds (started, base_version, n_queries) VALUES (?,?,?)",
-                                   (time.time(), base_version, n_queries))
+            cur = self._db.execute("INSERT INTO rounds (started, base_version, n_queries, tenant) VALUES (?,?,?,?)",
+                                   (time.time(), base_version, n_queries, tenant))
             return int(cur.lastrowid)
 
         return self._tx(write)
@@ -452,9 +502,9 @@ class Store:
 
         self._tx(write)
 
-    def commit_promotion(self, round_no: int, version: int, path: str, parent: int, *,
+    def commit_promotion(self, round_no: int, version: int, path: str, parent: int | None, *,
                          used: Iterable[tuple[str, int]], current_score: float | None,
-                         candidate_score: float | None, metrics: dict | None) -> None:
+                         candidate_score: float | None, metrics: dict | None, tenant: str | None = None) -> None:
         """One transaction: the new version recorded and served, its queries used, its round promoted.
 
         A crash before it leaves the round without an outcome (`interrupted` at
@@ -464,7 +514,7 @@ class Store:
         used = list(used)
 
         def write():
-            self._add_version(version, path, "promoted", parent, round_no, metrics, True)
+            self._add_version(version, path, "promoted", parent, round_no, metrics, True, tenant)
             self._mark_used(used, round_no)
             self._finish_round(round_no, "promoted", version, current_score, candidate_score, (), metrics)
 
@@ -482,7 +532,16 @@ class Store:
         return self._tx(write)
 
     def rounds(self, limit: int = 50) -> list[dict[str, Any]]:
-        rows = self._rows("SELECT * FROM rounds ORDER BY round DESC LIMIT ?", (limit,))
+        """The last `limit` rounds of the shared version and every tenant, oldest first."""
+        return self._decode_rounds(self._rows("SELECT * FROM rounds ORDER BY round DESC LIMIT ?", (limit,)))
+
+    def tenant_rounds(self, tenant: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The last `limit` rounds of one tenant, oldest first."""
+        return self._decode_rounds(self._rows("SELECT * FROM rounds WHERE tenant=? ORDER BY round DESC LIMIT ?",
+                                              (tenant, limit)))
+
+    @staticmethod
+    def _decode_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for r in rows:
             r["reasons"] = json.loads(r["reasons"] or "[]")
             r["metrics"] = json.loads(r["metrics"] or "{}")
@@ -511,6 +570,14 @@ class Store:
     def get_state(self, key: str) -> Any:
         rows = self._rows("SELECT value FROM state WHERE key=?", (key,))
         return json.loads(rows[0]["value"]) if rows else None
+
+
+TENANT_KEY = "tenant_version:"
+
+
+def serving_key(tenant: str | None) -> str:
+    """The state key of the version served to `tenant` (None: the shared version)."""
+    return "serving_version" if tenant is None else TENANT_KEY + tenant
 
 
 def _decode_query(row: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,8 @@ served its own LoRA adapter on the one shared base:
 
     <serve.dir>/tenants/<name>/adapter/      peft dir: adapter_config.json, adapter_model.safetensors
     <serve.dir>/tenants/<name>/tenant.json   {"name", "id", "created", "from_version"}
+    <serve.dir>/tenants/<name>/versions/v<N>/   what its learning rounds promoted (`Versions` dirs:
+                                             policy/ the adapter, policy_ds/ the trainer state)
 
 A tenant is created on its first request: its adapter is a copy of the
 served version's adapter (`<serve.dir>/versions/v<N>/policy/`; at v0 with
@@ -20,6 +22,13 @@ Folders are written under a temporary name and renamed into place, so a
 crash never leaves half an adapter that a later start would serve. Only the
 server process assigns ids (one lock); other processes may write adapters.
 
+Learning (issue 32 phase 2): a tenant's round promotes a new version folder;
+`serve_version` points the tenant at its `policy/` (the store says which
+version each tenant is served, so a restart does the same). The tenant keeps
+its int id: the engine sees a new folder for the id, drops the old adapter
+and its prefix cache (`VLLMEngine.generate_tenants`). `RoundQueue` takes the
+tenants whose queries make a round due in turn, round-robin.
+
 Must never import ray or vllm, or talk to an engine: the engines read the
 adapter folders themselves (`VLLMEngine.generate_tenants`).
 """
@@ -30,14 +39,14 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ttrl.rollout.lora import ADAPTER_ID, CONFIG_FILE, WEIGHTS_FILE
 from ttrl.rundir import write_atomic
-from ttrl.serve.versions import fsync_dir, fsync_tree
+from ttrl.serve.versions import Versions, fsync_dir, fsync_tree
 
 FIRST_ID = ADAPTER_ID + 1
 INFO_FILE = "tenant.json"
@@ -77,8 +86,9 @@ def write_adapter(root: str | Path, name: str, tensors: Mapping[str, Any], spec:
     """Write (or replace) tenant `name`'s adapter: peft format, wire names, atomically.
 
     An engine that holds the tenant's old adapter keeps serving it until it
-    unloads it (least recently used) or restarts; phase 1 has no reload on
-    demand, so write a tenant's adapter before its first request.
+    unloads it (least recently used) or restarts: only a new folder (a
+    promoted version, `serve_version`) is reloaded on demand, so write a
+    tenant's adapter before its first request.
     """
     from ttrl.rollout.lora import write_adapter as write_peft
 
@@ -109,6 +119,38 @@ class Tenants:
                 self._known[row["name"]] = TenantAdapter(row["name"], int(row["id"]), str(info.parent / "adapter"))
         self.created = 0  # tenants created by this process
         self.on_create: Callable[[str], None] | None = None  # told each new tenant's name (/metrics counts them)
+        self._version: dict[str, int] = {}  # tenant -> the promoted version it is served (absent: its adapter/)
+
+    def versions(self, name: str) -> Versions:
+        """Tenant `name`'s promoted versions on disk: <root>/<name>/versions/v<N>/."""
+        return Versions(self.root / name / "versions")
+
+    def origin(self, name: str) -> int | None:
+        """The shared version tenant `name`'s adapter was copied from (None: an adapter placed by hand)."""
+        info = self.root / name / INFO_FILE
+        src = json.loads(info.read_text()).get("from_version") if info.is_file() else None
+        return int(src[1:]) if isinstance(src, str) and src[1:].isdigit() else None
+
+    def serve_version(self, name: str, version: int) -> dict[str, Any]:
+        """Serve tenant `name` its promoted `version` from now on (same id, the version's adapter folder).
+
+        The engines read the folder on the tenant's next request; requests
+        already in an engine finish with the adapter they started with.
+        """
+        path = self.versions(name).hf_dir(version)
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"tenant {name!r}: version v{version} has no adapter at {path}")
+        with self._lock:
+            old = self._known.get(name)
+            if old is None:
+                raise KeyError(f"unknown tenant {name!r}")
+            self._known[name] = TenantAdapter(name, old.id, str(path))
+            self._version[name] = version
+        return {"tenant": name, "version": version, "path": str(path), "previous": old.path}
+
+    def version_of(self, name: str) -> int | None:
+        with self._lock:
+            return self._version.get(name)
 
     def tenant_of(self, identity: str) -> str | None:
         """The tenant of an API key's name; None for a key marked `-` (the shared version).
@@ -161,8 +203,78 @@ class Tenants:
 
     def listing(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [{"name": t.name, "id": t.id, "path": t.path} for t in sorted(self._known.values(),
-                                                                                 key=lambda t: t.id)]
+            return [{"name": t.name, "id": t.id, "path": t.path, "version": self._version.get(t.name)}
+                    for t in sorted(self._known.values(), key=lambda t: t.id)]
 
 
-__all__ = ["FIRST_ID", "INFO_FILE", "TenantAdapter", "Tenants", "adapter_dir", "write_adapter"]
+class TenantLabels:
+    """The `tenant` label of the per-tenant /metrics counters, with a cardinality cap.
+
+    The first `cap` tenants seen get their own label value; every later one
+    is counted under OTHER, so a server with thousands of tenants keeps a
+    bounded number of series (serve.tenants.metrics_max_tenants).
+    """
+
+    OTHER = "_other"
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self._named: set[str] = set()
+        self._lock = threading.Lock()
+
+    def label(self, name: str) -> str:
+        with self._lock:
+            if name in self._named:
+                return name
+            if len(self._named) < self.cap:
+                self._named.add(name)
+                return name
+            return self.OTHER
+
+
+def ready_tenants(unused: Mapping[str, int], seen: Mapping[str, int], every_queries: int, min_queries: int,
+                  manual: bool = False, timely: bool = False) -> list[str]:
+    """The tenants a round may be for now, by name.
+
+    unused: tenant -> its unused trainable queries; seen: tenant -> that
+    count right after its last round (0 when none), so that only queries
+    that arrived since count towards the next. A tenant with fewer than
+    `min_queries` unused queries always waits. Otherwise it is ready when
+    `every_queries` (> 0) new ones arrived, when the time is up (`timely`,
+    serve.learn.every_seconds) and `min_queries` new ones arrived, or on a
+    manual trigger.
+    """
+    out = []
+    for name, n in unused.items():
+        if n < max(1, min_queries):
+            continue
+        new = n - seen.get(name, 0)
+        if manual or (every_queries > 0 and new >= every_queries) or (timely and new >= max(1, min_queries)):
+            out.append(name)
+    return sorted(out)
+
+
+class RoundQueue:
+    """Whose round is next: round-robin over the ready tenants, in name order from the last one served.
+
+    No tenant gets a second round while another ready tenant waits for its
+    first: a busy tenant cannot starve a quiet one. Pure; the learner tells
+    it each round it ran (`done`).
+    """
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+
+    def pick(self, ready: Iterable[str]) -> str | None:
+        ready = sorted(set(ready))
+        if not ready:
+            return None
+        later = [t for t in ready if self.last is None or t > self.last]
+        return (later or ready)[0]
+
+    def done(self, name: str) -> None:
+        self.last = name
+
+
+__all__ = ["FIRST_ID", "INFO_FILE", "RoundQueue", "TenantAdapter", "TenantLabels", "Tenants", "adapter_dir", "ready_tenants",
+           "write_adapter"]

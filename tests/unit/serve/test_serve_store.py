@@ -198,13 +198,13 @@ def test_a_store_of_the_first_schema_is_migrated_in_place(tmp_path):
     con.executescript(V1_SCHEMA)
     con.close()
     s = Store(db)
-    assert s.get_state("schema_version") == 2
+    assert s.get_state("schema_version") == 3
     assert s.get_query("cmpl-a")["client"] == "anonymous" and s.get_query("cmpl-a")["prompt_key"] == "2+2="
     assert [f["score"] for f in s.feedback_for([("cmpl-a", 0)])[("cmpl-a", 0)]] == [0.0], "the newest verdict kept"
     assert [it["prompt_key"] for it in s.regression_items()] == ["3+3="]
     assert [q["id"] for q in s.unused_queries(10)] == ["cmpl-a"], "the frozen prompt stays held out"
     s.close()
-    assert Store(db).get_state("schema_version") == 2, "a migrated store opens again"
+    assert Store(db).get_state("schema_version") == 3, "a migrated store opens again"
 
 
 def test_the_frozen_set_rotates_and_a_retired_prompt_may_be_trained_on_again(tmp_path):
@@ -244,3 +244,78 @@ def test_a_query_that_fails_twice_is_quarantined_and_no_longer_handed_out(tmp_pa
     s.quarantine([("cmpl-2", 0)], "too long")
     assert [(q["id"], q["quarantined"]) for q in s.quarantined()] == [("cmpl-0", "boom"), ("cmpl-2", "too long")]
     assert s.count_queries() == 3, "quarantined queries stay in the store"
+
+
+V2_SCHEMA = """
+CREATE TABLE queries (id TEXT NOT NULL, idx INTEGER NOT NULL, created REAL NOT NULL, endpoint TEXT NOT NULL,
+    client TEXT NOT NULL DEFAULT 'anonymous', prompt TEXT NOT NULL, prompt_key TEXT, request TEXT,
+    version INTEGER NOT NULL, votes INTEGER NOT NULL, response TEXT NOT NULL, answer TEXT, agreement REAL,
+    samples TEXT, latency_s REAL, heldout INTEGER NOT NULL DEFAULT 0, round INTEGER,
+    failures INTEGER NOT NULL DEFAULT 0, quarantined TEXT, PRIMARY KEY (id, idx));
+CREATE TABLE feedback (fid INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, idx INTEGER NOT NULL,
+    choice INTEGER NOT NULL, client TEXT NOT NULL DEFAULT 'anonymous', score REAL NOT NULL, comment TEXT,
+    created REAL NOT NULL);
+CREATE TABLE versions (version INTEGER PRIMARY KEY, created REAL NOT NULL, path TEXT, parent INTEGER,
+    round INTEGER, status TEXT NOT NULL, metrics TEXT);
+CREATE TABLE rounds (round INTEGER PRIMARY KEY, started REAL NOT NULL, finished REAL, outcome TEXT,
+    base_version INTEGER, version INTEGER, n_queries INTEGER, current_score REAL, candidate_score REAL,
+    reasons TEXT, metrics TEXT);
+CREATE TABLE regression (id TEXT NOT NULL, idx INTEGER NOT NULL, prompt TEXT NOT NULL, label TEXT NOT NULL,
+    agreement REAL NOT NULL, source TEXT NOT NULL DEFAULT 'vote', created REAL NOT NULL, prompt_key TEXT,
+    retired REAL, PRIMARY KEY (id, idx));
+CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT);
+INSERT INTO state VALUES ('schema_version', '2'), ('serving_version', '1');
+INSERT INTO queries (id, idx, created, endpoint, client, prompt, prompt_key, version, votes, response) VALUES
+    ('cmpl-a', 0, 1.0, 'completions', 'u1', '2+2=', '2+2=', 1, 1, '["x"]'),
+    ('cmpl-b', 0, 2.0, 'completions', 'u2', '3+3=', '3+3=', 1, 1, '["y"]');
+INSERT INTO feedback (id, idx, choice, client, score, created) VALUES ('cmpl-a', 0, 0, 'u1', 1.0, 1.0);
+INSERT INTO versions VALUES (0, 1.0, '/v0', NULL, NULL, 'base', '{}'), (1, 2.0, '/v1', 0, 1, 'promoted', '{}');
+INSERT INTO rounds (round, started, finished, outcome, base_version, version) VALUES (1, 1.5, 2.0, 'promoted', 0, 1);
+"""
+
+
+def test_a_store_of_the_second_schema_gets_tenants_and_keeps_every_row_the_shared_versions(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "v2.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript(V2_SCHEMA)
+    con.close()
+    s = Store(db)
+    assert s.get_state("schema_version") == 3 and s.serving_version() == 1
+    assert [v["version"] for v in s.versions()] == [0, 1] and s.versions("alice") == []
+    assert [q["id"] for q in s.unused_queries(10)] == ["cmpl-a", "cmpl-b"] and s.unused_by_tenant() == {}
+    assert s.get_query("cmpl-a")["tenant"] is None and s.rounds()[0]["tenant"] is None
+    assert list(s.feedback_by_prompt(["2+2="])) == ["2+2="]
+    assert s.next_version() == 2
+    s.close()
+    assert Store(db).get_state("schema_version") == 3, "a migrated store opens again"
+
+
+def test_each_tenant_has_its_own_queries_ratings_regression_set_rounds_and_versions(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    s.add_version(0, "/v0", "base", serve=True)
+    recs = [QueryRecord(id=f"cmpl-{t}{i}", idx=0, endpoint="completions", prompt=f"{i}+{i}=", version=0, votes=1,
+                        response=["x"], client=t, tenant=t, created=1000.0 + i) for t in ("alice", "bob")
+            for i in range(3)]
+    s.add_queries([*recs, _q(9)])
+    assert s.unused_by_tenant() == {"alice": 3, "bob": 3}
+    assert [q["id"] for q in s.unused_queries(10, "alice")] == ["cmpl-alice0", "cmpl-alice1", "cmpl-alice2"]
+    assert [q["id"] for q in s.unused_queries(10)] == ["cmpl-9"], "the shared version's queries are its own"
+    s.add_feedback(FeedbackRecord("cmpl-bob1", 0, 0, 1.0, client="bob", tenant="bob"))
+    assert s.feedback_by_prompt(["1+1="], "alice") == {} and len(s.feedback_by_prompt(["1+1="], "bob")["1+1="]) == 1
+    # The same prompt frozen in alice's set holds out alice's queries of it, never bob's.
+    s.add_regression([("cmpl-alice0", 0, "0+0=", "0", 0.9)], "alice")
+    assert s.unused_by_tenant() == {"alice": 2, "bob": 3}
+    assert s.regression_items("bob") == [] and [it["id"] for it in s.regression_items("alice")] == ["cmpl-alice0"]
+    assert s.askers(["0+0="], "bob") == {"0+0=": 1} and s.askers(["0+0="]) == {}
+    r = s.start_round(None, 2, "alice")
+    s.commit_promotion(r, s.next_version(), "/tenants/alice/versions/v1", None, used=[("cmpl-alice1", 0)],
+                       current_score=0.5, candidate_score=0.5, metrics={}, tenant="alice")
+    assert s.serving_version("alice") == 1 and s.serving_version() == 0 and s.serving_version("bob") is None
+    assert s.tenant_versions() == {"alice": 1}
+    assert [v["version"] for v in s.versions()] == [0] and [v["version"] for v in s.versions("alice")] == [1]
+    assert s.next_version() == 2, "one sequence of numbers over every tenant"
+    assert s.rounds()[-1]["tenant"] == "alice" and s.unused_by_tenant() == {"alice": 1, "bob": 3}
+    s.retire_regression(1, "alice")
+    assert s.unused_by_tenant() == {"alice": 2, "bob": 3}

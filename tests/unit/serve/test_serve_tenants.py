@@ -25,7 +25,15 @@ from ttrl.serve.guard import GuardPolicy, allowed_host_set
 from ttrl.serve.limits import ClientLimits
 from ttrl.serve.protocol import Defaults
 from ttrl.serve.store import Store
-from ttrl.serve.tenants import FIRST_ID, Tenants, adapter_dir, write_adapter
+from ttrl.serve.tenants import (
+    FIRST_ID,
+    RoundQueue,
+    TenantLabels,
+    Tenants,
+    adapter_dir,
+    ready_tenants,
+    write_adapter,
+)
 from ttrl.serve.testing import FakeDeath, FakeEngine, FakeTokenizer
 
 pytestmark = pytest.mark.unit
@@ -59,13 +67,16 @@ def test_tenants_are_off_by_default_and_validate_when_on(tmp_path):
     ("serve.tenants.max_loaded=0", "serve.tenants.max_loaded=0 must be between 1 and 64"),
     ("serve.tenants.max_loaded=1000", "serve.tenants.max_loaded=1000"),
     ("model.lora.enabled=false", "serve.tenants.enabled=true needs LoRA serving: set model.lora.enabled=true"),
-    ("serve.learn.enabled=true", "serve.tenants.enabled=true needs serve.learn.enabled=false"),
 ])
 def test_a_misconfigured_tenants_section_is_one_sentence_naming_the_key(tmp_path, override, words):
     with pytest.raises(ConfigError) as err:
         validate_serve(_tenant_cfg(tmp_path, override))
     assert words in str(err.value)
     assert str(err.value).count(". ") == 0, "one sentence"
+
+
+def test_tenants_learn_per_tenant_so_the_learner_may_be_on(tmp_path):
+    validate_serve(_tenant_cfg(tmp_path, "serve.learn.enabled=true"))
 
 
 def test_tenants_without_an_api_keys_file_are_refused(monkeypatch):
@@ -237,3 +248,175 @@ def test_each_key_is_answered_by_its_tenant_and_a_client_without_one_is_refused(
         svc.close()
 
     asyncio.run(main())
+
+
+# ── per-tenant learning: whose round, version folders (phase 2) ─────────────
+def test_a_tenant_below_min_queries_waits_and_only_new_queries_make_a_round_due():
+    unused = {"alice": 10, "bob": 3, "carol": 12}
+    assert ready_tenants(unused, {}, every_queries=8, min_queries=4) == ["alice", "carol"]
+    # carol's last round left 10 of hers unused (quarantined, say): 2 new ones are not 8.
+    assert ready_tenants(unused, {"carol": 10}, every_queries=8, min_queries=4) == ["alice"]
+    assert ready_tenants(unused, {}, every_queries=0, min_queries=4) == [], "no count trigger, no time trigger"
+    assert ready_tenants(unused, {}, every_queries=0, min_queries=4, timely=True) == ["alice", "carol"]
+    assert ready_tenants(unused, {}, every_queries=0, min_queries=4, manual=True) == ["alice", "carol"], \
+        "a manual trigger without a name does not lift min_queries"
+    assert ready_tenants({"bob": 1}, {}, every_queries=1, min_queries=0) == ["bob"]
+    assert ready_tenants({}, {}, every_queries=1, min_queries=0) == []
+
+
+def test_rounds_go_round_robin_so_a_busy_tenant_cannot_starve_a_quiet_one():
+    q = RoundQueue()
+    order = []
+    for _ in range(7):
+        # alice always has queries; bob and carol too, dave only from the fourth round on.
+        ready = ["alice", "bob", "carol"] + (["dave"] if len(order) >= 3 else [])
+        pick = q.pick(ready)
+        q.done(pick)
+        order.append(pick)
+    assert order == ["alice", "bob", "carol", "dave", "alice", "bob", "carol"]
+    assert q.pick([]) is None
+    q.done("zed")
+    assert q.pick(["alice", "bob"]) == "alice", "after the last name, back to the first"
+    assert q.pick(["bob", "bob"]) == "bob"
+
+
+def test_a_promoted_version_is_a_new_folder_served_to_its_tenant_alone_with_the_same_id(tmp_path):
+    served = tmp_path / "versions" / "v0" / "policy"
+    write_adapter(tmp_path / "seed", "x", {A: torch.zeros(2, 16), B: torch.zeros(16, 2)}, SPEC)
+    served.parent.mkdir(parents=True)
+    (tmp_path / "seed" / "x" / "adapter").rename(served)
+    t = Tenants(tmp_path / "tenants", lambda: served, {"alice": "alice", "bob": "bob"})
+    alice, bob = t.get("alice"), t.get("bob")
+    assert t.origin("alice") == 0, "copied from v0: a round starts from v0's trainer state"
+    with pytest.raises(FileNotFoundError, match="v7"):
+        t.serve_version("alice", 7)
+    v7 = t.versions("alice").path(7) / "policy"
+    write_adapter(tmp_path / "tmp", "a", {A: torch.ones(2, 16), B: torch.ones(16, 2)}, SPEC)
+    v7.parent.mkdir(parents=True)
+    (tmp_path / "tmp" / "a" / "adapter").rename(v7)
+    info = t.serve_version("alice", 7)
+    assert info["previous"] == alice.path and info["path"] == str(v7)
+    assert t.get("alice") == type(alice)("alice", alice.id, str(v7)), "same id, new folder"
+    assert t.get("bob") == bob, "another tenant is untouched"
+    assert str(v7) == str(tmp_path / "tenants" / "alice" / "versions" / "v7" / "policy")
+    assert {r["name"]: r["version"] for r in t.listing()} == {"alice": 7, "bob": None}
+    # A restart reads tenant.json again: the version comes back from the store (server._resume_tenants).
+    again = Tenants(tmp_path / "tenants", lambda: served, {"alice": "alice"})
+    assert again.get("alice").path == alice.path and again.get("alice").id == alice.id
+    write_adapter(tmp_path / "tenants", "carol", {A: torch.ones(2, 16), B: torch.ones(16, 2)}, SPEC)
+    t.get("carol")
+    assert t.origin("carol") is None, "an adapter placed by hand has no trainer state to learn from"
+
+
+def test_tenant_labels_on_metrics_are_capped():
+    labels = TenantLabels(2)
+    assert [labels.label(n) for n in ("a", "b", "c", "a", "d", "b")] == ["a", "b", "_other", "a", "_other", "b"]
+    assert TenantLabels(0).label("a") == "_other"
+
+
+def _promoted(t: Tenants, store: Store, name: str, version: int, ones: float) -> None:
+    """A promoted version of `name` as a learning round leaves it: a folder with policy/ and manifest.json,
+    and its row in the store."""
+    d = t.versions(name).path(version)
+    write_adapter(d.parent / ".w", "x", {A: torch.full((2, 16), ones), B: torch.full((16, 2), ones)}, SPEC)
+    d.mkdir(parents=True)
+    (d.parent / ".w" / "x" / "adapter").rename(d / "policy")
+    (d / "manifest.json").write_text("{}")
+    r = store.start_round(store.serving_version(name), 1, name)
+    store.commit_promotion(r, version, str(d), store.serving_version(name), used=[], current_score=0.5,
+                           candidate_score=0.5, metrics={}, tenant=name)
+    t.serve_version(name, version)
+
+
+def test_the_admin_api_gives_each_tenant_its_versions_rounds_and_rollback_and_metrics_by_tenant(tmp_path):
+    import threading
+
+    from ttrl.serve.server import ServeController, _resume_tenants
+    from ttrl.serve.versions import Versions
+
+    served = _served(tmp_path)
+    store = Store(tmp_path / "store.sqlite")
+    store.add_version(0, str(served.parent), "base", serve=True)
+    f = _keys(tmp_path, "alice:alice-key-0123456789\nbob:bob-key-0123456789\n")
+    tenants = Tenants(tmp_path / "tenants", lambda: served, load_tenants(f))
+    tenants.get("alice"), tenants.get("bob")
+    _promoted(tenants, store, "alice", 1, 0.1)
+    _promoted(tenants, store, "alice", 2, 0.2)
+    ctl = ServeController(None, store, Versions(tmp_path / "versions"), None, 0, threading.Lock())
+    ctl.tenants, ctl.tenant_labels = tenants, TenantLabels(1)
+    svc = Service(ServiceConfig("tiny", Defaults(1.0, 1.0, 8, 1, 256), 30.0, "admin-token-123"), FakeTokenizer(),
+                  MODEL_CFG, None, store, ctl, tenants)
+    ctl.metrics = svc.metrics
+    admin = {"Authorization": "Bearer admin-token-123"}
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(svc)),
+                                     base_url="http://localhost") as c:
+            v = (await c.get("/admin/versions", params={"tenant": "alice"}, headers=admin)).json()
+            assert v["tenant"] == "alice" and v["current"] == 2
+            assert [r["version"] for r in v["versions"]] == [1, 2] and len(v["rounds"]) == 2
+            assert (await c.get("/admin/versions", params={"tenant": "bob"}, headers=admin)).json()["versions"] == []
+            r = await c.get("/admin/versions", params={"tenant": "zed"}, headers=admin)
+            assert r.status_code == 404 and "no tenant 'zed'" in r.json()["error"]["message"]
+            r = await c.post("/admin/rollback", params={"tenant": "alice"}, json={"version": 0}, headers=admin)
+            assert r.status_code == 404 and "kept versions: [1, 2]" in r.json()["error"]["message"]
+            r = await c.post("/admin/rollback", params={"tenant": "bob"}, json={"version": 1}, headers=admin)
+            assert r.status_code == 404, "alice's version is not bob's"
+            r = await c.post("/admin/rollback", params={"tenant": "alice"}, json={"version": 1}, headers=admin)
+            assert r.status_code == 200 and r.json()["previous"] == 2, r.text
+            assert tenants.get("alice").path == str(tenants.versions("alice").hf_dir(1))
+            assert store.serving_version("alice") == 1 and store.serving_version() == 0
+            r = await c.post("/admin/learn", params={"tenant": "alice"}, headers=admin)
+            assert r.status_code == 409 and "learner is off" in r.json()["error"]["message"]
+        ctl.on_round({"round": 3, "outcome": "rejected", "tenant": "alice"})
+        ctl.on_round({"round": 4, "outcome": "promoted", "tenant": "bob"})
+        ctl.on_round({"round": 5, "outcome": "promoted"})
+        text = svc.metrics.registry.render()
+        assert 'ttrl_tenant_learning_rounds_total{tenant="alice",outcome="rejected"} 1' in text
+        assert 'ttrl_tenant_learning_rounds_total{tenant="_other",outcome="promoted"} 1' in text, "capped at 1"
+        assert 'ttrl_tenant_gate_rejections_total{tenant="alice"} 1' in text
+        assert "ttrl_learning_rounds_total{outcome=\"promoted\"} 2" in text, "the totals count every round"
+
+    asyncio.run(main())
+    # A restart serves alice the version the store names (the rollback's), and removes unrecorded folders.
+    (tenants.versions("alice").path(9) / "policy").mkdir(parents=True)
+    (tenants.versions("alice").path(9) / "manifest.json").write_text("{}")
+    again = Tenants(tmp_path / "tenants", lambda: served, load_tenants(f))
+    _resume_tenants(store, again)
+    assert again.get("alice").path == str(again.versions("alice").hf_dir(1)) and again.version_of("bob") is None
+    assert again.versions("alice").on_disk() == [1, 2], "v9 was never recorded"
+    svc.close()
+
+
+def test_the_learner_gives_due_tenants_rounds_in_turn_and_a_manual_trigger_may_name_one(tmp_path):
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from ttrl.serve.learner import Learner
+    from ttrl.serve.store import QueryRecord
+
+    store = Store(tmp_path / "store.sqlite")
+    store.add_queries([QueryRecord(id=f"cmpl-{t}{i}", idx=0, endpoint="completions", prompt=f"{t} {i}", version=0,
+                                   votes=1, response=["x"], client=t, tenant=t)
+                       for t, n in (("alice", 3), ("bob", 3), ("carol", 1)) for i in range(n)])
+    # The learner's trigger logic alone (no trainer, no engines): what `_loop` asks before each round.
+    ln = Learner.__new__(Learner)
+    ln.cfg = SimpleNamespace(serve=SimpleNamespace(learn=SimpleNamespace(every_queries=2, every_seconds=0,
+                                                                         min_queries=2)))
+    ln.store, ln.tenants, ln.queue, ln._seen = store, object(), RoundQueue(), {}
+    ln._manual, ln._manual_tenant, ln._next_tenant, ln._last_round = False, None, None, time.monotonic()
+    ln._cond = threading.Condition()
+    picked = []
+    for _ in range(3):
+        if ln._due() is None:
+            picked.append(None)
+            continue
+        picked.append(ln._next_tenant)
+        ln.queue.done(ln._next_tenant)  # as run_round does; none of its queries got used here
+        ln._seen[ln._next_tenant] = store.count_unused(ln._next_tenant)
+    assert picked == ["alice", "bob", None], "carol (1 query < min_queries=2) waits; no new queries, no round"
+    ln.trigger("carol")
+    assert ln._due() == "manual, tenant 'carol'" and ln._next_tenant == "carol", "the admin named her"
+    ln._manual, ln._manual_tenant = True, None
+    assert ln._due() == "manual" and ln._next_tenant == "alice", "a manual trigger without a name: the next in turn"
