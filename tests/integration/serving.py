@@ -9,6 +9,7 @@ Test helpers only; no assertion here is about a server's answers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -116,3 +117,22 @@ def write_keys(path: Path, names: list[str], tenants: dict[str, str] | None = No
     path.write_text("".join(f"{n}:{k}{':' + tenants[n] if n in tenants else ''}\n" for n, k in keys.items()))
     path.chmod(0o600)
     return {n: {"Authorization": f"Bearer {k}"} for n, k in keys.items()}
+
+
+async def ask_each(url: str, headers: dict, prompts: list[str], who: list[str], max_tokens: int,
+                   seed0: int) -> dict[str, list[dict]]:
+    """Every prompt once per name of `who`, all at once (so tenants share engine batches), prompt i with seed
+    seed0 + i: name -> its response bodies, in prompt order."""
+    async with httpx.AsyncClient(timeout=300) as http:
+        async def one(name: str, i: int, prompt: str) -> tuple[str, int, dict]:
+            r = await http.post(f"{url}/v1/completions", headers=headers[name],
+                                json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0,
+                                      "seed": seed0 + i})
+            assert r.status_code == 200, (name, r.text)
+            return name, i, r.json()
+
+        done = await asyncio.gather(*(one(n, i, p) for i, p in enumerate(prompts) for n in who))
+    out: dict[str, list[dict]] = {n: [None] * len(prompts) for n in who}
+    for name, i, body in done:
+        out[name][i] = body
+    return out

@@ -31,7 +31,7 @@ import httpx
 import pytest
 
 from tests.conftest import compose_config
-from tests.integration.serving import AUTH, Server, write_keys
+from tests.integration.serving import AUTH, Server, ask_each, write_keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -80,20 +80,8 @@ def server(tmp_path_factory, prompts):
     srv.stop()
 
 
-async def _ask(url: str, headers: dict, prompts: list[str], who: list[str]) -> dict[str, list[dict]]:
-    """Every prompt once per name of `who`, all at once (tenants share engine batches), each with its seed."""
-    async with httpx.AsyncClient(timeout=300) as http:
-        async def one(name: str, i: int, prompt: str) -> tuple[str, int, dict]:
-            r = await http.post(f"{url}/v1/completions", headers=headers[name],
-                                json={"prompt": prompt, "max_tokens": TOKENS, "temperature": 1.0, "seed": 500 + i})
-            assert r.status_code == 200, (name, r.text)
-            return name, i, r.json()
-
-        done = await asyncio.gather(*(one(n, i, p) for i, p in enumerate(prompts) for n in who))
-    out: dict[str, list[dict]] = {n: [None] * len(prompts) for n in who}
-    for name, i, body in done:
-        out[name][i] = body
-    return out
+def _ask(url: str, headers: dict, prompts: list[str], who: list[str]):
+    return ask_each(url, headers, prompts, who, TOKENS, 500)
 
 
 def _db(srv: Server) -> sqlite3.Connection:
