@@ -31,7 +31,7 @@ import httpx
 import pytest
 
 from tests.conftest import compose_config
-from tests.integration.serving import AUTH, Server, ask_each, write_keys
+from tests.integration.serving import AUTH, Server, ask_each, same_tokens, served_samples, write_keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -88,31 +88,11 @@ def _db(srv: Server) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{srv.dir / 'store.sqlite'}?mode=ro", uri=True)
 
 
-def _samples(srv: Server, bodies: list[dict]) -> list[tuple[str, float, int]]:
-    """(text, mean log-prob, tokens) of the one sample behind each response, from the store."""
-    db = _db(srv)
-    try:
-        out = []
-        for b in bodies:
-            (samples,) = db.execute("SELECT samples FROM queries WHERE id=?", (b["id"],)).fetchone()
-            (s,) = json.loads(samples)
-            out.append((s["text"], s["mean_logprob"], s["tokens"]))
-        return out
-    finally:
-        db.close()
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    """The same tokens: same text and length, per-token log-probs that agree (a batch of another size may
-    round their last bits otherwise on CPU)."""
-    return a[0] == b[0] and a[2] == b[2] and abs(a[1] - b[1]) < 1e-4
-
-
 def test_one_tenants_harmful_round_changes_its_answers_and_no_other_tenants(server, prompts):
     srv, h = server
     before = asyncio.run(_ask(srv.url, h, prompts, ["alice", "bob"]))
-    bob0, alice0 = _samples(srv, before["bob"]), _samples(srv, before["alice"])
-    assert all(map(_same, alice0, bob0)), "two new tenants (B = 0) answer alike"
+    bob0, alice0 = served_samples(srv.dir, before["bob"]), served_samples(srv.dir, before["alice"])
+    assert all(map(same_tokens, alice0, bob0)), "two new tenants (B = 0) answer alike"
 
     r = httpx.post(f"{srv.url}/admin/learn", params={"tenant": "alice"}, headers=AUTH, timeout=30)
     assert r.status_code == 200 and r.json()["tenant"] == "alice", r.text
@@ -124,13 +104,14 @@ def test_one_tenants_harmful_round_changes_its_answers_and_no_other_tenants(serv
     version = rnd["version"]
 
     after = asyncio.run(_ask(srv.url, h, prompts, ["alice", "bob"]))
-    bob1, alice1 = _samples(srv, after["bob"]), _samples(srv, after["alice"])
-    changed = sum(not _same(a, b) for a, b in zip(alice1, alice0))
-    print(f"TENANT LEARNING REPORT after alice's round: bob identical on {sum(map(_same, bob1, bob0))}/{N_PROMPTS}, "
+    bob1, alice1 = served_samples(srv.dir, after["bob"]), served_samples(srv.dir, after["alice"])
+    changed = sum(not same_tokens(a, b) for a, b in zip(alice1, alice0))
+    print(f"TENANT LEARNING REPORT after alice's round: bob identical on "
+          f"{sum(map(same_tokens, bob1, bob0))}/{N_PROMPTS}, "
           f"alice changed on {changed}/{N_PROMPTS} (text on {sum(a[0] != b[0] for a, b in zip(alice1, alice0))}), "
           f"max |mean log-prob diff| alice {max(abs(a[1] - b[1]) for a, b in zip(alice1, alice0)):.2e}, "
           f"bob {max(abs(a[1] - b[1]) for a, b in zip(bob1, bob0)):.2e}")
-    assert all(map(_same, bob1, bob0)), "bob's answers moved when only alice's adapter was trained"
+    assert all(map(same_tokens, bob1, bob0)), "bob's answers moved when only alice's adapter was trained"
     assert changed == N_PROMPTS, "alice is not served her new version"
     assert any(a[0] != b[0] for a, b in zip(alice1, alice0)), "alice's new version changed no text"
 
@@ -154,27 +135,31 @@ def test_one_tenants_harmful_round_changes_its_answers_and_no_other_tenants(serv
     srv.start()
     print(f"TENANT LEARNING REPORT restart: {srv.startup_s[-1]:.0f} s")
     again = asyncio.run(_ask(srv.url, h, prompts, ["alice", "bob"]))
-    assert all(map(_same, _samples(srv, again["alice"]), alice1)), "alice's promoted version was not served again"
-    assert all(map(_same, _samples(srv, again["bob"]), bob0)), "bob's adapter changed across the restart"
+    assert all(map(same_tokens, served_samples(srv.dir, again["alice"]), alice1)), \
+        "alice's promoted version was not served again"
+    assert all(map(same_tokens, served_samples(srv.dir, again["bob"]), bob0)), \
+        "bob's adapter changed across the restart"
 
     # ── a second round of alice's (her v1 is resident in the engine), then her rollback to v1 ──
     httpx.post(f"{srv.url}/admin/learn", params={"tenant": "alice"}, headers=AUTH, timeout=30).raise_for_status()
     rnd2 = srv.wait_rounds(2)[-1]
     assert rnd2["tenant"] == "alice" and rnd2["outcome"] == "promoted" and rnd2["base_version"] == version, srv.tail()
     v2 = asyncio.run(_ask(srv.url, h, prompts, ["alice", "bob"]))
-    alice2 = _samples(srv, v2["alice"])
-    assert not any(map(_same, alice2, alice1)), "alice's second version was not served (a stale adapter?)"
-    assert all(map(_same, _samples(srv, v2["bob"]), bob0))
+    alice2 = served_samples(srv.dir, v2["alice"])
+    assert not any(map(same_tokens, alice2, alice1)), "alice's second version was not served (a stale adapter?)"
+    assert all(map(same_tokens, served_samples(srv.dir, v2["bob"]), bob0))
     r = httpx.post(f"{srv.url}/admin/rollback", params={"tenant": "alice"}, json={"version": version}, headers=AUTH,
                    timeout=30)
     assert r.status_code == 200 and r.json()["previous"] == rnd2["version"], r.text
     back = asyncio.run(_ask(srv.url, h, prompts, ["alice", "bob"]))
-    assert all(map(_same, _samples(srv, back["alice"]), alice1)), "the rollback did not serve alice's v1 again"
-    assert all(map(_same, _samples(srv, back["bob"]), bob0))
+    assert all(map(same_tokens, served_samples(srv.dir, back["alice"]), alice1)), \
+        "the rollback did not serve alice's v1 again"
+    assert all(map(same_tokens, served_samples(srv.dir, back["bob"]), bob0))
     tv = httpx.get(f"{srv.url}/admin/versions", params={"tenant": "alice"}, headers=AUTH, timeout=30).json()
     assert tv["current"] == version and [v["version"] for v in tv["versions"]] == [version, rnd2["version"]]
     metrics = httpx.get(f"{srv.url}/metrics", headers=AUTH, timeout=30).text
     assert 'ttrl_tenant_learning_rounds_total{tenant="alice",outcome="promoted"} 1' in metrics
     print(f"TENANT LEARNING REPORT second round of alice's: v{rnd2['version']}, changed on "
-          f"{sum(not _same(a, b) for a, b in zip(alice2, alice1))}/{N_PROMPTS}; rollback to v{version}: alice as "
+          f"{sum(not same_tokens(a, b) for a, b in zip(alice2, alice1))}/{N_PROMPTS}; rollback to v{version}: "
+          f"alice as "
           f"at v{version} on {N_PROMPTS}/{N_PROMPTS}, bob as at the start throughout")

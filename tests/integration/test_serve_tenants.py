@@ -20,14 +20,12 @@ Figures are printed as TENANTS REPORT lines; no assertion is about time.
 from __future__ import annotations
 
 import asyncio
-import json
-import sqlite3
 
 import httpx
 import pytest
 
 from tests.conftest import compose_config
-from tests.integration.serving import AUTH, Server, ask_each, write_keys
+from tests.integration.serving import AUTH, Server, ask_each, same_tokens, served_samples, write_keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
@@ -58,23 +56,6 @@ def server(tmp_path_factory, keys):
 
 def _ask(url: str, headers: dict, who: list[str]):
     return ask_each(url, headers, PROMPTS, who, TOKENS, 1000)
-
-
-def _sample(srv: Server, body: dict) -> tuple[str, float]:
-    """(text, mean log-prob) of the one sample behind a response, from the store."""
-    db = sqlite3.connect(f"file:{srv.dir / 'store.sqlite'}?mode=ro", uri=True)
-    try:
-        (samples,) = db.execute("SELECT samples FROM queries WHERE id=?", (body["id"],)).fetchone()
-    finally:
-        db.close()
-    (s,) = json.loads(samples)
-    return s["text"], s["mean_logprob"]
-
-
-def _same(a: tuple[str, float], b: tuple[str, float]) -> bool:
-    """The same tokens: the same text, and per-token log-probs that agree (a batch of another size may round
-    its last bits otherwise on CPU)."""
-    return a[0] == b[0] and abs(a[1] - b[1]) < 1e-4
 
 
 def _tenants(srv: Server) -> dict:
@@ -109,13 +90,13 @@ def _bob_adapter(serve_dir) -> None:
 def test_a_new_tenant_answers_token_for_token_as_the_base(server, keys):
     _, h = keys
     got = asyncio.run(_ask(server.url, h, ["eval", "alice"]))
-    base = [_sample(server, b) for b in got["eval"]]
-    alice = [_sample(server, b) for b in got["alice"]]
-    print(f"TENANTS REPORT base vs new tenant: {sum(map(_same, alice, base))}/{len(PROMPTS)} identical, max "
+    base = served_samples(server.dir, got["eval"])
+    alice = served_samples(server.dir, got["alice"])
+    print(f"TENANTS REPORT base vs new tenant: {sum(map(same_tokens, alice, base))}/{len(PROMPTS)} identical, max "
           f"|mean log-prob diff| {max(abs(a[1] - b[1]) for a, b in zip(alice, base)):.1e} (texts {[t for t, _ in base]})")
     assert [b["ttrl"]["tenant"] for b in got["alice"]] == ["alice"] * len(PROMPTS)
     assert [b["ttrl"]["tenant"] for b in got["eval"]] == [None] * len(PROMPTS)
-    assert all(map(_same, alice, base)), "a new tenant (B = 0) must answer exactly as the base"
+    assert all(map(same_tokens, alice, base)), "a new tenant (B = 0) must answer exactly as the base"
     listing = _tenants(server)
     assert [(t["name"], t["id"]) for t in listing["tenants"]] == [("alice", 2)]
     assert listing["loads"] == 1 and _metric(server, "ttrl_tenants_created_total") == 1
@@ -126,16 +107,16 @@ def test_two_tenants_asked_together_answer_with_their_own_adapters(server, keys)
     _bob_adapter(server.dir)
     batches0 = _metric(server, "ttrl_engine_batch_size_count")
     got = asyncio.run(_ask(server.url, h, ["alice", "bob", "eval"]))
-    base = [_sample(server, b) for b in got["eval"]]
-    alice = [_sample(server, b) for b in got["alice"]]
-    bob = [_sample(server, b) for b in got["bob"]]
+    base = served_samples(server.dir, got["eval"])
+    alice = served_samples(server.dir, got["alice"])
+    bob = served_samples(server.dir, got["bob"])
     batches = _metric(server, "ttrl_engine_batch_size_count") - batches0
-    differ = sum(not _same(b, x) for b, x in zip(bob, base))
+    differ = sum(not same_tokens(b, x) for b, x in zip(bob, base))
     print(f"TENANTS REPORT interleaved: bob differs from the base on {differ}/{len(PROMPTS)} prompts (in the text "
           f"on {sum(b[0] != x[0] for b, x in zip(bob, base))}), alice on "
-          f"{sum(not _same(a, x) for a, x in zip(alice, base))}; "
+          f"{sum(not same_tokens(a, x) for a, x in zip(alice, base))}; "
           f"{3 * len(PROMPTS)} requests in {batches:.0f} engine calls")
-    assert all(map(_same, alice, base)), "alice's answers changed while bob's adapter served beside it"
+    assert all(map(same_tokens, alice, base)), "alice's answers changed while bob's adapter served beside it"
     assert differ == len(PROMPTS), "bob's adapter (B != 0) did not change his answers"
     assert batches < 3 * len(PROMPTS), "the tenants' requests never shared an engine call"
     assert {t["name"] for t in _tenants(server)["tenants"]} == {"alice", "bob"}
@@ -157,7 +138,8 @@ def test_one_resident_adapter_three_tenants_alternating_reload_from_disk(server,
                               json={"prompt": PROMPTS[0], "max_tokens": TOKENS, "temperature": 1.0, "seed": 1000})
                 codes.append(r.status_code)
                 if name == "bob" and rep == 0:
-                    assert _same(_sample(server, r.json()), _sample(server, before[0])), "bob's adapter was not reread"
+                    now, then = served_samples(server.dir, [r.json(), before[0]])
+                    assert same_tokens(now, then), "bob's adapter was not reread"
     st = _tenants(server)
     print(f"TENANTS REPORT max_loaded=1, 6 alternating requests of 3 tenants: codes {codes}, loads {st['loads']}, "
           f"unloads {st['unloads']}, resident {st['resident']}")

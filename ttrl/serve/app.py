@@ -353,9 +353,7 @@ def build_app(service: Service, policy: GuardPolicy | None = None) -> Guard:
             return resp
         tenant = request.query_params.get("tenant")
         try:
-            if tenant is not None:
-                return JSONResponse(await run_in_threadpool(service.controller.versions, tenant))
-            return JSONResponse(await run_in_threadpool(service.controller.versions))
+            return JSONResponse(await run_in_threadpool(service.controller.versions, tenant=tenant))
         except P.RequestError as err:
             return error(err)
 
@@ -369,9 +367,7 @@ def build_app(service: Service, policy: GuardPolicy | None = None) -> Guard:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise P.RequestError("send {\"version\": N}, N a kept version (see /admin/versions)", "version")
             tenant = request.query_params.get("tenant")
-            if tenant is not None:
-                return JSONResponse(await run_in_threadpool(service.controller.rollback, v, tenant))
-            return JSONResponse(await run_in_threadpool(service.controller.rollback, v))
+            return JSONResponse(await run_in_threadpool(service.controller.rollback, v, tenant=tenant))
         except P.RequestError as err:
             return error(err)
 
@@ -391,9 +387,7 @@ def build_app(service: Service, policy: GuardPolicy | None = None) -> Guard:
             return resp
         tenant = request.query_params.get("tenant")
         try:
-            if tenant is not None:
-                return JSONResponse(await run_in_threadpool(service.controller.learn_now, tenant))
-            return JSONResponse(await run_in_threadpool(service.controller.learn_now))
+            return JSONResponse(await run_in_threadpool(service.controller.learn_now, tenant=tenant))
         except P.RequestError as err:
             return error(err)
 

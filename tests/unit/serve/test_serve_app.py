@@ -33,16 +33,16 @@ class FakeController:
     def status(self) -> dict[str, Any]:
         return {"enabled": True, "state": "idle"}
 
-    def versions(self) -> dict[str, Any]:
+    def versions(self, tenant: str | None = None) -> dict[str, Any]:
         return {"current": self.version, "versions": [{"version": 0, "status": "base"}]}
 
-    def rollback(self, version: int) -> dict[str, Any]:
+    def rollback(self, version: int, tenant: str | None = None) -> dict[str, Any]:
         if version != 0:
             raise RequestError(f"version {version} is not kept", "version", status=404, kind="not_found")
         self.rolled.append(version)
         return {"ok": True, "current": version}
 
-    def learn_now(self) -> dict[str, Any]:
+    def learn_now(self, tenant: str | None = None) -> dict[str, Any]:
         self.learned += 1
         return {"ok": True}
 
