@@ -93,7 +93,7 @@ def test_a_new_tenant_answers_token_for_token_as_the_base(server, keys):
     base = served_samples(server.dir, got["eval"])
     alice = served_samples(server.dir, got["alice"])
     print(f"TENANTS REPORT base vs new tenant: {sum(map(same_tokens, alice, base))}/{len(PROMPTS)} identical, max "
-          f"|mean log-prob diff| {max(abs(a[1] - b[1]) for a, b in zip(alice, base)):.1e} (texts {[t for t, _ in base]})")
+          f"|mean log-prob diff| {max(abs(a[1] - b[1]) for a, b in zip(alice, base)):.1e} (texts {[s[0] for s in base]})")
     assert [b["ttrl"]["tenant"] for b in got["alice"]] == ["alice"] * len(PROMPTS)
     assert [b["ttrl"]["tenant"] for b in got["eval"]] == [None] * len(PROMPTS)
     assert all(map(same_tokens, alice, base)), "a new tenant (B = 0) must answer exactly as the base"

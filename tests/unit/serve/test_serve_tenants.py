@@ -420,3 +420,33 @@ def test_the_learner_gives_due_tenants_rounds_in_turn_and_a_manual_trigger_may_n
     assert ln._due() == "manual, tenant 'carol'" and ln._next_tenant == "carol", "the admin named her"
     ln._manual, ln._manual_tenant = True, None
     assert ln._due() == "manual" and ln._next_tenant == "alice", "a manual trigger without a name: the next in turn"
+
+
+def test_pruning_keeps_a_tenants_newest_versions_and_the_one_it_is_served_and_no_other_tenants(tmp_path):
+    from types import SimpleNamespace
+
+    from ttrl.serve.learner import Learner
+
+    served = tmp_path / "versions" / "v0" / "policy"
+    write_adapter(tmp_path / "seed", "x", {A: torch.zeros(2, 16), B: torch.zeros(16, 2)}, SPEC)
+    served.parent.mkdir(parents=True)
+    (tmp_path / "seed" / "x" / "adapter").rename(served)
+    t = Tenants(tmp_path / "tenants", lambda: served, {"alice": "alice", "bob": "bob"})
+    store = Store(tmp_path / "store.sqlite")
+    # alice promoted v1, v3, v4, v6 and was rolled back to v3; bob promoted v2 and v5.
+    for v, who in ((1, "alice"), (2, "bob"), (3, "alice"), (4, "alice"), (5, "bob"), (6, "alice")):
+        d = t.versions(who).path(v)
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text("{}")
+        store.add_version(v, str(d), "promoted", serve=True, tenant=who)
+    store.add_version(3, str(t.versions("alice").path(3)), "promoted", serve=True, tenant="alice")
+    ln = Learner.__new__(Learner)
+    ln.cfg = SimpleNamespace(serve=SimpleNamespace(keep_versions=2))
+    ln.store, ln.tenants = store, t
+    assert ln.prune_tenant("alice") == [1], "v4 and v6 are the newest two, v3 is served: only v1 goes"
+    assert sorted(p.name for p in (tmp_path / "tenants" / "alice" / "versions").iterdir()) == ["v3", "v4", "v6"]
+    assert {v["version"]: v["status"] for v in store.versions("alice")} == {1: "pruned", 3: "promoted",
+                                                                             4: "promoted", 6: "promoted"}
+    assert [v["status"] for v in store.versions("bob")] == ["promoted", "promoted"], "bob's versions untouched"
+    assert (tmp_path / "tenants" / "bob" / "versions" / "v2").is_dir()
+    assert ln.prune_tenant("bob") == [] and store.serving_version("alice") == 3
