@@ -191,15 +191,40 @@ class Tenants:
             return t
 
     def _check(self, d: Path) -> None:
-        """An adapter someone put in a tenant's folder must fit the engines' LoRA slots (rank, targets):
-        ValueError naming the folder, before any engine tries it (a failed load inside vLLM fails its batch)."""
+        """An adapter someone put in a tenant's folder must fit the engines' LoRA slots: the served adapter's
+        rank and targets, its tensor names and shapes, finite values, a file that reads. ValueError naming the
+        folder (and the tensor), before any engine tries it: a failed load inside vLLM fails the whole batch,
+        other tenants' requests included."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
         from ttrl.rollout.lora import read_spec
 
-        own, served = read_spec(d), read_spec(self.served_adapter())
+        served_dir = self.served_adapter()
+        try:
+            own, served = read_spec(d), read_spec(served_dir)
+        except (ValueError, OSError) as err:  # a config that is not JSON, or not a LoRA config we serve
+            raise ValueError(f"the adapter at {d} cannot be read: {err}") from None
         for key in ("r", "target_modules"):
             if own[key] != served[key]:
                 raise ValueError(f"the adapter at {d} has {key}={own[key]}, the served adapter (model.lora) "
                                  f"{key}={served[key]}; the engines serve only adapters of the served one's shape")
+        try:
+            tensors = load_file(str(d / WEIGHTS_FILE))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"the adapter at {d}: {WEIGHTS_FILE} cannot be read ({err})") from None
+        expected = {k: tuple(t.shape) for k, t in load_file(str(served_dir / WEIGHTS_FILE)).items()}
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise ValueError(f"the adapter at {d} does not hold the served adapter's tensors: "
+                             + "; ".join(x for x in (f"missing {missing[:3]}" if missing else "",
+                                                     f"unexpected {extra[:3]}" if extra else "") if x))
+        for name, t in tensors.items():
+            if tuple(t.shape) != expected[name]:
+                raise ValueError(f"the adapter at {d}: {name} has shape {tuple(t.shape)}, the served adapter's "
+                                 f"is {expected[name]}")
+            if not t.is_floating_point() or not bool(t.isfinite().all()):
+                raise ValueError(f"the adapter at {d}: {name} holds non-finite values (or is not floating point)")
 
     def listing(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -450,3 +450,36 @@ def test_pruning_keeps_a_tenants_newest_versions_and_the_one_it_is_served_and_no
     assert [v["status"] for v in store.versions("bob")] == ["promoted", "promoted"], "bob's versions untouched"
     assert (tmp_path / "tenants" / "bob" / "versions" / "v2").is_dir()
     assert ln.prune_tenant("bob") == [] and store.serving_version("alice") == 3
+
+
+@pytest.mark.parametrize("spoil, words", [
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x00" * 40), "adapter_model.safetensors cannot be read"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(
+        (d / "adapter_model.safetensors").read_bytes()[:-64]), "cannot be read"),
+    (lambda d: (d / "adapter_config.json").write_text("{not json"), "cannot be read"),
+    ("nan", "non-finite"),
+    ("shape", "has shape (2, 32)"),
+    ("names", "missing"),
+])
+def test_a_corrupt_adapter_in_a_tenant_folder_is_refused_naming_it_and_other_tenants_are_served(
+        tmp_path, spoil, words):
+    from safetensors.torch import save_file
+
+    served = _served(tmp_path)
+    root = tmp_path / "tenants"
+    good = {A: torch.randn(2, 64), B: torch.ones(64, 2)}
+    d = write_adapter(root, "bob", good, SPEC, "base")
+    if spoil == "nan":
+        save_file({A: good[A], B: torch.full((64, 2), float("nan"))}, str(d / "adapter_model.safetensors"))
+    elif spoil == "shape":
+        save_file({A: torch.randn(2, 32), B: good[B]}, str(d / "adapter_model.safetensors"))
+    elif spoil == "names":
+        save_file({A: good[A]}, str(d / "adapter_model.safetensors"))
+    else:
+        spoil(d)
+    t = Tenants(root, lambda: served, {"bob": "bob", "alice": "alice"})
+    with pytest.raises(ValueError, match="tenants/bob/adapter") as err:
+        t.get("bob")
+    assert words in str(err.value), str(err.value)
+    assert t.get("alice").name == "alice", "another tenant is created and served as before"
+    assert [r["name"] for r in t.listing()] == ["alice"], "a refused adapter is no tenant"
