@@ -427,10 +427,7 @@ def test_pruning_keeps_a_tenants_newest_versions_and_the_one_it_is_served_and_no
 
     from ttrl.serve.learner import Learner
 
-    served = tmp_path / "versions" / "v0" / "policy"
-    write_adapter(tmp_path / "seed", "x", {A: torch.zeros(2, 16), B: torch.zeros(16, 2)}, SPEC)
-    served.parent.mkdir(parents=True)
-    (tmp_path / "seed" / "x" / "adapter").rename(served)
+    served = _served(tmp_path)
     t = Tenants(tmp_path / "tenants", lambda: served, {"alice": "alice", "bob": "bob"})
     store = Store(tmp_path / "store.sqlite")
     # alice promoted v1, v3, v4, v6 and was rolled back to v3; bob promoted v2 and v5.
