@@ -29,7 +29,15 @@ from typing import Any
 from ttrl.metrics.logger import arm_name
 from ttrl.report.collapse import run_collapse
 from ttrl.report.plots import arms_bands
-from ttrl.report.runs import CompareError, expand_run_dirs, load_run, maj_key_of, mean_std, without_nan
+from ttrl.report.runs import (
+    CompareError,
+    expand_run_dirs,
+    jsonl_file,
+    load_run,
+    maj_key_of,
+    mean_std,
+    without_nan,
+)
 
 # A fall of maj@N this large below its start is what the guard is meant to warn of ahead of.
 MAJ_FALL = 0.05
@@ -53,7 +61,7 @@ def _mean(xs: list[float]) -> float:
 
 def _collapse_step(run: dict[str, Any]) -> int | None | float:
     """The run's consensus-only collapse step (None: its votes held), NaN where it has no votes to replay."""
-    if not (Path(run["dir"]) / "votes.jsonl").exists():
+    if jsonl_file(Path(run["dir"]), "votes.jsonl") is None:
         return math.nan
     try:
         return run_collapse(run)["collapse_step"]

@@ -40,7 +40,7 @@ from typing import Any
 
 from ttrl.metrics.logger import arm_name
 from ttrl.metrics.replay import Replay, replay_votes
-from ttrl.report.runs import CompareError, expand_run_dirs, load_run, without_nan
+from ttrl.report.runs import CompareError, expand_run_dirs, jsonl_file, load_run, read_jsonl_text, without_nan
 
 __all__ = ["CONSENSUS_ONLY", "collapse_report", "consensus_collapse", "run_collapse", "spearman", "warm_start"]
 
@@ -109,11 +109,11 @@ def warm_start(cfg: dict[str, Any]) -> str:
 def run_collapse(run: dict[str, Any]) -> dict[str, Any]:
     """One run's collapse step and outcome, from a `load_run` dict (its dir must hold votes.jsonl)."""
     d, cfg, rows = Path(run["dir"]), run["config"], run["rows"]
-    votes = d / "votes.jsonl"
-    if not votes.exists():
+    votes = jsonl_file(d, "votes.jsonl")
+    if votes is None:
         raise CompareError(f"{d}: no votes.jsonl, so no vote signals to replay (runs write it since the guard "
                            f"replay; rerun it)")
-    lines = votes.read_text().splitlines()
+    lines = read_jsonl_text(votes).splitlines()
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     vote_rows = []
     for i, line in enumerate(lines):

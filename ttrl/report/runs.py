@@ -2,7 +2,9 @@
 
 A run dir holds `config.yaml` (the resolved config) and `metrics.jsonl` (one
 JSON object per line, each with `step`); a sweep dir (`multirun/...`) holds
-run dirs and stands for all of them. Everything here is shared by the
+run dirs and stands for all of them. An archived run (experiments/results/)
+may hold its JSONL files gzipped (`metrics.jsonl.gz`, `votes.jsonl.gz`):
+`jsonl_file` / `read_jsonl_text` find and read either. Everything here is shared by the
 side-by-side table, the grid and the arms reports. It only reads run dirs
 (`pull_wandb_group` writes new ones from W&B, never into an existing run),
 and imports no other report module.
@@ -26,17 +28,34 @@ class CompareError(ValueError):
     """A run dir (or W&B group) that cannot be read; `ttrl-compare` prints it as one line and exits 2."""
 
 
+def jsonl_file(run_dir: Path, name: str) -> Path | None:
+    """`run_dir/name` (e.g. "votes.jsonl"), or its gzipped copy `name.gz` when only that exists; else None."""
+    for p in (run_dir / name, run_dir / f"{name}.gz"):
+        if p.exists():
+            return p
+    return None
+
+
+def read_jsonl_text(path: Path) -> str:
+    """The text of a JSONL file, gunzipped when its name ends in .gz."""
+    if path.suffix == ".gz":
+        import gzip
+
+        return gzip.decompress(path.read_bytes()).decode()
+    return path.read_text()
+
+
 def load_run(run_dir: Path) -> dict[str, Any]:
     """{"dir", "config", "rows"} of one run dir; a torn last line of metrics.jsonl is skipped."""
-    cfg_file, met_file = run_dir / "config.yaml", run_dir / "metrics.jsonl"
+    cfg_file, met_file = run_dir / "config.yaml", jsonl_file(run_dir, "metrics.jsonl")
     if not run_dir.is_dir():
         raise CompareError(f"{run_dir}: no such directory")
     if not cfg_file.exists():
         raise CompareError(f"{run_dir}: no config.yaml, so not a ttrl run dir (a run dir holds config.yaml and"
                            " metrics.jsonl; a sweep dir holds run dirs)")
-    if not met_file.exists():
+    if met_file is None:
         raise CompareError(f"{run_dir}: no metrics.jsonl (the run stopped before its first step?)")
-    lines = met_file.read_text().splitlines()
+    lines = read_jsonl_text(met_file).splitlines()
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     rows = []
     for i, line in enumerate(lines):

@@ -87,3 +87,20 @@ def test_runs_without_votes_or_maj_still_make_a_table(tmp_path: Path) -> None:
     row = next(line for line in md.splitlines() if line.startswith("| grpo |")).split("|")
     assert row[8].strip() == "– (–)" and row[10].strip() == "–" and row[13].strip() == "–"
     assert "The guard:" not in md
+
+
+def test_an_archived_run_with_gzipped_jsonl_reads_the_same(tmp_path: Path) -> None:
+    # experiments/results/ keeps runs with metrics.jsonl.gz and votes.jsonl.gz: the tables must not change.
+    import gzip
+
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    for root in (plain, packed):
+        make_run(root, "majority_vote_s0", "majority_vote", 0, [(0, 0.40, 0.75), (10, 0.35, 0.69), (20, 0.3, 0.6)],
+                 [0.6] * 20, fired=3, drift_from=2)
+    for name in ("metrics.jsonl", "votes.jsonl"):
+        f = packed / "majority_vote_s0" / name
+        f.with_suffix(".jsonl.gz").write_bytes(gzip.compress(f.read_bytes()))
+        f.unlink()
+    a = arms_report([plain], tmp_path / "a").read_text()
+    b = arms_report([packed], tmp_path / "b").read_text()
+    assert a.replace(str(plain), "X") == b.replace(str(packed), "X") and "3 (held" not in a and "| 3 |" in a
