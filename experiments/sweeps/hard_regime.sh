@@ -21,12 +21,18 @@
 # Resumable: a finished run (training.png) or a probe that stopped at its
 # collapse step is not run again, so a killed sweep continues where it
 # stopped; a failed run is reported and the sweep goes on.
-# Cost on 2 cores: about 7-10 minutes a run (self_harmony samples twice as
-# much; scrl and rent add one trainer forward pass a step), 2-3 a probe, plus
-# 5-9 the first time a warm start is built: with the defaults (2 beds x 3 warm
-# starts x 2 seeds x 8 arms = 96 runs and 6 probes) about 12-16 hours.
+# Across machines (ARCHIVE=experiments/results/hard_regime): each finished
+# run and probe is also kept there, small enough to commit (config.yaml and
+# its metrics and votes gzipped), a run found there is not run again, and the
+# reports are made from the archive, so sessions on different machines add
+# up to one table.
+# Cost on 2 cores: 4.5-6 minutes a run on an Intel Xeon with AMX, about twice
+# that on an AMD EPYC (self_harmony samples twice as much; scrl and rent add
+# one trainer forward pass a step), 1-3 a probe, plus 4-10 the first time a
+# warm start is built: with the defaults (2 beds x 3 warm starts x 2 seeds x 8
+# arms = 96 runs and 6 probes) 8-16 hours, so several sessions with ARCHIVE.
 # Output, per bed: $OUT/<bed>/<arm>_ws<m>-<d>_s<seed>/, $OUT/<bed>/probes/,
-# and $OUT/report/<bed>/ with arms.md/png (per arm: median and worst gain, maj
+# and $OUT/report/<bed>/ ($ARCHIVE/report/<bed>/ with an archive) with arms.md/png (per arm: median and worst gain, maj
 # after, guard firings), collapse.md (each run's collapse step) and
 # probes/collapse.md (each warm start's probe beside its TTRL gain, Spearman).
 set -euo pipefail
@@ -40,6 +46,7 @@ EVOL_RL_OPTS=${EVOL_RL_OPTS:-"algorithm.clip_high=0.28 algorithm.entropy_coef=0.
 OUT=${OUT:-multirun/hard-regime-$(date +%Y-%m-%d_%H-%M-%S)}
 BIN=${BIN:-$([ -x .venv/bin/ttrl-train ] && echo .venv/bin/ || echo "")}
 DRY_RUN=${DRY_RUN:-0}
+ARCHIVE=${ARCHIVE:-}
 for b in $BEDS; do
   [ -f "conf/experiment/$b.yaml" ] || { echo "hard_regime: no experiment '$b' (conf/experiment/$b.yaml)" >&2; exit 2; }
 done
@@ -48,12 +55,29 @@ for a in $ARMS; do
 done
 echo "hard regime -> $OUT (beds: $BEDS; arms: $ARMS; warm starts: $WARMSTARTS; seeds: $SEEDS; overrides: $*)"
 
+done_in() {  # done_in <run dir> <full|probe>: a finished run, or a probe its guard stopped
+  [ -f "$1/training.png" ] || { [ "$2" = probe ] && grep -qs '"safety/collapse_step"' "$1/metrics.jsonl"; }
+}
+
+archive() {  # archive <run dir>: keep what the reports read, gzipped; config.yaml last (it marks the copy whole)
+  [ -n "$ARCHIVE" ] || return 0
+  local dest="$ARCHIVE/${1#"$OUT"/}" f
+  mkdir -p "$dest"
+  for f in metrics votes; do
+    if [ -f "$1/$f.jsonl" ]; then gzip -9 -n -c "$1/$f.jsonl" > "$dest/$f.jsonl.gz"; fi
+  done
+  cp "$1/config.yaml" "$dest/config.yaml"
+}
+
 run() {  # run <run dir> <done test: full|probe> <ttrl-train arguments...>
   local dir=$1 kind=$2
   shift 2
   if [ "$DRY_RUN" = 1 ]; then echo "${BIN}ttrl-train $* hydra.run.dir=$dir"; return 0; fi
-  if [ -f "$dir/training.png" ] || { [ "$kind" = probe ] && grep -qs '"safety/collapse_step"' "$dir/metrics.jsonl"; }; then
-    echo "== $dir: done already"; return 0
+  if [ -n "$ARCHIVE" ] && [ -f "$ARCHIVE/${dir#"$OUT"/}/config.yaml" ]; then
+    echo "== $dir: archived already"; return 0
+  fi
+  if done_in "$dir" "$kind"; then
+    echo "== $dir: done already"; archive "$dir"; return 0
   fi
   mkdir -p "$(dirname "$dir")"
   echo "== $(date +%T) $dir"
@@ -61,6 +85,7 @@ run() {  # run <run dir> <done test: full|probe> <ttrl-train arguments...>
   local rc=0
   "${BIN}ttrl-train" "$@" hydra.run.dir="$dir" > "$dir.log" 2>&1 || rc=$?
   if [ "$rc" != 0 ] && ! { [ "$kind" = probe ] && [ "$rc" = 3 ]; }; then echo "!! $dir exited $rc (see $dir.log)"; fi
+  if done_in "$dir" "$kind"; then archive "$dir"; fi
   tail -n 8 "$dir.log" | grep -E "pass@1|maj@|collapse|stopped|done in" || true
 }
 
@@ -81,21 +106,23 @@ for bed in $BEDS; do
   done
 done
 
+# The reports read the archive when there is one: it holds every session's runs.
+SRC=${ARCHIVE:-$OUT}
 for bed in $BEDS; do
-  rep="$OUT/report/$bed"
-  ttrl_runs=$(ls -d "$OUT/$bed"/majority_vote_ws*/ 2>/dev/null || true)
+  rep="$SRC/report/$bed"
+  ttrl_runs=$(ls -d "$SRC/$bed"/majority_vote_ws*/ 2>/dev/null || true)
   if [ "$DRY_RUN" = 1 ]; then
-    echo "${BIN}ttrl-compare $OUT/$bed --arms --out $rep"
-    echo "${BIN}ttrl-compare $OUT/$bed --collapse-step --out $rep"
-    echo "${BIN}ttrl-compare $OUT/$bed/probes --collapse-step --against <the majority_vote runs> --out $rep/probes"
+    echo "${BIN}ttrl-compare $SRC/$bed --arms --out $rep"
+    echo "${BIN}ttrl-compare $SRC/$bed --collapse-step --out $rep"
+    echo "${BIN}ttrl-compare $SRC/$bed/probes --collapse-step --against <the majority_vote runs> --out $rep/probes"
     continue
   fi
   # Each report is its own step: one that cannot be made (no finished run yet) does not stop the others.
-  "${BIN}ttrl-compare" "$OUT/$bed" --arms --out "$rep" || echo "!! no --arms report for $bed"
-  "${BIN}ttrl-compare" "$OUT/$bed" --collapse-step --out "$rep" > /dev/null || echo "!! no --collapse-step report for $bed"
+  "${BIN}ttrl-compare" "$SRC/$bed" --arms --out "$rep" || echo "!! no --arms report for $bed"
+  "${BIN}ttrl-compare" "$SRC/$bed" --collapse-step --out "$rep" > /dev/null || echo "!! no --collapse-step report for $bed"
   if [ -n "$ttrl_runs" ]; then
     # shellcheck disable=SC2086  # one argument per run dir
-    "${BIN}ttrl-compare" "$OUT/$bed/probes" --collapse-step --against $ttrl_runs --out "$rep/probes" \
+    "${BIN}ttrl-compare" "$SRC/$bed/probes" --collapse-step --against $ttrl_runs --out "$rep/probes" \
       || echo "!! no probe report for $bed"
   fi
 done

@@ -156,3 +156,24 @@ def test_an_unknown_bed_or_arm_is_refused_by_name(tmp_path: Path) -> None:
     proc = _sweep(tmp_path, BEDS="demo_hardest")
     assert proc.returncode == 2 and "no experiment 'demo_hardest'" in proc.stderr
     assert not _calls(tmp_path)
+
+
+def test_an_archive_keeps_finished_runs_across_machines_and_the_reports_read_it(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    proc = _sweep(tmp_path, ARCHIVE=str(archive), WARMSTARTS="0:0 1:1 4:7", SEEDS="0")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    n = len(_calls(tmp_path))
+    assert n == 3 + 9  # 3 probes, 3 arms x 3 warm starts
+    run = archive / "demo_hard" / "majority_vote_ws0-0_s0"
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl.gz", "votes.jsonl.gz"]
+    assert (archive / "demo_hard" / "probes" / "probe_ws0-0" / "votes.jsonl.gz").exists()
+    # A new machine: the sweep dir is gone, the archive (committed) is there. Nothing runs again, and a
+    # second seed adds to the same tables.
+    shutil.rmtree(tmp_path / "sweep")
+    again = _sweep(tmp_path, ARCHIVE=str(archive), WARMSTARTS="0:0 1:1 4:7", SEEDS="0 1")
+    assert again.returncode == 0, again.stderr + again.stdout
+    assert again.stdout.count("archived already") == 12 and len(_calls(tmp_path)) == n + 9
+    rep = archive / "report" / "demo_hard"
+    assert "18 runs, 3 arms" in (rep / "arms.md").read_text()
+    assert json.loads((rep / "probes" / "collapse.json").read_text())["spearman"] == pytest.approx(1.0)
+    assert not (tmp_path / "sweep" / "report").exists()
