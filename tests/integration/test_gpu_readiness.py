@@ -111,3 +111,28 @@ def test_bf16_training_accumulates_gradients_in_fp32_under_zero2(tmp_path, monke
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_the_torch_level_gpu_check_runs_its_checks_on_cpu_without_vllm_or_ray(tmp_path):
+    # The self-test of `python -m ttrl.bench.gpu_torch_check` (what a GPU box without vLLM and Ray runs):
+    # the real PolicyWorker's ZeRO-2 and ZeRO-3 steps, its log-probs against an fp32 forward, and the
+    # colocated handoff opened in a second process, here over gloo and /dev/shm.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from ttrl.bench.gpu_torch_check import main; rc = main(['--device', 'cpu']); "
+            "leaked = {'vllm', 'ray'} & {m.split('.')[0] for m in sys.modules}; "
+            "print('LEAKED', sorted(leaked)) if leaked else None; sys.exit(rc or (3 if leaked else 0))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = {x["measure"]: x for x in json.loads((tmp_path / "outputs/gpu_check/torch_cpu.json").read_text())}
+    assert set(lines) == {"trainer log-probs (float32) vs fp32", "DeepSpeed ZeRO-2 steps (PolicyWorker)",
+                          "DeepSpeed ZeRO-3 step (PolicyWorker)", "colocated handoff (ipc.py)"}
+    assert all(x["verdict"] == "ok" for x in lines.values())
+    assert "applied 2/2, weights moved True" in lines["DeepSpeed ZeRO-2 steps (PolicyWorker)"]["value"]
+    assert "bit-exact" in lines["colocated handoff (ipc.py)"]["value"] and "/dev/shm" in \
+        lines["colocated handoff (ipc.py)"]["value"]

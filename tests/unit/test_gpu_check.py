@@ -46,3 +46,19 @@ def test_install_lines_read_the_optimizer_our_config_asks_deepspeed_for():
     by = {x.measure: x for x in gpu_check.install_lines()}
     assert by["DeepSpeed optimizer"].verdict == "ok"
     assert by["torch CUDA build"].verdict == ("ok" if torch.version.cuda else "FAIL")
+
+
+def test_without_vllm_or_ray_it_says_so_and_runs_the_torch_level_checks(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    called = []
+    monkeypatch.setattr(gpu_check, "torch_level", lambda: called.append(1) or 0)  # a fake of the checks' process
+    assert gpu_check.main([]) == 0 and called == [1]
+    assert "vllm not installed here: running the torch-level checks only" in capsys.readouterr().err
+    # --full will not fall back: it goes on to the install lines (which then fail on the missing vLLM).
+    monkeypatch.setattr(gpu_check, "install_lines", lambda: [gpu_check.Line("vLLM CUDA build", "-", "-", "FAIL")])
+    monkeypatch.chdir(tmp_path)
+    assert gpu_check.main(["--full"]) == 1 and called == [1]

@@ -10,6 +10,12 @@
 3. Parity: the engines' log-probs of the step-2 samples against the
    trainer's, after the step-1 sync (`rollout/logprob_diff`).
 
+Where vLLM or Ray is not installed (a bare GPU box with torch alone), it
+says which and runs the torch-level checks instead
+(`ttrl.bench.gpu_torch_check`: the DeepSpeed worker in bf16 on ZeRO-2 and
+ZeRO-3, its log-probs against fp32, the CUDA IPC handoff in a second
+process, the NCCL path's bucket loop, MFU); `--full` refuses to fall back.
+
 Then one table: each measure, its value, its goal and a verdict; generation
 tokens/s, sync GB/s against this GPU's own device-to-device copy rate,
 trainer MFU against its own measured bf16 matmul rate, peak memory per GPU.
@@ -238,15 +244,31 @@ def gpu_steps(steps: int, overrides: list[str]) -> tuple[list[dict], int, str, s
     return rows, n_params, weight_path, expected
 
 
+def torch_level() -> int:
+    """The torch-level checks, in a process of their own (their module imports this one's table)."""
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "ttrl.bench.gpu_torch_check"])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="make gpu-check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a Hydra override of the run")
+    ap.add_argument("--full", action="store_true",
+                    help="no fall back to the torch-level checks when vLLM or Ray is missing (they fail instead)")
     args = ap.parse_args(argv)
     why = no_gpu_reason()
     if why is not None:
         print(f"gpu-check: no GPU to check on this machine ({why}); run it on a GPU node.", file=sys.stderr)
         return 2
+    import importlib.util
+
+    missing = [m for m in ("vllm", "ray") if importlib.util.find_spec(m) is None]
+    if missing and not args.full:
+        print(f"gpu-check: {' and '.join(missing)} not installed here: running the torch-level checks only "
+              "(python -m ttrl.bench.gpu_torch_check); `make install` brings them", file=sys.stderr)
+        return torch_level()
     lines = install_lines()
     if all(x.verdict != "FAIL" for x in lines):
         copy_rate, matmul_rate = device_rates()
