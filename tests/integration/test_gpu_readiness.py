@@ -114,8 +114,9 @@ def test_bf16_training_accumulates_gradients_in_fp32_under_zero2(tmp_path, monke
 
 
 def test_the_torch_level_gpu_check_runs_its_checks_on_cpu_without_vllm_or_ray(tmp_path):
-    # The self-test of `python -m ttrl.bench.gpu_torch_check` (what a GPU box without vLLM and Ray runs):
-    # the real PolicyWorker's ZeRO-2 and ZeRO-3 steps, its log-probs against an fp32 forward, and the
+    # The self-test of `python -m ttrl.bench.gpu_check --device cpu` (what a GPU box without vLLM and Ray runs,
+    # `ttrl.bench.gpu_torch_check`): the real PolicyWorker's ZeRO-2 and ZeRO-3 steps, its own weights handed
+    # to a second process as push_weights_shared packs them, its log-probs against an fp32 forward, and a
     # colocated handoff opened in a second process, here over gloo and /dev/shm.
     import json
     import os
@@ -123,6 +124,7 @@ def test_the_torch_level_gpu_check_runs_its_checks_on_cpu_without_vllm_or_ray(tm
     import sys
     from pathlib import Path
 
+    # In-process (not through gpu_check's subprocess), so that an import of vllm or ray would be seen here.
     code = ("import sys; from ttrl.bench.gpu_torch_check import main; rc = main(['--device', 'cpu']); "
             "leaked = {'vllm', 'ray'} & {m.split('.')[0] for m in sys.modules}; "
             "print('LEAKED', sorted(leaked)) if leaked else None; sys.exit(rc or (3 if leaked else 0))")
@@ -131,8 +133,15 @@ def test_the_torch_level_gpu_check_runs_its_checks_on_cpu_without_vllm_or_ray(tm
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = {x["measure"]: x for x in json.loads((tmp_path / "outputs/gpu_check/torch_cpu.json").read_text())}
     assert set(lines) == {"trainer log-probs (float32) vs fp32", "DeepSpeed ZeRO-2 steps (PolicyWorker)",
-                          "DeepSpeed ZeRO-3 step (PolicyWorker)", "colocated handoff (ipc.py)"}
-    assert all(x["verdict"] == "ok" for x in lines.values())
+                          "DeepSpeed ZeRO-3 step (PolicyWorker)", "colocated handoff (ipc.py)",
+                          "handoff of the worker's weights, ZeRO-2",
+                          "handoff of the worker's weights, ZeRO-3 (gathered layer by layer)"}
+    assert all(x["verdict"] == "ok" for x in lines.values()), lines
     assert "applied 2/2, weights moved True" in lines["DeepSpeed ZeRO-2 steps (PolicyWorker)"]["value"]
+    assert "weights moved True" in lines["DeepSpeed ZeRO-3 step (PolicyWorker)"]["value"]
     assert "bit-exact" in lines["colocated handoff (ipc.py)"]["value"] and "/dev/shm" in \
         lines["colocated handoff (ipc.py)"]["value"]
+    for zero in ("ZeRO-2", "ZeRO-3 (gathered layer by layer)"):
+        value = lines[f"handoff of the worker's weights, {zero}"]["value"]
+        done, total = value.split(" tensors")[0].split("/")
+        assert done == total and int(total) > 10 and "/dev/shm" in value, value

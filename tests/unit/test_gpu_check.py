@@ -55,10 +55,50 @@ def test_without_vllm_or_ray_it_says_so_and_runs_the_torch_level_checks(monkeypa
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     called = []
-    monkeypatch.setattr(gpu_check, "torch_level", lambda: called.append(1) or 0)  # a fake of the checks' process
-    assert gpu_check.main([]) == 0 and called == [1]
-    assert "vllm not installed here: running the torch-level checks only" in capsys.readouterr().err
+    # A fake of the checks' process.
+    monkeypatch.setattr(gpu_check, "torch_level", lambda device="cuda": called.append(device) or 0)
+    assert gpu_check.main([]) == 0 and called == ["cuda"]
+    err = capsys.readouterr().err
+    assert "vllm not installed here: running the torch-level checks only" in err and err.count("\n") == 1
     # --full will not fall back: it goes on to the install lines (which then fail on the missing vLLM).
     monkeypatch.setattr(gpu_check, "install_lines", lambda: [gpu_check.Line("vLLM CUDA build", "-", "-", "FAIL")])
     monkeypatch.chdir(tmp_path)
-    assert gpu_check.main(["--full"]) == 1 and called == [1]
+    assert gpu_check.main(["--full"]) == 1 and called == ["cuda"]
+
+
+def test_torch_only_runs_the_torch_level_checks_even_with_vllm_and_ray_and_cpu_is_their_self_test(
+        monkeypatch, capsys):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # vLLM and Ray "installed"
+    called = []
+    monkeypatch.setattr(gpu_check, "torch_level", lambda device="cuda": called.append(device) or 0)
+    monkeypatch.setattr(gpu_check, "install_lines", lambda: pytest.fail("--torch-only went on to the full check"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gpu_check.main(["--torch-only"]) == 0 and called == ["cuda"]
+    assert "gpu-check: --torch-only: running the torch-level checks only" in capsys.readouterr().err
+    # --device cpu needs no GPU: the CPU self-test of the same checks.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--device", "cpu"]) == 0 and called == ["cuda", "cpu"]
+    assert "this checks no GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--torch-only", "--full"])
+
+
+def test_the_torch_level_worker_gets_the_spec_a_run_builds():
+    """gpu_torch_check creates PolicyWorker directly (no Ray, no Hydra on a bare GPU box): its spec must carry
+    exactly the keys ttrl.distributed.runtime passes to the worker group."""
+    import ast
+    import inspect
+
+    from ttrl.bench import gpu_torch_check
+    from ttrl.distributed import runtime
+
+    keys = None
+    for node in ast.walk(ast.parse(inspect.getsource(runtime))):
+        if (isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["spec"]
+                and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "dict"):
+            keys = {k.arg for k in node.value.keywords}
+    assert keys and "zero_stage" in keys  # the parse found the run's spec
+    mine = gpu_torch_check.spec("cuda", "bfloat16", zero_stage=2, micro=4, grad_accum=2)
+    assert set(mine) == keys

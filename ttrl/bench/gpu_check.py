@@ -1,6 +1,8 @@
 """`make gpu-check`: is this GPU node ready for ttrl? One command, one table.
 
     python -m ttrl.bench.gpu_check [--steps 2] [--set KEY=VALUE ...]   # Hydra overrides of the run
+    python -m ttrl.bench.gpu_check --torch-only    # the torch-level checks alone (below)
+    python -m ttrl.bench.gpu_check --device cpu    # their CPU self-test, for testing only
 
 1. The install: torch built for CUDA and able to use this GPU, vLLM's CUDA
    build, and DeepSpeed's optimizer taken from torch (no op compiled at
@@ -11,16 +13,23 @@
    trainer's, after the step-1 sync (`rollout/logprob_diff`).
 
 Where vLLM or Ray is not installed (a bare GPU box with torch alone), it
-says which and runs the torch-level checks instead
-(`ttrl.bench.gpu_torch_check`: the DeepSpeed worker in bf16 on ZeRO-2 and
-ZeRO-3, its log-probs against fp32, the CUDA IPC handoff in a second
-process, the NCCL path's bucket loop, MFU); `--full` refuses to fall back.
+says in one line which, and runs the torch-level checks instead
+(`ttrl.bench.gpu_torch_check`, in a process of its own: the DeepSpeed
+worker in bf16 on ZeRO-2 and ZeRO-3, its own weights handed to a second
+process as the colocated sync does, its log-probs against fp32, a
+1.5B-shaped CUDA IPC handoff, the NCCL path's bucket loop, MFU on a 0.4B
+model); `--torch-only` runs those alone even where vLLM and Ray are
+installed, `--full` refuses to fall back. `--device cpu` (testing only, no
+GPU needed) runs the torch-level checks' CPU self-test: the trainer and
+handoff checks on gloo and /dev/shm, fp32, the tiny model.
 
 Then one table: each measure, its value, its goal and a verdict; generation
 tokens/s, sync GB/s against this GPU's own device-to-device copy rate,
 trainer MFU against its own measured bf16 matmul rate, peak memory per GPU.
 Exit 0 when no line fails, 1 when one does, 2 when there is no usable GPU
-(one sentence says why). Writes only under outputs/gpu_check/.
+(one sentence says why). Writes only under outputs/gpu_check/ (latest.json
+for the full check; torch_cuda.json, torch_cpu.json for the torch-level
+ones) and a temporary dir.
 """
 
 from __future__ import annotations
@@ -244,20 +253,31 @@ def gpu_steps(steps: int, overrides: list[str]) -> tuple[list[dict], int, str, s
     return rows, n_params, weight_path, expected
 
 
-def torch_level() -> int:
+def torch_level(device: str = "cuda") -> int:
     """The torch-level checks, in a process of their own (their module imports this one's table)."""
     import subprocess
 
-    return subprocess.call([sys.executable, "-m", "ttrl.bench.gpu_torch_check"])
+    return subprocess.call([sys.executable, "-m", "ttrl.bench.gpu_torch_check", "--device", device])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="make gpu-check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a Hydra override of the run")
-    ap.add_argument("--full", action="store_true",
-                    help="no fall back to the torch-level checks when vLLM or Ray is missing (they fail instead)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true",
+                      help="no fall back to the torch-level checks when vLLM or Ray is missing (they fail instead)")
+    mode.add_argument("--torch-only", action="store_true",
+                      help="only the torch-level checks (python -m ttrl.bench.gpu_torch_check), no vLLM or Ray")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: for testing only, the torch-level checks' CPU self-test (gloo, /dev/shm, fp32)")
     args = ap.parse_args(argv)
+    if args.device == "cpu":
+        if args.full:
+            ap.error("--device cpu runs the torch-level checks alone; --full needs a GPU")
+        print("gpu-check: --device cpu: the torch-level checks' CPU self-test only (trainer and handoff on gloo "
+              "and /dev/shm); this checks no GPU", file=sys.stderr)
+        return torch_level("cpu")
     why = no_gpu_reason()
     if why is not None:
         print(f"gpu-check: no GPU to check on this machine ({why}); run it on a GPU node.", file=sys.stderr)
@@ -265,9 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     import importlib.util
 
     missing = [m for m in ("vllm", "ray") if importlib.util.find_spec(m) is None]
-    if missing and not args.full:
-        print(f"gpu-check: {' and '.join(missing)} not installed here: running the torch-level checks only "
-              "(python -m ttrl.bench.gpu_torch_check); `make install` brings them", file=sys.stderr)
+    if args.torch_only or (missing and not args.full):
+        why_only = f"{' and '.join(missing)} not installed here" if missing else "--torch-only"
+        print(f"gpu-check: {why_only}: running the torch-level checks only "
+              "(python -m ttrl.bench.gpu_torch_check)" + ("; `make install` brings them" if missing else ""),
+              file=sys.stderr)
         return torch_level()
     lines = install_lines()
     if all(x.verdict != "FAIL" for x in lines):

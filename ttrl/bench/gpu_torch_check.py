@@ -3,13 +3,19 @@
     python -m ttrl.bench.gpu_torch_check [--device cuda|cpu] [--skip-mfu]
 
 `make gpu-check` runs real GRPO steps with vLLM's CUDA build and Ray; where
-they are not installed (a bare GPU box, a container with torch alone), it
-comes here and checks what does not need them, with the project's own code:
+they are not installed (a bare GPU box, a container with torch alone), or
+with `--torch-only`, it comes here and checks what does not need them, with
+the project's own code (the worker gets the spec a run builds: a unit test
+holds `spec` to ttrl.distributed.runtime's keys):
 
 1. The trainer: `PolicyWorker` (the class a run's Ray actors host), created
    directly as rank 0 of a world of 1 over NCCL, bf16, on a small Qwen2
    model built here: two ZeRO-2 steps (finite loss and gradient norm, the
-   optimizer step applied, the weights moved) and one ZeRO-3 step.
+   optimizer step applied, the weights moved) and one ZeRO-3 step. After
+   each, the worker's own weights handed over as `push_weights_shared` does
+   (its bucket plan, its layer-by-layer gather, `pack_into` shared buffers)
+   to a second process that opens them as the engines do (`plan_from_wire`,
+   `open_shared`, `unpack_bucket`) and checks every tensor bit for bit.
 2. Parity: the bf16 worker's `compute_logprobs` against an fp32 forward of
    the same weights, per response token: the bound the engine/trainer parity
    line of `make gpu-check` holds (bf16 against bf16 there; bf16 against
@@ -128,6 +134,121 @@ def fp32_logprobs(model_path: str, b: dict, device: str) -> Any:
     return out
 
 
+def _digest(t: Any) -> str:
+    """A tensor's dtype, shape and the SHA-256 of its bytes: equal digests are equal tensors, bit for bit."""
+    import hashlib
+
+    import torch
+
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}:{hashlib.sha256(raw).hexdigest()}"
+
+
+def _plan_receiver(q_in: Any, q_out: Any, device: str) -> None:
+    """The engines' side of `push_weights_shared` (vllm_ext's ttrl_shared_begin / ttrl_shared_bucket, without
+    vLLM): the plan from its wire form, each bucket opened in place by its handle and unpacked; each tensor's
+    digest goes back. One job (wire plan, handles) at a time until None."""
+    import torch
+
+    from ttrl.rollout.ipc import open_shared
+    from ttrl.rollout.nccl_sync import plan_from_wire, unpack_bucket
+
+    dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    while (job := q_in.get(timeout=600)) is not None:
+        try:
+            wire, handles = job
+            plan = plan_from_wire(wire)
+            got = {}
+            for h, bucket in zip(handles, plan, strict=True):
+                for name, view in unpack_bucket(open_shared(h, dev), bucket):
+                    got[name] = _digest(view)
+            q_out.put({"ok": True, "digests": got, "kinds": sorted({h["kind"] for h in handles})})
+        except BaseException as err:  # noqa: BLE001 - reported to the parent as the finding
+            q_out.put({"ok": False, "error": f"{type(err).__name__}: {err}"[:400]})
+
+
+def _answer(q_out: Any, proc: Any, timeout_s: float) -> dict:
+    """The receiving process's answer; a finding (not a hang) when it dies or stays silent."""
+    import queue
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return q_out.get(timeout=1)
+        except queue.Empty:
+            if not proc.is_alive():  # died (a crash opening a handle): say so, do not wait on
+                return {"ok": False, "error": f"the receiving process died (exit code {proc.exitcode})"}
+    return {"ok": False, "error": f"the receiving process gave no answer in {timeout_s:g} s"}
+
+
+class PlanReceiver:
+    """A second process standing in for a colocated engine (spawned once, fed one handoff per worker)."""
+
+    def __init__(self, device: str):
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.q_in, self.q_out = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=_plan_receiver, args=(self.q_in, self.q_out, device), daemon=True)
+        self.proc.start()
+
+    def receive(self, wire: list[dict], handles: list[dict], timeout_s: float = 300) -> dict:
+        self.q_in.put((wire, handles))
+        return _answer(self.q_out, self.proc, timeout_s)
+
+    def close(self) -> None:
+        self.q_in.put(None)
+        self.proc.join(timeout=60)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def worker_handoff_line(w: Any, receiver: PlanReceiver, label: str, engine_dtype: str = "bfloat16",
+                        bucket_mb: int = 1) -> Line:
+    """The trainer side of `PolicyWorker.push_weights_shared` on the worker itself, without Ray: its bucket plan
+    (`_bucket_plan`), its layer-by-layer gather (`_gathered_by_layer`, a real ZeRO-3 gather under ZeRO-3), each
+    tensor `pack_into` a fresh `SharedBuffer` in plan order (`_in_plan_order`); the receiver opens every buffer
+    and its digests must equal those of the worker's tensors cast to the engines' dtype. Small buckets (1 MiB)
+    so that layers straddle buckets as a real model's do."""
+    import torch
+
+    from ttrl.rollout.ipc import SharedBuffer
+    from ttrl.rollout.nccl_sync import _in_plan_order, pack_into, to_dtype
+
+    plan, wire = w._bucket_plan(engine_dtype, bucket_mb)
+    dev = w._local_device()
+    wire_dtype = to_dtype(engine_dtype)
+    bufs: list[SharedBuffer] = []
+    sent: dict[str, str] = {}
+    measure = f"handoff of the worker's weights, {label}"
+    goal = ("CUDA IPC" if dev.type == "cuda" else "shared file") + ", every tensor bit for bit"
+    try:
+        slots = _in_plan_order(plan, w._gathered_by_layer(keep=True))
+        for bucket in plan:
+            buf = SharedBuffer(bucket.nbytes, dev)
+            bufs.append(buf)
+            for _ in bucket.slots:
+                s, t = next(slots)
+                pack_into(buf.tensor, s, t)  # casts to the engines' dtype, as the worker does
+                sent[s.name] = _digest(t.to(wire_dtype))
+        next(slots, None)  # refuses a tensor the plan does not have
+        if dev.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # packed before the receiver reads it
+        res = receiver.receive(wire, [b.handle() for b in bufs])
+    finally:
+        for b in bufs:
+            b.close()
+    if not res["ok"]:
+        return Line(measure, res["error"], goal, "FAIL")
+    kind = "CUDA IPC" if res["kinds"] == ["cuda"] else "/dev/shm file" if res["kinds"] == ["file"] else str(res["kinds"])
+    same = sum(res["digests"].get(n) == d for n, d in sent.items())
+    ok = same == len(sent) == len(res["digests"]) > 0 and (kind == "CUDA IPC") == (dev.type == "cuda")
+    return Line(measure, f"{same}/{len(sent)} tensors bit-exact in {len(plan)} buckets "
+                f"({sum(b.nbytes for b in plan) / 1e6:.1f} MB {engine_dtype}) by {kind}", goal, "ok" if ok else "FAIL")
+
+
 def trainer_lines(device: str, root: Path) -> list[Line]:
     """Checks 1 and 2: ZeRO-2 and ZeRO-3 steps of the real worker, and bf16 (or CPU fp32) log-prob parity."""
     import torch
@@ -159,16 +280,27 @@ def trainer_lines(device: str, root: Path) -> list[Line]:
                       f"pg_loss {stats[-1]['pg_loss']:+.4f}, grad norm {stats[-1]['grad_norm']:.3f}, "
                       f"applied {sum(s['skipped'] == 0.0 for s in stats)}/2, weights moved {moved}",
                       "finite, applied, moved", "ok" if finite and applied and moved else "FAIL"))
-    del w
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    w3 = new_worker(device, dtype, 3, 4, 2, path, port)
-    s3 = w3.train_step(b, normalizer, opts)
-    ok3 = math.isfinite(s3["pg_loss"]) and math.isfinite(s3["grad_norm"]) and s3["skipped"] == 0.0
-    lines.append(Line("DeepSpeed ZeRO-3 step (PolicyWorker)",
-                      f"pg_loss {s3['pg_loss']:+.4f}, grad norm {s3['grad_norm']:.3f}, applied {s3['skipped'] == 0}",
-                      "finite, applied", "ok" if ok3 else "FAIL"))
-    del w3
+    receiver = PlanReceiver(device)
+    try:
+        lines.append(worker_handoff_line(w, receiver, "ZeRO-2"))
+        del w
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        w3 = new_worker(device, dtype, 3, 4, 2, path, port)
+        before3 = w3.fingerprint()
+        s3 = w3.train_step(b, normalizer, opts)
+        after3 = w3.fingerprint()
+        moved3 = before3 is not None and after3 is not None and after3 != before3
+        ok3 = (math.isfinite(s3["pg_loss"]) and math.isfinite(s3["grad_norm"]) and s3["skipped"] == 0.0
+               and moved3)
+        lines.append(Line("DeepSpeed ZeRO-3 step (PolicyWorker)",
+                          f"pg_loss {s3['pg_loss']:+.4f}, grad norm {s3['grad_norm']:.3f}, "
+                          f"applied {s3['skipped'] == 0}, weights moved {moved3}", "finite, applied, moved",
+                          "ok" if ok3 else "FAIL"))
+        lines.append(worker_handoff_line(w3, receiver, "ZeRO-3 (gathered layer by layer)"))
+        del w3
+    finally:
+        receiver.close()
     return lines
 
 
@@ -232,9 +364,11 @@ def ipc_line(device: str) -> Line:
     p.start()
     q_in.put([b.handle() for b in bufs])
     try:
-        res = q_out.get(timeout=600)
+        res = _answer(q_out, p, 300)
     finally:
         p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
         for b in bufs:
             b.close()
     goal = "CUDA IPC, bit for bit" if device == "cuda" else "shared file, bit for bit"
