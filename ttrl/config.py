@@ -201,16 +201,35 @@ class WarmStartConfig:
     slip: float = 0.2
     # Seed of the easy split's stream and of the training order; a new seed is a new warm start.
     seed: int = 0
+    # Has the build reached its teacher? maj@check_votes of sampled solutions (temperature 1) on
+    # check_prompts held-out sums of the test length (never a test problem, never a training one). Checked
+    # where the schedule ends (`steps`), and every check_every steps from check_from on if that is earlier:
+    # the build stops at the first check at or above target_maj. One still short at `steps` goes on at
+    # lr * min_lr_ratio, checked every check_every steps, for up to extend_steps more, and then keeps the
+    # model and says it fell short. null: no check, exactly `steps` steps (set it null when asking for a
+    # weak model on purpose, e.g. model.warmstart.steps=300).
+    target_maj: Optional[float] = None
+    # Steps between two checks.
+    check_every: int = 50
+    # The first step that may be checked before the schedule ends (null: only from its end on).
+    check_from: Optional[int] = None
+    # Held-out sums per check (256: a standard error near 0.014 at maj 0.95).
+    check_prompts: int = 256
+    # Samples per held-out sum: the demo's rollout.n_votes.
+    check_votes: int = 16
+    # The most steps past `steps` that a build short of target_maj may take.
+    extend_steps: int = 0
 
 
 @_rules(WarmStartConfig)
 def _check_warmstart(s: Section) -> None:
-    s.at_least(1, "steps", "batch_size")
+    s.at_least(1, "steps", "batch_size", "check_every", "check_prompts", "check_votes")
     s.above(0, "lr")
-    s.at_least(0, "warmup_steps")
+    s.at_least(0, "warmup_steps", "extend_steps")
+    s.at_least(1, "check_from")
     s.require(s.warmup_steps < s.steps,
               f"{s.key('warmup_steps')}={s.warmup_steps} must be below {s.key('steps')}={s.steps}.")
-    s.share("min_lr_ratio", "short_share", "slip")
+    s.share("min_lr_ratio", "short_share", "slip", "target_maj")
     s.at_least(0, "seed")
 
 

@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 TTRL_TRAIN = str(Path(sys.executable).parent / "ttrl-train")
 # A weaker warm start (other hash, so its own cache entry) and a small run.
 CUT_DOWN = [
-    "experiment=demo", "model.warmstart.steps=30", "data.synthetic.num_problems=24", "data.prompts_per_step=8",
+    "experiment=demo", "model.warmstart.steps=30", "model.warmstart.target_maj=null",
+    "data.synthetic.num_problems=24", "data.prompts_per_step=8",
     "rollout.n_votes=8", "rollout.n_train=8", "trainer.total_steps=3", "trainer.num_workers=1",
     "trainer.micro_batch_size=32", "eval.n_samples=8", "eval.ks=[1,8]", "eval.every_n_steps=0",
 ]

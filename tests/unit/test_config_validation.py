@@ -85,6 +85,12 @@ BAD: dict[str, Any] = {
     "model.warmstart.slip": -0.1,
     "model.warmstart.seed": -1,
     "model.warmstart.warmup_steps": -1,
+    "model.warmstart.target_maj": 1.5,
+    "model.warmstart.check_every": 0,
+    "model.warmstart.check_from": 0,
+    "model.warmstart.check_prompts": 0,
+    "model.warmstart.check_votes": 0,
+    "model.warmstart.extend_steps": -1,
     # data
     "data.name": "",
     "data.hf_name": "",

@@ -10,6 +10,12 @@ random habit: one sample is often wrong, but wrong samples scatter over
 different wrong totals while right ones agree, so maj@N sits far above
 pass@1 -- the gap TTRL closes without labels.
 
+A build with model.warmstart.target_maj set ends by checking that it got
+there, without the test split: sampled votes on held-out sums of the test's
+length (kept out of its training data), and more steps at the floor rate
+while the majority is not right often enough: how fast a model learns the
+carries depends on the seed and on the CPU's float rounding.
+
 Built once and cached under a directory named by the hash of everything
 that determines it (model shape, warm-start recipe, test split); written to
 a temporary dir and renamed into place, so a killed build is never reused.
@@ -24,6 +30,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +49,27 @@ def warmstart_spec(model_cfg: Any, synth_cfg: Any) -> dict[str, Any]:
         "base": base,
         "recipe": {"steps": w.steps, "lr": w.lr, "warmup_steps": w.warmup_steps, "min_lr_ratio": w.min_lr_ratio,
                    "batch_size": w.batch_size, "short_share": w.short_share, "slip": w.slip, "seed": w.seed,
-                   "format": "scratchpad", "version": 4},
+                   "format": "scratchpad", "version": 4, **_new_keys(w)},
         # The warm start never sees the first EXCLUDED test problems (at least): a
         # test split is a prefix of a longer one with the same seed, so a smaller
         # demo (fewer problems) reuses the cached model.
         "task": {"terms": synth_cfg.terms, "digits": synth_cfg.digits,
                  "test_num": max(EXCLUDED, synth_cfg.num_problems), "test_seed": synth_cfg.seed},
     }
+
+
+def _new_keys(w: Any) -> dict[str, Any]:
+    """The keys added after recipe version 4, only where they are not their defaults.
+
+    At their defaults the build is step for step the one before them, so a
+    recipe that does not use them keeps its name (its cache directory) and its weights.
+    """
+    out: dict[str, Any] = {}
+    if getattr(w, "target_maj", None) is not None:
+        out["check"] = {"target_maj": w.target_maj, "every": w.check_every,
+                        "from": w.check_from if w.check_from is not None else w.steps,
+                        "prompts": w.check_prompts, "votes": w.check_votes, "extend_steps": w.extend_steps}
+    return out
 
 
 def ensure_warmstart(model_cfg: Any, synth_cfg: Any, progress: bool = True) -> Path:
@@ -71,7 +93,8 @@ def ensure_warmstart(model_cfg: Any, synth_cfg: Any, progress: bool = True) -> P
     return final
 
 
-def train_warmstart(model_dir: Path, spec: dict[str, Any], progress: bool = True) -> dict[str, float]:
+def train_warmstart(model_dir: Path, spec: dict[str, Any], progress: bool = True,
+                    on_check: Callable[[int, Any, Any], None] | None = None) -> dict[str, Any]:
     """Supervised training in place (loss on the completion tokens only)."""
     import torch
 
@@ -82,7 +105,7 @@ def train_warmstart(model_dir: Path, spec: dict[str, Any], progress: bool = True
     before, threads = torch.get_num_threads(), build_threads()
     torch._C.set_num_threads(threads)
     try:
-        stats = _train(model_dir, spec, progress, torch)
+        stats = _train(model_dir, spec, progress, torch, on_check)
     finally:
         torch._C.set_num_threads(before)
     return stats | {"threads": threads}
@@ -107,7 +130,8 @@ def build_threads() -> int:
     return max(1, min(usable, physical))
 
 
-def _train(model_dir: Path, spec: dict[str, Any], progress: bool, torch: Any) -> dict[str, float]:
+def _train(model_dir: Path, spec: dict[str, Any], progress: bool, torch: Any,
+           on_check: Callable[[int, Any, Any], None] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,24 +139,34 @@ def _train(model_dir: Path, spec: dict[str, Any], progress: bool, torch: Any) ->
     from ttrl.trainer.ds_config import lr_lambda
 
     r, task = spec["recipe"], spec["task"]
+    check = r.get("check")
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
     test = {p.problem for p in arithmetic_problems(task["test_num"], task["terms"], task["digits"], task["test_seed"])}
-    stream = easy_stream(task["terms"], task["digits"], r["short_share"], r["seed"], exclude=test, slip=r["slip"])
+    held: list[Any] = []
+    if check:
+        held = held_out_sums(check["prompts"], task, test)
+    stream = easy_stream(task["terms"], task["digits"], r["short_share"], r["seed"],
+                         exclude=test | {p.problem for p in held}, slip=r["slip"])
     torch.manual_seed(r["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.0)
     eos = tok.eos_token_id
     total = r["steps"]
+    limit = total + check["extend_steps"] if check else total
     t0 = time.perf_counter()
-    bar = tqdm(range(total), desc="warm-starting the demo model", file=sys.stderr, disable=not progress,
+    bar = tqdm(total=total, desc="warm-starting the demo model", file=sys.stderr, disable=not progress,
                mininterval=2.0)
     ema = None
-    # Linear warm-up, then cosine down to lr * min_lr_ratio at the last step: the trainer's schedule.
+    checks: list[dict[str, float]] = []
+    reached = None
+    # Linear warm-up, then cosine down to lr * min_lr_ratio at the last step: the trainer's schedule;
+    # past it (a build still short of its teacher) the rate stays at its floor.
     factor = lr_lambda("cosine", r["warmup_steps"], total - 1, r["min_lr_ratio"])
-    for step in bar:
+    step = 0
+    while step < limit:
         for g in opt.param_groups:
-            g["lr"] = r["lr"] * factor(step)
+            g["lr"] = r["lr"] * (factor(step) if step < total else r["min_lr_ratio"])
         pairs = [next(stream) for _ in range(r["batch_size"])]
         seqs = []
         # One batched call per side: the fast tokenizer does the loop in Rust.
@@ -145,11 +179,97 @@ def _train(model_dir: Path, spec: dict[str, Any], progress: bool, torch: Any) ->
         loss = _batch_loss(model, seqs, eos, torch)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        step += 1
         value = float(loss)
         ema = value if ema is None else 0.98 * ema + 0.02 * value
-        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
+        if step > total:  # past the schedule: the bar grows rather than overflowing
+            bar.total = step
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.3f}", **({"maj": f"{checks[-1]['maj']:.3f}"} if checks else {}),
+                        refresh=False)
+        if check and (step in (total, limit) or (step >= min(check["from"], total) and step % check["every"] == 0)):
+            model.eval()
+            votes = sampled_votes(model, tok, held, check["votes"], torch, seed=r["seed"] + step)
+            model.train()
+            checks.append({"step": step, **votes})
+            if on_check is not None:
+                on_check(step, model, tok)
+            if votes["maj"] >= check["target_maj"]:
+                reached = step
+                break
+    bar.close()
     model.save_pretrained(model_dir, safe_serialization=True)
-    return {"final_loss_ema": ema or float("nan"), "train_s": time.perf_counter() - t0}
+    stats: dict[str, Any] = {"final_loss_ema": ema or float("nan"), "train_s": time.perf_counter() - t0,
+                             "steps_run": step}
+    if check:
+        stats |= {"checks": checks, "reached_teacher_at": reached}
+        if reached is None:
+            last = checks[-1]["maj"] if checks else float("nan")
+            print(f"!! the warm start stopped after {limit} steps (model.warmstart.steps={total} + extend_steps="
+                  f"{check['extend_steps']}) with maj@{check['votes']} {last:.3f} on held-out sums, below "
+                  f"model.warmstart.target_maj={check['target_maj']}: the model is kept; expect a weak start "
+                  "(raise extend_steps for a longer build)", file=sys.stderr)
+    return stats
+
+
+def held_out_sums(count: int, task: dict[str, Any], test: set[str]) -> list[Any]:
+    """`count` sums of the test's length that are not test problems (the check's prompts; kept out of training).
+
+    Drawn like the test split but from its own seed, so they are the test's
+    distribution without being the test.
+    """
+    from ttrl.data.synthetic import arithmetic_problems
+
+    pool = arithmetic_problems(count + len(test), task["terms"], task["digits"], task["test_seed"] + 7919)
+    return [p for p in pool if p.problem not in test][:count]
+
+
+def sampled_votes(model: Any, tok: Any, problems: list[Any], votes: int, torch: Any, seed: int,
+                  max_new_tokens: int = 48, batch: int = 64) -> dict[str, float]:
+    """pass@1 and maj@`votes` of `model` on `problems`: `votes` samples each at temperature 1, boxed answers.
+
+    What the demo's first eval measures on the test split, measured here on
+    held-out sums with transformers' own sampling (no vLLM in this process).
+    """
+    from ttrl.labeling.extract import boxed
+
+    gen = torch.Generator().manual_seed(seed)
+    torch_state = torch.get_rng_state()
+    torch.set_rng_state(gen.get_state())
+    side = tok.padding_side
+    tok.padding_side = "left"
+    hits = right = 0
+    try:
+        for i in range(0, len(problems), batch):
+            chunk = problems[i:i + batch]
+            enc = tok([p.problem for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                     num_return_sequences=votes, max_new_tokens=max_new_tokens,
+                                     pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+            texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for j, p in enumerate(chunk):
+                h, r = tally([boxed(t) for t in texts[j * votes:(j + 1) * votes]], p.answer)
+                hits, right = hits + h, right + r
+    finally:
+        tok.padding_side = side
+        torch.set_rng_state(torch_state)
+    return {"pass1": hits / (len(problems) * votes), "maj": right / len(problems)}
+
+
+def tally(answers: list[str | None], truth: str) -> tuple[int, bool]:
+    """(right samples, is the vote right) for one problem's sampled answers (None: no boxed answer).
+
+    The vote is the most common answer among those given; a tie is wrong
+    unless every tied answer is the truth (there is then only one): a check
+    that passes on a coin flip would let a weak build through.
+    """
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return 0, False
+    best = max(counts.values())
+    leaders = [a for a, n in counts.items() if n == best]
+    return counts.get(truth, 0), leaders == [truth]
 
 
 def _batch_loss(model: Any, seqs: list[tuple[list[int], list[int]]], eos: int, torch: Any, parts: int = 2) -> float:

@@ -291,7 +291,8 @@ def ser_round_loop(cfg: Any, rm: Any, task: _Pairwise | _Pointwise, out_dir: Pat
 
 def _rm_backbone(cfg: Any) -> Any:
     """The model section the RM's backbone is built from: the policy's, or with ser.rm.warmstart_steps
-    the same tiny-arith warm-start recipe run for that many steps."""
+    the same tiny-arith warm-start recipe run for that many steps (and no more: the judge is weak on
+    purpose, so the build's check that it reached its teacher is off)."""
     steps = cfg.ser.rm.warmstart_steps
     if steps is None:
         return cfg.model
@@ -299,6 +300,7 @@ def _rm_backbone(cfg: Any) -> Any:
 
     model = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
     model.warmstart.steps = int(steps)
+    model.warmstart.target_maj = None
     return model
 
 

@@ -1,0 +1,112 @@
+"""The warm start's check that it reached its teacher: held-out sums, the vote tally, when the build stops."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ttrl.cli import compose
+from ttrl.data.synthetic import arithmetic_problems
+from ttrl.models import warmstart
+from ttrl.models.warmstart import held_out_sums, tally, warmstart_spec
+
+# A one-layer model of hidden 64: a build of a few steps takes seconds.
+SMALL = ["model.tiny.hidden_size=64", "model.tiny.num_heads=2", "model.tiny.head_dim=32", "model.tiny.num_layers=1",
+         "model.tiny.intermediate_size=64", "model.warmstart.batch_size=4", "model.warmstart.warmup_steps=1",
+         "model.warmstart.check_prompts=4", "model.warmstart.check_votes=2", "model.warmstart.check_every=2"]
+
+
+def test_tally_counts_right_samples_and_calls_a_tie_wrong():
+    assert tally(["97", "97", "87", None], "97") == (2, True)
+    assert tally(["87", "87", "97", "107"], "97") == (1, False)
+    # A tie between the truth and a wrong total is not a right vote: the check must not pass on a coin flip.
+    assert tally(["97", "87", "97", "87"], "97") == (2, False)
+    assert tally([None, None], "97") == (0, False)
+    assert tally(["97"], "97") == (1, True)
+
+
+def test_held_out_sums_are_the_tests_length_and_never_a_test_problem():
+    task = {"terms": 3, "digits": 2, "test_num": 256, "test_seed": 1234}
+    test = {p.problem for p in arithmetic_problems(256, 3, 2, 1234)}
+    held = held_out_sums(300, task, test)
+    assert len(held) == 300 == len({p.problem for p in held})
+    assert not {p.problem for p in held} & test
+    assert all(p.problem.count("+") == 2 and p.problem.endswith("=") for p in held)
+    assert all(int(p.answer) == sum(map(int, p.problem[:-1].split("+"))) for p in held)
+    assert [p.problem for p in held_out_sums(300, task, test)] == [p.problem for p in held]
+
+
+def test_recipes_without_the_new_keys_keep_their_spec():
+    # experiment=demo_hard's warm starts are the ones its archived runs were measured on: the keys
+    # added after recipe version 4 must not enter its spec (its cache name) unless set.
+    hard = compose(["experiment=demo_hard"])
+    recipe = warmstart_spec(hard.model, hard.data.synthetic)["recipe"]
+    assert "check" not in recipe
+    assert recipe["version"] == 4
+    demo = compose(["experiment=demo"])
+    assert warmstart_spec(demo.model, demo.data.synthetic)["recipe"] != recipe
+    # The demo's own recipe names its check, made where its schedule ends.
+    r = warmstart_spec(demo.model, demo.data.synthetic)["recipe"]
+    assert r["check"]["target_maj"] == 0.95 and r["check"]["from"] == r["steps"] and r["check"]["extend_steps"] == 300
+    # A weak build asked for on purpose (the serve tests' 300 steps) turns the check off and is checked by no one.
+    weak = compose(["experiment=demo", "model.warmstart.steps=300", "model.warmstart.target_maj=null"])
+    assert "check" not in warmstart_spec(weak.model, weak.data.synthetic)["recipe"]
+
+
+def _build(tmp_path, monkeypatch, *overrides):
+    monkeypatch.setenv("TTRL_CACHE", str(tmp_path))
+    cfg = compose(["experiment=demo", *SMALL, *overrides])
+    path = warmstart.ensure_warmstart(cfg.model, cfg.data.synthetic, progress=False)
+    return json.loads((path / "ttrl_spec.json").read_text())["train_stats"]
+
+
+def test_build_stops_at_the_first_check_that_reaches_the_target(tmp_path, monkeypatch):
+    import ttrl.data.synthetic as synthetic
+
+    excluded = []
+    real = synthetic.easy_stream
+    monkeypatch.setattr(synthetic, "easy_stream", lambda *a, **k: excluded.append(k["exclude"]) or real(*a, **k))
+    stats = _build(tmp_path, monkeypatch, "model.warmstart.steps=10", "model.warmstart.target_maj=0.0",
+                   "model.warmstart.check_from=4")
+    assert stats["steps_run"] == 4 and stats["reached_teacher_at"] == 4
+    assert [c["step"] for c in stats["checks"]] == [4]
+    # The check's prompts are kept out of the training stream, as the test split is.
+    assert len(excluded) == 1 and len(excluded[0]) == 256 + 4
+
+
+def test_build_short_of_its_teacher_goes_on_to_max_steps_then_keeps_the_model_and_says_so(
+        tmp_path, monkeypatch, capsys):
+    stats = _build(tmp_path, monkeypatch, "model.warmstart.steps=3", "model.warmstart.target_maj=1.0",
+                   "model.warmstart.check_from=2", "model.warmstart.extend_steps=3")
+    assert stats["steps_run"] == 6 and stats["reached_teacher_at"] is None
+    # Checked every 2 steps from step 2, and at the schedule's end (step 3).
+    assert [c["step"] for c in stats["checks"]] == [2, 3, 4, 6]
+    assert all(0 <= c["maj"] <= 1 and 0 <= c["pass1"] <= 1 for c in stats["checks"])
+    err = capsys.readouterr().err
+    assert "after 6 steps" in err and "extend_steps=3" in err and "model.warmstart.target_maj=1.0" in err
+
+
+def test_without_check_from_the_first_check_is_where_the_schedule_ends(tmp_path, monkeypatch):
+    stats = _build(tmp_path, monkeypatch, "model.warmstart.steps=3", "model.warmstart.target_maj=1.0",
+                   "model.warmstart.extend_steps=4")
+    assert [c["step"] for c in stats["checks"]] == [3, 4, 6, 7]
+    assert stats["steps_run"] == 7
+
+
+def test_build_without_a_target_runs_exactly_its_steps(tmp_path, monkeypatch):
+    stats = _build(tmp_path, monkeypatch, "model.warmstart.steps=3", "model.warmstart.target_maj=null")
+    assert stats["steps_run"] == 3 and "checks" not in stats
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    ("model.warmstart.extend_steps=-1", "model.warmstart.extend_steps=-1 must be at least 0"),
+    ("model.warmstart.check_from=0", "model.warmstart.check_from=0 must be at least 1, or null"),
+    ("model.warmstart.target_maj=1.5", "model.warmstart.target_maj=1.5 must lie in [0, 1]"),
+])
+def test_bad_check_settings_name_their_key(override, words):
+    from ttrl.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        compose(["experiment=demo", override])
+    assert words in str(err.value)
