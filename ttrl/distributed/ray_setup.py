@@ -78,9 +78,9 @@ def start_ray(address: str | None, device: str, needs: Needs, num_cpus: int | No
         # they mostly wait on each other, so oversubscribing is what we want.
         cpus = num_cpus if num_cpus is not None else max(usable_cpus(), int(needs.cpus + 0.999))
         # address="local": a new cluster even when `ray start` runs on this machine.
-        ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False,
-                 runtime_env=runtime_env, log_to_driver=os.environ.get("TTRL_RAY_LOGS", "0") == "1",
-                 configure_logging=False)
+        init_local(ray, num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False,
+                   runtime_env=runtime_env, log_to_driver=os.environ.get("TTRL_RAY_LOGS", "0") == "1",
+                   configure_logging=False)
     else:
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
@@ -95,6 +95,33 @@ def start_ray(address: str | None, device: str, needs: Needs, num_cpus: int | No
         stop_ray(started)
         raise
     return started
+
+
+# Ray waits a fixed 30 s for its new raylet to register with the GCS. On a
+# loaded 2-core box (the previous run's engines still exiting) that wait can
+# lapse although nothing is wrong; a second start then succeeds.
+_STARTUP_TIMEOUT = "timed out during startup"
+
+
+def init_local(ray, attempts: int = 3, pause_s: float = 2.0, **kwargs) -> None:
+    """ray.init(address="local") that retries a start-up timeout, and says so, before giving up."""
+    import time
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", **kwargs)
+            return
+        except Exception as err:  # Ray raises a bare Exception for this one
+            if _STARTUP_TIMEOUT not in str(err):
+                raise
+            ray.shutdown()  # kills what the half-started node left running
+            if attempt == attempts:
+                raise ClusterError(
+                    f"the local Ray cluster did not start in {attempts} tries ({err}); is the machine"
+                    " overloaded, or are old raylets still running (`ray stop`)?") from err
+            print(f"!! Ray's local node timed out during start-up (try {attempt} of {attempts});"
+                  " starting it again", flush=True)
+            time.sleep(pause_s)
 
 
 def check_resources(needs: Needs) -> None:
