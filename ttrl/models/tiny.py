@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,12 +122,21 @@ def write_tiny_model(spec: dict[str, Any], out_dir: Path) -> None:
 def ensure_tiny_model(spec: dict[str, Any]) -> Path:
     """The cached dir of `spec`, building it first if needed (atomic rename)."""
     final = cache_root() / "models" / f"tiny-{spec_hash(spec)}"
-    if (final / "ttrl_spec.json").exists():
-        return final
+    if not (final / "ttrl_spec.json").exists():
+        build_in_place(final, lambda tmp: write_tiny_model(spec, tmp))
+    return final
+
+
+def build_in_place(final: Path, build: Callable[[Path], None]) -> None:
+    """Run `build` into a temporary dir beside `final`, then rename it to `final`.
+
+    A killed build leaves only a `.tmp-` dir, which nothing reads. The build
+    must end by writing final/ttrl_spec.json: its presence marks a finished one.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
     try:
-        write_tiny_model(spec, tmp)
+        build(tmp)
         try:
             tmp.rename(final)
         except OSError:
@@ -135,4 +145,3 @@ def ensure_tiny_model(spec: dict[str, Any]) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return final

@@ -18,24 +18,25 @@ carries depends on the seed and on the CPU's float rounding.
 
 Built once and cached under a directory named by the hash of everything
 that determines it (model shape, warm-start recipe, test split); written to
-a temporary dir and renamed into place, so a killed build is never reused.
+a temporary dir and renamed into place, so a killed build is never reused;
+a lock file beside it makes a second process that wants the same model wait
+for the first one's build instead of running its own.
 Plain torch in this process: no Ray, no vLLM, no DeepSpeed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ttrl.models.tiny import cache_root, spec_hash, tiny_spec, write_tiny_model
+from ttrl.models.tiny import build_in_place, cache_root, spec_hash, tiny_spec, write_tiny_model
 
 # Test problems every warm start leaves out (see warmstart_spec).
 EXCLUDED = 256
@@ -78,19 +79,36 @@ def ensure_warmstart(model_cfg: Any, synth_cfg: Any, progress: bool = True) -> P
     if (final / "ttrl_spec.json").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
-        write_tiny_model(spec["base"], tmp)
-        stats = train_warmstart(tmp, spec, progress=progress)
-        (tmp / "ttrl_spec.json").write_text(json.dumps({**spec, "train_stats": stats}, indent=1))
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not (final / "ttrl_spec.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Two processes that want the same warm start at once (sweep jobs, test workers) build it once:
+    # the second waits on the lock, then finds the first one's model.
+    with _build_lock(final.with_name(f".{final.name}.lock"), final.name, progress):
+        if not (final / "ttrl_spec.json").exists():
+            build_in_place(final, lambda tmp: _build(tmp, spec, progress))
     return final
+
+
+def _build(out_dir: Path, spec: dict[str, Any], progress: bool) -> None:
+    write_tiny_model(spec["base"], out_dir)
+    stats = train_warmstart(out_dir, spec, progress=progress)
+    (out_dir / "ttrl_spec.json").write_text(json.dumps({**spec, "train_stats": stats}, indent=1))
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path, name: str, progress: bool):
+    """An exclusive flock on `path` (released by the kernel if the holder dies, so never stale)."""
+    import fcntl
+
+    with path.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"another process is building the warm start {name}; waiting for it", flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def train_warmstart(model_dir: Path, spec: dict[str, Any], progress: bool = True,

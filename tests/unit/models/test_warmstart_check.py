@@ -75,7 +75,7 @@ def test_build_stops_at_the_first_check_that_reaches_the_target(tmp_path, monkey
     assert len(excluded) == 1 and len(excluded[0]) == 256 + 4
 
 
-def test_build_short_of_its_teacher_goes_on_to_max_steps_then_keeps_the_model_and_says_so(
+def test_build_short_of_its_teacher_goes_on_for_extend_steps_then_keeps_the_model_and_says_so(
         tmp_path, monkeypatch, capsys):
     stats = _build(tmp_path, monkeypatch, "model.warmstart.steps=3", "model.warmstart.target_maj=1.0",
                    "model.warmstart.check_from=2", "model.warmstart.extend_steps=3")
@@ -110,3 +110,53 @@ def test_bad_check_settings_name_their_key(override, words):
     with pytest.raises(ConfigError) as err:
         compose(["experiment=demo", override])
     assert words in str(err.value)
+
+
+_BUILD = """
+import sys
+from ttrl.cli import compose
+from ttrl.models import warmstart
+cfg = compose(["experiment=demo", *sys.argv[1:]])
+print("built at", warmstart.ensure_warmstart(cfg.model, cfg.data.synthetic, progress=True), flush=True)
+"""
+
+
+def _final_dir(tmp_path, monkeypatch, overrides):
+    from ttrl.models.tiny import spec_hash
+
+    monkeypatch.setenv("TTRL_CACHE", str(tmp_path))
+    cfg = compose(["experiment=demo", *overrides])
+    return tmp_path / "models" / f"tiny-arith-{spec_hash(warmstart_spec(cfg.model, cfg.data.synthetic))}"
+
+
+@pytest.mark.parametrize("other_finishes", [True, False])
+def test_a_second_process_waits_for_the_build_in_progress_and_uses_its_model(tmp_path, monkeypatch, other_finishes):
+    # The test holds the build lock, as a first builder would; a second process asking for the same warm
+    # start must wait, then take the first one's model (other_finishes) or build it itself (the first died).
+    import fcntl
+    import os
+    import subprocess
+    import sys
+    import time
+
+    overrides = [*SMALL, "model.warmstart.steps=2", "model.warmstart.target_maj=null"]
+    final = _final_dir(tmp_path, monkeypatch, overrides)
+    final.parent.mkdir(parents=True)
+    lock = final.with_name(f".{final.name}.lock").open("a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    proc = subprocess.Popen([sys.executable, "-c", _BUILD, *overrides], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "TTRL_CACHE": str(tmp_path)})
+    try:
+        assert "another process is building the warm start" in proc.stdout.readline()
+        time.sleep(0.5)
+        assert proc.poll() is None, "it went on without the lock"
+        if other_finishes:
+            final.mkdir()
+            (final / "ttrl_spec.json").write_text('{"made by": "the first builder"}')
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and f"built at {final}" in out
+    spec = json.loads((final / "ttrl_spec.json").read_text())
+    assert ("made by" in spec) == other_finishes and ("train_stats" in spec) != other_finishes
