@@ -22,7 +22,7 @@ DOCS_ADDR ?= 127.0.0.1:8000
 # so its module-scoped fixtures (a served model, a cluster) start once.
 # TEST_WORKERS=0 runs everything in this process, one test at a time.
 TEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: help install run test test-unit test-integration bench gpu-check lint format clean docs docs-serve docs-check docs-reference
 

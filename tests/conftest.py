@@ -20,7 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The files that take longest (minutes each on a 2-core AMD EPYC, measured with two
 # workers), longest first. Under pytest-xdist (`make test` runs two workers, a file
 # each at a time) they are handed out first, so the many short files fill the end
-# of the run instead of one long file running alone after the rest are done.
+# of the run instead of one long file running alone after the rest are done
+# (the Makefile's --no-loadscope-reorder: xdist would hand out the files with the most tests first).
 LONGEST_FIRST = [f"integration/{name}.py" for name in (
     "test_serve", "test_bench", "test_reliability", "test_lora", "test_serve_hostile", "test_serve_tenant_learning",
     "test_ser", "test_engine")]
