@@ -17,8 +17,8 @@ DOCS_ADDR ?= 127.0.0.1:8000
 
 # Two test files at a time, even on 2 cores: an integration test spends much of
 # its time waiting (engines and ranks starting, Ray scheduling, sockets), so a
-# second one fills those gaps. A fresh-clone run on a 2-core AMD EPYC: 45 min one
-# at a time, 34 min two at a time. A file stays on one worker (--dist loadfile),
+# second one fills those gaps. The tests of a fresh-clone CI on a 2-core AMD EPYC:
+# 45 min one at a time, 26 min two at a time (with the passive wait below). A file stays on one worker (--dist loadfile),
 # so its module-scoped fixtures (a served model, a cluster) start once.
 # TEST_WORKERS=0 runs everything in this process, one test at a time.
 # Two tests at once oversubscribe the cores: OpenMP threads that spin while they

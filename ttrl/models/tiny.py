@@ -10,6 +10,7 @@ could pick up. It must stay vLLM-compatible: head_dim >= 32.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -127,13 +128,41 @@ def ensure_tiny_model(spec: dict[str, Any]) -> Path:
     return final
 
 
-def build_in_place(final: Path, build: Callable[[Path], None]) -> None:
+def build_in_place(final: Path, build: Callable[[Path], None], what: str | None = None) -> None:
     """Run `build` into a temporary dir beside `final`, then rename it to `final`.
 
     A killed build leaves only a `.tmp-` dir, which nothing reads. The build
     must end by writing final/ttrl_spec.json: its presence marks a finished one.
+    Two processes that want the same build at once (sweep jobs, test workers)
+    build it once: the second waits on a lock file beside it (an flock, which
+    the kernel drops if its holder dies), then finds the first one's result,
+    saying so first when `what` names the build.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(final.with_name(f".{final.name}.lock"), what and f"another process is building {what} "
+               f"{final.name}; waiting for it"):
+        if not (final / "ttrl_spec.json").exists():
+            _build_once(final, build)
+
+
+@contextlib.contextmanager
+def _lock(path: Path, waiting: str | None):
+    import fcntl
+
+    with path.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_once(final: Path, build: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
     try:
         build(tmp)

@@ -26,7 +26,6 @@ Plain torch in this process: no Ray, no vLLM, no DeepSpeed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -78,12 +77,7 @@ def ensure_warmstart(model_cfg: Any, synth_cfg: Any, progress: bool = True) -> P
     final = cache_root() / "models" / f"tiny-arith-{spec_hash(spec)}"
     if (final / "ttrl_spec.json").exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Two processes that want the same warm start at once (sweep jobs, test workers) build it once:
-    # the second waits on the lock, then finds the first one's model.
-    with _build_lock(final.with_name(f".{final.name}.lock"), final.name, progress):
-        if not (final / "ttrl_spec.json").exists():
-            build_in_place(final, lambda tmp: _build(tmp, spec, progress))
+    build_in_place(final, lambda tmp: _build(tmp, spec, progress), what="the warm start" if progress else None)
     return final
 
 
@@ -92,23 +86,6 @@ def _build(out_dir: Path, spec: dict[str, Any], progress: bool) -> None:
     stats = train_warmstart(out_dir, spec, progress=progress)
     (out_dir / "ttrl_spec.json").write_text(json.dumps({**spec, "train_stats": stats}, indent=1))
 
-
-@contextlib.contextmanager
-def _build_lock(path: Path, name: str, progress: bool):
-    """An exclusive flock on `path` (released by the kernel if the holder dies, so never stale)."""
-    import fcntl
-
-    with path.open("a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if progress:
-                print(f"another process is building the warm start {name}; waiting for it", flush=True)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def train_warmstart(model_dir: Path, spec: dict[str, Any], progress: bool = True,
