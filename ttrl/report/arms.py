@@ -10,8 +10,8 @@ pseudo-labels' accuracy over the first and the last steps, the reward model's
 test accuracy where the arm is rewarded by one, how often the guard fired,
 the median model-collapse step (`ttrl.report.collapse`, replayed from the
 run's votes), how many runs ended with pass@1 above their own starting maj@N
-(TTRL's headline claim), and the worst run's dir. Under it, the guard's
-record: every run where it fired or maj@N fell by `MAJ_FALL` or more, with the
+(TTRL's headline claim), and the worst run's name (arms.json has its path).
+Under it, the guard's record: every run where it fired or maj@N fell by `MAJ_FALL` or more, with the
 steps between the firing and that fall (the warning's lead) and the runs it
 fired on that ended up gaining (false alarms). The plot (`arms.png`) draws each
 arm's mean eval pass@1 over steps with a band from its worst to its best seed.
@@ -184,7 +184,7 @@ def markdown(table: list[dict], summary: dict[str, dict[str, Any]]) -> str:
                      f"{_s(s['maj_change'])} ({_s(s['worst_maj_change'])}) | "
                      f"{_f(s['label_first'])} -> {_f(s['label_last'])} | {above} | "
                      f"{s['rm_accuracy']} | {s['guard_fired']} of {s['runs']} | {_step(s)} | "
-                     f"`{s['worst_run']}` |")
+                     f"`{Path(s['worst_run']).name if s['worst_run'] else '–'}` |")
     lines.append(f"\nLabel acc: the pseudo-labels' agreement with the ground truth (a metric, never a reward), mean "
                  f"of the first and of the last {LABEL_STEPS} steps, median over runs. Collapse step: the first "
                  "step the guard's consensus signals fire, replayed from the run's votes (`--collapse-step`), "

@@ -40,7 +40,7 @@ from typing import Any
 
 from ttrl.metrics.logger import arm_name
 from ttrl.metrics.replay import Replay, replay_votes
-from ttrl.report.runs import CompareError, expand_run_dirs, jsonl_file, load_run, read_jsonl_text, without_nan
+from ttrl.report.runs import CompareError, expand_run_dirs, jsonl_file, load_run, read_jsonl_rows, without_nan
 
 __all__ = ["CONSENSUS_ONLY", "collapse_report", "consensus_collapse", "run_collapse", "spearman", "warm_start"]
 
@@ -113,16 +113,7 @@ def run_collapse(run: dict[str, Any]) -> dict[str, Any]:
     if votes is None:
         raise CompareError(f"{d}: no votes.jsonl, so no vote signals to replay (runs write it since the guard "
                            f"replay; rerun it)")
-    lines = read_jsonl_text(votes).splitlines()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    vote_rows = []
-    for i, line in enumerate(lines):
-        if line.strip():
-            try:
-                vote_rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i != last:  # a killed run leaves a torn last line; anything else is damage
-                    raise CompareError(f"{votes}:{i + 1}: not valid JSON") from None
+    vote_rows = read_jsonl_rows(votes)
     replay = consensus_collapse(vote_rows, rows, cfg.get("safety"))
     evals = [r for r in rows if r.get("eval/pass@1") is not None and "step" in r]
     before = evals[0]["eval/pass@1"] if evals and evals[0]["step"] == 0 else math.nan

@@ -4,7 +4,7 @@ A run dir holds `config.yaml` (the resolved config) and `metrics.jsonl` (one
 JSON object per line, each with `step`); a sweep dir (`multirun/...`) holds
 run dirs and stands for all of them. An archived run (experiments/results/)
 may hold its JSONL files gzipped (`metrics.jsonl.gz`, `votes.jsonl.gz`):
-`jsonl_file` / `read_jsonl_text` find and read either. Everything here is shared by the
+`jsonl_file` finds either and `read_jsonl_rows` reads it (a torn last line skipped). Everything here is shared by the
 side-by-side table, the grid and the arms reports. It only reads run dirs
 (`pull_wandb_group` writes new ones from W&B, never into an existing run),
 and imports no other report module.
@@ -45,6 +45,26 @@ def read_jsonl_text(path: Path) -> str:
     return path.read_text()
 
 
+def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file (gzipped or not); a torn last line is skipped.
+
+    A run killed mid-write leaves its last line torn, and that is expected;
+    a bad line anywhere else is damage, and raises a CompareError naming it.
+    """
+    lines = read_jsonl_text(path).splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != last:
+                raise CompareError(f"{path}:{i + 1}: not valid JSON") from None
+    return rows
+
+
 def load_run(run_dir: Path) -> dict[str, Any]:
     """{"dir", "config", "rows"} of one run dir; a torn last line of metrics.jsonl is skipped."""
     cfg_file, met_file = run_dir / "config.yaml", jsonl_file(run_dir, "metrics.jsonl")
@@ -55,18 +75,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
                            " metrics.jsonl; a sweep dir holds run dirs)")
     if met_file is None:
         raise CompareError(f"{run_dir}: no metrics.jsonl (the run stopped before its first step?)")
-    lines = read_jsonl_text(met_file).splitlines()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            # A run killed mid-write leaves a torn last line; anything else is damage.
-            if i != last:
-                raise CompareError(f"{met_file}:{i + 1}: not valid JSON") from None
+    rows = read_jsonl_rows(met_file)
     try:
         config = yaml.safe_load(cfg_file.read_text()) or {}
     except yaml.YAMLError as err:
