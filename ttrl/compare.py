@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from ttrl.report.runs import CompareError, pull_wandb_group
 
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--against", nargs="+", type=Path, metavar="RUN",
                     help="with --collapse-step: full runs (e.g. TTRL) whose pass@1 gain each warm start's "
                          "collapse step is ranked against (Spearman)")
+    ap.add_argument("--limit", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --collapse-step or --arms: a safety limit for the replayed collapse step, over "
+                         "each run's own (e.g. max_excess_drift=0.15, max_first_vote_drift=null); repeatable")
     args = ap.parse_args(argv)
     try:
         runs = list(args.runs)
@@ -58,17 +62,20 @@ def main(argv: list[str] | None = None) -> None:
             return
         if args.against and not args.collapse_step:
             ap.error("--against goes with --collapse-step")
+        if args.limit and not (args.collapse_step or args.arms):
+            ap.error("--limit goes with --collapse-step or --arms")
+        limits = _limits(args.limit)
         if args.collapse_step:
             from ttrl.report.collapse import collapse_report
 
-            md = collapse_report(runs, args.out, against=args.against)
+            md = collapse_report(runs, args.out, against=args.against, limits=limits)
             print(md.read_text())
             print(f"ttrl-compare: wrote {md} and collapse.json in {args.out}", file=sys.stderr)
             return
         if args.arms:
             from ttrl.report.arms import arms_report
 
-            md = arms_report(runs, args.out)
+            md = arms_report(runs, args.out, limits=limits)
             print(md.read_text())
             print(f"ttrl-compare: wrote {md}, arms.json and arms.png in {args.out}", file=sys.stderr)
             return
@@ -80,6 +87,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     print(md.read_text())
     print(f"ttrl-compare: wrote {md}, comparison.json and {len(pngs)} plots in {args.out}", file=sys.stderr)
+
+
+def _limits(given: list[str]) -> dict[str, Any]:
+    """--limit KEY=VALUE arguments as a dict (values read as YAML: 0.15, null), keys checked."""
+    import yaml
+
+    from ttrl.report.collapse import check_limits
+
+    out: dict[str, Any] = {}
+    for item in given:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise CompareError(f"--limit {item}: give KEY=VALUE, e.g. max_excess_drift=0.15")
+        out[key.strip().removeprefix("safety.")] = yaml.safe_load(value)
+    return check_limits(out)
 
 
 if __name__ == "__main__":

@@ -1161,6 +1161,13 @@ class SafetyConfig:
     # The limit of the second signal above, the share of revisited prompts whose
     # vote moved from their first (or anchor) vote.
     max_first_vote_drift: Optional[float] = 0.25
+    # The same drift less what sampling alone would show (`label/excess_drift`:
+    # each prompt's chance that a fresh vote of the unchanged policy elects
+    # another winner, from its first or anchor vote's class sizes, subtracted).
+    # For models whose votes split: on the hard bed (majority ratio 0.4) the
+    # raw drift is 0.26 from sampling alone and any raw limit fires at once.
+    # Null: off.
+    max_excess_drift: Optional[float] = None
     # The votes losing their consensus: the paired change of each revisited
     # prompt's majority ratio since its first (or anchor) vote, averaged over
     # the window, falling below minus this. Calibrated on the demo grid
@@ -1205,7 +1212,7 @@ class SafetyConfig:
 def _check_safety(s: Section) -> None:
     s.one_of("action", ("warn", "stop", "rollback"))
     s.at_least(1, "window")
-    s.share("max_flip_rate", "max_first_vote_drift", "flip_confident", why="a share of prompts")
+    s.share("max_flip_rate", "max_first_vote_drift", "max_excess_drift", "flip_confident", why="a share of prompts")
     s.share("min_vote_alignment", why="a share of sample pairs")
     s.share("max_majority_ratio", "max_eval_drop", "max_consensus_drop")
     s.at_least(0, "anchor_prompts", why="0 is no anchor pass")

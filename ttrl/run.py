@@ -30,7 +30,7 @@ from ttrl.labeling.extract import extract_answer
 from ttrl.labeling.vote import majority_votes
 from ttrl.metrics.logger import Loggers, build_loggers
 from ttrl.metrics.report import eval_line, final_report, guard_summary, progress, say
-from ttrl.metrics.safety import Guard, VoteTracker
+from ttrl.metrics.safety import Guard, VoteTracker, vote_row
 from ttrl.parts import SetupError, build_parts
 from ttrl.step import StepContext, StepOptions, step, token_ids
 from ttrl.types import Prompt
@@ -217,8 +217,7 @@ def anchor_votes(cfg: Any, ctx: StepContext, prompts: list[Prompt]) -> float:
     answers = [[extract_answer(o["text"], extractor, prompt=p.id) for o in out] for p, out in zip(prompts, outs)]
     votes = majority_votes(answers, extractor=extractor)
     ctx.votes.anchor([p.id for p in prompts], votes)
-    ctx.vote_rows = [{"id": p.id, "label": v.label, "ratio": round(v.ratio, 4), "margin": round(v.margin, 4),
-                      "classes": len(v.counts)} for p, v in zip(prompts, votes)]
+    ctx.vote_rows = [vote_row(p.id, v) for p, v in zip(prompts, votes)]
     return sum(v.ratio for v in votes) / max(len(votes), 1)
 
 

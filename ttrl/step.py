@@ -31,7 +31,7 @@ from ttrl.labeling.extract import CustomExtractorError, configured_extractor, ex
 from ttrl.labeling.vote import majority_votes
 from ttrl.metrics.label_quality import label_quality
 from ttrl.metrics.logger import sample_rows
-from ttrl.metrics.safety import VoteTracker, vote_alignment
+from ttrl.metrics.safety import VoteTracker, vote_alignment, vote_row
 from ttrl.rewards import Reward, RewardError, RewardOutput, compute_rewards
 from ttrl.trainer.batch import Batch, pack_batch
 from ttrl.trainer.options import UpdateOptions
@@ -188,9 +188,7 @@ def step(ctx: StepContext, prompts: list[Prompt], *, next_prompts: list[Prompt] 
     stats |= ctx.votes.update([g.prompt.id for g in groups], votes)
     stats |= vote_alignment(out.rewards, votes)
     stats |= label_quality(groups, votes, kept_rewards, keep, extractor=o.extractor)
-    ctx.vote_rows = [{"id": g.prompt.id, "label": v.label, "ratio": round(v.ratio, 4),
-                       "margin": round(v.margin, 4), "classes": len(v.counts)}
-                     for g, v in zip(groups, votes)]
+    ctx.vote_rows = [vote_row(g.prompt.id, v) for g, v in zip(groups, votes)]
     ctx.samples = sample_rows(groups, votes, out.rewards, o.samples_prompts, o.samples_per_prompt)
     return stats | timings
 

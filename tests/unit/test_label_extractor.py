@@ -183,4 +183,4 @@ def test_the_anchor_votes_are_drawn_afresh_even_when_the_eval_sampled_as_the_vot
     start_guard(cfg, ctx, PROMPTS, tmp_path, 0, first, PromptSampler(1, 1, False, 0), True)
     assert len(calls) == 2, "the eval and the anchor votes each generate"
     assert calls[1]["n"] == cfg.rollout.n_votes and calls[1]["max_tokens"] == 24
-    assert ctx.vote_rows == [{"id": "p0", "label": "1", "ratio": 0.5, "margin": 0.25, "classes": 2}]
+    assert ctx.vote_rows == [{"id": "p0", "label": "1", "ratio": 0.5, "margin": 0.25, "classes": 2, "sizes": [2, 1], "n": 4}]

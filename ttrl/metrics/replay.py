@@ -28,7 +28,8 @@ from ttrl.metrics.safety import CollapseDetector, VoteTracker
 
 # The metric keys a replay recomputes from the votes; every other label-free
 # key of a step (entropy, majority ratio, lengths) comes from metrics.jsonl.
-VOTE_KEYS = ("label/flip_rate", "label/first_vote_drift", "label/consensus_change", "label/distinct_answers")
+VOTE_KEYS = ("label/flip_rate", "label/first_vote_drift", "label/consensus_change", "label/distinct_answers",
+             "label/drift_floor", "label/excess_drift")
 
 
 @dataclass
@@ -36,6 +37,10 @@ class _Vote:
     label: str | None
     ratio: float
     classes: int
+    # Class sizes, the winner first, and the samples voted: from the row, or
+    # rebuilt from ratio, margin and class count (`_sizes`); None: no floor.
+    sizes: list[int] | None = None
+    n: int = 0
 
     @property
     def counts(self) -> range:  # VoteTracker only takes len(counts)
@@ -63,8 +68,12 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def replay_votes(vote_rows: Iterable[dict[str, Any]], safety: Any,
-                 metric_rows: Iterable[dict[str, Any]] = ()) -> Replay:
-    """The guard's course over recorded votes (and the label-free keys of the matching metric rows)."""
+                 metric_rows: Iterable[dict[str, Any]] = (), n_votes: int | None = None) -> Replay:
+    """The guard's course over recorded votes (and the label-free keys of the matching metric rows).
+
+    `n_votes` (the run's rollout.n_votes) lets rows written before votes.jsonl
+    kept class sizes get a drift floor (`_sizes`); without it they get none.
+    """
     by_step: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for r in vote_rows:
         by_step[int(r["step"])].append(r)
@@ -72,13 +81,13 @@ def replay_votes(vote_rows: Iterable[dict[str, Any]], safety: Any,
              for r in metric_rows if "step" in r}
     tracker = VoteTracker(safety.flip_confident)
     anchor = by_step.pop(0, [])
-    tracker.anchor([r["id"] for r in anchor], [_vote(r) for r in anchor])
+    tracker.anchor([r["id"] for r in anchor], [_vote(r, n_votes) for r in anchor])
     detector = CollapseDetector(safety)
     out = Replay(None, None, len(anchor))
     for step in sorted(by_step):
         rows = by_step[step]
         row = {"step": step, **extra.get(step, {}),
-               **tracker.update([r["id"] for r in rows], [_vote(r) for r in rows])}
+               **tracker.update([r["id"] for r in rows], [_vote(r, n_votes) for r in rows])}
         events = detector.update(row)
         if events and out.fired_at is None:
             out.fired_at, out.reason = step, "; ".join(e.message for e in events)
@@ -86,8 +95,34 @@ def replay_votes(vote_rows: Iterable[dict[str, Any]], safety: Any,
     return out
 
 
-def _vote(r: dict[str, Any]) -> _Vote:
-    return _Vote(r.get("label"), float(r["ratio"]), int(r.get("classes", 1)))
+def _vote(r: dict[str, Any], n_votes: int | None = None) -> _Vote:
+    classes = int(r.get("classes", 1))
+    if r.get("sizes") is not None:
+        return _Vote(r.get("label"), float(r["ratio"]), classes, [int(x) for x in r["sizes"]], int(r["n"]))
+    sizes = _sizes(float(r["ratio"]), r.get("margin"), classes, n_votes) if n_votes else None
+    return _Vote(r.get("label"), float(r["ratio"]), classes, sizes, n_votes or 0)
+
+
+def _sizes(ratio: float, margin: float | None, classes: int, n: int) -> list[int] | None:
+    """Class sizes rebuilt from a row written before votes.jsonl kept them (ratio, margin, class count).
+
+    The two largest classes are exact (ratio and margin are shares of `n`);
+    the others' answers are spread evenly over them, none above the second,
+    and what cannot fit counts as no answer. Rows without a margin: None.
+    """
+    if margin is None:
+        return None
+    top = round(ratio * n)
+    if classes <= 1 or top == 0:
+        return [top] if top else []
+    second = max(top - round(float(margin) * n), 0)
+    sizes = [top, second]
+    left, others = max(n - top - second, 0), classes - 2
+    for i in range(others):
+        share = min(second, left // (others - i) + (1 if left % (others - i) else 0))
+        sizes.append(share)
+        left -= share
+    return sizes
 
 
 def replay_run(run_dir: str | Path, own_config: bool = True, **limits: Any) -> Replay:
@@ -111,7 +146,8 @@ def replay_run(run_dir: str | Path, own_config: bool = True, **limits: Any) -> R
             raise KeyError(f"safety.{key}: no such key (choices: {', '.join(safety.keys())})")
         safety[key] = value
     metrics = run_dir / "metrics.jsonl"
-    return replay_votes(_read_jsonl(votes), safety, _read_jsonl(metrics) if metrics.exists() else ())
+    n_votes = OmegaConf.load(cfg_path).get("rollout", {}).get("n_votes") if cfg_path.exists() else None
+    return replay_votes(_read_jsonl(votes), safety, _read_jsonl(metrics) if metrics.exists() else (), n_votes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ never import ray, vllm or deepspeed.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections import deque
 from collections.abc import Sequence
@@ -56,6 +57,7 @@ class CollapseDetector:
         checks = [
             ("label/flip_rate", c.max_flip_rate if self.vote_signals else None, "above"),
             ("label/first_vote_drift", c.max_first_vote_drift if self.vote_signals else None, "above"),
+            ("label/excess_drift", c.max_excess_drift if self.vote_signals else None, "above"),
             ("label/consensus_change",
              -c.max_consensus_drop if self.vote_signals and c.max_consensus_drop is not None else None, "below"),
             ("label/vote_alignment", c.min_vote_alignment if self.vote_signals else None, "below"),
@@ -108,7 +110,15 @@ class VoteTracker:
       answers, and the change goes negative while the votes that remain stay
       mostly where they were, so neither drift nor flips see it;
     - `label/distinct_answers`: distinct answers per prompt (missing ones not
-      counted), which shrinks as the policy's answers narrow.
+      counted), which shrinks as the policy's answers narrow;
+    - `label/drift_floor`: the drift that sampling alone would show over the
+      same prompts, had the policy not changed at all (`drift_floor` of each
+      prompt's first or anchor vote), and `label/excess_drift`, the drift
+      above it. With 16 votes a prompt whose answers split 5/4/3/... elects
+      another winner on a fresh draw about a third of the time: on a weak
+      model (the hard bed: majority ratio 0.4, floor 0.26) the raw drift sits
+      at any fixed limit from step 1, while on the demo's warm start (ratio
+      0.8, floor 0.06) it barely differs from the excess.
 
     It keeps the label and ratio of each prompt's first and last vote (small
     dicts), compares labels as normalised strings, and sees no ground truth.
@@ -119,32 +129,43 @@ class VoteTracker:
         self.confident = confident
         self.first: dict[str, str | None] = {}
         self.first_ratio: dict[str, float] = {}
+        self.first_floor: dict[str, float] = {}
         self.last: dict[str, tuple[str | None, float]] = {}
 
     def anchor(self, prompt_ids: Sequence[str], votes: Sequence[Any]) -> None:
         """Votes of the starting policy: the reference each prompt's later votes drift from."""
         for pid, vote in zip(prompt_ids, votes):
-            self.first[pid] = self._key(vote.label)
-            self.first_ratio[pid] = float(vote.ratio)
+            self._remember(pid, vote)
+
+    def _remember(self, pid: str, vote: Any) -> None:
+        self.first[pid] = self._key(vote.label)
+        self.first_ratio[pid] = float(vote.ratio)
+        sizes, n = vote_sizes(vote)
+        if sizes is not None:
+            self.first_floor[pid] = drift_floor(sizes, n)
 
     @staticmethod
     def _key(label: str | None) -> str | None:
         return None if label is None else "".join(label.split())
 
     def update(self, prompt_ids: Sequence[str], votes: Sequence[Any]) -> dict[str, float]:
-        flips = confident = drift = revisits = 0
+        flips = confident = drift = revisits = floored = 0
         distinct = 0
-        consensus = 0.0
+        consensus = floor = floored_drift = 0.0
         for pid, vote in zip(prompt_ids, votes):
             label = self._key(vote.label)
             distinct += len(vote.counts)
             if pid in self.first:
                 revisits += 1
-                drift += int(label != self.first[pid])
+                moved = int(label != self.first[pid])
+                drift += moved
                 consensus += float(vote.ratio) - self.first_ratio[pid]
+                if pid in self.first_floor:
+                    floored += 1
+                    floor += self.first_floor[pid]
+                    floored_drift += moved
             else:
-                self.first[pid] = label
-                self.first_ratio[pid] = float(vote.ratio)
+                self._remember(pid, vote)
             if pid in self.last:
                 prev, prev_ratio = self.last[pid]
                 if prev_ratio >= self.confident:
@@ -155,9 +176,73 @@ class VoteTracker:
         if revisits:
             out["label/first_vote_drift"] = drift / revisits
             out["label/consensus_change"] = consensus / revisits
+        if floored:
+            out["label/drift_floor"] = floor / floored
+            out["label/excess_drift"] = (floored_drift - floor) / floored
         if confident:
             out["label/flip_rate"] = flips / confident
         return out
+
+
+# Fresh votes drawn per prompt to estimate its drift floor: the estimate's
+# standard error is at most 0.5 / sqrt(2000) = 0.011, and a step averages it
+# over its prompts; seeded, so a replay computes the same floor as the run.
+FLOOR_DRAWS = 2000
+
+
+def vote_sizes(vote: Any) -> tuple[list[int] | None, int]:
+    """(class sizes with the winner first, samples voted) of a vote; (None, 0) when it cannot say.
+
+    A live `Vote` has every class's size; a vote replayed from an older
+    votes.jsonl row may carry only its ratio, margin and class count
+    (`sizes` None there, and no floor).
+    """
+    sizes = getattr(vote, "sizes", None)
+    if sizes is not None:
+        return list(sizes), int(vote.n)
+    counts, assignment, winner = getattr(vote, "counts", None), getattr(vote, "assignment", None), getattr(vote, "winner", None)
+    if not isinstance(counts, dict) or not assignment:
+        return None, 0
+    values = list(counts.values())
+    if winner is not None:
+        values.insert(0, values.pop(winner))
+    return values, len(assignment)
+
+
+def vote_row(prompt_id: str, vote: Any) -> dict[str, Any]:
+    """One votes.jsonl row (the step is added by the logger): what a replay of the guard needs."""
+    sizes, n = vote_sizes(vote)
+    return {"id": prompt_id, "label": vote.label, "ratio": round(vote.ratio, 4), "margin": round(vote.margin, 4),
+            "classes": len(vote.counts), "sizes": sizes, "n": n}
+
+
+@functools.lru_cache(maxsize=4096)
+def _floor(sizes: tuple[int, ...], n: int) -> float:
+    import numpy as np
+
+    if not sizes or sizes[0] == 0:
+        return 0.0  # no answers: a fresh draw from the same policy gives none either
+    n = max(n, sum(sizes))
+    shares = np.array([*sizes, max(n - sum(sizes), 0)], dtype=float) / n
+    draws = np.random.default_rng(0).multinomial(n, shares, size=FLOOR_DRAWS)[:, :-1]
+    top = draws.max(axis=1)
+    tied = (draws == top[:, None]).sum(axis=1)
+    # The winner keeps its seat when it leads, or shares the lead and wins the
+    # tie: ties go to the class seen first, which on a fresh draw is any of them.
+    kept = np.where((draws[:, 0] == top) & (top > 0), 1.0 / tied, 0.0)
+    return float(1.0 - kept.mean())
+
+
+def drift_floor(sizes: Sequence[int], n: int) -> float:
+    """The chance that a fresh vote of `n` samples from an unchanged policy elects another winner.
+
+    `sizes`: the vote's class sizes, its winner first (samples with no answer
+    are `n` minus their sum). Each class is taken to hold its observed share
+    of the policy's answers, and fresh votes are drawn from those shares: the
+    share of them won by another class (or by no answer) is the vote drift
+    that sampling alone shows on this prompt.
+    """
+    return _floor(tuple(int(x) for x in sizes), int(n)) if n > 0 else 0.0
 
 
 def vote_alignment(rewards: Sequence[Sequence[float]], votes: Sequence[Any]) -> dict[str, float]:

@@ -59,17 +59,17 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def _collapse_step(run: dict[str, Any]) -> int | None | float:
+def _collapse_step(run: dict[str, Any], limits: dict[str, Any] | None = None) -> int | None | float:
     """The run's consensus-only collapse step (None: its votes held), NaN where it has no votes to replay."""
     if jsonl_file(Path(run["dir"]), "votes.jsonl") is None:
         return math.nan
     try:
-        return run_collapse(run)["collapse_step"]
+        return run_collapse(run, limits)["collapse_step"]
     except CompareError:
         return math.nan
 
 
-def run_row(run: dict[str, Any]) -> dict[str, Any]:
+def run_row(run: dict[str, Any], limits: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg, d = run["config"], Path(run["dir"])
     evals = [r for r in run["rows"] if r.get("eval/pass@1") is not None and "step" in r]
     maj_key = maj_key_of(evals)
@@ -88,7 +88,7 @@ def run_row(run: dict[str, Any]) -> dict[str, Any]:
            "maj_before": (evals[0].get(maj_key, math.nan) if maj_key and len(evals) >= 2 and evals[0]["step"] == 0
                           else math.nan),
            "label_first": _mean(labels[:LABEL_STEPS]), "label_last": _mean(labels[-LABEL_STEPS:]),
-           "guard_step": fired, "collapse_step": _collapse_step(run),
+           "guard_step": fired, "collapse_step": _collapse_step(run, limits),
            "rm_accuracy": float(rm_acc) if rm_acc is not None else math.nan,
            "rm_accuracy_kind": "test" if "test_accuracy" in meta else "held-out" if meta else None,
            "collapse": any(r.get("safety/collapse_step") is not None for r in run["rows"]),
@@ -215,9 +215,13 @@ def markdown(table: list[dict], summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def arms_report(run_dirs: list[Path], out: Path) -> Path:
-    """Write arms.md, arms.json and arms.png into `out`; return the table's path."""
-    table = [run_row(load_run(d)) for d in expand_run_dirs(list(run_dirs))]
+def arms_report(run_dirs: list[Path], out: Path, limits: dict[str, Any] | None = None) -> Path:
+    """Write arms.md, arms.json and arms.png into `out`; return the table's path.
+
+    `limits` (safety keys) change only the replayed collapse step, not the
+    guard's record, which is what each run's own guard logged.
+    """
+    table = [run_row(load_run(d), limits) for d in expand_run_dirs(list(run_dirs))]
     summary = summarize(table)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "arms.md"

@@ -42,7 +42,8 @@ from ttrl.metrics.logger import arm_name
 from ttrl.metrics.replay import Replay, replay_votes
 from ttrl.report.runs import CompareError, expand_run_dirs, jsonl_file, load_run, read_jsonl_rows, without_nan
 
-__all__ = ["CONSENSUS_ONLY", "collapse_report", "consensus_collapse", "run_collapse", "spearman", "warm_start"]
+__all__ = ["CONSENSUS_ONLY", "check_limits", "collapse_report", "consensus_collapse", "run_collapse", "spearman",
+           "warm_start"]
 
 # The guard's detectors that are not consensus signals, switched off for the collapse step.
 CONSENSUS_ONLY = {"min_entropy": None, "max_majority_ratio": None, "min_response_length": None,
@@ -63,10 +64,27 @@ def _limits(safety: Any) -> dict[str, Any]:
 
 
 def consensus_collapse(vote_rows: Iterable[dict[str, Any]], metric_rows: Iterable[dict[str, Any]],
-                       safety: Any = None) -> Replay:
-    """The guard replayed with the consensus signals only (`safety`'s limits for them, defaults if None)."""
-    limits = SimpleNamespace(**(_limits(safety) | CONSENSUS_ONLY))
-    return replay_votes(vote_rows, limits, metric_rows)
+                       safety: Any = None, limits: dict[str, Any] | None = None,
+                       n_votes: int | None = None) -> Replay:
+    """The guard replayed with the consensus signals only.
+
+    Their limits: `safety`'s (today's defaults where it has none), then
+    `limits` over them (e.g. {"max_excess_drift": 0.15}, to judge old runs
+    by a new limit); `n_votes` gives older vote rows a drift floor.
+    """
+    given = SimpleNamespace(**(_limits(safety) | (limits or {}) | CONSENSUS_ONLY))
+    return replay_votes(vote_rows, given, metric_rows, n_votes)
+
+
+def check_limits(limits: dict[str, Any]) -> dict[str, Any]:
+    """`limits` if every key is a safety key; else a CompareError naming the first that is not."""
+    from ttrl.config import SafetyConfig
+
+    for key in limits:
+        if key not in SafetyConfig.__dataclass_fields__:
+            raise CompareError(f"--limit {key}: not a safety key (choices: "
+                               f"{', '.join(sorted(SafetyConfig.__dataclass_fields__))})")
+    return limits
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
@@ -106,15 +124,17 @@ def warm_start(cfg: dict[str, Any]) -> str:
     return f"tiny-arith {tiny.get('seed')}:{ws.get('seed')} #{hashlib.sha1(recipe.encode()).hexdigest()[:6]}"
 
 
-def run_collapse(run: dict[str, Any]) -> dict[str, Any]:
-    """One run's collapse step and outcome, from a `load_run` dict (its dir must hold votes.jsonl)."""
+def run_collapse(run: dict[str, Any], limits: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One run's collapse step and outcome, from a `load_run` dict (its dir must hold votes.jsonl);
+    `limits` over the run's own safety limits."""
     d, cfg, rows = Path(run["dir"]), run["config"], run["rows"]
     votes = jsonl_file(d, "votes.jsonl")
     if votes is None:
         raise CompareError(f"{d}: no votes.jsonl, so no vote signals to replay (runs write it since the guard "
                            f"replay; rerun it)")
     vote_rows = read_jsonl_rows(votes)
-    replay = consensus_collapse(vote_rows, rows, cfg.get("safety"))
+    n_votes = (cfg.get("rollout") or {}).get("n_votes")
+    replay = consensus_collapse(vote_rows, rows, cfg.get("safety"), limits, n_votes)
     evals = [r for r in rows if r.get("eval/pass@1") is not None and "step" in r]
     before = evals[0]["eval/pass@1"] if evals and evals[0]["step"] == 0 else math.nan
     after = evals[-1]["eval/pass@1"] if len(evals) >= 2 and evals[-1]["step"] > 0 else math.nan
@@ -173,9 +193,10 @@ def markdown(table: list[dict], per_ws: list[dict] | None = None, rho: float | N
     return "\n".join(lines) + "\n"
 
 
-def collapse_report(run_dirs: list[Path], out: Path, against: list[Path] | None = None) -> Path:
+def collapse_report(run_dirs: list[Path], out: Path, against: list[Path] | None = None,
+                    limits: dict[str, Any] | None = None) -> Path:
     """Write collapse.md and collapse.json into `out`; return the table's path."""
-    table = [run_collapse(load_run(d)) for d in expand_run_dirs(list(run_dirs))]
+    table = [run_collapse(load_run(d), limits) for d in expand_run_dirs(list(run_dirs))]
     per_ws, rho = None, None
     if against:
         outcomes = [run_collapse(load_run(d)) for d in expand_run_dirs(list(against))]

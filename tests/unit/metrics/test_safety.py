@@ -344,3 +344,48 @@ def test_default_guard_stays_quiet_on_the_recorded_healthy_votes():
     assert r.fired_at is None
     # Healthy test-time training sharpens its votes: the consensus climbs.
     assert r.rows[-1]["label/consensus_change"] > 0.05
+
+
+def test_drift_floor_is_the_chance_a_fresh_vote_elects_another_winner():
+    from ttrl.metrics.safety import drift_floor
+
+    assert drift_floor([16], 16) == 0.0                      # unanimous: a fresh vote agrees
+    assert drift_floor([], 16) == 0.0                        # no answers now, none on a fresh draw either
+    # A dead heat: the anchor's winner keeps its seat on about half the fresh draws.
+    assert drift_floor([8, 8], 16) == pytest.approx(0.5, abs=0.04)
+    # 15 of 16: another class wins only if it draws more than the winner's ~15 (never), or ties at 8 (rare).
+    assert drift_floor([15, 1], 16) < 0.01
+    # The closer the split, the higher the floor.
+    assert drift_floor([12, 4], 16) < drift_floor([9, 7], 16) < drift_floor([8, 8], 16)
+    assert drift_floor([6, 5, 5], 16) == drift_floor([6, 5, 5], 16)  # seeded: a replay gets the run's value
+
+
+def test_excess_drift_is_the_drift_above_what_sampling_alone_shows():
+    from ttrl.labeling.vote import majority_vote
+    from ttrl.metrics.safety import VoteTracker, drift_floor
+
+    def vote(*groups: tuple[str, int]):
+        return majority_vote([a for a, k in groups for _ in range(k)], extractor="number")
+
+    t = VoteTracker()
+    # a: 14 of 16 agree (floor ~0); b: 6/5/5, a near three-way tie (floor ~0.5).
+    t.anchor(["a", "b"], [vote(("1", 14), ("2", 2)), vote(("3", 6), ("4", 5), ("5", 5))])
+    fa, fb = drift_floor([14, 2], 16), drift_floor([6, 5, 5], 16)
+    assert fa < 0.01 and 0.4 < fb < 0.7
+    # b's vote moves (as sampling alone would about half the time), a's holds.
+    row = t.update(["a", "b"], [vote(("1", 15), ("2", 1)), vote(("4", 7), ("3", 6), ("5", 3))])
+    assert row["label/first_vote_drift"] == 0.5
+    assert row["label/drift_floor"] == pytest.approx((fa + fb) / 2)
+    assert row["label/excess_drift"] == pytest.approx(0.5 - (fa + fb) / 2)
+    # A move on the confident prompt is nearly all excess.
+    row = t.update(["a"], [vote(("2", 9), ("1", 7))])
+    assert row["label/excess_drift"] == pytest.approx(1 - fa)
+
+
+def test_excess_drift_limit_fires_on_its_moving_average_only_for_label_free_runs():
+    d = CollapseDetector(_cfg(max_excess_drift=0.15, window=3).safety)
+    rows = [{"label/excess_drift": x} for x in (0.05, 0.1, 0.2, 0.3)]
+    fired = [bool(d.update(r)) for r in rows]
+    assert fired == [False, False, False, True]  # windows: -, -, 0.117, 0.2
+    off = CollapseDetector(_cfg(max_excess_drift=0.15, window=1).safety, vote_signals=False)
+    assert not off.update({"label/excess_drift": 0.9})

@@ -117,3 +117,47 @@ def test_a_run_without_votes_is_one_line_and_exit_2(tmp_path, capsys) -> None:
     assert err.value.code == 2 and "no votes.jsonl" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(d), "--against", str(d)])  # --against without --collapse-step: a usage error
+
+
+def test_rows_without_class_sizes_get_a_floor_from_ratio_margin_and_class_count() -> None:
+    from ttrl.metrics.replay import _sizes
+
+    # 5 of 16 won, the runner-up had 4 (margin 1/16), 7 classes: the other 7 answers over 5 classes, none above 4.
+    sizes = _sizes(0.3125, 0.0625, 7, 16)
+    assert sizes[:2] == [5, 4] and len(sizes) == 7 and sum(sizes) == 16 and max(sizes[2:]) <= 4
+    assert _sizes(1.0, 1.0, 1, 16) == [16]
+    assert _sizes(0.5, None, 3, 16) is None  # no margin recorded: no floor
+
+
+def test_limit_overrides_judge_old_runs_by_a_new_limit(tmp_path, capsys) -> None:
+    # Split votes (ratio 0.375 of 16, margin 1/16) whose winner changes on half the prompts every step:
+    # the raw drift (0.5) is over its 0.25 limit from the first full window, but sampling alone moves
+    # votes this split about half the time, so the excess drift stays near 0 and never fires.
+    rows = [{"step": 0, "id": p, "label": "7", "ratio": 0.375, "margin": 0.0625, "classes": 4} for p in PROMPTS]
+    for s in range(1, 7):
+        rows += [{"step": s, "id": p, "label": "8" if (i + s) % 2 else "7", "ratio": 0.375, "margin": 0.0625,
+                  "classes": 4} for i, p in enumerate(PROMPTS)]
+    raw = consensus_collapse(rows, [], {"window": 3, "max_flip_rate": None})
+    assert raw.fired_at == 3 and "first_vote_drift" in raw.reason
+    floored = consensus_collapse(rows, [], {"window": 3, "max_flip_rate": None},
+                                 {"max_first_vote_drift": None, "max_excess_drift": 0.15}, n_votes=16)
+    assert floored.fired_at is None
+    assert 0.3 < floored.rows[-1]["label/drift_floor"] < 0.7
+    # Without n_votes an old row has no floor, so the excess-drift limit has nothing to fire on.
+    assert "label/excess_drift" not in consensus_collapse(rows, [], {}, {"max_excess_drift": 0.15}).rows[-1]
+    # The same through the command line, on a run dir whose config says how many votes a prompt got.
+    d = tmp_path / "split"
+    _run(d, ws=0, reward="majority_vote", seed=0, vote_rows=rows)
+    cfg = json.loads((d / "config.yaml").read_text())
+    (d / "config.yaml").write_text(json.dumps(cfg | {"rollout": {"n_votes": 16}}))
+    main([str(d), "--collapse-step", "--out", str(tmp_path / "raw")])
+    assert json.loads((tmp_path / "raw" / "collapse.json").read_text())["runs"][0]["collapse_step"] == 3
+    main([str(d), "--collapse-step", "--out", str(tmp_path / "new"), "--limit", "max_first_vote_drift=null",
+          "--limit", "safety.max_excess_drift=0.15", "--limit", "max_flip_rate=null"])
+    assert json.loads((tmp_path / "new" / "collapse.json").read_text())["runs"][0]["collapse_step"] is None
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        main([str(d), "--collapse-step", "--limit", "max_drift=0.1", "--out", str(tmp_path / "o")])
+    assert err.value.code == 2 and "--limit max_drift: not a safety key" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(d), "--limit", "max_excess_drift=0.1"])  # --limit without --collapse-step or --arms
