@@ -161,3 +161,21 @@ def test_limit_overrides_judge_old_runs_by_a_new_limit(tmp_path, capsys) -> None
     assert err.value.code == 2 and "--limit max_drift: not a safety key" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(d), "--limit", "max_excess_drift=0.1"])  # --limit without --collapse-step or --arms
+
+
+def test_a_warm_start_is_named_by_its_build_across_config_versions() -> None:
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_config
+    from ttrl.models.tiny import spec_hash
+    from ttrl.models.warmstart import warmstart_spec
+
+    cfg = compose_config("experiment=demo_hard")
+    new = OmegaConf.to_container(cfg, resolve=True)
+    # The same run as written before the warm start's check existed: its config lacks those keys, and the
+    # hard bed's build (check off) is step for step the same model, so the report must call it the same.
+    old = json.loads(json.dumps(new))
+    for key in ("target_maj", "check_every", "check_from", "check_prompts", "check_votes", "extend_steps"):
+        old["model"]["warmstart"].pop(key, None)
+    assert warm_start(old) == warm_start(new)
+    assert warm_start(new) == f"tiny-arith 0:0 #{spec_hash(warmstart_spec(cfg.model, cfg.data.synthetic))[:6]}"
