@@ -33,7 +33,9 @@
 # arms = 96 runs and 6 probes) 8-16 hours, so several sessions with ARCHIVE.
 # Output, per bed: $OUT/<bed>/<arm>_ws<m>-<d>_s<seed>/, $OUT/<bed>/probes/,
 # and $OUT/report/<bed>/ ($ARCHIVE/report/<bed>/ with an archive) with arms.md/png (per arm: median and worst gain, maj
-# after, guard firings), collapse.md (each run's collapse step) and
+# after, guard firings), collapse.md (each run's collapse step),
+# floor/collapse.md (the same with the drift judged above its sampling floor,
+# FLOOR_LIMITS: raw drift off, safety.max_excess_drift=0.15) and
 # probes/collapse.md (each warm start's probe beside its TTRL gain, Spearman).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -47,6 +49,7 @@ OUT=${OUT:-multirun/hard-regime-$(date +%Y-%m-%d_%H-%M-%S)}
 BIN=${BIN:-$([ -x .venv/bin/ttrl-train ] && echo .venv/bin/ || echo "")}
 DRY_RUN=${DRY_RUN:-0}
 ARCHIVE=${ARCHIVE:-}
+FLOOR_LIMITS=${FLOOR_LIMITS:-"--limit max_first_vote_drift=null --limit max_excess_drift=0.15"}
 for b in $BEDS; do
   [ -f "conf/experiment/$b.yaml" ] || { echo "hard_regime: no experiment '$b' (conf/experiment/$b.yaml)" >&2; exit 2; }
 done
@@ -114,12 +117,16 @@ for bed in $BEDS; do
   if [ "$DRY_RUN" = 1 ]; then
     echo "${BIN}ttrl-compare $SRC/$bed --arms --out $rep"
     echo "${BIN}ttrl-compare $SRC/$bed --collapse-step --out $rep"
+    echo "${BIN}ttrl-compare $SRC/$bed --collapse-step $FLOOR_LIMITS --out $rep/floor"
     echo "${BIN}ttrl-compare $SRC/$bed/probes --collapse-step --against <the majority_vote runs> --out $rep/probes"
     continue
   fi
   # Each report is its own step: one that cannot be made (no finished run yet) does not stop the others.
   "${BIN}ttrl-compare" "$SRC/$bed" --arms --out "$rep" || echo "!! no --arms report for $bed"
   "${BIN}ttrl-compare" "$SRC/$bed" --collapse-step --out "$rep" > /dev/null || echo "!! no --collapse-step report for $bed"
+  # shellcheck disable=SC2086  # FLOOR_LIMITS is several arguments
+  "${BIN}ttrl-compare" "$SRC/$bed" --collapse-step $FLOOR_LIMITS --out "$rep/floor" > /dev/null \
+    || echo "!! no floor-corrected --collapse-step report for $bed"
   if [ -n "$ttrl_runs" ]; then
     # shellcheck disable=SC2086  # one argument per run dir
     "${BIN}ttrl-compare" "$SRC/$bed/probes" --collapse-step --against $ttrl_runs --out "$rep/probes" \

@@ -119,6 +119,8 @@ def test_the_sweep_runs_every_arm_and_a_probe_per_warm_start_then_reports(tmp_pa
     arms = (rep / "arms.md").read_text()
     assert "18 runs, 3 arms" in arms  # the probes are not arms
     assert [r["collapse_step"] for r in json.loads((rep / "collapse.json").read_text())["runs"]] == [None] * 18
+    # The same runs judged with the drift above its sampling floor (raw drift off, excess drift on).
+    assert len(json.loads((rep / "floor" / "collapse.json").read_text())["runs"]) == 18
     probe_report = json.loads((rep / "probes" / "collapse.json").read_text())
     assert [w["collapse_step"] for w in probe_report["warm_starts"]] == [3, 4, 7]  # held 6 steps -> 7
     # TTRL's median gains per warm start: -0.095, +0.005, +0.055: ranked as the collapse steps are.

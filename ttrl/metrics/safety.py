@@ -7,10 +7,10 @@ the metrics rows a run logs and returns an event for each threshold a
 moving average crosses, and for eval/pass@1 falling too far below its best.
 `VoteTracker` derives the label-free vote signals it watches. `Guard` is
 what a run checks after every step: skipped updates, the detectors, and the
-action (warn, stop, roll back). Pure Python on metric rows: no model, no
-ground truth beyond what the metrics (eval) already computed; the guard
-reaches the actors only through the `StepRuntime` it is handed, and must
-never import ray, vllm or deepspeed.
+action (warn, stop, roll back). Pure Python (numpy for the drift floor) on
+metric rows: no model, no ground truth beyond what the metrics (eval)
+already computed; the guard reaches the actors only through the
+`StepRuntime` it is handed, and must never import ray, vllm or deepspeed.
 """
 
 from __future__ import annotations
@@ -200,12 +200,12 @@ def vote_sizes(vote: Any) -> tuple[list[int] | None, int]:
     sizes = getattr(vote, "sizes", None)
     if sizes is not None:
         return list(sizes), int(vote.n)
-    counts, assignment, winner = getattr(vote, "counts", None), getattr(vote, "assignment", None), getattr(vote, "winner", None)
+    counts, assignment = getattr(vote, "counts", None), getattr(vote, "assignment", None)
     if not isinstance(counts, dict) or not assignment:
         return None, 0
     values = list(counts.values())
-    if winner is not None:
-        values.insert(0, values.pop(winner))
+    if vote.winner is not None:
+        values.insert(0, values.pop(vote.winner))
     return values, len(assignment)
 
 
