@@ -90,18 +90,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _limits(given: list[str]) -> dict[str, Any]:
-    """--limit KEY=VALUE arguments as a dict (values read as YAML: 0.15, null), keys checked."""
-    import yaml
+    """--limit KEY=VALUE arguments as a dict of checked safety limits."""
+    from ttrl.metrics.replay import parse_limits
 
-    from ttrl.report.collapse import check_limits
-
-    out: dict[str, Any] = {}
-    for item in given:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise CompareError(f"--limit {item}: give KEY=VALUE, e.g. max_excess_drift=0.15")
-        out[key.strip().removeprefix("safety.")] = yaml.safe_load(value)
-    return check_limits(out)
+    try:
+        return parse_limits(given)
+    except ValueError as err:
+        raise CompareError(f"--limit {err}") from None
 
 
 if __name__ == "__main__":

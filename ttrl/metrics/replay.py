@@ -10,7 +10,7 @@ new limit against runs they already have, without re-running anything.
 
     python -m ttrl.metrics.replay RUN_DIR [RUN_DIR ...] [max_consensus_drop=0.05 ...]
 
-Reads votes.jsonl and metrics.jsonl only; never reads a graded key (eval/*,
+Reads votes.jsonl and metrics.jsonl (or their .gz copies) only; never reads a graded key (eval/*,
 label/accuracy) into the guard, and must never write into the run dir.
 """
 
@@ -55,9 +55,17 @@ class Replay:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _jsonl(run_dir: Path, name: str) -> Path | None:
+    """run_dir/name, or its gzipped copy (an archived run keeps only that); None when neither exists."""
+    return next((p for p in (run_dir / name, run_dir / f"{name}.gz") if p.exists()), None)
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    import gzip
+
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -132,9 +140,10 @@ def replay_run(run_dir: str | Path, own_config: bool = True, **limits: Any) -> R
     from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)
-    votes = run_dir / "votes.jsonl"
-    if not votes.exists():
-        raise FileNotFoundError(f"{votes}: no votes recorded (a reward that does not vote writes none)")
+    votes = _jsonl(run_dir, "votes.jsonl")
+    if votes is None:
+        raise FileNotFoundError(f"{run_dir / 'votes.jsonl'}: no votes recorded "
+                                "(a reward that does not vote writes none)")
     cfg_path = run_dir / "config.yaml"
     from ttrl.config import SafetyConfig
 
@@ -145,19 +154,43 @@ def replay_run(run_dir: str | Path, own_config: bool = True, **limits: Any) -> R
         if key not in safety:
             raise KeyError(f"safety.{key}: no such key (choices: {', '.join(safety.keys())})")
         safety[key] = value
-    metrics = run_dir / "metrics.jsonl"
+    metrics = _jsonl(run_dir, "metrics.jsonl")
     n_votes = OmegaConf.load(cfg_path).get("rollout", {}).get("n_votes") if cfg_path.exists() else None
-    return replay_votes(_read_jsonl(votes), safety, _read_jsonl(metrics) if metrics.exists() else (), n_votes)
+    return replay_votes(_read_jsonl(votes), safety, _read_jsonl(metrics) if metrics else (), n_votes)
+
+
+def parse_limits(items: Iterable[str]) -> dict[str, Any]:
+    """KEY=VALUE arguments as safety limits: values read as YAML (0.15, null),
+    a `safety.` prefix dropped, every key checked against SafetyConfig.
+
+    A bad item raises ValueError starting with the item itself, for the
+    caller to put its own flag or program name before it.
+    """
+    import yaml
+
+    from ttrl.config import SafetyConfig
+
+    keys = SafetyConfig.__dataclass_fields__
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip().removeprefix("safety.")
+        if not eq or not key:
+            raise ValueError(f"{item}: give KEY=VALUE, e.g. max_excess_drift=0.15")
+        if key not in keys:
+            raise ValueError(f"{key}: not a safety key (choices: {', '.join(sorted(keys))})")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     dirs = [a for a in argv if "=" not in a]
-    limits = {}
-    for a in argv:
-        if "=" in a:
-            k, v = a.split("=", 1)
-            limits[k.removeprefix("safety.")] = None if v in ("null", "None") else json.loads(v)
+    try:
+        limits = parse_limits(a for a in argv if "=" in a)
+    except ValueError as err:
+        print(f"ttrl.metrics.replay: {err}", file=sys.stderr)
+        return 2
     if not dirs:
         print(__doc__.split("\n\n")[2].strip(), file=sys.stderr)
         return 2

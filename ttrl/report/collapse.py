@@ -42,7 +42,7 @@ from ttrl.metrics.logger import arm_name
 from ttrl.metrics.replay import Replay, replay_votes
 from ttrl.report.runs import CompareError, expand_run_dirs, jsonl_file, load_run, read_jsonl_rows, without_nan
 
-__all__ = ["CONSENSUS_ONLY", "check_limits", "collapse_report", "consensus_collapse", "run_collapse", "spearman",
+__all__ = ["CONSENSUS_ONLY", "collapse_report", "consensus_collapse", "run_collapse", "spearman",
            "warm_start"]
 
 # The guard's detectors that are not consensus signals, switched off for the collapse step.
@@ -50,7 +50,7 @@ CONSENSUS_ONLY = {"min_entropy": None, "max_majority_ratio": None, "min_response
                   "max_response_length": None, "max_eval_drop": None}
 
 
-def _limits(safety: Any) -> dict[str, Any]:
+def _safety_dict(safety: Any) -> dict[str, Any]:
     """A safety section (mapping, DictConfig or dataclass) as a plain dict, today's defaults under it."""
     from dataclasses import asdict
 
@@ -72,19 +72,8 @@ def consensus_collapse(vote_rows: Iterable[dict[str, Any]], metric_rows: Iterabl
     `limits` over them (e.g. {"max_excess_drift": 0.15}, to judge old runs
     by a new limit); `n_votes` gives older vote rows a drift floor.
     """
-    given = SimpleNamespace(**(_limits(safety) | (limits or {}) | CONSENSUS_ONLY))
+    given = SimpleNamespace(**(_safety_dict(safety) | (limits or {}) | CONSENSUS_ONLY))
     return replay_votes(vote_rows, given, metric_rows, n_votes)
-
-
-def check_limits(limits: dict[str, Any]) -> dict[str, Any]:
-    """`limits` if every key is a safety key; else a CompareError naming the first that is not."""
-    from ttrl.config import SafetyConfig
-
-    for key in limits:
-        if key not in SafetyConfig.__dataclass_fields__:
-            raise CompareError(f"--limit {key}: not a safety key (choices: "
-                               f"{', '.join(sorted(SafetyConfig.__dataclass_fields__))})")
-    return limits
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:

@@ -57,3 +57,24 @@ def test_replay_command_prints_one_verdict_per_run(tmp_path, capsys):
     assert "fired at step 3" in capsys.readouterr().out
     assert main([str(run), "max_consensus_drop=null"]) == 0
     assert "quiet" in capsys.readouterr().out
+
+
+def test_an_archived_run_replays_from_its_gzipped_votes(tmp_path):
+    import gzip
+
+    run = _write_run(tmp_path / "r", _spreading(6), safety={"window": 3, "max_consensus_drop": 0.08})
+    live = replay_run(run)
+    votes = run / "votes.jsonl"
+    (run / "votes.jsonl.gz").write_bytes(gzip.compress(votes.read_bytes()))
+    votes.unlink()
+    archived = replay_run(run)
+    assert (archived.fired_at, archived.reason, archived.rows) == (live.fired_at, live.reason, live.rows)
+
+
+def test_replay_command_names_a_bad_limit_and_runs_nothing(tmp_path, capsys):
+    run = _write_run(tmp_path / "r", _spreading(6))
+    assert main([str(run), "max_drift=0.1"]) == 2
+    captured = capsys.readouterr()
+    assert "max_drift: not a safety key" in captured.err and captured.out == ""
+    assert main([str(run), "=0.1"]) == 2
+    assert "give KEY=VALUE" in capsys.readouterr().err
