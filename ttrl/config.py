@@ -1168,6 +1168,10 @@ class SafetyConfig:
     # raw drift is 0.26 from sampling alone and any raw limit fires at once.
     # Null: off.
     max_excess_drift: Optional[float] = None
+    # The flip rate less what sampling alone would show (`label/excess_flip_rate`:
+    # each confident prompt's chance that a fresh vote of an unchanged policy
+    # elects another winner than its previous vote, subtracted). Null: off.
+    max_excess_flip_rate: Optional[float] = None
     # The votes losing their consensus: the paired change of each revisited
     # prompt's majority ratio since its first (or anchor) vote, averaged over
     # the window, falling below minus this. Calibrated on the demo grid
@@ -1212,7 +1216,8 @@ class SafetyConfig:
 def _check_safety(s: Section) -> None:
     s.one_of("action", ("warn", "stop", "rollback"))
     s.at_least(1, "window")
-    s.share("max_flip_rate", "max_first_vote_drift", "max_excess_drift", "flip_confident", why="a share of prompts")
+    s.share("max_flip_rate", "max_first_vote_drift", "max_excess_drift", "max_excess_flip_rate", "flip_confident",
+            why="a share of prompts")
     s.share("min_vote_alignment", why="a share of sample pairs")
     s.share("max_majority_ratio", "max_eval_drop", "max_consensus_drop")
     s.at_least(0, "anchor_prompts", why="0 is no anchor pass")

@@ -229,6 +229,7 @@ BAD: dict[str, Any] = {
     "safety.max_flip_rate": 1.5,
     "safety.max_first_vote_drift": -0.1,
     "safety.max_excess_drift": 1.5,
+    "safety.max_excess_flip_rate": -0.2,
     "safety.flip_confident": 2.0,
     "safety.anchor_prompts": -1,
     "safety.min_entropy": -1.0,

@@ -29,7 +29,7 @@ from ttrl.metrics.safety import CollapseDetector, VoteTracker
 # The metric keys a replay recomputes from the votes; every other label-free
 # key of a step (entropy, majority ratio, lengths) comes from metrics.jsonl.
 VOTE_KEYS = ("label/flip_rate", "label/first_vote_drift", "label/consensus_change", "label/distinct_answers",
-             "label/drift_floor", "label/excess_drift")
+             "label/drift_floor", "label/excess_drift", "label/flip_floor", "label/excess_flip_rate")
 
 
 @dataclass

@@ -58,6 +58,7 @@ class CollapseDetector:
             ("label/flip_rate", c.max_flip_rate if self.vote_signals else None, "above"),
             ("label/first_vote_drift", c.max_first_vote_drift if self.vote_signals else None, "above"),
             ("label/excess_drift", c.max_excess_drift if self.vote_signals else None, "above"),
+            ("label/excess_flip_rate", c.max_excess_flip_rate if self.vote_signals else None, "above"),
             ("label/consensus_change",
              -c.max_consensus_drop if self.vote_signals and c.max_consensus_drop is not None else None, "below"),
             ("label/vote_alignment", c.min_vote_alignment if self.vote_signals else None, "below"),
@@ -118,7 +119,13 @@ class VoteTracker:
       another winner on a fresh draw about a third of the time: on a weak
       model (the hard bed: majority ratio 0.4, floor 0.26) the raw drift sits
       at any fixed limit from step 1, while on the demo's warm start (ratio
-      0.8, floor 0.06) it barely differs from the excess.
+      0.8, floor 0.06) it barely differs from the excess;
+    - `label/flip_floor` and `label/excess_flip_rate`: the same for the
+      flip rate, over the same confident prompts: each one's chance that a
+      fresh vote elects another winner than its previous vote did, had the
+      policy not changed since (`drift_floor` of that previous vote). A vote
+      at ratio 0.5 still loses its seat to sampling alone about one time in
+      ten, so the raw flip rate fires on the hard bed's oracle runs too.
 
     It keeps the label and ratio of each prompt's first and last vote (small
     dicts), compares labels as normalised strings, and sees no ground truth.
@@ -130,7 +137,8 @@ class VoteTracker:
         self.first: dict[str, str | None] = {}
         self.first_ratio: dict[str, float] = {}
         self.first_floor: dict[str, float] = {}
-        self.last: dict[str, tuple[str | None, float]] = {}
+        # The last vote's class sizes and sample count, for its flip floor; None when it has no sizes.
+        self.last: dict[str, tuple[str | None, float, tuple[tuple[int, ...], int] | None]] = {}
 
     def anchor(self, prompt_ids: Sequence[str], votes: Sequence[Any]) -> None:
         """Votes of the starting policy: the reference each prompt's later votes drift from."""
@@ -149,9 +157,9 @@ class VoteTracker:
         return None if label is None else "".join(label.split())
 
     def update(self, prompt_ids: Sequence[str], votes: Sequence[Any]) -> dict[str, float]:
-        flips = confident = drift = revisits = floored = 0
+        flips = confident = drift = revisits = floored = flip_floored = 0
         distinct = 0
-        consensus = floor = floored_drift = 0.0
+        consensus = floor = floored_drift = flip_floor = floored_flips = 0.0
         for pid, vote in zip(prompt_ids, votes):
             label = self._key(vote.label)
             distinct += len(vote.counts)
@@ -167,11 +175,17 @@ class VoteTracker:
             else:
                 self._remember(pid, vote)
             if pid in self.last:
-                prev, prev_ratio = self.last[pid]
+                prev, prev_ratio, prev_sizes = self.last[pid]
                 if prev_ratio >= self.confident:
                     confident += 1
-                    flips += int(label != prev)
-            self.last[pid] = (label, vote.ratio)
+                    flipped = int(label != prev)
+                    flips += flipped
+                    if prev_sizes is not None:
+                        flip_floored += 1
+                        flip_floor += drift_floor(*prev_sizes)
+                        floored_flips += flipped
+            sizes, n = vote_sizes(vote)
+            self.last[pid] = (label, vote.ratio, (tuple(sizes), n) if sizes is not None else None)
         out = {"label/distinct_answers": distinct / max(len(votes), 1)}
         if revisits:
             out["label/first_vote_drift"] = drift / revisits
@@ -181,6 +195,9 @@ class VoteTracker:
             out["label/excess_drift"] = (floored_drift - floor) / floored
         if confident:
             out["label/flip_rate"] = flips / confident
+        if flip_floored:
+            out["label/flip_floor"] = flip_floor / flip_floored
+            out["label/excess_flip_rate"] = (floored_flips - flip_floor) / flip_floored
         return out
 
 

@@ -389,3 +389,45 @@ def test_excess_drift_limit_fires_on_its_moving_average_only_for_label_free_runs
     assert fired == [False, False, False, True]  # windows: -, -, 0.117, 0.2
     off = CollapseDetector(_cfg(max_excess_drift=0.15, window=1).safety, vote_signals=False)
     assert not off.update({"label/excess_drift": 0.9})
+
+
+def test_excess_flip_rate_is_the_flip_rate_above_what_sampling_alone_shows():
+    from ttrl.labeling.vote import majority_vote
+    from ttrl.metrics.safety import VoteTracker, drift_floor
+
+    def vote(*groups: tuple[str, int]):
+        return majority_vote([a for a, k in groups for _ in range(k)], extractor="number")
+
+    t = VoteTracker(confident=0.5)
+    # a: 9 of 16 (confident, floor ~0.3); b: 15 of 16 (floor ~0); c: 6/5/5 (ratio 0.375, not confident).
+    t.update(["a", "b", "c"], [vote(("1", 9), ("2", 7)), vote(("3", 15), ("4", 1)),
+                               vote(("5", 6), ("6", 5), ("7", 5))])
+    fa, fb = drift_floor([9, 7], 16), drift_floor([15, 1], 16)
+    assert 0.2 < fa < 0.45 and fb < 0.01
+    # a flips (as sampling alone often would), b holds, c flips but was never confident: it counts for neither.
+    row = t.update(["a", "b", "c"], [vote(("2", 10), ("1", 6)), vote(("3", 16)), vote(("6", 8), ("5", 8))])
+    assert row["label/flip_rate"] == 0.5
+    assert row["label/flip_floor"] == pytest.approx((fa + fb) / 2)
+    assert row["label/excess_flip_rate"] == pytest.approx(0.5 - (fa + fb) / 2)
+    # The floor is the previous vote's: a's 10/6 vote now, b's unanimous one; b flipping is all excess.
+    row = t.update(["a", "b"], [vote(("2", 10), ("1", 6)), vote(("4", 9), ("3", 7))])
+    assert row["label/flip_floor"] == pytest.approx((drift_floor([10, 6], 16) + 0.0) / 2)
+    assert row["label/excess_flip_rate"] == pytest.approx(0.5 - row["label/flip_floor"])
+
+
+def test_a_replay_judges_flips_above_their_floor_and_an_old_row_without_sizes_has_none():
+    from ttrl.metrics.replay import replay_votes
+
+    # Four prompts, each split 9/7 on every visit, its winner trading places each step: the raw flip rate is
+    # 1.0, all of it at a ratio where sampling alone flips the winner about a third of the time.
+    rows = [{"step": s, "id": f"p{i}", "label": str(s % 2), "ratio": 0.5625, "classes": 2, "sizes": [9, 7], "n": 16}
+            for s in range(1, 7) for i in range(4)]
+    safety = _cfg(max_flip_rate=None, max_first_vote_drift=None, max_consensus_drop=None, min_vote_alignment=None,
+                  window=3).safety
+    assert replay_votes(rows, safety).fired_at is None
+    safety.max_excess_flip_rate = 0.5
+    r = replay_votes(rows, safety)
+    # Flips from step 2 on (step 1 is every prompt's first visit): the first full window ends at step 4.
+    assert r.fired_at == 4 and "label/excess_flip_rate" in r.reason
+    old = [{k: v for k, v in row.items() if k not in ("sizes", "n")} for row in rows]
+    assert "label/excess_flip_rate" not in replay_votes(old, safety).rows[-1]
