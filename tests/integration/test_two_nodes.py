@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pytest
 
+from ttrl.distributed.ports import free_port
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,18 +46,12 @@ HEAD_IP, NODE2_IP = "127.0.0.2", "127.0.0.3"
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def _free_port(ip: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
-
-
 def _node_ports() -> list[str]:
     # Every port a node opens, chosen free, so that two nodes on one machine
     # (and anybody else's Ray) never collide on a default port.
-    return ["--node-manager-port", str(_free_port()), "--object-manager-port", str(_free_port()),
-            "--runtime-env-agent-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
-            "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port())]
+    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
 
 
 def _kill_tree(procs: list[subprocess.Popen], tmp: str) -> list[str]:
@@ -90,7 +86,7 @@ def _kill_tree(procs: list[subprocess.Popen], tmp: str) -> list[str]:
 def two_nodes():
     for ip in (HEAD_IP, NODE2_IP):
         try:
-            _free_port(ip)
+            free_port(ip)
         except OSError:
             pytest.skip(f"cannot bind {ip} (loopback addresses beyond 127.0.0.1 are needed for two Ray nodes)")
     tmp = tempfile.mkdtemp(prefix="ttrl2n-", dir="/tmp")  # short: Ray's socket paths have a length limit
@@ -99,14 +95,14 @@ def two_nodes():
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN_PATH": str(token), "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
-    port = _free_port(HEAD_IP)
+    port = free_port(HEAD_IP)
     address = f"{HEAD_IP}:{port}"
     procs: list[subprocess.Popen] = []
     try:
         procs.append(subprocess.Popen(
             [RAY, "start", "--head", "--block", f"--port={port}", f"--node-ip-address={HEAD_IP}", "--num-cpus=2",
-             "--include-dashboard=false", "--dashboard-port", str(_free_port()), "--ray-client-server-port",
-             str(_free_port()), "--disable-usage-stats", f"--temp-dir={tmp}", *_node_ports()],
+             "--include-dashboard=false", "--dashboard-port", str(free_port()), "--ray-client-server-port",
+             str(free_port()), "--disable-usage-stats", f"--temp-dir={tmp}", *_node_ports()],
             env=env, start_new_session=True, stdout=open(f"{tmp}/head.log", "w"), stderr=subprocess.STDOUT))
         deadline = time.monotonic() + 60
         while True:  # the head's GCS is up when its port takes connections

@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import time
 from datetime import timedelta
 
 import pytest
 
+from ttrl.distributed.ports import free_port
+
 TIMEOUT_S = 4.0
 BUCKET = 8 << 20  # larger than a socket's buffers: a send to a stalled peer blocks
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _plan():
@@ -82,7 +77,7 @@ def test_a_round_with_a_dead_or_stalled_engine_ends_in_a_clear_error_on_every_su
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, port, victim, out), daemon=True) for r in range(3)]
     for p in procs:
         p.start()

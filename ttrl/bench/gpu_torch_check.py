@@ -44,7 +44,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from ttrl.bench.gpu_check import MAX_LOGPROB_DIFF, Line, MemoryPeak, device_rates, table
+from ttrl.distributed.ports import free_port
 
 # (hidden, layers, heads, intermediate, vocab): the small model of checks 1-2 and the one of check 5.
 SMALL = (256, 2, 4, 688, 512)
@@ -73,12 +73,6 @@ def build_model(root: Path, shape: tuple[int, int, int, int, int], dtype: str, s
     path = root / f"qwen2-{hidden}x{layers}"
     model.save_pretrained(path)
     return str(path), sum(p.numel() for p in model.parameters())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spec(device: str, dtype: str, zero_stage: int, micro: int, grad_accum: int, lr: float = 1e-3) -> dict:
@@ -261,7 +255,7 @@ def trainer_lines(device: str, root: Path) -> list[Line]:
     normalizer = float(b["response_mask"].sum())
     opts = UpdateOptions(policy_loss="ppo_clip", loss_agg="token_mean")
     lines = []
-    port = _free_port()
+    port = free_port()
     w = new_worker(device, dtype, 2, 4, 2, path, port)
     # Parity first, on the weights as loaded (the fp32 copy reads the same files).
     mine = w.compute_logprobs(b, temperature=1.0)
@@ -448,7 +442,7 @@ def mfu_lines(root: Path, matmul_rate: float) -> list[Line]:
     tokens = int(b["attention_mask"].sum())
     opts = UpdateOptions(policy_loss="ppo_clip", loss_agg="token_mean")
     with MemoryPeak() as mem:
-        w = new_worker("cuda", "bfloat16", 2, 4, 4, path, _free_port())
+        w = new_worker("cuda", "bfloat16", 2, 4, 4, path, free_port())
         normalizer = float(b["response_mask"].sum())
         w.train_step(b, normalizer, opts)  # warm-up: kernels chosen, optimizer state allocated
         torch.cuda.synchronize()

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 from collections import deque
 from datetime import timedelta
 
 import torch
 
+from ttrl.distributed.ports import free_port
 from ttrl.rollout.nccl_sync import plan_buckets, receive_buckets, send_buckets
 
 # (vocab, hidden, layers, intermediate, heads, kv_heads, head_dim, tied embeddings)
@@ -82,12 +82,6 @@ def fill(i: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
         h = torch.where(h >= (1 << (w - 1)), h - (1 << w), h)  # two's complement, no overflow
         out[s:s + idx.numel()] = h.to(bits[0])
     return out.view(dtype).view(shape)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
@@ -230,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch.multiprocessing as mp
 
         os.environ.setdefault("NCCL_DEBUG", "WARN")
-        mp.spawn(_worker, args=(_free_port(), args), nprocs=2, join=True)
+        mp.spawn(_worker, args=(free_port(), args), nprocs=2, join=True)
     else:
         _loopback(args, torch.device("cuda", 0) if gpus else torch.device("cpu"))
 

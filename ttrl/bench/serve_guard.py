@@ -15,18 +15,13 @@ used by the server; never starts Ray or vLLM.
 from __future__ import annotations
 
 import asyncio
-import socket
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ttrl.distributed.ports import free_port
 
 
 def bench_serve_guard(seconds: float = 5.0, clients: int = 8, rounds: int = 2) -> dict[str, Any]:
@@ -75,7 +70,7 @@ def bench_serve_guard(seconds: float = 5.0, clients: int = 8, rounds: int = 2) -
                                               "system_prompt": None})
                 svc = Service(ServiceConfig("bench", defaults, 30.0, None), FakeTokenizer(), model_cfg, pool, store,
                               _Controller())
-                port = _free_port()
+                port = free_port()
                 server = uvicorn.Server(uvicorn.Config(build_app(svc, policies[mode]), host="127.0.0.1", port=port,
                                                        log_level="warning", access_log=False, lifespan="off"))
                 task = asyncio.create_task(server.serve())

@@ -121,14 +121,11 @@ class _DSWorker:
 
     def node_address(self) -> tuple[str, int]:
         """This node's IP and a free port (asked of rank 0 for the rendezvous)."""
-        import socket
-
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        from ttrl.distributed.ports import free_port
+
+        return ray.util.get_node_ip_address(), free_port("")
 
     def pid(self) -> int:
         return os.getpid()
