@@ -1169,8 +1169,10 @@ class SafetyConfig:
     # Null: off.
     max_excess_drift: Optional[float] = None
     # The flip rate less what sampling alone would show (`label/excess_flip_rate`:
-    # each confident prompt's chance that a fresh vote of an unchanged policy
-    # elects another winner than its previous vote, subtracted). Null: off.
+    # over the confident prompts whose previous vote kept its class sizes, each
+    # one's chance that a fresh vote of an unchanged policy elects another
+    # winner, subtracted). Not calibrated: replayed on the hard bed's runs,
+    # 0.10 fired on 11 of the 12 that gained (learning flips votes too). Null: off.
     max_excess_flip_rate: Optional[float] = None
     # The votes losing their consensus: the paired change of each revisited
     # prompt's majority ratio since its first (or anchor) vote, averaged over

@@ -1,7 +1,8 @@
 """A free TCP port to listen on: for rendezvous addresses, test servers and
 the clusters tests start. Standard library only (the GPU checks run where
-Ray is not installed); it must never hold the port it returns, so another
-process may take it before the caller does: callers that can, retry."""
+Ray is not installed). It must never hold the port it returns, so another
+process may take it before the caller binds it: a small race every caller
+accepts."""
 
 from __future__ import annotations
 

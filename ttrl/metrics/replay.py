@@ -26,11 +26,6 @@ from typing import Any
 
 from ttrl.metrics.safety import CollapseDetector, VoteTracker
 
-# The metric keys a replay recomputes from the votes; every other label-free
-# key of a step (entropy, majority ratio, lengths) comes from metrics.jsonl.
-VOTE_KEYS = ("label/flip_rate", "label/first_vote_drift", "label/consensus_change", "label/distinct_answers",
-             "label/drift_floor", "label/excess_drift", "label/flip_floor", "label/excess_flip_rate")
-
 
 @dataclass
 class _Vote:
@@ -160,34 +155,46 @@ def replay_run(run_dir: str | Path, own_config: bool = True, **limits: Any) -> R
 
 
 def parse_limits(items: Iterable[str]) -> dict[str, Any]:
-    """KEY=VALUE arguments as safety limits: values read as YAML (0.15, null),
-    a `safety.` prefix dropped, every key checked against SafetyConfig.
+    """KEY=VALUE arguments as safety limits: a `safety.` prefix dropped,
+    values read as YAML (0.15, 1e-3) and checked against SafetyConfig's
+    types; null, none or None turns a limit off.
 
-    A bad item raises ValueError starting with the item itself, for the
-    caller to put its own flag or program name before it.
+    A bad item raises one ValueError that starts with its key (or the whole
+    item, when it has none), for the caller to put its flag or name before.
     """
     import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from ttrl.config import SafetyConfig
 
     keys = SafetyConfig.__dataclass_fields__
+    typed = OmegaConf.structured(SafetyConfig)
     out: dict[str, Any] = {}
     for item in items:
         key, eq, value = item.partition("=")
-        key = key.strip().removeprefix("safety.")
-        if not eq or not key:
-            raise ValueError(f"{item}: give KEY=VALUE, e.g. max_excess_drift=0.15")
+        key, value = key.strip().removeprefix("safety."), value.strip()
+        if not eq or not key or not value:
+            raise ValueError(f"{item}: give KEY=VALUE, e.g. max_excess_drift=0.15 (null turns a limit off)")
         if key not in keys:
             raise ValueError(f"{key}: not a safety key (choices: {', '.join(sorted(keys))})")
-        out[key] = yaml.safe_load(value)
+        try:
+            # YAML 1.1 reads 1e-3 as text; the typed config turns it into the float the key holds.
+            typed[key] = None if value.lower() in ("null", "none", "~") else yaml.safe_load(value)
+        except (yaml.YAMLError, OmegaConfBaseException, ValueError) as err:
+            raise ValueError(f"{key}: {value!r} is not a value for it ({type(err).__name__})") from None
+        if isinstance(typed[key], float) and typed[key] != typed[key]:
+            raise ValueError(f"{key}: {value!r} is not a value for it (NaN; null turns a limit off)")
+        out[key] = typed[key]
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    dirs = [a for a in argv if "=" not in a]
+    # A run dir may have "=" in its name (a multirun's job dirs do): a path that exists is a run dir.
+    dirs = [a for a in argv if "=" not in a or Path(a).is_dir()]
     try:
-        limits = parse_limits(a for a in argv if "=" in a)
+        limits = parse_limits(a for a in argv if a not in dirs)
     except ValueError as err:
         print(f"ttrl.metrics.replay: {err}", file=sys.stderr)
         return 2

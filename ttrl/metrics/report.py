@@ -31,6 +31,8 @@ def eval_line(row: dict[str, float]) -> str:
 def guard_summary(sf: Any, vote_signals: bool = True) -> str:
     """The collapse detectors that are on, in a few words."""
     votes = (("vote flips", sf.max_flip_rate), ("vote drift", sf.max_first_vote_drift),
+             ("vote drift above its floor", sf.max_excess_drift),
+             ("vote flips above their floor", sf.max_excess_flip_rate),
              ("vote consensus", sf.max_consensus_drop), ("reward-vote alignment", sf.min_vote_alignment)) \
         if vote_signals else ()
     on = [name for name, value in (*votes, ("entropy", sf.min_entropy), ("majority ratio", sf.max_majority_ratio),

@@ -123,12 +123,16 @@ class VoteTracker:
     - `label/flip_floor` and `label/excess_flip_rate`: the same for the
       flip rate, over the same confident prompts: each one's chance that a
       fresh vote elects another winner than its previous vote did, had the
-      policy not changed since (`drift_floor` of that previous vote). A vote
-      at ratio 0.5 still loses its seat to sampling alone about one time in
-      ten, so the raw flip rate fires on the hard bed's oracle runs too.
+      policy not changed since (`drift_floor` of that previous vote), over
+      the confident prompts whose previous vote kept its class sizes. It
+      depends on the runner-up: with 16 samples, 9/7 loses its winner about
+      0.3 of the time, 8/2/2/2/2 about 0.07. The previous vote's shares are
+      taken as the policy's, and a prompt counts because that vote looked
+      confident, so the floor errs low: on replays of the hard bed the excess
+      fired on 11 of the 12 runs that gained (learning flips votes as well).
 
-    It keeps the label and ratio of each prompt's first and last vote (small
-    dicts), compares labels as normalised strings, and sees no ground truth.
+    It keeps the label and ratio of each prompt's first and last vote, the
+    first one's drift floor and the last one's class sizes (small dicts), compares labels as normalised strings, and sees no ground truth.
     """
 
     def __init__(self, confident: float = 0.5):

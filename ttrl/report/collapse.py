@@ -9,7 +9,8 @@ collapse with graded reward accuracy; here it is label-free: the first step
 at which the collapse guard's consensus signals fire, replayed from the
 run's votes.jsonl and metrics.jsonl (ttrl.metrics.replay) with the run's own
 limits and only those signals on: vote flips, drift from the first (or
-anchor) vote, the consensus drop and reward-vote alignment. Entropy, the
+anchor) vote, the consensus drop and reward-vote alignment (and the drift
+or flips above their sampling floor, where a limit turns them on). Entropy, the
 majority ratio, lengths and the graded eval drop are switched off, so the
 step reads the same whatever else a run's guard watched, and reads no
 ground truth.
@@ -193,7 +194,7 @@ def markdown(table: list[dict], per_ws: list[dict] | None = None, rho: float | N
         lines.append(f"\nSpearman rank correlation of the collapse step with the gain over {n} warm starts: "
                      + ("– (needs 3 or more with both, and some spread)" if rho is None else f"{rho:+.2f}"))
     lines.append("\nCollapse step: the first step at which the guard's consensus signals (vote flips, drift, "
-                 "consensus drop, reward-vote alignment) fired, replayed with the run's limits; \"held N\": "
+                 "consensus drop, reward-vote alignment; drift and flips above their floor when limited) fired, replayed with the run's limits; \"held N\": "
                  "they never fired in its N steps. Minutes: the steps' own time (start-up and evals not counted).")
     return "\n".join(lines) + "\n"
 

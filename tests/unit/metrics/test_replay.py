@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -78,3 +79,23 @@ def test_replay_command_names_a_bad_limit_and_runs_nothing(tmp_path, capsys):
     assert "max_drift: not a safety key" in captured.err and captured.out == ""
     assert main([str(run), "=0.1"]) == 2
     assert "give KEY=VALUE" in capsys.readouterr().err
+
+
+def test_limits_given_on_the_command_line_are_read_as_the_config_reads_them():
+    from ttrl.metrics.replay import parse_limits
+
+    assert parse_limits(["safety.max_excess_flip_rate=1e-3", "max_flip_rate=None", "window=5",
+                         "max_consensus_drop=null"]) == {"max_excess_flip_rate": 0.001, "max_flip_rate": None,
+                                                         "window": 5, "max_consensus_drop": None}
+    # Each bad value: one error naming its key; an empty value is not "off" (that is null).
+    for bad, says in [("max_flip_rate=", "give KEY=VALUE"), ("max_flip_rate=[0.1", "max_flip_rate: '[0.1'"),
+                      ("window=abc", "window: 'abc'"), ("max_flip_rate=nan", "max_flip_rate: 'nan'"),
+                      ("max_drift=0.1", "max_drift: not a safety key")]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            parse_limits([bad])
+
+
+def test_replay_command_takes_a_run_dir_with_an_equals_sign_in_its_name(tmp_path, capsys):
+    run = _write_run(tmp_path / "0_algorithm=grpo,seed=0", _spreading(6))
+    assert main([str(run), "max_consensus_drop=0.08", "window=3"]) == 0
+    assert "fired at step 3" in capsys.readouterr().out
