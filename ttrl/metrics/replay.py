@@ -16,7 +16,6 @@ label/accuracy) into the guard, and must never write into the run dir.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ttrl.metrics.jsonl import jsonl_file, read_jsonl_rows
 from ttrl.metrics.safety import CollapseDetector, VoteTracker
 
 
@@ -48,26 +48,6 @@ class Replay:
     reason: str | None
     anchored: int
     rows: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _jsonl(run_dir: Path, name: str) -> Path | None:
-    """run_dir/name, or its gzipped copy (an archived run keeps only that); None when neither exists."""
-    return next((p for p in (run_dir / name, run_dir / f"{name}.gz") if p.exists()), None)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    import gzip
-
-    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not a JSON row ({e.msg})") from None
-    return rows
 
 
 def replay_votes(vote_rows: Iterable[dict[str, Any]], safety: Any,
@@ -135,7 +115,7 @@ def replay_run(run_dir: str | Path, own_config: bool = True, **limits: Any) -> R
     from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)
-    votes = _jsonl(run_dir, "votes.jsonl")
+    votes = jsonl_file(run_dir, "votes.jsonl")
     if votes is None:
         raise FileNotFoundError(f"{run_dir / 'votes.jsonl'}: no votes recorded "
                                 "(a reward that does not vote writes none)")
@@ -149,9 +129,9 @@ def replay_run(run_dir: str | Path, own_config: bool = True, **limits: Any) -> R
         if key not in safety:
             raise KeyError(f"safety.{key}: no such key (choices: {', '.join(safety.keys())})")
         safety[key] = value
-    metrics = _jsonl(run_dir, "metrics.jsonl")
+    metrics = jsonl_file(run_dir, "metrics.jsonl")
     n_votes = OmegaConf.load(cfg_path).get("rollout", {}).get("n_votes") if cfg_path.exists() else None
-    return replay_votes(_read_jsonl(votes), safety, _read_jsonl(metrics) if metrics else (), n_votes)
+    return replay_votes(read_jsonl_rows(votes), safety, read_jsonl_rows(metrics) if metrics else (), n_votes)
 
 
 def parse_limits(items: Iterable[str]) -> dict[str, Any]:

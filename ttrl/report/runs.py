@@ -4,7 +4,8 @@ A run dir holds `config.yaml` (the resolved config) and `metrics.jsonl` (one
 JSON object per line, each with `step`); a sweep dir (`multirun/...`) holds
 run dirs and stands for all of them. An archived run (experiments/results/)
 may hold its JSONL files gzipped (`metrics.jsonl.gz`, `votes.jsonl.gz`):
-`jsonl_file` finds either and `read_jsonl_rows` reads it (a torn last line skipped). Everything here is shared by the
+`jsonl_file` finds either and `read_jsonl_rows` reads it (a torn last line skipped;
+both from ttrl.metrics.jsonl, which the replay shares). Everything here is shared by the
 side-by-side table, the grid and the arms reports. It only reads run dirs
 (`pull_wandb_group` writes new ones from W&B, never into an existing run),
 and imports no other report module.
@@ -19,6 +20,9 @@ from typing import Any
 
 import yaml
 
+from ttrl.metrics.jsonl import jsonl_file
+from ttrl.metrics.jsonl import read_jsonl_rows as _read_rows
+
 # Keys that differ between any two runs without saying anything about them.
 # `run` is what the W&B logger adds (run dir, overrides).
 IGNORED_KEYS = ("hydra", "logger", "trainer.resume", "run")
@@ -28,41 +32,12 @@ class CompareError(ValueError):
     """A run dir (or W&B group) that cannot be read; `ttrl-compare` prints it as one line and exits 2."""
 
 
-def jsonl_file(run_dir: Path, name: str) -> Path | None:
-    """`run_dir/name` (e.g. "votes.jsonl"), or its gzipped copy `name.gz` when only that exists; else None."""
-    for p in (run_dir / name, run_dir / f"{name}.gz"):
-        if p.exists():
-            return p
-    return None
-
-
-def read_jsonl_text(path: Path) -> str:
-    """The text of a JSONL file, gunzipped when its name ends in .gz."""
-    if path.suffix == ".gz":
-        import gzip
-
-        return gzip.decompress(path.read_bytes()).decode()
-    return path.read_text()
-
-
 def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSONL file (gzipped or not); a torn last line is skipped.
-
-    A run killed mid-write leaves its last line torn, and that is expected;
-    a bad line anywhere else is damage, and raises a CompareError naming it.
-    """
-    lines = read_jsonl_text(path).splitlines()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != last:
-                raise CompareError(f"{path}:{i + 1}: not valid JSON") from None
-    return rows
+    """`ttrl.metrics.jsonl.read_jsonl_rows`, a damaged line raised as a CompareError (one line, exit 2)."""
+    try:
+        return _read_rows(path)
+    except ValueError as err:
+        raise CompareError(str(err)) from None
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:

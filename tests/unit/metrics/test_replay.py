@@ -47,7 +47,11 @@ def test_replay_names_what_is_missing_or_wrong(tmp_path):
     run = _write_run(tmp_path / "r", _spreading(2))
     with pytest.raises(KeyError, match="safety.max_consensus"):
         replay_run(run, max_consensus=0.1)
-    (run / "votes.jsonl").write_text('{"step": 0, "id": "a", "label": "1", "ratio": 0.5}\n{oops\n')
+    good = '{"step": 0, "id": "a", "label": "1", "ratio": 0.5}\n'
+    # A torn last line is what a killed run leaves: skipped. A bad line before it is damage, named.
+    (run / "votes.jsonl").write_text(good + '{"step": 1, "id": "a", "lab')
+    assert replay_run(run).anchored == 1
+    (run / "votes.jsonl").write_text(good + "{oops\n" + good)
     with pytest.raises(ValueError, match="votes.jsonl:2"):
         replay_run(run)
 
