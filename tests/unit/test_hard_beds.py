@@ -34,10 +34,13 @@ def test_demo_hard_is_the_demo_on_demo_collapses_warm_start() -> None:
     assert hard["model.warmstart.slip"] > demo["model.warmstart.slip"]
 
 
-def test_demo_hard_4terms_is_the_demo_with_one_more_term() -> None:
+def test_demo_hard_4terms_is_the_demo_with_one_more_term_and_no_check_on_its_build() -> None:
     demo, four = _flat(compose_config("experiment=demo")), _flat(compose_config("experiment=demo_hard_4terms"))
-    assert _differ(demo, four) == {"experiment", "data.synthetic.terms", "rollout.max_new_tokens"}
+    assert _differ(demo, four) == {"experiment", "data.synthetic.terms", "rollout.max_new_tokens",
+                                   "model.warmstart.target_maj"}
     assert four["data.synthetic.terms"] == 4
+    # The demo's build goes on until its vote reaches the teacher's; this bed keeps the 700-step build's votes.
+    assert demo["model.warmstart.target_maj"] is not None and four["model.warmstart.target_maj"] is None
     # The longest 4-term response, "99+99=198,198+99=297,297+99=396 \boxed{396}" and the end token (one byte
     # a token on the demo's tokenizer), fits.
     assert four["rollout.max_new_tokens"] >= len("99+99=198,198+99=297,297+99=396 \\boxed{396}") + 1
