@@ -111,7 +111,8 @@ def _sizes(ratio: float, margin: float | None, classes: int, n: int) -> list[int
 def replay_run(run_dir: str | Path, own_config: bool = True, **limits: Any) -> Replay:
     """`replay_votes` on a run dir: the run's own safety config (or, with
     `own_config=False`, today's defaults, to judge an old run by the current
-    guard), overridden by `limits`."""
+    guard), overridden by `limits` (each checked by `set_limit`: a bad key
+    or value is a ValueError naming it)."""
     from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)
@@ -120,35 +121,52 @@ def replay_run(run_dir: str | Path, own_config: bool = True, **limits: Any) -> R
         raise FileNotFoundError(f"{run_dir / 'votes.jsonl'}: no votes recorded "
                                 "(a reward that does not vote writes none)")
     cfg_path = run_dir / "config.yaml"
+    cfg = OmegaConf.load(cfg_path) if cfg_path.exists() else OmegaConf.create()
+    safety = safety_section(cfg.get("safety") if own_config else None, **limits)
+    metrics = jsonl_file(run_dir, "metrics.jsonl")
+    n_votes = cfg.get("rollout", {}).get("n_votes")
+    return replay_votes(read_jsonl_rows(votes), safety, read_jsonl_rows(metrics) if metrics else (), n_votes)
+
+
+def safety_section(given: Any = None, **limits: Any) -> Any:
+    """A typed SafetyConfig (OmegaConf structured): today's defaults, `given`'s keys over them, then `limits`.
+
+    `given` is a run's safety section (a mapping, DictConfig or dataclass);
+    keys SafetyConfig does not have (a run of another version) are ignored.
+    Each limit is checked by `set_limit`. The one way the replay and the
+    collapse reports build the guard's settings.
+    """
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
     from ttrl.config import SafetyConfig
 
     safety = OmegaConf.structured(SafetyConfig)
-    if own_config and cfg_path.exists():
-        safety = OmegaConf.merge(safety, OmegaConf.load(cfg_path).get("safety", {}))
+    if given is not None:
+        mine = (OmegaConf.to_container(given, resolve=True) if OmegaConf.is_config(given)
+                else asdict(given) if hasattr(given, "__dataclass_fields__") else dict(given))
+        for key, value in mine.items():
+            if key in SafetyConfig.__dataclass_fields__:
+                safety[key] = value
     for key, value in limits.items():
-        if key not in safety:
-            raise KeyError(f"safety.{key}: no such key (choices: {', '.join(safety.keys())})")
-        safety[key] = value
-    metrics = jsonl_file(run_dir, "metrics.jsonl")
-    n_votes = OmegaConf.load(cfg_path).get("rollout", {}).get("n_votes") if cfg_path.exists() else None
-    return replay_votes(read_jsonl_rows(votes), safety, read_jsonl_rows(metrics) if metrics else (), n_votes)
+        set_limit(safety, key, value)
+    return safety
 
 
 def parse_limits(items: Iterable[str]) -> dict[str, Any]:
     """KEY=VALUE arguments as safety limits: a `safety.` prefix dropped,
     values read as YAML (0.15, 1e-3) and checked against SafetyConfig's
-    types; null, none or None turns a limit off.
+    types (`set_limit`); null, none or None turns a limit off.
 
     A bad item raises one ValueError that starts with its key (or the whole
     item, when it has none), for the caller to put its flag or name before.
     """
     import yaml
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     from ttrl.config import SafetyConfig
 
-    keys = SafetyConfig.__dataclass_fields__
     typed = OmegaConf.structured(SafetyConfig)
     out: dict[str, Any] = {}
     for item in items:
@@ -156,17 +174,37 @@ def parse_limits(items: Iterable[str]) -> dict[str, Any]:
         key, value = key.strip().removeprefix("safety."), value.strip()
         if not eq or not key or not value:
             raise ValueError(f"{item}: give KEY=VALUE, e.g. max_excess_drift=0.15 (null turns a limit off)")
-        if key not in keys:
-            raise ValueError(f"{key}: not a safety key (choices: {', '.join(sorted(keys))})")
         try:
-            # YAML 1.1 reads 1e-3 as text; the typed config turns it into the float the key holds.
-            typed[key] = None if value.lower() in ("null", "none", "~") else yaml.safe_load(value)
-        except (yaml.YAMLError, OmegaConfBaseException, ValueError) as err:
+            parsed = None if value.lower() in ("null", "none", "~") else yaml.safe_load(value)
+        except yaml.YAMLError as err:
             raise ValueError(f"{key}: {value!r} is not a value for it ({type(err).__name__})") from None
-        if isinstance(typed[key], float) and typed[key] != typed[key]:
-            raise ValueError(f"{key}: {value!r} is not a value for it (NaN; null turns a limit off)")
-        out[key] = typed[key]
+        out[key] = set_limit(typed, key, parsed, shown=value)
     return out
+
+
+def set_limit(safety: Any, key: str, value: Any, shown: str | None = None) -> Any:
+    """`safety.<key> = value` on a typed (structured) SafetyConfig, and the value as the key holds it.
+
+    The one check of a limit's key and value, for the command lines and
+    `replay_run`'s keyword limits alike: an unknown key, a value of the wrong
+    type or NaN raises one ValueError that starts with the key.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ttrl.config import SafetyConfig
+
+    keys = SafetyConfig.__dataclass_fields__
+    shown = repr(value) if shown is None else repr(shown)
+    if key not in keys:
+        raise ValueError(f"{key}: not a safety key (choices: {', '.join(sorted(keys))})")
+    try:
+        # YAML 1.1 reads 1e-3 as text; the typed config turns it into the float the key holds.
+        safety[key] = value
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ValueError(f"{key}: {shown} is not a value for it ({type(err).__name__})") from None
+    if isinstance(safety[key], float) and safety[key] != safety[key]:
+        raise ValueError(f"{key}: {shown} is not a value for it (NaN; null turns a limit off)")
+    return safety[key]
 
 
 def main(argv: list[str] | None = None) -> int:

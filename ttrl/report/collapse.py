@@ -36,11 +36,10 @@ import math
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from ttrl.metrics.logger import arm_name
-from ttrl.metrics.replay import Replay, replay_votes
+from ttrl.metrics.replay import Replay, replay_votes, safety_section
 from ttrl.report.runs import CompareError, expand_run_dirs, jsonl_file, load_run, read_jsonl_rows, without_nan
 
 __all__ = ["CONSENSUS_ONLY", "collapse_report", "consensus_collapse", "run_collapse", "spearman",
@@ -49,19 +48,6 @@ __all__ = ["CONSENSUS_ONLY", "collapse_report", "consensus_collapse", "run_colla
 # The guard's detectors that are not consensus signals, switched off for the collapse step.
 CONSENSUS_ONLY = {"min_entropy": None, "max_majority_ratio": None, "min_response_length": None,
                   "max_response_length": None, "max_eval_drop": None}
-
-
-def _safety_dict(safety: Any) -> dict[str, Any]:
-    """A safety section (mapping, DictConfig or dataclass) as a plain dict, today's defaults under it."""
-    from dataclasses import asdict
-
-    from omegaconf import OmegaConf
-
-    from ttrl.config import SafetyConfig
-
-    given = (OmegaConf.to_container(safety, resolve=True) if OmegaConf.is_config(safety)
-             else asdict(safety) if hasattr(safety, "__dataclass_fields__") else dict(safety or {}))
-    return asdict(SafetyConfig()) | {k: v for k, v in given.items() if k in SafetyConfig.__dataclass_fields__}
 
 
 def consensus_collapse(vote_rows: Iterable[dict[str, Any]], metric_rows: Iterable[dict[str, Any]],
@@ -73,8 +59,7 @@ def consensus_collapse(vote_rows: Iterable[dict[str, Any]], metric_rows: Iterabl
     `limits` over them (e.g. {"max_excess_drift": 0.15}, to judge old runs
     by a new limit); `n_votes` gives older vote rows a drift floor.
     """
-    given = SimpleNamespace(**(_safety_dict(safety) | (limits or {}) | CONSENSUS_ONLY))
-    return replay_votes(vote_rows, given, metric_rows, n_votes)
+    return replay_votes(vote_rows, safety_section(safety, **((limits or {}) | CONSENSUS_ONLY)), metric_rows, n_votes)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:

@@ -45,8 +45,10 @@ def test_replay_names_what_is_missing_or_wrong(tmp_path):
     with pytest.raises(FileNotFoundError, match="votes.jsonl"):
         replay_run(tmp_path)
     run = _write_run(tmp_path / "r", _spreading(2))
-    with pytest.raises(KeyError, match="safety.max_consensus"):
+    with pytest.raises(ValueError, match="^max_consensus: not a safety key"):
         replay_run(run, max_consensus=0.1)
+    with pytest.raises(ValueError, match="^max_consensus_drop: 'x' is not a value"):
+        replay_run(run, max_consensus_drop="x")
     good = '{"step": 0, "id": "a", "label": "1", "ratio": 0.5}\n'
     # A torn last line is what a killed run leaves: skipped. A bad line before it is damage, named.
     (run / "votes.jsonl").write_text(good + '{"step": 1, "id": "a", "lab')
