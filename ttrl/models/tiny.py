@@ -46,7 +46,10 @@ def byte_symbols() -> list[str]:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TTRL_CACHE", Path.home() / ".cache" / "ttrl"))
+    """TTRL_CACHE, absolute, or ~/.cache/ttrl. An empty TTRL_CACHE (a script's `TTRL_CACHE=$UNSET`) is unset:
+    read as a path it is the current directory, and a build there once landed in a git checkout."""
+    given = os.environ.get("TTRL_CACHE", "").strip()
+    return Path(given).expanduser().absolute() if given else Path.home() / ".cache" / "ttrl"
 
 
 def tiny_spec(hidden_size: int, num_layers: int, num_heads: int, head_dim: int,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ttrl.models.tiny import byte_symbols, ensure_tiny_model, spec_hash, tiny_spec
+from ttrl.models.tiny import byte_symbols, cache_root, ensure_tiny_model, spec_hash, tiny_spec
 
 
 def test_spec_rejects_head_dim_vllm_cannot_run():
@@ -65,3 +65,19 @@ def test_warmstart_build_takes_fresh_process_threads_and_gives_them_back(tmp_pat
     finally:
         torch._C.set_num_threads(before)
     assert '"threads": 2' in (path / "ttrl_spec.json").read_text()
+
+
+def test_the_cache_is_an_absolute_dir_and_an_empty_ttrl_cache_is_the_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    default = tmp_path / "home" / ".cache" / "ttrl"
+    monkeypatch.delenv("TTRL_CACHE", raising=False)
+    assert cache_root() == default
+    # A script's `TTRL_CACHE=${X:-}` with X unset: not the current directory (models/ in a checkout).
+    for empty in ("", "  "):
+        monkeypatch.setenv("TTRL_CACHE", empty)
+        assert cache_root() == default
+    monkeypatch.setenv("TTRL_CACHE", "rel/cache")
+    assert cache_root() == tmp_path / "rel" / "cache" and cache_root().is_absolute()
+    monkeypatch.setenv("TTRL_CACHE", "~/c")
+    assert cache_root() == tmp_path / "home" / "c"
