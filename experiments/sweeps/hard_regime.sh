@@ -26,11 +26,12 @@
 # its metrics and votes gzipped), a run found there is not run again, and the
 # reports are made from the archive, so sessions on different machines add
 # up to one table.
-# Cost on 2 cores: 4.5-6 minutes a run on an Intel Xeon with AMX, about twice
-# that on an AMD EPYC (self_harmony samples twice as much; scrl and rent add
-# one trainer forward pass a step), 1-3 a probe, plus 4-10 the first time a
-# warm start is built: with the defaults (2 beds x 3 warm starts x 2 seeds x 8
-# arms = 96 runs and 6 probes) 8-16 hours, so several sessions with ARCHIVE.
+# Cost on 2 cores: 4.5-6 minutes a run on an Intel Xeon with AMX, 6-7.5 on
+# an AMD EPYC (demo_hard_4terms 7.5-9; self_harmony up to 10.5: it samples
+# twice as much; scrl and rent add one trainer forward pass a step), 1-3 a
+# probe, plus 4-12 the first time a warm start is built: with the defaults
+# (2 beds x 3 warm starts x 2 seeds x 8 arms = 96 runs and 6 probes) 8-14
+# hours, so several sessions with ARCHIVE.
 # Output, per bed: $OUT/<bed>/<arm>_ws<m>-<d>_s<seed>/, $OUT/<bed>/probes/,
 # and $OUT/report/<bed>/ ($ARCHIVE/report/<bed>/ with an archive) with arms.md/png (per arm: median and worst gain, maj
 # after, guard firings), collapse.md (each run's collapse step),
