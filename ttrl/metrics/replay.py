@@ -122,19 +122,24 @@ def replay_run(run_dir: str | Path, own_config: bool = True, **limits: Any) -> R
                                 "(a reward that does not vote writes none)")
     cfg_path = run_dir / "config.yaml"
     cfg = OmegaConf.load(cfg_path) if cfg_path.exists() else OmegaConf.create()
-    safety = safety_section(cfg.get("safety") if own_config else None, **limits)
+    safety = safety_section(cfg.get("safety") if own_config else None, str(cfg_path), **limits)
     metrics = jsonl_file(run_dir, "metrics.jsonl")
     n_votes = cfg.get("rollout", {}).get("n_votes")
     return replay_votes(read_jsonl_rows(votes), safety, read_jsonl_rows(metrics) if metrics else (), n_votes)
 
 
-def safety_section(given: Any = None, **limits: Any) -> Any:
-    """A typed SafetyConfig (OmegaConf structured): today's defaults, `given`'s keys over them, then `limits`.
+def safety_section(given: Any = None, source: str = "the run's config", **limits: Any) -> Any:
+    """A SafetyConfig: today's defaults, `given`'s keys over them, then `limits`.
+
+    Checked through OmegaConf's typed config, handed back as the plain
+    dataclass: the replay reads its limits on every step of every run, and a
+    DictConfig's attribute reads are many times slower.
 
     `given` is a run's safety section (a mapping, DictConfig or dataclass);
     keys SafetyConfig does not have (a run of another version) are ignored.
-    Each limit is checked by `set_limit`. The one way the replay and the
-    collapse reports build the guard's settings.
+    Its keys and each limit are checked by `set_limit` (a run's value of the
+    wrong type is one ValueError naming `safety.<key>` and `source`). The one way the
+    replay and the collapse reports build the guard's settings.
     """
     from dataclasses import asdict
 
@@ -148,10 +153,13 @@ def safety_section(given: Any = None, **limits: Any) -> Any:
                 else asdict(given) if hasattr(given, "__dataclass_fields__") else dict(given))
         for key, value in mine.items():
             if key in SafetyConfig.__dataclass_fields__:
-                safety[key] = value
+                try:
+                    set_limit(safety, key, value)
+                except ValueError as err:
+                    raise ValueError(f"safety.{err}, in {source}") from None
     for key, value in limits.items():
         set_limit(safety, key, value)
-    return safety
+    return OmegaConf.to_object(safety)
 
 
 def parse_limits(items: Iterable[str]) -> dict[str, Any]:

@@ -52,14 +52,15 @@ CONSENSUS_ONLY = {"min_entropy": None, "max_majority_ratio": None, "min_response
 
 def consensus_collapse(vote_rows: Iterable[dict[str, Any]], metric_rows: Iterable[dict[str, Any]],
                        safety: Any = None, limits: dict[str, Any] | None = None,
-                       n_votes: int | None = None) -> Replay:
+                       n_votes: int | None = None, source: str = "the run's config") -> Replay:
     """The guard replayed with the consensus signals only.
 
     Their limits: `safety`'s (today's defaults where it has none), then
     `limits` over them (e.g. {"max_excess_drift": 0.15}, to judge old runs
     by a new limit); `n_votes` gives older vote rows a drift floor.
     """
-    return replay_votes(vote_rows, safety_section(safety, **((limits or {}) | CONSENSUS_ONLY)), metric_rows, n_votes)
+    checked = safety_section(safety, source, **((limits or {}) | CONSENSUS_ONLY))
+    return replay_votes(vote_rows, checked, metric_rows, n_votes)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
@@ -125,7 +126,7 @@ def run_collapse(run: dict[str, Any], limits: dict[str, Any] | None = None) -> d
                            f"replay; rerun it)")
     vote_rows = read_jsonl_rows(votes)
     n_votes = (cfg.get("rollout") or {}).get("n_votes")
-    replay = consensus_collapse(vote_rows, rows, cfg.get("safety"), limits, n_votes)
+    replay = consensus_collapse(vote_rows, rows, cfg.get("safety"), limits, n_votes, str(d / "config.yaml"))
     evals = [r for r in rows if r.get("eval/pass@1") is not None and "step" in r]
     before = evals[0]["eval/pass@1"] if evals and evals[0]["step"] == 0 else math.nan
     after = evals[-1]["eval/pass@1"] if len(evals) >= 2 and evals[-1]["step"] > 0 else math.nan

@@ -49,6 +49,10 @@ def test_replay_names_what_is_missing_or_wrong(tmp_path):
         replay_run(run, max_consensus=0.1)
     with pytest.raises(ValueError, match="^max_consensus_drop: 'x' is not a value"):
         replay_run(run, max_consensus_drop="x")
+    # A run's own config with a value of the wrong type (an edited or foreign config.yaml): named with its file.
+    bad = _write_run(tmp_path / "bad", _spreading(2), safety={"window": "three"})
+    with pytest.raises(ValueError, match=r"^safety\.window: 'three' is not a value for it .*bad/config\.yaml"):
+        replay_run(bad)
     good = '{"step": 0, "id": "a", "label": "1", "ratio": 0.5}\n'
     # A torn last line is what a killed run leaves: skipped. A bad line before it is damage, named.
     (run / "votes.jsonl").write_text(good + '{"step": 1, "id": "a", "lab')
