@@ -44,9 +44,14 @@ def actor_env(device: str) -> dict[str, str]:
     }
     if device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("TTRL_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "WANDB_MODE"):
+    for key in ("HF_HOME", "HF_HUB_OFFLINE", "WANDB_MODE"):
         if key in os.environ:
             env[key] = os.environ[key]
+    if "TTRL_CACHE" in os.environ:
+        from ttrl.models.tiny import cache_root
+
+        # As the driver reads it (absolute): a relative one would name another dir in each actor's own cwd.
+        env["TTRL_CACHE"] = str(cache_root())
     return env
 
 

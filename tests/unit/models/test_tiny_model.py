@@ -81,3 +81,10 @@ def test_the_cache_is_an_absolute_dir_and_an_empty_ttrl_cache_is_the_default(tmp
     assert cache_root() == tmp_path / "rel" / "cache" and cache_root().is_absolute()
     monkeypatch.setenv("TTRL_CACHE", "~/c")
     assert cache_root() == tmp_path / "home" / "c"
+    # The actors get the driver's reading of it, so a relative one names the same dir in every actor's cwd.
+    from ttrl.distributed.ray_setup import actor_env
+
+    monkeypatch.setenv("TTRL_CACHE", "rel/cache")
+    assert actor_env("cpu")["TTRL_CACHE"] == str(tmp_path / "rel" / "cache")
+    monkeypatch.delenv("TTRL_CACHE")
+    assert "TTRL_CACHE" not in actor_env("cpu")
