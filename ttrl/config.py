@@ -184,8 +184,11 @@ class WarmStartConfig:
 
     # Optimizer steps of the supervised warm start.
     steps: int = 500
-    # Peak learning rate of the warm start (AdamW, no weight decay).
+    # Peak learning rate of the warm start (no weight decay).
     lr: float = 1e-3
+    # adamw: AdamW on every parameter. muon: Muon on the layers' 2-D weights (its rate matched to AdamW's
+    # update size, so `lr` serves both) and AdamW on embeddings, head, norms and biases (ttrl/models/muon.py).
+    optimizer: str = "adamw"
     # Linear warm-up over the first warmup_steps, then cosine decay from lr to
     # lr * min_lr_ratio over the rest (the trainer's schedule).
     warmup_steps: int = 0
@@ -231,6 +234,7 @@ def _check_warmstart(s: Section) -> None:
               f"{s.key('warmup_steps')}={s.warmup_steps} must be below {s.key('steps')}={s.steps}.")
     s.share("min_lr_ratio", "short_share", "slip", "target_maj")
     s.at_least(0, "seed")
+    s.one_of("optimizer", ("adamw", "muon"))
 
 
 # The projections of a Qwen2-family (and Llama) block: vLLM serves adapters on these (packed as qkv_proj and

@@ -65,6 +65,8 @@ def _new_keys(w: Any) -> dict[str, Any]:
     recipe that does not use them keeps its name (its cache directory) and its weights.
     """
     out: dict[str, Any] = {}
+    if getattr(w, "optimizer", "adamw") != "adamw":
+        out["optimizer"] = w.optimizer
     if getattr(w, "target_maj", None) is not None:
         out["check"] = {"target_maj": w.target_maj, "every": w.check_every,
                         "from": w.check_from if w.check_from is not None else w.steps,
@@ -145,7 +147,7 @@ def _train(model_dir: Path, spec: dict[str, Any], progress: bool, torch: Any,
     stream = easy_stream(task["terms"], task["digits"], r["short_share"], r["seed"],
                          exclude=test | {p.problem for p in held}, slip=r["slip"])
     torch.manual_seed(r["seed"])
-    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.0)
+    opts = _optimizers(model, r, torch)
     eos = tok.eos_token_id
     total = r["steps"]
     limit = total + check["extend_steps"] if check else total
@@ -160,7 +162,7 @@ def _train(model_dir: Path, spec: dict[str, Any], progress: bool, torch: Any,
     factor = lr_lambda("cosine", r["warmup_steps"], total - 1, r["min_lr_ratio"])
     step = 0
     while step < limit:
-        for g in opt.param_groups:
+        for g in (g for opt in opts for g in opt.param_groups):
             g["lr"] = r["lr"] * (factor(step) if step < total else r["min_lr_ratio"])
         pairs = [next(stream) for _ in range(r["batch_size"])]
         seqs = []
@@ -170,10 +172,12 @@ def _train(model_dir: Path, spec: dict[str, Any], progress: bool, torch: Any,
         for p, c in zip(p_ids, c_ids):
             c = c + [eos]
             seqs.append((p + c, [-100] * len(p) + c))
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         loss = _batch_loss(model, seqs, eos, torch)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        for opt in opts:
+            opt.step()
         step += 1
         value = float(loss)
         ema = value if ema is None else 0.98 * ema + 0.02 * value
@@ -205,6 +209,16 @@ def _train(model_dir: Path, spec: dict[str, Any], progress: bool, torch: Any,
                   f"model.warmstart.target_maj={check['target_maj']}: the model is kept; expect a weak start "
                   "(raise extend_steps for a longer build)", file=sys.stderr)
     return stats
+
+
+def _optimizers(model: Any, recipe: dict[str, Any], torch: Any) -> list[Any]:
+    """AdamW on everything, or (recipe optimizer "muon") Muon on the layers' matrices and AdamW on the rest."""
+    if recipe.get("optimizer", "adamw") == "adamw":
+        return [torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.0)]
+    from ttrl.models.muon import StackedMuon, hidden_matrices
+
+    matrices, rest = hidden_matrices(model)
+    return [StackedMuon(matrices, lr=recipe["lr"]), torch.optim.AdamW(rest, lr=recipe["lr"], weight_decay=0.0)]
 
 
 def held_out_sums(count: int, task: dict[str, Any], test: set[str]) -> list[Any]:
