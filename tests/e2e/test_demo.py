@@ -1,6 +1,6 @@
 """`make run` cut down: `ttrl-train experiment=demo` with a short warm start and 3 steps.
 
-The real demo (a 700-step warm start, 80 TTRL steps) takes minutes and is
+The real demo (a 600-step warm start, 80 TTRL steps) takes minutes and is
 measured by hand (docs/results.md); this test runs the same command with the same
 code path at a size CI can afford and checks what a newcomer sees: the warm
 start is built from scratch and cached, the test split is evaluated before

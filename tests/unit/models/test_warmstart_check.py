@@ -42,13 +42,22 @@ def test_recipes_without_the_new_keys_keep_their_spec():
     # added after recipe version 4 must not enter its spec (its cache name) unless set.
     hard = compose(["experiment=demo_hard"])
     recipe = warmstart_spec(hard.model, hard.data.synthetic)["recipe"]
-    assert "check" not in recipe
-    assert recipe["version"] == 4
+    assert "check" not in recipe and "optimizer" not in recipe
+    assert recipe["version"] == 4 and recipe["batch_size"] == 256
     demo = compose(["experiment=demo"])
     assert warmstart_spec(demo.model, demo.data.synthetic)["recipe"] != recipe
     # The demo's own recipe names its check, made where its schedule ends.
     r = warmstart_spec(demo.model, demo.data.synthetic)["recipe"]
     assert r["check"]["target_maj"] == 0.95 and r["check"]["from"] == r["steps"] and r["check"]["extend_steps"] == 300
+    assert r["optimizer"] == "muon"
+    # The second hard bed and the serve tests pin the recipe they were measured on (AdamW, batches of 256):
+    # the same spec, key for key, as before the demo's build moved to Muon.
+    for overrides in (["experiment=demo_hard_4terms"],
+                      ["experiment=demo", "model.warmstart.steps=300", "model.warmstart.target_maj=null",
+                       "model.warmstart.optimizer=adamw", "model.warmstart.batch_size=256"]):
+        c = compose(overrides)
+        old = warmstart_spec(c.model, c.data.synthetic)["recipe"]
+        assert "optimizer" not in old and old["batch_size"] == 256 and old["lr"] == 2e-3 and old["warmup_steps"] == 25
     # A weak build asked for on purpose (the serve tests' 300 steps) turns the check off and is checked by no one.
     weak = compose(["experiment=demo", "model.warmstart.steps=300", "model.warmstart.target_maj=null"])
     assert "check" not in warmstart_spec(weak.model, weak.data.synthetic)["recipe"]
@@ -103,6 +112,7 @@ def test_build_without_a_target_runs_exactly_its_steps(tmp_path, monkeypatch):
     ("model.warmstart.extend_steps=-1", "model.warmstart.extend_steps=-1 must be at least 0"),
     ("model.warmstart.check_from=0", "model.warmstart.check_from=0 must be at least 1, or null"),
     ("model.warmstart.target_maj=1.5", "model.warmstart.target_maj=1.5 must lie in [0, 1]"),
+    ("model.warmstart.optimizer=sgd", "model.warmstart.optimizer"),
 ])
 def test_bad_check_settings_name_their_key(override, words):
     from ttrl.config import ConfigError

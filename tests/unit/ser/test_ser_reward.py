@@ -278,7 +278,7 @@ def test_the_rm_backbone_is_the_policy_model_or_the_same_warm_start_run_shorter(
     cfg = compose_config("experiment=ser_demo")
     assert _rm_backbone(cfg) is cfg.model
     weak = _rm_backbone(compose_config("experiment=ser_demo", "ser.rm.warmstart_steps=150"))
-    assert weak.warmstart.steps == 150 and cfg.model.warmstart.steps == 700
+    assert weak.warmstart.steps == 150 and cfg.model.warmstart.steps == 600
     # Weak on purpose: the build's check that it reached its teacher would extend it.
     assert weak.warmstart.target_maj is None and cfg.model.warmstart.target_maj == 0.95
     assert weak.tiny == cfg.model.tiny and weak.warmstart.seed == cfg.model.warmstart.seed
