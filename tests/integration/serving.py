@@ -20,8 +20,14 @@ from ttrl.serve.process import write_keys
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "integration-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# The serve tests' warm start: 300 steps of the demo's earlier recipe (AdamW, batches of 256), on which
+# their gate figures and tolerances were measured; a model that gets about half its samples right (room
+# to learn and to be harmed), at under half the demo's build. No check that it reached its teacher
+# (it is meant not to). One recipe, so every serve test file finds the one cached build.
+WARM = ["model.warmstart.steps=300", "model.warmstart.target_maj=null",
+        "model.warmstart.optimizer=adamw", "model.warmstart.batch_size=256"]
 
-__all__ = ["AUTH", "ROOT", "TOKEN", "Server", "ask_each", "same_tokens", "served_samples", "write_keys"]
+__all__ = ["AUTH", "ROOT", "TOKEN", "WARM", "Server", "ask_each", "same_tokens", "served_samples", "write_keys"]
 
 
 class Server(_Server):

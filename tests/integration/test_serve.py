@@ -47,7 +47,7 @@ import httpx
 import pytest
 
 from tests.conftest import compose_config
-from tests.integration.serving import AUTH, Server, write_keys
+from tests.integration.serving import AUTH, WARM, Server, write_keys
 
 # The first test also builds its 300-step warm start on a fresh machine (~3 of these minutes).
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2700)]
@@ -55,12 +55,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(270
 EXTRA = os.environ.get("TTRL_SERVE_TEST_ARGS", "").split()
 # One trainer rank leaves the two cores to the engines; rounds only when the test asks
 # (serve.learn.every_queries=0), so what each round learns from is known.
-# A 300-step warm start, not the demo's 600: a model that gets about half its samples right
-# is all these tests need (there is room to learn and to be harmed), at under half the build.
-# Built as when the tolerances below were measured: no check that it reached its teacher (it is meant not to).
-WARM = ["model.warmstart.steps=300", "model.warmstart.target_maj=null",
-        # The demo's earlier recipe (AdamW, batches of 256), which the serve tests' gate figures were measured on.
-        "model.warmstart.optimizer=adamw", "model.warmstart.batch_size=256"]
 # No per-identity rate limit: these clients are honest and fast (the limits are tested in test_serve_hostile.py).
 BASE = ["experiment=demo", *WARM, "serve.port=0", "trainer.num_workers=1", "logger.progress=false",
         "serve.learn.every_queries=0", "serve.limits.requests_per_minute=0", *EXTRA]

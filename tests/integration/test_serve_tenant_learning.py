@@ -35,14 +35,10 @@ import httpx
 import pytest
 
 from tests.conftest import compose_config
-from tests.integration.serving import AUTH, Server, ask_each, same_tokens, served_samples, write_keys
+from tests.integration.serving import AUTH, WARM, Server, ask_each, same_tokens, served_samples, write_keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
 
-# Built as when the tolerances below were measured: no check that it reached its teacher (it is meant not to).
-WARM = ["model.warmstart.steps=300", "model.warmstart.target_maj=null",
-        # The demo's earlier recipe (AdamW, batches of 256), which the serve tests' gate figures were measured on.
-        "model.warmstart.optimizer=adamw", "model.warmstart.batch_size=256"]
 LORA = ["model.lora.enabled=true", "model.lora.r=8"]
 # Small rounds: 2 steps of 4 prompts x 8 samples, at a learning rate at which 2 LoRA steps change the texts
 # (measured: 3 of 4 texts changed, the gate's score 0.500 -> 0.125; at 1e-3 the log-probs moved, no text).
