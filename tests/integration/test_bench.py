@@ -38,7 +38,7 @@ def test_quick_bench_writes_every_ratio(tmp_path):
     assert not errors, errors
     for key in ("rollout_vs_vllm", "rollout.vllm_tokens_per_s", "rollout.ttrl_tokens_per_s", "sync_share",
                 "sync_vs_memcpy", "step.seconds", "step_vs_trl", "step_vs_trl_overlap", "trl.step_s",
-                "token_stats_vs_generate", "token_stats.seconds"):
+                "token_stats_vs_generate", "token_stats.seconds", "startup_vs_trl"):
         assert math.isfinite(res[key]) and res[key] > 0, (key, res.get(key))
     assert res["sync_share"] < 1 and res["sync.bytes"] > 0
     assert res["token_stats.samples"] == 16 * 16  # the quick bench's prompts x votes, one pass over all
