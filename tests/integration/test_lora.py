@@ -98,6 +98,9 @@ def _check_parity(c: Cluster, label: str) -> dict[str, float]:
     from ttrl.step import step
 
     rt = c.rt
+    # The engines apply the adapter with ttrl's grouped CPU ops (ttrl/rollout/lora_cpu_ops.py): the parity
+    # below is theirs.
+    assert {ray.get(e.info.remote())["lora_ops"] for e in rt.engines} == {"grouped"}
     # The starting adapter (B = 0, or model.lora.path's) went to every engine at start-up, as version 0.
     assert c.versions() == {0}
     base_ref = c.trainer_logprobs("ref")

@@ -73,6 +73,7 @@ class VLLMEngine:
     def __init__(self, args: EngineArgs):
         self.t_init = time.time()
         self.args = args
+        self.lora_ops = "vllm"  # which CPU LoRA ops run here: vLLM's own, or ttrl.rollout.lora_cpu_ops
         if args.device == "cpu":
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(args.cpu_kv_cache_gb)))
             if args.cpu_threads > 0:
@@ -106,6 +107,12 @@ class VLLMEngine:
             kwargs["enable_sleep_mode"] = args.enable_sleep_mode
         if args.lora:
             from ttrl.rollout.lora import engine_rank
+
+            if args.device == "cpu" and args.tensor_parallel_size == 1:
+                from ttrl.rollout.lora_cpu_ops import install
+
+                # One GEMM per adapter instead of one per token (the ops run in this process: TP 1).
+                self.lora_ops = "grouped" if install() else "vllm"
 
             # The policy's adapter (pinned when tenants share the engine) and one slot per resident tenant
             # adapter; as many cached as served, so an unloaded tenant is read from disk again.
@@ -144,6 +151,7 @@ class VLLMEngine:
     # ── health ────────────────────────────────────────────────────────────
     def info(self) -> dict[str, Any]:
         return {"startup_s": self.startup_s, "weights_version": self.weights_version, "pid": os.getpid(),
+                "lora_ops": self.lora_ops,
                 "t_spawned": process_created(), "t_imported": self.t_imported, "t_ready": self.t_ready}
 
     # ── sampling ──────────────────────────────────────────────────────────
