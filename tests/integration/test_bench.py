@@ -44,6 +44,9 @@ def test_quick_bench_writes_every_ratio(tmp_path):
     assert res["token_stats.samples"] == 16 * 16  # the quick bench's prompts x votes, one pass over all
     # TRL generated with vLLM (its colocated engine, weights pushed by reload_weights), not HF generate.
     assert res["trl.use_vllm"] == 1.0 and res["trl.vllm_weight_push"] == "reload_weights"
+    # ttrl's side of the comparison by phase: the phases are the step, less the untimed packing of the batch.
+    phases = sum(res[f"trl.ttrl_{k}_s"] for k in ("generate", "label", "prepare", "train", "sync"))
+    assert 0.8 * res["trl.ttrl_step_s"] <= phases <= res["trl.ttrl_step_s"], (phases, res["trl.ttrl_step_s"])
     # Both sides of the step comparison drew completions of about the same length.
     assert res["trl.ttrl_mean_completion_tokens"] == pytest.approx(res["trl.mean_completion_tokens"], rel=0.5)
     for actor in ("driver", "engine0", "policy0", "policy1"):
