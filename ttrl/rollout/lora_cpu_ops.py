@@ -45,9 +45,9 @@ def _grouped(inputs: Any, weights: Any, indices: Any, dtype: Any) -> Any:
     return out
 
 
-def bgmv_shrink(inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any,
+def bgmv_shrink(inputs: Any, lora_a_weights: Any, output_tensor: Any, lora_indices_tensor: Any,
                 scaling: float = 1.0) -> None:
-    outputs = _grouped(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = _grouped(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
     output_tensor[:, : outputs.shape[1]] = scaling * outputs
 
 
