@@ -52,9 +52,9 @@ def test_recipes_without_the_new_keys_keep_their_spec():
     assert r["optimizer"] == "muon"
     # The second hard bed and the serve tests pin the recipe they were measured on (AdamW, batches of 256):
     # the same spec, key for key, as before the demo's build moved to Muon.
-    for overrides in (["experiment=demo_hard_4terms"],
-                      ["experiment=demo", "model.warmstart.steps=300", "model.warmstart.target_maj=null",
-                       "model.warmstart.optimizer=adamw", "model.warmstart.batch_size=256"]):
+    from tests.integration.serving import WARM
+
+    for overrides in (["experiment=demo_hard_4terms"], ["experiment=demo", *WARM]):
         c = compose(overrides)
         old = warmstart_spec(c.model, c.data.synthetic)["recipe"]
         assert "optimizer" not in old and old["batch_size"] == 256 and old["lr"] == 2e-3 and old["warmup_steps"] == 25
