@@ -953,6 +953,12 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     # Training precision; auto = bfloat16 on GPU, float32 on CPU.
     dtype: str = "auto"
+    # Rows whose advantage is zero on every token (a group whose samples all
+    # got the same reward) add exactly nothing to the policy gradient when the
+    # loss has no entropy or KL term: they then skip the backward pass (one
+    # no-grad forward still measures their entropy for the metrics and the
+    # guard). The update is the same either way; false computes them anyway.
+    skip_zero_advantage: bool = True
     # A non-finite loss or gradient norm skips the update; this many skips in
     # a row stop the run (the last checkpoint stays intact).
     max_skipped_steps: int = 3

@@ -350,6 +350,9 @@ def _metrics(groups: list[Group], batch: Batch, out: RewardOutput, kept_rewards:
         # Nats per response token, under the policy before this update.
         "train/entropy": trained.pop("entropy_sum", float("nan")) / max(trained.pop("entropy_n", 1.0), 1.0),
         "train/clip_frac": trained.pop("clip_frac", float("nan")),
+        # Trained rows whose advantage is zero on every token (their group agreed): no policy gradient
+        # comes from them, and with trainer.skip_zero_advantage they skip the backward.
+        "train/zero_advantage_share": trained.pop("zero_adv_rows", float("nan")) / max(trained.pop("rows", 1.0), 1.0),
         # The clipped surrogate alone; the KL term is train/kl_loss (times algorithm.kl_coef in the loss).
         "train/pg_loss": trained.pop("pg_loss", float("nan")),
         "train/grad_norm": trained.pop("grad_norm", float("nan")),

@@ -29,7 +29,7 @@ from ttrl.distributed.startup import ActorTimes, Phases, bring_up, engines_size_
 from ttrl.rollout.lora import lora_spec
 from ttrl.rollout.vllm_engine import EngineArgs, VLLMEngine
 from ttrl.rollout.weights import EngineSyncError
-from ttrl.trainer.batch import Batch, batch_size, concat, select, split
+from ttrl.trainer.batch import Batch, batch_size, concat, select, split, spread_rows, zero_advantage_rows
 from ttrl.trainer.options import UpdateOptions
 from ttrl.trainer.worker import ADDITIVE_STATS, CriticWorker, PolicyWorker
 
@@ -288,13 +288,20 @@ class Runtime:
 
     # ── updates ───────────────────────────────────────────────────────────
     def _train_group(self, group: WorkerGroup, batch: Batch, opts: UpdateOptions, mode: str,
-                     *extra: Any) -> dict[str, float]:
-        """Mini-batch loop over the step batch; one optimizer step per mini-batch."""
+                     *extra: Any, spread: bool = False) -> dict[str, float]:
+        """Mini-batch loop over the step batch; one optimizer step per mini-batch.
+
+        `spread`: the rows that carry gradient are shared out evenly over the
+        ranks (zero-advantage rows skip their backward, so consecutive groups
+        of them would leave one rank idle).
+        """
         B = batch_size(batch)
         stats: list[dict[str, float]] = []
         for _ in range(opts.ppo_epochs):
             for i in range(0, B, self.mini):
                 mb = select(batch, slice(i, i + self.mini))
+                if spread:
+                    mb = spread_rows(mb, zero_advantage_rows(mb), group.world_size)
                 norm = float(aggregation_normalizer(mb["response_mask"], mode))
                 per_rank = group.call_sharded("train_step", split(mb, group.world_size), norm, opts, *extra)
                 merged = {}
@@ -307,7 +314,8 @@ class Runtime:
         return {k: sum(s.get(k, 0.0) for s in stats) / len(stats) for k in keys}
 
     def train_policy(self, batch: Batch, opts: UpdateOptions, inject_nan: bool = False) -> dict[str, float]:
-        return self._train_group(self.policy, batch, opts, opts.loss_agg, inject_nan)
+        return self._train_group(self.policy, batch, opts, opts.loss_agg, inject_nan,
+                                 spread=opts.skips_zero_advantage)
 
     def train_critic(self, batch: Batch, opts: UpdateOptions) -> dict[str, float]:
         assert self.critic is not None

@@ -114,3 +114,50 @@ def concat(batches: Sequence[Batch]) -> Batch:
     for key, v in batches[0].items():
         out[key] = v if v.dim() == 0 else torch.cat([b[key] for b in batches], dim=0)
     return out
+
+
+def zero_advantage_rows(batch: Batch) -> Tensor:
+    """[B] bool: rows whose advantage is zero on every response token (no policy gradient comes from them)."""
+    return ~((batch["advantages"] != 0) & (batch["response_mask"] > 0)).any(1)
+
+
+def _longest_first(idx: Tensor, lengths: Tensor) -> Tensor:
+    return idx[torch.argsort(lengths[idx], descending=True, stable=True)]
+
+
+def spread_rows(batch: Batch, zero: Tensor, n: int) -> Batch:
+    """The rows reordered so that each of `split`'s n parts gets an equal share of the rows that are not `zero`.
+
+    Those rows, longest first, are dealt to the parts in turn, then the zero
+    rows likewise: where zero-advantage rows skip the backward, no rank is
+    left with all the work. Only the order changes (sums over rows do not).
+    """
+    B = batch_size(batch)
+    if B % n:
+        raise ValueError(f"cannot spread a batch of {B} rows over {n} equal parts")
+    lengths = batch["response_mask"].sum(1)
+    order = torch.cat([_longest_first((~zero).nonzero().squeeze(1), lengths),
+                       _longest_first(zero.nonzero().squeeze(1), lengths)])
+    return select(batch, torch.cat([order[r::n] for r in range(n)]))
+
+
+def gradient_micro_batches(batch: Batch, n: int) -> tuple[list[Tensor], Tensor]:
+    """(n row sets that carry gradient, the zero-advantage rows left over), rows longest first.
+
+    The rows with a nonzero advantage are cut into exactly n near-equal sets
+    (DeepSpeed steps the optimizer after a fixed count of backward passes,
+    the same on every rank); a set that would be empty borrows one
+    zero-advantage row, which adds exactly nothing to the gradient.
+    """
+    zero = zero_advantage_rows(batch)
+    lengths = batch["response_mask"].sum(1)
+    live = _longest_first((~zero).nonzero().squeeze(1), lengths)
+    spare = _longest_first(zero.nonzero().squeeze(1), lengths)
+    sets, borrowed = [], 0
+    for part in torch.tensor_split(live, n):
+        if len(part) == 0:
+            if borrowed >= len(spare):
+                raise ValueError(f"{batch_size(batch)} rows cannot fill {n} micro-batches")
+            part, borrowed = spare[borrowed:borrowed + 1], borrowed + 1
+        sets.append(part)
+    return sets, spare[borrowed:]

@@ -36,6 +36,14 @@ class UpdateOptions:
     # Samples of an older policy (overlap mode) are reweighted by
     # min(pi_old / pi_behaviour, tis_cap); None: the samples are on-policy.
     tis_cap: float | None = None
+    # trainer.skip_zero_advantage: rows with zero advantage skip the backward when that changes nothing.
+    skip_zero_advantage: bool = True
+
+    @property
+    def skips_zero_advantage(self) -> bool:
+        """Whether rows of zero advantage may skip the backward: their policy-loss term is -A * ratio = 0 (clipped,
+        dual-clipped or IS-weighted alike), so only an entropy bonus or a KL loss term would give them a gradient."""
+        return self.skip_zero_advantage and self.entropy_coef == 0 and (self.kl_coef == 0 or self.kl_in_reward)
 
     @classmethod
     def from_config(cls, cfg: Any, overlap: bool | None = None) -> UpdateOptions:
@@ -45,4 +53,5 @@ class UpdateOptions:
         return cls(policy_loss=a.policy_loss, clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
                    loss_agg=a.loss_agg, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
                    kl_in_reward=a.kl_in_reward, entropy_coef=a.entropy_coef, ppo_epochs=a.ppo_epochs,
-                   value_clip=a.value_clip, temperature=r.temperature, tis_cap=r.tis_cap if overlap else None)
+                   value_clip=a.value_clip, temperature=r.temperature, tis_cap=r.tis_cap if overlap else None,
+                   skip_zero_advantage=cfg.trainer.skip_zero_advantage)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ttrl.trainer.options import UpdateOptions
@@ -32,7 +32,7 @@ WorkerSpec = dict[str, Any]
 # normalised by the whole mini-batch's count (each part is a share of the
 # total), and sums with their counts. Every other stat is averaged.
 ADDITIVE_STATS = frozenset({"pg_loss", "kl_loss", "vf_loss", "entropy_sum", "entropy_n", "logprob_diff_sum",
-                            "logprob_diff_n"})
+                            "logprob_diff_n", "zero_adv_rows", "rows"})
 
 
 def _setup_env(rank: int, world_size: int, master_addr: str, master_port: int, device: str) -> None:
@@ -395,6 +395,22 @@ class PolicyWorker(_DSWorker):
                 del out, logits
         return self._scatter_rows(ent_parts, batch), self._scatter_rows(sc_parts, batch)
 
+    def _no_grad_stats(self, batch: dict, temperature: float, sums: dict[str, float]) -> None:
+        """Add the entropy (and engine-vs-trainer log-prob gap) sums of rows that skip the backward to `sums`."""
+        import torch
+
+        with torch.no_grad():
+            for _, mb in self._micro_batches(batch, no_grad=True):
+                mb = self._to_dev(mb)
+                mask = mb["response_mask"]
+                logp, ent = self._logp(self.engine, mb, temperature, with_entropy=True)
+                add = {"entropy_sum": (ent * mask).sum(), "entropy_n": mask.sum()}
+                if mb.get("old_logp") is None:
+                    add |= {"logprob_diff_sum": ((mb["behavior_logp"] - logp).abs() * mask).sum(),
+                            "logprob_diff_n": mask.sum()}
+                for k, v in add.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+
     # ── update ────────────────────────────────────────────────────────────
     def train_step(self, batch: dict, normalizer: float, opts: UpdateOptions,
                    inject_nan: bool = False) -> dict[str, float]:
@@ -402,11 +418,20 @@ class PolicyWorker(_DSWorker):
 
         loss = pg_loss + kl_coef * kl_loss - entropy_coef * entropy; pg_loss
         and kl_loss are reported apart. `inject_nan` makes the loss NaN (a
-        fault for the guard's tests).
+        fault for the guard's tests). With `opts.skips_zero_advantage`, rows
+        of zero advantage get a no-grad forward (their entropy is reported
+        with the rest) instead of a backward; clip_frac and approx_kl are then
+        over the rows that carry gradient.
         """
 
         from ttrl.algos import aggregate, kl, policy_loss
-        from ttrl.trainer.batch import batch_size
+        from ttrl.trainer.batch import (
+            batch_size,
+            gradient_micro_batches,
+            select,
+            trim_padding,
+            zero_advantage_rows,
+        )
 
         self.engine.train()
         lr_used = float(self.engine.get_lr()[0])  # the scheduler moves on after the step
@@ -417,7 +442,19 @@ class PolicyWorker(_DSWorker):
         # DeepSpeed divides by the accumulation steps and averages over ranks;
         # the losses are already normalised by the global count, so undo both.
         scale = grad_accum * self.world_size
-        for _, mb in self._micro_batches(batch):
+        sums["zero_adv_rows"] = float(zero_advantage_rows(batch).sum())
+        sums["rows"] = float(batch_size(batch))
+        micro_batches: Iterable[tuple[Any, dict]]
+        if opts.skips_zero_advantage:
+            # Rows of zero advantage skip the backward (their loss term is 0 * ratio); the rest fill the
+            # same number of micro-batches. Their metrics first, while these weights are still pi_old's.
+            sets, rest = gradient_micro_batches(batch, grad_accum)
+            if len(rest):
+                self._no_grad_stats(select(batch, rest), opts.temperature, sums)
+            micro_batches = ((rows, trim_padding(select(batch, rows))) for rows in sets)
+        else:
+            micro_batches = self._micro_batches(batch)
+        for _, mb in micro_batches:
             mb = self._to_dev(mb)
             mask = mb["response_mask"]
             logp, ent = self._logp(self.engine, mb, opts.temperature, with_entropy=True,

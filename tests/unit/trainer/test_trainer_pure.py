@@ -157,3 +157,56 @@ def test_cpu_engines_get_the_cores_the_trainer_leaves():
     assert engine_cpu_threads(16, 2, 4, overlap=True) == 6
     assert engine_cpu_threads(16, 3, 4, overlap=False) == 5
 
+
+
+def _adv_batch(lengths: list[int], live: list[int]) -> dict:
+    from ttrl.trainer.batch import pack_batch
+
+    b = pack_batch([[1, 2]] * len(lengths), [[3] * n for n in lengths], pad_id=0)
+    b["advantages"] = torch.zeros_like(b["response_mask"], dtype=torch.float32)
+    for i in live:
+        b["advantages"][i] = 0.5 * b["response_mask"][i]
+    return b
+
+
+def test_gradient_micro_batches_keep_their_count_and_carry_every_row_with_an_advantage_once():
+    from ttrl.trainer.batch import gradient_micro_batches, zero_advantage_rows
+
+    # 8 rows, 4 micro-batches; rows 1, 2, 6 have an advantage (lengths 5, 9, 2), the rest none.
+    b = _adv_batch([3, 5, 9, 4, 7, 1, 2, 6], live=[1, 2, 6])
+    assert zero_advantage_rows(b).tolist() == [True, False, False, True, True, True, False, True]
+    sets, rest = gradient_micro_batches(b, 4)
+    # Longest first, one per micro-batch; the fourth borrows the longest zero row (4, length 7).
+    assert [s.tolist() for s in sets] == [[2], [1], [6], [4]]
+    assert sorted(rest.tolist()) == [0, 3, 5, 7]
+    # Enough rows with an advantage: near-equal sets, none borrowed.
+    sets, rest = gradient_micro_batches(_adv_batch([3, 5, 9, 4, 7, 1, 2, 6], live=[0, 1, 2, 3, 4]), 2)
+    assert [s.tolist() for s in sets] == [[2, 4, 1], [3, 0]] and sorted(rest.tolist()) == [5, 6, 7]
+    # An advantage that is nonzero only on padding does not count.
+    b = _adv_batch([1, 2], live=[])
+    assert b["response_mask"][0, 1] == 0
+    b["advantages"][0, 1] = 1.0
+    assert zero_advantage_rows(b).tolist() == [True, True]
+
+
+def test_spread_rows_gives_each_rank_an_equal_share_of_the_rows_with_an_advantage():
+    from ttrl.trainer.batch import split, spread_rows, zero_advantage_rows
+
+    # Two prompts' groups of 4: the first group all zero (its samples agreed), the second all live.
+    b = _adv_batch([3, 5, 9, 4, 7, 1, 2, 6], live=[4, 5, 6, 7])
+    parts = split(spread_rows(b, zero_advantage_rows(b), 2), 2)
+    assert [int((~zero_advantage_rows(p)).sum()) for p in parts] == [2, 2]
+    # The longest live rows are dealt in turn: 7 and 2 to the first rank, 6 and 1 to the second.
+    assert [sorted(p["response_mask"].sum(1).tolist()) for p in parts] == [[2, 4, 7, 9], [1, 3, 5, 6]]
+    with pytest.raises(ValueError, match="3 equal parts"):
+        spread_rows(b, zero_advantage_rows(b), 3)
+
+
+def test_the_zero_advantage_skip_holds_only_where_those_rows_have_no_gradient():
+    from ttrl.trainer.options import UpdateOptions
+
+    assert UpdateOptions().skips_zero_advantage
+    assert not UpdateOptions(skip_zero_advantage=False).skips_zero_advantage
+    assert not UpdateOptions(entropy_coef=0.001).skips_zero_advantage  # the entropy bonus has a gradient on every row
+    assert not UpdateOptions(kl_coef=0.01).skips_zero_advantage  # so has a KL loss term
+    assert UpdateOptions(kl_coef=0.01, kl_in_reward=True).skips_zero_advantage  # a KL in the reward is in the advantage
