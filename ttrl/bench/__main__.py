@@ -275,7 +275,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           for k in ("generate", "label", "prepare", "train", "sync")}
                 return phases | {"trl.ttrl_step_s": column_mean(sync_rows, "timing/step"),
                         "trl.ttrl_overlap_step_s": column_mean(over_rows[1:], "timing/step"),
-                        "trl.ttrl_mean_completion_tokens": column_mean(sync_rows, "rollout/response_length")}
+                        "trl.ttrl_mean_completion_tokens": column_mean(sync_rows, "rollout/response_length"),
+                        # Rows whose group agreed (zero advantage): they skip the backward, which TRL does not.
+                        "trl.ttrl_zero_advantage_share": column_mean(sync_rows, "train/zero_advantage_share")}
 
             section("trl", ttrl_equal_workload)
     finally:
