@@ -141,23 +141,21 @@ def spread_rows(batch: Batch, zero: Tensor, n: int) -> Batch:
     return select(batch, torch.cat([order[r::n] for r in range(n)]))
 
 
-def gradient_micro_batches(batch: Batch, n: int) -> tuple[list[Tensor], Tensor]:
-    """(n row sets that carry gradient, the zero-advantage rows left over), rows longest first.
+def gradient_micro_batches(batch: Batch, zero: Tensor, n: int) -> tuple[list[Tensor], Tensor]:
+    """(n row sets that carry gradient, the `zero` rows left over), rows longest first; the batch has >= n rows.
 
     The rows with a nonzero advantage are cut into exactly n near-equal sets
     (DeepSpeed steps the optimizer after a fixed count of backward passes,
     the same on every rank); a set that would be empty borrows one
-    zero-advantage row, which adds exactly nothing to the gradient.
+    zero-advantage row, which adds exactly nothing to the gradient (with at
+    least n rows in all, there is always one to borrow).
     """
-    zero = zero_advantage_rows(batch)
     lengths = batch["response_mask"].sum(1)
     live = _longest_first((~zero).nonzero().squeeze(1), lengths)
     spare = _longest_first(zero.nonzero().squeeze(1), lengths)
     sets, borrowed = [], 0
     for part in torch.tensor_split(live, n):
         if len(part) == 0:
-            if borrowed >= len(spare):
-                raise ValueError(f"{batch_size(batch)} rows cannot fill {n} micro-batches")
             part, borrowed = spare[borrowed:borrowed + 1], borrowed + 1
         sets.append(part)
     return sets, spare[borrowed:]

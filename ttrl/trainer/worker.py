@@ -395,20 +395,28 @@ class PolicyWorker(_DSWorker):
                 del out, logits
         return self._scatter_rows(ent_parts, batch), self._scatter_rows(sc_parts, batch)
 
+    @staticmethod
+    def _token_sums(mb: dict, logp: Any, ent: Any) -> dict[str, Any]:
+        """The per-token sums of a micro-batch that the step's metrics divide out: entropy and, when the loop
+        left pi_old to the update (no old_logp), the engine-vs-trainer log-prob gap of the same tokens."""
+        mask = mb["response_mask"]
+        # Reported per token whatever the loss aggregation, so that the metric (and
+        # the guard's threshold on it) means the same for every algorithm.
+        out = {"entropy_sum": (ent.detach() * mask).sum(), "entropy_n": mask.sum()}
+        if mb.get("old_logp") is None:
+            out |= {"logprob_diff_sum": ((mb["behavior_logp"] - logp.detach()).abs() * mask).sum(),
+                    "logprob_diff_n": mask.sum()}
+        return out
+
     def _no_grad_stats(self, batch: dict, temperature: float, sums: dict[str, float]) -> None:
-        """Add the entropy (and engine-vs-trainer log-prob gap) sums of rows that skip the backward to `sums`."""
+        """Add the `_token_sums` of rows that skip the backward to `sums`."""
         import torch
 
         with torch.no_grad():
             for _, mb in self._micro_batches(batch, no_grad=True):
                 mb = self._to_dev(mb)
-                mask = mb["response_mask"]
                 logp, ent = self._logp(self.engine, mb, temperature, with_entropy=True)
-                add = {"entropy_sum": (ent * mask).sum(), "entropy_n": mask.sum()}
-                if mb.get("old_logp") is None:
-                    add |= {"logprob_diff_sum": ((mb["behavior_logp"] - logp).abs() * mask).sum(),
-                            "logprob_diff_n": mask.sum()}
-                for k, v in add.items():
+                for k, v in self._token_sums(mb, logp, ent).items():
                     sums[k] = sums.get(k, 0.0) + float(v)
 
     # ── update ────────────────────────────────────────────────────────────
@@ -442,13 +450,14 @@ class PolicyWorker(_DSWorker):
         # DeepSpeed divides by the accumulation steps and averages over ranks;
         # the losses are already normalised by the global count, so undo both.
         scale = grad_accum * self.world_size
-        sums["zero_adv_rows"] = float(zero_advantage_rows(batch).sum())
+        zero = zero_advantage_rows(batch)
+        sums["zero_adv_rows"] = float(zero.sum())
         sums["rows"] = float(batch_size(batch))
         micro_batches: Iterable[tuple[Any, dict]]
         if opts.skips_zero_advantage:
             # Rows of zero advantage skip the backward (their loss term is 0 * ratio); the rest fill the
             # same number of micro-batches. Their metrics first, while these weights are still pi_old's.
-            sets, rest = gradient_micro_batches(batch, grad_accum)
+            sets, rest = gradient_micro_batches(batch, zero, grad_accum)
             if len(rest):
                 self._no_grad_stats(select(batch, rest), opts.temperature, sums)
             micro_batches = ((rows, trim_padding(select(batch, rows))) for rows in sets)
@@ -460,13 +469,10 @@ class PolicyWorker(_DSWorker):
             logp, ent = self._logp(self.engine, mb, opts.temperature, with_entropy=True,
                                    entropy_grad=opts.entropy_coef > 0)
             old_logp = mb.get("old_logp")
-            extra: dict[str, Any] = {}
             if old_logp is None:
                 # The loop left old_logp to us (a single update per batch):
                 # these weights are pi_old, so their own log-probs, detached, are it.
                 old_logp = logp.detach()
-                extra["logprob_diff_sum"] = ((mb["behavior_logp"] - old_logp).abs() * mask).sum()
-                extra["logprob_diff_n"] = mask.sum()
             loss, stats = policy_loss(
                 opts.policy_loss, logp, old_logp, mb["advantages"], mask,
                 clip_low=opts.clip_low, clip_high=opts.clip_high, dual_clip=opts.dual_clip,
@@ -483,11 +489,7 @@ class PolicyWorker(_DSWorker):
             ent_mean = aggregate(ent, mask, opts.loss_agg, normalizer=normalizer)
             if opts.entropy_coef > 0:
                 loss = loss - opts.entropy_coef * ent_mean
-            # Reported per token whatever the loss aggregation, so that the metric (and
-            # the guard's threshold on it) means the same for every algorithm.
-            stats["entropy_sum"] = (ent.detach() * mask).sum()
-            stats["entropy_n"] = mask.sum()
-            stats |= extra
+            stats |= self._token_sums(mb, logp, ent)
             if inject_nan:
                 loss = loss * float("nan")  # fault injection (tests of the guard)
             self.engine.backward(loss * scale)

@@ -175,12 +175,13 @@ def test_gradient_micro_batches_keep_their_count_and_carry_every_row_with_an_adv
     # 8 rows, 4 micro-batches; rows 1, 2, 6 have an advantage (lengths 5, 9, 2), the rest none.
     b = _adv_batch([3, 5, 9, 4, 7, 1, 2, 6], live=[1, 2, 6])
     assert zero_advantage_rows(b).tolist() == [True, False, False, True, True, True, False, True]
-    sets, rest = gradient_micro_batches(b, 4)
+    sets, rest = gradient_micro_batches(b, zero_advantage_rows(b), 4)
     # Longest first, one per micro-batch; the fourth borrows the longest zero row (4, length 7).
     assert [s.tolist() for s in sets] == [[2], [1], [6], [4]]
     assert sorted(rest.tolist()) == [0, 3, 5, 7]
     # Enough rows with an advantage: near-equal sets, none borrowed.
-    sets, rest = gradient_micro_batches(_adv_batch([3, 5, 9, 4, 7, 1, 2, 6], live=[0, 1, 2, 3, 4]), 2)
+    b = _adv_batch([3, 5, 9, 4, 7, 1, 2, 6], live=[0, 1, 2, 3, 4])
+    sets, rest = gradient_micro_batches(b, zero_advantage_rows(b), 2)
     assert [s.tolist() for s in sets] == [[2, 4, 1], [3, 0]] and sorted(rest.tolist()) == [5, 6, 7]
     # An advantage that is nonzero only on padding does not count.
     b = _adv_batch([1, 2], live=[])
