@@ -321,12 +321,25 @@ class PolicyWorker(_DSWorker):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         model = self._with_adapter(model)
+        self.backward_products = self._backward_products(model)
         self.engine = self._wrap(model, ds_train, train=True, total_opt_steps=total_opt_steps)
         self.ref = None
         if s["with_ref"]:
             ds_ref = self._ds_config(train=False, lr=s["lr"])
             self.ref = self._wrap(self._load(load, ds_ref), ds_ref, train=False)
-        return self._times(t0)
+        return self._times(t0) | {"backward_products": self.backward_products}
+
+    def _backward_products(self, model) -> str:
+        """trainer.backward_products, resolved on this rank's CPU, applied to `model`'s linears."""
+        from ttrl.trainer.precision import bf16_backward_products, resolve_backward_products
+
+        s = self.spec
+        # Specs made by hand (tests) without the key keep the exact fp32 backward.
+        which = resolve_backward_products(s.get("backward_products", "float32"), self.device, s["dtype"],
+                                          s["zero_stage"])
+        if which == "bfloat16":
+            bf16_backward_products(model)
+        return which
 
     # ── forward passes ────────────────────────────────────────────────────
     def _logp(self, model, batch: dict, temperature: float, with_entropy: bool = False,

@@ -1,0 +1,100 @@
+"""The backward pass's matrix products in bfloat16, for an fp32 model on a CPU with AMX.
+
+What it does: gives each float32 `nn.Linear` of a model a forward whose result
+is the same fp32 product as before (so log-probs, the PPO ratio, the losses and
+every metric are unchanged to the bit) and whose backward computes the input
+and weight gradients as bfloat16 products, cast back to fp32 before they reach
+the parameters, DeepSpeed's reduction and the optimizer. On a CPU with AMX a
+bf16 product runs about 6x faster than the fp32 one (the tiny demo model's
+[1504, 128] x [128, 512]: 0.19 ms against 1.21), and the backward holds two
+thirds of a layer's products; the gradient moves by about 0.3% of its norm.
+
+Why not autocast: it puts the attention in bf16 too, and CPU flash attention's
+bf16 backward is slower than its fp32 one (the whole update came out slower);
+and it changes the forward, so the log-probs would no longer match the fp32
+engine's.
+
+What it must never do: change a forward result, the fp32 master weights or the
+optimizer state; apply under ZeRO-3 (its partitioned parameters come with their
+own linear); turn itself on where bf16 products are emulated (a CPU without
+AMX: slower, not faster) or on a GPU (training there is bf16 already).
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ttrl.config import BACKWARD_PRODUCTS
+
+
+def cpu_has_amx(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles), from /proc/cpuinfo's flags."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no way to tell, so the exact path
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return "amx_bf16" in line.split(":", 1)[-1].split()
+    return False
+
+
+def resolve_backward_products(choice: str, device: str, dtype: str, zero_stage: int,
+                              amx: bool | None = None) -> str:
+    """"auto" -> "bfloat16" for fp32 training on a CPU with AMX below ZeRO-3, else "float32"."""
+    if choice not in BACKWARD_PRODUCTS:
+        raise ValueError(f"trainer.backward_products={choice!r}: expected one of {', '.join(BACKWARD_PRODUCTS)}")
+    if choice != "auto":
+        return choice
+    if device != "cpu" or dtype != "float32" or zero_stage >= 3:
+        return "float32"
+    return "bfloat16" if (cpu_has_amx() if amx is None else amx) else "float32"
+
+
+class _Bf16BackwardLinear(torch.autograd.Function):
+    """y = x W^T + b in fp32; dy W and dy^T x as bf16 products."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # The bf16 copies are what the backward needs, at half the memory of the fp32 input.
+        ctx.save_for_backward(x.to(torch.bfloat16), weight.to(torch.bfloat16))
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x16, w16 = ctx.saved_tensors
+        g16 = grad.to(torch.bfloat16)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (g16 @ w16).to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            gw = (g16.reshape(-1, g16.shape[-1]).t() @ x16.reshape(-1, x16.shape[-1])).to(grad.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.reshape(-1, grad.shape[-1]).sum(0)  # a sum, not a product: kept in fp32
+        return gx, gw, gb
+
+
+def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad):
+        return F.linear(x, self.weight, self.bias)  # no backward coming: the plain product
+    return _Bf16BackwardLinear.apply(x, self.weight, self.bias)
+
+
+def bf16_backward_products(model: torch.nn.Module) -> int:
+    """Give every fp32 nn.Linear of `model` the bf16 backward; returns how many it changed."""
+    n = 0
+    for mod in model.modules():
+        if type(mod) is torch.nn.Linear and mod.weight.dtype == torch.float32:
+            mod.forward = types.MethodType(_forward, mod)
+            n += 1
+    return n
+
+
+__all__ = ["bf16_backward_products", "cpu_has_amx", "resolve_backward_products"]
