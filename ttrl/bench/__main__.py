@@ -14,7 +14,11 @@ Sizes (default / --quick): 32 / 16 prompts per step, 16 votes, 8 kept for
 training, 40 new tokens. The TRL comparison trains on every sample on both
 sides (ttrl with n_votes = n_train = 8, TRL with num_generations = 8); TRL
 runs after ttrl's cluster is shut down, in a process of its own
-(ttrl/bench/trl_step.py), so each side has the machine to itself.
+(ttrl/bench/trl_step.py), so each side has the machine to itself. Equal work
+includes equal precision: TRL's colocated vLLM loads the fp32 checkpoint in
+vLLM's "auto" dtype (bf16 on an x86 CPU), so the full bench runs ttrl's
+engines in that dtype too (`bench.engine_dtype`; ttrl's own CPU default is
+fp32, and a `--set model.dtype=...` wins). `--quick` keeps ttrl's default.
 """
 
 from __future__ import annotations
@@ -43,6 +47,13 @@ def _compose(overrides: list[str]):
     from ttrl.cli import compose
 
     return compose(overrides)
+
+
+def vllm_auto_dtype() -> str:
+    """The dtype vLLM's "auto" gives an fp32 checkpoint here (TRL's engine passes no dtype): the platform's first."""
+    from vllm.platforms import current_platform
+
+    return str(current_platform.supported_dtypes[0]).removeprefix("torch.")
 
 
 def _versions() -> dict[str, str]:
@@ -92,8 +103,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"data.prompts_per_step={n_prompts}", f"rollout.n_votes={votes}", f"rollout.n_train={n_train}",
             f"rollout.max_new_tokens={max_tok}", "trainer.micro_batch_size=32", "logger.progress=false",
             "trainer.lr=1e-5", *args.set]
+    if not quick and not any(o.split("=", 1)[0].lstrip("+") == "model.dtype" for o in args.set):
+        base.append(f"model.dtype={vllm_auto_dtype()}")
     cfg = _compose(base)
-    res: dict[str, Any] = {"config.overrides": " ".join(base), "machine.platform": platform.platform(),
+    res: dict[str, Any] = {"config.overrides": " ".join(base), "bench.engine_dtype": cfg.model.dtype, "machine.platform": platform.platform(),
                            "machine.cpus": __import__("os").cpu_count(), "machine.python": platform.python_version()}
     res |= _versions()
 

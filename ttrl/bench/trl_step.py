@@ -98,10 +98,16 @@ def run(model_path: str, prompts: list[str], group: int, prompts_per_step: int, 
     lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
     from ttrl.distributed.startup import process_created
 
+    try:  # the precision TRL's colocated vLLM chose (vLLM's "auto" downcasts an fp32 checkpoint)
+        engine_dtype = str(trainer.vllm_generation.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+    except AttributeError:
+        engine_dtype = ""
+
     return {"trl.step_s": statistics.median(times), "trl.steps": len(times), "trl.use_vllm": float(use_vllm),
             # From this process's creation to its first step: imports, model, colocated vLLM, trainer.
             "trl.startup_s": (timer.first_step_at or time.time()) - process_created(),
             "trl.vllm_weight_push": ("reload_weights" if vllm_reload else "load_weights") if use_vllm else "",
+            "trl.engine_dtype": engine_dtype if use_vllm else "",
             "trl.mean_completion_tokens": statistics.mean(lengths[1:] or lengths) if lengths else float("nan"),
             "trl.threads": torch.get_num_threads()}
 
