@@ -962,6 +962,12 @@ class TrainerConfig:
     # 5% on the demo's 1M. "auto" = bfloat16 on a CPU with AMX below ZeRO-3,
     # float32 elsewhere (emulated bf16 is slower); float32 = exact.
     backward_products: str = "float32"
+    # Rows that share a prompt (a group's samples) run it once in the
+    # trainer's forward and backward: its keys and values are repeated for
+    # each row's response. The same log-probs to float rounding; off under
+    # ZeRO-3 (a second forward gathers every parameter again) and with
+    # gradient checkpointing.
+    prompt_once: bool = True
     # Rows whose advantage is zero on every token (a group whose samples all
     # got the same reward) add exactly nothing to the policy gradient when the
     # loss has no entropy or KL term: they then skip the backward pass (one

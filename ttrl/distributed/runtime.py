@@ -111,6 +111,7 @@ class Runtime:
                     warmup_steps=t.warmup_steps or round((t.warmup_ratio or 0.0) * total_opt_steps),
                     min_lr_ratio=t.min_lr_ratio, gradient_checkpointing=t.gradient_checkpointing,
                     backward_products=t.backward_products,  # "auto" is resolved on the rank's own CPU
+                    prompt_once=t.prompt_once,
                     # With LoRA the reference is the policy's base (its adapter off): no second copy.
                     with_ref=self.need_ref and self.lora is None,
                     lora=self.lora, lora_path=cfg.model.lora.path if self.lora else None, base_path=model_path)

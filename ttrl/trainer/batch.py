@@ -90,6 +90,23 @@ def trim_padding(batch: Batch) -> Batch:
     return out
 
 
+def shared_prompts(batch: Batch) -> tuple[Tensor, Tensor] | None:
+    """(one row per distinct prompt [G], each row's prompt among them [B]); None when no two rows share one.
+
+    Samples of one group share their prompt token for token (and, in one
+    batch, its left padding): its keys and values can be computed once and
+    every sample's response attend to them.
+    """
+    P = int(batch["prompt_width"])
+    prompts = torch.cat([batch["input_ids"][:, :P], batch["attention_mask"][:, :P]], 1)
+    uniq, inverse = torch.unique(prompts, dim=0, return_inverse=True)
+    if len(uniq) == len(prompts):
+        return None
+    first = torch.full((len(uniq),), len(prompts), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(prompts)), reduce="amin")
+    return first, inverse
+
+
 def batch_size(batch: Batch) -> int:
     return batch["input_ids"].shape[0]
 

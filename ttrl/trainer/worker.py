@@ -342,14 +342,54 @@ class PolicyWorker(_DSWorker):
         return which
 
     # ── forward passes ────────────────────────────────────────────────────
+    def _prompt_once(self) -> bool:
+        """trainer.prompt_once where it pays: not under ZeRO-3 (a second forward is a second gather of every
+        parameter) nor with gradient checkpointing (HF turns the prompt's cache off there)."""
+        s = self.spec
+        return bool(s.get("prompt_once", False)) and s["zero_stage"] < 3 and not s["gradient_checkpointing"]
+
+    def _response_logits(self, model, batch: dict) -> Any:
+        """Logits [b, R, V] at the positions that predict the response tokens (column t predicts token t).
+
+        With trainer.prompt_once, rows that share a prompt (a group's samples)
+        run it once: its keys and values are repeated for each row and the
+        responses attend to them, so the update and its backward skip the
+        repeated prompt tokens; the log-probs are the full forward's to float
+        rounding (tests/unit/trainer/test_trainer_pure.py).
+        """
+        import torch
+
+        from ttrl.trainer.batch import response_slice, shared_prompts
+
+        shared = shared_prompts(batch) if self._prompt_once() else None
+        if shared is None:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"], use_cache=False)
+            return out.logits[:, response_slice(batch)]
+        from transformers.cache_utils import DynamicCache
+
+        first, inverse = shared
+        P = int(batch["prompt_width"])
+        R = batch["response_mask"].shape[1]
+        ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+        # The distinct prompts; only their last position's logits are needed (they predict response token 0).
+        head = model(input_ids=ids[first, :P], attention_mask=mask[first, :P], position_ids=pos[first, :P],
+                     use_cache=True, logits_to_keep=1)
+        logits0 = head.logits[inverse]  # [b, 1, V]
+        if R == 1:
+            return logits0
+        # Each row's copy of its prompt's keys and values (indexing keeps the gradient to the prompt's pass).
+        cache = DynamicCache(ddp_cache_data=[(k[inverse], v[inverse]) for k, v, *_ in head.past_key_values])
+        # Response tokens 0..R-2 predict tokens 1..R-1; the last token predicts nothing that is scored.
+        tail = model(input_ids=ids[:, P:P + R - 1], attention_mask=mask[:, :P + R - 1],
+                     position_ids=pos[:, P:P + R - 1], past_key_values=cache, use_cache=True)
+        return torch.cat([logits0, tail.logits], 1)
+
     def _logp(self, model, batch: dict, temperature: float, with_entropy: bool = False,
               entropy_grad: bool = False):
         from ttrl.algos import entropy_from_logits, logprobs_from_logits
-        from ttrl.trainer.batch import response_slice
 
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"], use_cache=False)
-        logits = out.logits[:, response_slice(batch)] / temperature  # [b, R, V]
+        logits = self._response_logits(model, batch) / temperature  # [b, R, V]
         R = batch["response_mask"].shape[1]
         P = int(batch["prompt_width"])
         targets = batch["input_ids"][:, P:P + R]  # [b, R]
@@ -393,19 +433,16 @@ class PolicyWorker(_DSWorker):
         import torch
 
         from ttrl.algos import entropy_from_logits, self_certainty_from_logits
-        from ttrl.trainer.batch import response_slice
 
         self.engine.eval()
         ent_parts, sc_parts = [], []
         with torch.no_grad():
             for rows, mb in self._micro_batches(batch, no_grad=True):
                 mb = self._to_dev(mb)
-                out = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                                  position_ids=mb["position_ids"], use_cache=False)
-                logits = out.logits[:, response_slice(mb)] / temperature  # [b, r, V]
+                logits = self._response_logits(self.engine, mb) / temperature  # [b, r, V]
                 ent_parts.append((rows, entropy_from_logits(logits)))
                 sc_parts.append((rows, self_certainty_from_logits(logits)))
-                del out, logits
+                del logits
         return self._scatter_rows(ent_parts, batch), self._scatter_rows(sc_parts, batch)
 
     @staticmethod

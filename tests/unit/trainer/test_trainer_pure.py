@@ -132,8 +132,8 @@ def test_trimmed_micro_batches_give_the_same_log_probs():
             return mb
 
     with torch.no_grad():
-        whole, _ = PolicyWorker._logp(None, model, batch, 0.7)
-        parts = [(rows, PolicyWorker._logp(None, model, mb, 0.7)[0]) for rows, mb in Probe()._micro_batches(batch)]
+        whole, _ = Probe()._logp(model, batch, 0.7)
+        parts = [(rows, Probe()._logp(model, mb, 0.7)[0]) for rows, mb in Probe()._micro_batches(batch)]
     got = PolicyWorker._scatter_rows(parts, batch)
     mask = batch["response_mask"].bool()
     assert sorted(int(i) for rows, _ in parts for i in rows) == list(range(10))
@@ -211,3 +211,66 @@ def test_the_zero_advantage_skip_holds_only_where_those_rows_have_no_gradient():
     assert not UpdateOptions(entropy_coef=0.001).skips_zero_advantage  # the entropy bonus has a gradient on every row
     assert not UpdateOptions(kl_coef=0.01).skips_zero_advantage  # so has a KL loss term
     assert UpdateOptions(kl_coef=0.01, kl_in_reward=True).skips_zero_advantage  # a KL in the reward is in the advantage
+
+
+def test_shared_prompts_maps_each_row_to_one_row_with_its_prompt():
+    from ttrl.trainer.batch import shared_prompts
+
+    a, b, c = [5, 6, 7], [8, 9], [5, 6, 7, 1]
+    batch = pack_batch([a, b, a, c, b, a], [[1], [2, 3], [4], [5], [6], [7, 8]], pad_id=0)
+    first, inverse = shared_prompts(batch)
+    assert len(first) == 3
+    prompts = [a, b, a, c, b, a]
+    for i, p in enumerate(prompts):
+        assert prompts[int(first[inverse[i]])] == p
+    assert len({int(inverse[i]) for i in (0, 2, 5)}) == 1 and int(inverse[1]) == int(inverse[4])
+    assert shared_prompts(pack_batch([a, b, c], [[1], [2], [3]], pad_id=0)) is None
+    # The same tokens behind different left padding are different prompts to the model: [0, 8, 9] is not [8, 9, 0].
+    assert shared_prompts(pack_batch([[8, 9], [8, 9, 0]], [[1], [1]], pad_id=0)) is None
+
+
+@pytest.mark.parametrize("response_lengths", [(1, 1), (1, 9)])
+def test_the_prompt_once_gives_the_full_forwards_log_probs_and_gradient(response_lengths):
+    """Groups of samples sharing left-padded prompts of several lengths: one prompt pass per group."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from ttrl.trainer.worker import PolicyWorker
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, head_dim=32))
+    g = torch.Generator().manual_seed(2)
+    prompts, responses = [], []
+    for plen in (3, 6, 4, 6):
+        p = torch.randint(1, 50, (plen,), generator=g).tolist()
+        for _ in range(3):
+            prompts.append(p)
+            n = int(torch.randint(response_lengths[0], response_lengths[1] + 1, (1,), generator=g))
+            responses.append(torch.randint(1, 50, (n,), generator=g).tolist())
+    batch = pack_batch(prompts, responses, pad_id=0)
+
+    class Probe(PolicyWorker):  # the scoring alone, no DeepSpeed
+        def __init__(self, once: bool):
+            self.spec = {"prompt_once": once, "zero_stage": 2, "gradient_checkpointing": False}
+
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape), with_kwargs=True)
+    mask = batch["response_mask"]
+    out = {}
+    for once in (False, True):
+        calls.clear()
+        model.zero_grad(set_to_none=True)
+        logp, ent = Probe(once)._logp(model, batch, 0.7, with_entropy=True)
+        (logp * mask).sum().backward()
+        out[once] = (logp.detach(), ent, [p.grad.clone() for p in model.parameters()], list(calls))
+    hook.remove()
+    (lp0, ent0, g0, calls0), (lp1, ent1, g1, calls1) = out[False], out[True]
+    assert calls0 == [torch.Size([12, batch["input_ids"].shape[1]])]
+    # 4 distinct prompts in one pass, then the 12 responses (all but their last token) against their copies.
+    assert calls1[0] == torch.Size([4, 6])
+    R = mask.shape[1]
+    assert calls1[1:] == ([torch.Size([12, R - 1])] if R > 1 else [])
+    m = mask.bool()
+    assert torch.allclose(lp1[m], lp0[m], atol=1e-5) and torch.allclose(ent1[m], ent0[m], atol=1e-5)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
