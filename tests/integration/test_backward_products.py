@@ -11,15 +11,12 @@ sets the process's distributed environment and torch's thread count.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _child(tmp: str) -> None:
@@ -52,11 +49,9 @@ def _child(tmp: str) -> None:
 
 
 def test_bf16_backward_products_keep_the_forward_and_move_the_update_by_under_a_percent(tmp_path):
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=540)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    from tests.integration.child import run_child  # here: the child runs this file as a script
+
+    res = run_child(__file__, tmp_path)
     assert res["resolved"] == ["float32", "bfloat16"]
     s32, s16 = res["stats32"], res["stats16"]
     # What the forward gives (the loss, the entropy the guard reads, the ratio's clip share) does not move.

@@ -9,15 +9,12 @@ the process's distributed environment and torch's thread count.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _child(tmp: str) -> None:
@@ -65,11 +62,9 @@ def _child(tmp: str) -> None:
 
 
 def test_zero_advantage_rows_skip_the_backward_and_the_update_is_unchanged(tmp_path):
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=540)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    from tests.integration.child import run_child  # here: the child runs this file as a script
+
+    res = run_child(__file__, tmp_path)
     # Every row went through a backward without the skip; with it, only the rows with an advantage
     # (3, then 1 plus the one zero row the empty micro-batch borrows), still 2 micro-batches a step.
     assert sum(res["grad_rows_off"]) == 16 and len(res["grad_rows_off"]) == 4
@@ -83,5 +78,4 @@ def test_zero_advantage_rows_skip_the_backward_and_the_update_is_unchanged(tmp_p
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     _child(sys.argv[1])
