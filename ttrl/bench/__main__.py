@@ -106,8 +106,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not quick and not any(o.split("=", 1)[0].lstrip("+") == "model.dtype" for o in args.set):
         base.append(f"model.dtype={vllm_auto_dtype()}")
     cfg = _compose(base)
-    res: dict[str, Any] = {"config.overrides": " ".join(base), "bench.engine_dtype": cfg.model.dtype, "machine.platform": platform.platform(),
-                           "machine.cpus": __import__("os").cpu_count(), "machine.python": platform.python_version()}
+    res: dict[str, Any] = {"config.overrides": " ".join(base), "bench.engine_dtype": cfg.model.dtype,
+                           "machine.platform": platform.platform(), "machine.cpus": __import__("os").cpu_count(),
+                           "machine.python": platform.python_version()}
     res |= _versions()
 
     def section(name: str, fn) -> None:

@@ -102,8 +102,9 @@ def shared_prompts(batch: Batch) -> tuple[Tensor, Tensor] | None:
     uniq, inverse = torch.unique(prompts, dim=0, return_inverse=True)
     if len(uniq) == len(prompts):
         return None
-    first = torch.full((len(uniq),), len(prompts), dtype=torch.long)
-    first = first.scatter_reduce(0, inverse, torch.arange(len(prompts)), reduce="amin")
+    dev = inverse.device
+    first = torch.full((len(uniq),), len(prompts), dtype=torch.long, device=dev)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(prompts), device=dev), reduce="amin")
     return first, inverse
 
 
