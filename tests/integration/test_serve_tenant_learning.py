@@ -1,6 +1,6 @@
 """Per-tenant learning, for real: a live `ttrl-serve` (Ray, vLLM CPU multi-LoRA, DeepSpeed, HTTP on loopback).
 
-The demo's 300-step warm start (the one test_serve.py uses, cached after its
+The serve tests' warm start (serving.WARM, the one test_serve.py uses, cached after its
 first build) serves with model.lora and serve.tenants on, and the learner on
 (rounds only when the test asks). Two tenants, alice and bob, ask the same
 demo prompts with the same seeds. Then one round of alice's alone, with

@@ -50,15 +50,21 @@ def test_recipes_without_the_new_keys_keep_their_spec():
     r = warmstart_spec(demo.model, demo.data.synthetic)["recipe"]
     assert r["check"]["target_maj"] == 0.95 and r["check"]["from"] == r["steps"] and r["check"]["extend_steps"] == 300
     assert r["optimizer"] == "muon"
-    # The second hard bed and the serve tests pin the recipe they were measured on (AdamW, batches of 256):
-    # the same spec, key for key, as before the demo's build moved to Muon.
+    # The second hard bed pins the recipe it was measured on (AdamW, batches of 256): the same spec, key for
+    # key, as before the demo's build moved to Muon.
+    c = compose(["experiment=demo_hard_4terms"])
+    old = warmstart_spec(c.model, c.data.synthetic)["recipe"]
+    assert "optimizer" not in old and old["batch_size"] == 256 and old["lr"] == 2e-3 and old["warmup_steps"] == 25
+    # The serve tests' build: the demo's Muon recipe cut short, checked for a majority right on half the sums
+    # (not for the teacher), on a smaller check than the demo's.
     from tests.integration.serving import WARM
 
-    for overrides in (["experiment=demo_hard_4terms"], ["experiment=demo", *WARM]):
-        c = compose(overrides)
-        old = warmstart_spec(c.model, c.data.synthetic)["recipe"]
-        assert "optimizer" not in old and old["batch_size"] == 256 and old["lr"] == 2e-3 and old["warmup_steps"] == 25
-    # A weak build asked for on purpose (the serve tests' 300 steps) turns the check off and is checked by no one.
+    c = compose(["experiment=demo", *WARM])
+    serve = warmstart_spec(c.model, c.data.synthetic)["recipe"]
+    assert serve["optimizer"] == "muon" and serve["batch_size"] == 128 and serve["steps"] == 320
+    assert serve["check"] == {"target_maj": 0.5, "every": 40, "from": 320, "prompts": 64, "votes": 16,
+                              "extend_steps": 200}
+    # A weak build asked for on purpose (target_maj=null) turns the check off and is checked by no one.
     weak = compose(["experiment=demo", "model.warmstart.steps=300", "model.warmstart.target_maj=null"])
     assert "check" not in warmstart_spec(weak.model, weak.data.synthetic)["recipe"]
 
