@@ -31,6 +31,7 @@ from ttrl.labeling.vote import majority_votes
 from ttrl.metrics.logger import Loggers, build_loggers
 from ttrl.metrics.report import eval_line, final_report, guard_summary, progress, say
 from ttrl.metrics.safety import Guard, VoteTracker, vote_row
+from ttrl.models.resolve import weights_fingerprint
 from ttrl.parts import SetupError, build_parts
 from ttrl.step import StepContext, StepOptions, step, token_ids
 from ttrl.types import Prompt
@@ -81,6 +82,11 @@ def run(cfg: Any, run_dir: Path) -> float | None:
         # Seconds from the command (this process's creation) to the first step, with the phases: a
         # metric of the first step's row (make bench's startup section reads it).
         started = {"startup/first_step_s": time.time() - process_created(), **rt.phases.as_dict()}
+        # Which weights the run started from (the warm start's, also on a resume): a report that puts runs
+        # side by side as one warm start checks they agree, since a build on another CPU differs.
+        fingerprint = weights_fingerprint(parts.model_path)
+        if fingerprint is not None:
+            started["model/fingerprint"] = fingerprint
         if not quiet:
             say(f"first step {started['startup/first_step_s']:.0f}s after the command ({rt.phases.line()})")
 

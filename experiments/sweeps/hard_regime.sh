@@ -25,7 +25,11 @@
 # run and probe is also kept there, small enough to commit (config.yaml and
 # its metrics and votes gzipped), a run found there is not run again, and the
 # reports are made from the archive, so sessions on different machines add
-# up to one table.
+# up to one table. A warm start is built where it runs, and another CPU's
+# build of the same seeds has other weights: a run whose starting weights
+# (`model/fingerprint`, logged with its first step) differ from the archive's
+# runs of its bed and warm start is not archived, and that warm start's other
+# runs are skipped on this machine (run them where the archive's were built).
 # Cost on 2 cores: 4.5-6 minutes a run on an Intel Xeon with AMX, 6-7.5 on
 # an AMD EPYC (demo_hard_4terms 7.5-9; self_harmony up to 10.5: it samples
 # twice as much; scrl and rent add one trainer forward pass a step), 1-3 a
@@ -73,15 +77,44 @@ archive() {  # archive <run dir>: keep what the reports read, gzipped; config.ya
   cp "$1/config.yaml" "$dest/config.yaml"
 }
 
+fingerprint() {  # fingerprint <metrics.jsonl[.gz]>: the model/fingerprint its run logged, or nothing
+  { if [[ $1 == *.gz ]]; then gzip -dc "$1"; else cat "$1"; fi; } 2>/dev/null \
+    | grep -o '"model/fingerprint": "[0-9a-f]*"' | head -n 1 | grep -o '[0-9a-f]\{16\}' || true
+}
+
+declare -A OTHER_WEIGHTS=()  # <bed>/<ws>: this machine's build of that warm start is not the archive's
+
+keep() {  # keep <run dir>: archive it, unless it started from other weights than the archive's runs of its warm start
+  local rel=${1#"$OUT"/} ws mine theirs f
+  ws=$(basename "$1" | grep -o 'ws[0-9]*-[0-9]*')
+  mine=$(fingerprint "$1/metrics.jsonl")
+  if [ -n "$ARCHIVE" ] && [ -n "$mine" ]; then
+    for f in "$ARCHIVE/${rel%%/*}"/*_"${ws}"_s*/metrics.jsonl.gz "$ARCHIVE/${rel%%/*}/probes/probe_${ws}/metrics.jsonl.gz"; do
+      [ -f "$f" ] || continue
+      theirs=$(fingerprint "$f")
+      if [ -n "$theirs" ] && [ "$theirs" != "$mine" ]; then
+        echo "!! $1 started from weights $mine, the archive's ${rel%%/*} runs of $ws from $theirs (another" \
+          "machine's build): not archived; $ws's other runs are skipped here (run them where $theirs was built)"
+        OTHER_WEIGHTS["${rel%%/*}/$ws"]=1
+        return 0
+      fi
+    done
+  fi
+  archive "$1"
+}
+
 run() {  # run <run dir> <done test: full|probe> <ttrl-train arguments...>
-  local dir=$1 kind=$2
+  local dir=$1 kind=$2 rel=${1#"$OUT"/}
   shift 2
   if [ "$DRY_RUN" = 1 ]; then echo "${BIN}ttrl-train $* hydra.run.dir=$dir"; return 0; fi
-  if [ -n "$ARCHIVE" ] && [ -f "$ARCHIVE/${dir#"$OUT"/}/config.yaml" ]; then
+  if [ -n "$ARCHIVE" ] && [ -f "$ARCHIVE/$rel/config.yaml" ]; then
     echo "== $dir: archived already"; return 0
   fi
+  if [ -n "${OTHER_WEIGHTS["${rel%%/*}/$(basename "$dir" | grep -o 'ws[0-9]*-[0-9]*')"]:-}" ]; then
+    echo "== $dir: skipped (this machine's build of its warm start is not the archive's)"; return 0
+  fi
   if done_in "$dir" "$kind"; then
-    echo "== $dir: done already"; archive "$dir"; return 0
+    echo "== $dir: done already"; keep "$dir"; return 0
   fi
   mkdir -p "$(dirname "$dir")"
   echo "== $(date +%T) $dir"
@@ -89,7 +122,7 @@ run() {  # run <run dir> <done test: full|probe> <ttrl-train arguments...>
   local rc=0
   "${BIN}ttrl-train" "$@" hydra.run.dir="$dir" > "$dir.log" 2>&1 || rc=$?
   if [ "$rc" != 0 ] && ! { [ "$kind" = probe ] && [ "$rc" = 3 ]; }; then echo "!! $dir exited $rc (see $dir.log)"; fi
-  if done_in "$dir" "$kind"; then archive "$dir"; fi
+  if done_in "$dir" "$kind"; then keep "$dir"; fi
   tail -n 8 "$dir.log" | grep -E "pass@1|maj@|collapse|stopped|done in" || true
 }
 

@@ -48,6 +48,14 @@ def test_debug_run_writes_a_complete_run_dir(tmp_path, algorithm):
         assert row["timing/step"] >= row["timing/generate"] + row["timing/train"]
     if algorithm == "ppo":
         assert all("critic/vf_loss" in r for r in rows)
+    # The first step names the weights the run started from (reports refuse to mix two builds of one warm start).
+    from omegaconf import OmegaConf
+
+    from ttrl.models.resolve import resolve_model_path, weights_fingerprint
+
+    built = resolve_model_path(OmegaConf.create(cfg["model"]), OmegaConf.create(cfg["data"]))  # cached by the run
+    assert rows[0]["model/fingerprint"] == weights_fingerprint(built) is not None
+    assert "model/fingerprint" not in rows[1]
 
     ckpt = run_dir / "checkpoints" / "step_2"
     assert (ckpt / "trainer_state.json").exists()

@@ -2,13 +2,15 @@
 
 The real sweep takes hours on CPU, so `ttrl-train` is a fake here (it records
 its arguments and writes a run dir as a finished run, or a probe its guard
-stopped, would: config.yaml, metrics.jsonl, votes.jsonl, training.png);
+stopped, would: config.yaml, metrics.jsonl with the starting weights'
+fingerprint, votes.jsonl, training.png);
 `ttrl-compare` is the real one. Checked is the wiring a user relies on: every
 arm on every warm start and seed with nothing but the reward changed (and
 evol_rl's update options), one collapse probe per warm start whose stop
 (exit status 3) is its answer and not a failure, a finished run or probe not
 run again, a failed run reported without stopping the sweep, and the
-per-arm and collapse-step reports with the probes ranked against TTRL's gains.
+per-arm and collapse-step reports with the probes ranked against TTRL's gains,
+and an archive that only takes runs from the weights its runs started from.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ votes = [{"step": s, "id": f"p{i}", "label": "8" if switch and s and s >= switch
 (d / "votes.jsonl").write_text("".join(json.dumps(v) + "\n" for v in votes))
 gain = {0: -0.10, 1: 0.0, 4: 0.05}[ws] + 0.01 * int(args["seed"])
 rows = [{"step": s, "timing/step": 3.0} for s in range(1, steps + 1)]
+# The starting weights' fingerprint, with the first step, as a real run logs it (FAKE_FINGERPRINT: another build).
+rows[0]["model/fingerprint"] = os.environ.get("FAKE_FINGERPRINT", "0123456789abcdef")
 if not probe:
     rows = [{"step": 0, "eval/pass@1": 0.5, "eval/maj@16": 0.7}, *rows[:-1],
             rows[-1] | {"eval/pass@1": 0.5 + gain, "eval/maj@16": 0.7 + gain}]
@@ -179,3 +183,22 @@ def test_an_archive_keeps_finished_runs_across_machines_and_the_reports_read_it(
     assert "18 runs, 3 arms" in (rep / "arms.md").read_text()
     assert json.loads((rep / "probes" / "collapse.json").read_text())["spearman"] == pytest.approx(1.0)
     assert not (tmp_path / "sweep" / "report").exists()
+
+
+def test_another_machines_build_of_a_warm_start_stays_out_of_the_archive(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    first = _sweep(tmp_path, ARCHIVE=str(archive), WARMSTARTS="0:0 1:1", SEEDS="0")
+    assert first.returncode == 0, first.stderr + first.stdout
+    n = len(_calls(tmp_path))  # 2 probes, 3 arms x 2 warm starts
+    # Another machine continues the sweep with a second seed; its builds have other weights.
+    shutil.rmtree(tmp_path / "sweep")
+    again = _sweep(tmp_path, ARCHIVE=str(archive), WARMSTARTS="0:0 1:1", SEEDS="0 1",
+                   FAKE_FINGERPRINT="fedcba9876543210")
+    assert again.returncode == 0, again.stderr + again.stdout
+    # One run per warm start finds out, says so, and is not archived; the warm start's other runs are skipped.
+    assert len(_calls(tmp_path)) == n + 2
+    warned = [x for x in again.stdout.splitlines() if x.startswith("!! ")]
+    assert len(warned) == 2 and all("fedcba9876543210" in x and "0123456789abcdef" in x for x in warned)
+    assert again.stdout.count("skipped (this machine's build") == 4
+    assert not list(archive.glob("demo_hard/*_s1"))
+    assert "6 runs, 3 arms" in (archive / "report" / "demo_hard" / "arms.md").read_text()

@@ -6,6 +6,7 @@ obscure message: a missing dir, a missing tokenizer, an unsupported head_dim.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -51,3 +52,25 @@ def check_model_dir(path: Path) -> None:
     head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads else None)
     if head_dim is not None and head_dim < 32:
         raise ModelError(f"model dir {path}: head_dim={head_dim} is below 32, which vLLM's attention does not support")
+
+
+def weights_fingerprint(model_path: str) -> str | None:
+    """The first 16 hex digits of a sha256 over a local model dir's weight files (names and bytes, sorted).
+
+    Two runs with the same fingerprint started from the same weights. The
+    tiny models are built where they run, and the same recipe gives other
+    weights on another CPU (its float rounding), so runs that a report puts
+    side by side as one warm start must agree on it. None for a hub id or a
+    dir without safetensors/bin weights.
+    """
+    path = Path(model_path)
+    files = sorted(f for f in path.glob("*") if f.suffix in (".safetensors", ".bin")) if path.is_dir() else []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]

@@ -15,6 +15,8 @@ Under it, the guard's record: every run where it fired or maj@N fell by `MAJ_FAL
 steps between the firing and that fall (the warning's lead) and the runs it
 fired on that ended up gaining (false alarms). The plot (`arms.png`) draws each
 arm's mean eval pass@1 over steps with a band from its worst to its best seed.
+Runs of one warm start must have started from the same weights
+(`model/fingerprint`), or it stops with one line naming two of them.
 It only reads run dirs; it never starts a run.
 """
 
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ttrl.metrics.logger import arm_name
-from ttrl.report.collapse import run_collapse
+from ttrl.report.collapse import one_weights_per_warm_start, run_collapse
 from ttrl.report.plots import arms_bands
 from ttrl.report.runs import (
     CompareError,
@@ -221,7 +223,9 @@ def arms_report(run_dirs: list[Path], out: Path, limits: dict[str, Any] | None =
     `limits` (safety keys) change only the replayed collapse step, not the
     guard's record, which is what each run's own guard logged.
     """
-    table = [run_row(load_run(d), limits) for d in expand_run_dirs(list(run_dirs))]
+    runs = [load_run(d) for d in expand_run_dirs(list(run_dirs))]
+    one_weights_per_warm_start(runs)
+    table = [run_row(r, limits) for r in runs]
     summary = summarize(table)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "arms.md"

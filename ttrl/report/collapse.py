@@ -22,7 +22,10 @@ before and after where the run evaluated both. With `--against RUN...`
 runs' median collapse step beside the median pass@1 gain of the `--against`
 runs, and Spearman's rank correlation between the two over the warm starts
 that have both (a run that never collapsed ranks above every run that did,
-at its steps + 1). Writes collapse.md and collapse.json; only reads run dirs.
+at its steps + 1). Runs of one warm start, probes and `--against` runs alike,
+must have started from the same weights (`model/fingerprint`, a build on
+another CPU differs), or it stops with one line naming two of them. Writes
+collapse.md and collapse.json; only reads run dirs.
 
 The cheap command that makes a probe run is `ttrl-train experiment=<bed>
 debug=collapse_probe [reward=...]` (conf/debug/collapse_probe.yaml).
@@ -116,6 +119,32 @@ def warm_start(cfg: dict[str, Any]) -> str:
     return f"tiny-arith {tiny.get('seed')}:{ws.get('seed')} #{tag}"
 
 
+def fingerprint(run: dict[str, Any]) -> str | None:
+    """The run's starting weights' fingerprint (`model/fingerprint`, logged with its first step), if it has one."""
+    return next((r["model/fingerprint"] for r in run["rows"] if isinstance(r.get("model/fingerprint"), str)), None)
+
+
+def one_weights_per_warm_start(runs: list[dict[str, Any]]) -> None:
+    """Raise CompareError when two runs of one warm start (`warm_start`) started from different weights.
+
+    A warm start is built where it runs, and the same recipe and seeds give
+    other weights on another CPU, so a sweep continued on another machine
+    would put two models under one name. Runs logged before fingerprints
+    existed are not checked.
+    """
+    seen: dict[str, tuple[str, str]] = {}
+    for run in runs:
+        fp = fingerprint(run)
+        if fp is None:
+            continue
+        ws = warm_start(run["config"])
+        first = seen.setdefault(ws, (fp, str(run["dir"])))
+        if first[0] != fp:
+            raise CompareError(
+                f"{run['dir']} and {first[1]} are both warm start {ws} but started from different weights "
+                f"(model/fingerprint {fp} and {first[0]}): built on different machines? Report them apart")
+
+
 def run_collapse(run: dict[str, Any], limits: dict[str, Any] | None = None) -> dict[str, Any]:
     """One run's collapse step and outcome, from a `load_run` dict (its dir must hold votes.jsonl);
     `limits` over the run's own safety limits."""
@@ -188,11 +217,13 @@ def markdown(table: list[dict], per_ws: list[dict] | None = None, rho: float | N
 def collapse_report(run_dirs: list[Path], out: Path, against: list[Path] | None = None,
                     limits: dict[str, Any] | None = None) -> Path:
     """Write collapse.md and collapse.json into `out`; return the table's path."""
-    table = [run_collapse(load_run(d), limits) for d in expand_run_dirs(list(run_dirs))]
+    runs = [load_run(d) for d in expand_run_dirs(list(run_dirs))]
+    others = [load_run(d) for d in expand_run_dirs(list(against))] if against else []
+    one_weights_per_warm_start(runs + others)
+    table = [run_collapse(r, limits) for r in runs]
     per_ws, rho = None, None
     if against:
-        outcomes = [run_collapse(load_run(d)) for d in expand_run_dirs(list(against))]
-        per_ws, rho = by_warm_start(table, outcomes)
+        per_ws, rho = by_warm_start(table, [run_collapse(r) for r in others])
     out.mkdir(parents=True, exist_ok=True)
     md = out / "collapse.md"
     md.write_text(f"# ttrl-compare --collapse-step: {len(table)} runs\n\n{markdown(table, per_ws, rho)}")

@@ -7,7 +7,9 @@ seed and arm (ttrl, oracle, random, from `reward.name`), eval pass@1 and
 maj@N before and after, pseudo-label accuracy over its first and last steps,
 the collapse guard's verdict, and whether it meets the demo's bar; then the
 summary over label-free runs (median, spread, worst) beside the oracle and
-the random control. It only reads run dirs.
+the random control. Runs of one warm start must have started from the same
+weights (`model/fingerprint`), or it stops with one line naming two of them.
+It only reads run dirs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ttrl.report.collapse import one_weights_per_warm_start
 from ttrl.report.plots import grid_before_after
 from ttrl.report.runs import expand_run_dirs, load_run, maj_key_of, without_nan
 
@@ -144,6 +147,7 @@ def plot(table: list[dict], out: Path) -> Path:
 def grid_report(paths: list[Path], out: Path, replay_guard: bool = False) -> Path:
     """Write grid.md, grid.json and grid.png into `out`; return the table's path."""
     runs = [load_run(d) for d in expand_run_dirs(paths)]
+    one_weights_per_warm_start(runs)
     table = [run_row(r, replay_guard) for r in runs]
     summary = summarize(table)
     out.mkdir(parents=True, exist_ok=True)

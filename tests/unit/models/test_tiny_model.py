@@ -88,3 +88,24 @@ def test_the_cache_is_an_absolute_dir_and_an_empty_ttrl_cache_is_the_default(tmp
     assert actor_env("cpu")["TTRL_CACHE"] == str(tmp_path / "rel" / "cache")
     monkeypatch.delenv("TTRL_CACHE")
     assert "TTRL_CACHE" not in actor_env("cpu")
+
+
+def test_weights_fingerprint_names_the_weights_not_the_dir(tmp_path):
+    from ttrl.models.resolve import weights_fingerprint
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d, data in ((a, b"\x00\x01weights"), (b, b"\x00\x01weights"), (c, b"\x00\x02weights")):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(data)
+        (d / "config.json").write_text("{}")
+    fa = weights_fingerprint(str(a))
+    assert fa is not None and len(fa) == 16
+    assert weights_fingerprint(str(b)) == fa  # same bytes elsewhere: same weights
+    assert weights_fingerprint(str(c)) != fa  # one byte apart: other weights
+    (b / "config.json").write_text('{"other": 1}')
+    assert weights_fingerprint(str(b)) == fa  # the config is not the weights
+    (b / "model.safetensors").rename(b / "model-00001.safetensors")
+    assert weights_fingerprint(str(b)) != fa  # another file layout is another checkpoint
+    (tmp_path / "empty").mkdir()
+    assert weights_fingerprint(str(tmp_path / "empty")) is None
+    assert weights_fingerprint("Qwen/Qwen2.5-0.5B") is None  # a hub id: nothing local to hash

@@ -15,18 +15,22 @@ pytestmark = pytest.mark.unit
 
 
 def make_run(root: Path, name: str, arm: str, seed: int, evals: list[tuple[int, float, float]],
-             labels: list[float], fired: int | None = None, drift_from: int | None = None) -> Path:
+             labels: list[float], fired: int | None = None, drift_from: int | None = None,
+             fingerprint: str | None = None, tiny_seed: int = 0) -> Path:
     """A finished run: evals (step, pass@1, maj@16), one label accuracy per step, the guard's firing step,
     and votes on 4 prompts that move off their first vote from step `drift_from` on (None: they hold)."""
     d = root / name
     d.mkdir(parents=True)
     steps = len(labels)
     cfg = {"seed": seed, "trainer": {"total_steps": steps}, "logger": {"wandb": {"job_type": arm}},
-           "model": {"path": "tiny-arith", "tiny": {"seed": 0}, "warmstart": {"seed": 0}}, "safety": {"window": 3}}
+           "model": {"path": "tiny-arith", "tiny": {"seed": tiny_seed}, "warmstart": {"seed": 0}},
+           "safety": {"window": 3}}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     rows = [{"step": s, "label/accuracy": a} for s, a in enumerate(labels, start=1)]
     if fired is not None:
         rows[fired - 1]["safety/collapse_step"] = fired
+    if fingerprint is not None:  # the run logs its starting weights' fingerprint with its first step
+        rows[0]["model/fingerprint"] = fingerprint
     rows += [{"step": s, "eval/pass@1": p, "eval/maj@16": m} for s, p, m in evals]
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     votes = [{"step": 0, "id": f"p{i}", "label": "7", "ratio": 0.8, "classes": 2} for i in range(4)]
@@ -104,3 +108,32 @@ def test_an_archived_run_with_gzipped_jsonl_reads_the_same(tmp_path: Path) -> No
     a = arms_report([plain], tmp_path / "a").read_text()
     b = arms_report([packed], tmp_path / "b").read_text()
     assert a.replace(str(plain), "X") == b.replace(str(packed), "X") and "3 (held" not in a and "| 3 |" in a
+
+
+def test_runs_of_one_warm_start_from_different_weights_are_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    from ttrl.report.collapse import collapse_report
+    from ttrl.report.runs import CompareError
+
+    evals, labels = [(0, 0.4, 0.7), (20, 0.5, 0.7)], [0.5] * 20
+    ok, mixed = tmp_path / "ok", tmp_path / "mixed"
+    # One warm start (0:0) twice from the same weights, a run from before fingerprints, and another warm start
+    # (1:0) from other weights: one table.
+    make_run(ok, "majority_vote_s0", "majority_vote", 0, evals, labels, fingerprint="aaaa")
+    make_run(ok, "random_s0", "random", 0, evals, labels, fingerprint="aaaa")
+    make_run(ok, "ground_truth_s0", "ground_truth", 0, evals, labels)
+    make_run(ok, "majority_vote_ws1_s0", "majority_vote", 0, evals, labels, fingerprint="cccc", tiny_seed=1)
+    assert "4 runs" in arms_report([ok], tmp_path / "r1").read_text()
+    # The same warm start's name over two sets of weights (a sweep continued on another CPU): refused.
+    make_run(mixed, "majority_vote_s0", "majority_vote", 0, evals, labels, fingerprint="aaaa")
+    make_run(mixed, "majority_vote_s1", "majority_vote", 1, evals, labels, fingerprint="bbbb")
+    for report in (lambda: arms_report([mixed], tmp_path / "r2"),
+                   lambda: collapse_report([mixed / "majority_vote_s0"], tmp_path / "r3",
+                                           against=[mixed / "majority_vote_s1"])):
+        with pytest.raises(CompareError, match="different weights") as err:
+            report()
+        assert "aaaa" in str(err.value) and "bbbb" in str(err.value) and "majority_vote_s" in str(err.value)
+    assert not (tmp_path / "r2").exists()  # nothing written
+    # The command says it in one line and exits 2.
+    with pytest.raises(SystemExit) as code:
+        main([str(mixed), "--arms", "--out", str(tmp_path / "r4")])
+    assert code.value.code == 2 and "different weights" in capsys.readouterr().err
