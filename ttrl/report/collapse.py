@@ -138,7 +138,10 @@ def one_weights_per_warm_start(runs: list[dict[str, Any]]) -> None:
         if fp is None:
             continue
         ws = warm_start(run["config"])
-        first = seen.setdefault(ws, (fp, str(run["dir"])))
+        model = run["config"].get("model") or {}
+        # The untrained tiny model is named by its path alone in the tables; its shape and seed tell builds apart.
+        key = ws + (json.dumps(model.get("tiny"), sort_keys=True, default=str) if model.get("path") == "tiny" else "")
+        first = seen.setdefault(key, (fp, str(run["dir"])))
         if first[0] != fp:
             raise CompareError(
                 f"{run['dir']} and {first[1]} are both warm start {ws} but started from different weights "

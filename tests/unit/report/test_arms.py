@@ -137,3 +137,16 @@ def test_runs_of_one_warm_start_from_different_weights_are_refused_in_one_line(t
     with pytest.raises(SystemExit) as code:
         main([str(mixed), "--arms", "--out", str(tmp_path / "r4")])
     assert code.value.code == 2 and "different weights" in capsys.readouterr().err
+
+
+def test_untrained_tiny_models_of_other_seeds_are_other_models() -> None:
+    from ttrl.report.collapse import one_weights_per_warm_start
+    from ttrl.report.runs import CompareError
+
+    def run(name: str, seed: int, fp: str) -> dict:
+        return {"dir": name, "rows": [{"step": 1, "model/fingerprint": fp}],
+                "config": {"model": {"path": "tiny", "tiny": {"seed": seed, "hidden_size": 128}}}}
+
+    one_weights_per_warm_start([run("a", 0, "aaaa"), run("b", 1, "bbbb"), run("c", 0, "aaaa")])
+    with pytest.raises(CompareError, match="different weights"):
+        one_weights_per_warm_start([run("a", 0, "aaaa"), run("c", 0, "cccc")])
