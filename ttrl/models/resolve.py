@@ -54,23 +54,33 @@ def check_model_dir(path: Path) -> None:
         raise ModelError(f"model dir {path}: head_dim={head_dim} is below 32, which vLLM's attention does not support")
 
 
-def weights_fingerprint(model_path: str) -> str | None:
+def weights_fingerprint(model_path: str, whole_up_to: int = 64 << 20) -> str | None:
     """The first 16 hex digits of a sha256 over a local model dir's weight files (names and bytes, sorted).
 
     Two runs with the same fingerprint started from the same weights. The
     tiny models are built where they run, and the same recipe gives other
     weights on another CPU (its float rounding), so runs that a report puts
-    side by side as one warm start must agree on it. None for a hub id or a
-    dir without safetensors/bin weights.
+    side by side as one warm start must agree on it. Weights over
+    `whole_up_to` bytes in all (a real checkpoint: reading 15 GB would cost
+    a start-up half a minute) are hashed by their names, sizes and first and
+    last MiB. None for a hub id or a dir without safetensors/bin weights.
     """
     path = Path(model_path)
     files = sorted(f for f in path.glob("*") if f.suffix in (".safetensors", ".bin")) if path.is_dir() else []
     if not files:
         return None
+    whole = sum(f.stat().st_size for f in files) <= whole_up_to
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
         with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+            if whole:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            else:
+                size = f.stat().st_size
+                h.update(f"\0{size}\0".encode())
+                h.update(fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                h.update(fh.read(1 << 20))
     return h.hexdigest()[:16]

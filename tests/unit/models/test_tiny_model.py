@@ -109,3 +109,13 @@ def test_weights_fingerprint_names_the_weights_not_the_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     assert weights_fingerprint(str(tmp_path / "empty")) is None
     assert weights_fingerprint("Qwen/Qwen2.5-0.5B") is None  # a hub id: nothing local to hash
+    # A big checkpoint is sampled (names, sizes, first and last MiB), not read whole: a change at either end shows.
+    big = tmp_path / "big"
+    big.mkdir()
+    data = bytearray(3 << 20)
+    (big / "model.safetensors").write_bytes(bytes(data))
+    sampled = weights_fingerprint(str(big), whole_up_to=1 << 20)
+    assert sampled is not None and sampled != weights_fingerprint(str(big))
+    data[-1] = 1
+    (big / "model.safetensors").write_bytes(bytes(data))
+    assert weights_fingerprint(str(big), whole_up_to=1 << 20) != sampled
