@@ -84,18 +84,23 @@ fingerprint() {  # fingerprint <metrics.jsonl[.gz]>: the model/fingerprint its r
 
 declare -A OTHER_WEIGHTS=()  # <bed>/<ws>: this machine's build of that warm start is not the archive's
 
+warm_key() {  # warm_key <run dir>: <bed>/ws<m>-<d>, the bed and warm start a run or probe dir belongs to
+  local rel=${1#"$OUT"/}
+  echo "${rel%%/*}/$(basename "$1" | grep -o 'ws[0-9]*-[0-9]*')"
+}
+
 keep() {  # keep <run dir>: archive it, unless it started from other weights than the archive's runs of its warm start
-  local rel=${1#"$OUT"/} ws mine theirs f
-  ws=$(basename "$1" | grep -o 'ws[0-9]*-[0-9]*')
+  local key bed ws mine theirs f
+  key=$(warm_key "$1"); bed=${key%%/*}; ws=${key#*/}
   mine=$(fingerprint "$1/metrics.jsonl")
   if [ -n "$ARCHIVE" ] && [ -n "$mine" ]; then
-    for f in "$ARCHIVE/${rel%%/*}"/*_"${ws}"_s*/metrics.jsonl.gz "$ARCHIVE/${rel%%/*}/probes/probe_${ws}/metrics.jsonl.gz"; do
+    for f in "$ARCHIVE/$bed"/*_"${ws}"_s*/metrics.jsonl.gz "$ARCHIVE/$bed/probes/probe_${ws}/metrics.jsonl.gz"; do
       [ -f "$f" ] || continue
       theirs=$(fingerprint "$f")
       if [ -n "$theirs" ] && [ "$theirs" != "$mine" ]; then
-        echo "!! $1 started from weights $mine, the archive's ${rel%%/*} runs of $ws from $theirs (another" \
+        echo "!! $1 started from weights $mine, the archive's $bed runs of $ws from $theirs (another" \
           "machine's build): not archived; $ws's other runs are skipped here (run them where $theirs was built)"
-        OTHER_WEIGHTS["${rel%%/*}/$ws"]=1
+        OTHER_WEIGHTS["$key"]=1
         return 0
       fi
     done
@@ -104,13 +109,13 @@ keep() {  # keep <run dir>: archive it, unless it started from other weights tha
 }
 
 run() {  # run <run dir> <done test: full|probe> <ttrl-train arguments...>
-  local dir=$1 kind=$2 rel=${1#"$OUT"/}
+  local dir=$1 kind=$2
   shift 2
   if [ "$DRY_RUN" = 1 ]; then echo "${BIN}ttrl-train $* hydra.run.dir=$dir"; return 0; fi
-  if [ -n "$ARCHIVE" ] && [ -f "$ARCHIVE/$rel/config.yaml" ]; then
+  if [ -n "$ARCHIVE" ] && [ -f "$ARCHIVE/${dir#"$OUT"/}/config.yaml" ]; then
     echo "== $dir: archived already"; return 0
   fi
-  if [ -n "${OTHER_WEIGHTS["${rel%%/*}/$(basename "$dir" | grep -o 'ws[0-9]*-[0-9]*')"]:-}" ]; then
+  if [ -n "${OTHER_WEIGHTS[$(warm_key "$dir")]:-}" ]; then
     echo "== $dir: skipped (this machine's build of its warm start is not the archive's)"; return 0
   fi
   if done_in "$dir" "$kind"; then

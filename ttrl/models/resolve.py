@@ -69,16 +69,16 @@ def weights_fingerprint(model_path: str, whole_up_to: int = 64 << 20) -> str | N
     files = sorted(f for f in path.glob("*") if f.suffix in (".safetensors", ".bin")) if path.is_dir() else []
     if not files:
         return None
-    whole = sum(f.stat().st_size for f in files) <= whole_up_to
+    sizes = [f.stat().st_size for f in files]
+    whole = sum(sizes) <= whole_up_to
     h = hashlib.sha256()
-    for f in files:
+    for f, size in zip(files, sizes):
         h.update(f.name.encode())
         with f.open("rb") as fh:
             if whole:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
             else:
-                size = f.stat().st_size
                 h.update(f"\0{size}\0".encode())
                 h.update(fh.read(1 << 20))
                 fh.seek(max(0, size - (1 << 20)))
