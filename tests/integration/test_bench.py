@@ -28,7 +28,7 @@ def test_quick_bench_writes_every_ratio(tmp_path):
     out = tmp_path / "bench"
     env = {**os.environ, "CI": "true", "TTRL_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "ttrl.bench", "--quick", "--skip",
-           "labeling,scaling,overlap,sync_large,sync_large_ipc,serve_guard,lora_large,lora_demo",
+           "labeling,scaling,scaling_recipe,overlap,sync_large,sync_large_ipc,serve_guard,lora_large,lora_demo",
            "--set", "model.warmstart.steps=30", "--set", "model.warmstart.target_maj=null", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1100, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

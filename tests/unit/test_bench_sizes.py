@@ -1,10 +1,11 @@
-"""make bench's sync_large section: the model it syncs is the size it claims (composed, not built)."""
+"""make bench's sizes: sync_large's model is the size it claims; the recipe scaling's steps compose (not built)."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.conftest import compose_config
+from ttrl.bench.__main__ import recipe_scaling_points, sizes
 from ttrl.bench.suite import LARGE_LAYER_BYTES, sync_large_overrides
 
 pytestmark = pytest.mark.unit
@@ -29,3 +30,18 @@ def test_sync_large_model_has_at_least_the_asked_size_and_two_engines(mib, path)
     # The colocated path feeds engine i from rank i: one rank per engine there.
     assert (cfg.trainer.num_workers, cfg.rollout.weight_sync) == ((1, "auto") if path == "ray" else (2, "ipc"))
     assert cfg.model.dtype == "float32" and cfg.algorithm.kl_coef == 0  # fp32 bytes; no reference model
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_recipe_scaling_keeps_the_share_trained_and_every_point_composes(quick):
+    # Each point starts a cluster of its own: a vote count whose rows do not split into the ranks'
+    # micro-batches would fail there, minutes into the bench, instead of here.
+    n_prompts, votes, n_train, _ = sizes(quick)
+    points = recipe_scaling_points(quick)
+    assert [v for v, _ in points] == ([8, 16, 32] if quick else [8, 16, 32, 64])
+    assert (votes, n_train) in points  # the bench's own step is one of them
+    for v, k in points:
+        assert k * votes == v * n_train  # the share trained is the step's (8 of 16)
+        cfg = compose_config("experiment=demo", f"data.prompts_per_step={n_prompts}", f"rollout.n_votes={v}",
+                             f"rollout.n_train={k}", "trainer.micro_batch_size=32")
+        assert (cfg.rollout.n_votes, cfg.rollout.n_train) == (v, k)

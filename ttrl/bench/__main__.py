@@ -2,7 +2,7 @@
 
     python -m ttrl.bench                 # the tiny CPU model, the default sizes
     python -m ttrl.bench --quick         # smaller sizes (a few minutes)
-    python -m ttrl.bench --skip trl      # leave out sections (rollout,labeling,sync,trl,scaling,memory,overlap,sync_large,sync_large_ipc,serve_guard,startup,lora_large,lora_demo)
+    python -m ttrl.bench --skip trl      # leave out sections (rollout,labeling,sync,trl,scaling,scaling_recipe,memory,overlap,sync_large,sync_large_ipc,serve_guard,startup,lora_large,lora_demo)
     python -m ttrl.bench --sync-large-mib 2048   # sync_large: a 2 GiB model through the Ray weight path
     python -m ttrl.bench --set model=qwen2.5-math-1.5b --set device=cuda   # any model/device (Hydra overrides)
 
@@ -14,7 +14,10 @@ Sizes (default / --quick): 32 / 16 prompts per step, 16 votes, 8 kept for
 training, 40 new tokens. The TRL comparison trains on every sample on both
 sides (ttrl with n_votes = n_train = 8, TRL with num_generations = 8); TRL
 runs after ttrl's cluster is shut down, in a process of its own
-(ttrl/bench/trl_step.py), so each side has the machine to itself. Equal work
+(ttrl/bench/trl_step.py), so each side has the machine to itself. The votes'
+scaling (scaling_recipe) keeps that share trained, 8 of 16, from 8 to 64
+votes, one cluster per vote count (the trainer's batch is fixed at its
+start); `scaling` keeps n_train at 8 in the shared cluster. Equal work
 includes equal precision: TRL's colocated vLLM loads the fp32 checkpoint in
 vLLM's "auto" dtype (bf16 on an x86 CPU), so the full bench runs ttrl's
 engines in that dtype too (`bench.engine_dtype`; ttrl's own CPU default is
@@ -38,9 +41,10 @@ from typing import Any
 from ttrl.metrics import column_mean
 
 SECTIONS = ("rollout", "labeling", "token_stats", "sync", "trl", "scaling", "memory", "overlap", "sync_large",
-            "sync_large_ipc", "serve_guard", "startup", "lora_large", "lora_demo")
+            "sync_large_ipc", "serve_guard", "startup", "lora_large", "lora_demo", "scaling_recipe")
 # Sections that start clusters (or processes) of their own, before the tiny model's.
-OWN_CLUSTER = {"sync_large", "sync_large_ipc", "serve_guard", "startup", "lora_large", "lora_demo"}
+OWN_CLUSTER = {"sync_large", "sync_large_ipc", "serve_guard", "startup", "lora_large", "lora_demo",
+               "scaling_recipe"}
 
 
 def _compose(overrides: list[str]):
@@ -66,6 +70,17 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def sizes(quick: bool) -> tuple[int, int, int, int]:
+    """Prompts per step, votes, samples trained, new tokens: the bench's step (see the module's opening)."""
+    return (16, 16, 8, 40) if quick else (32, 16, 8, 40)
+
+
+def recipe_scaling_points(quick: bool) -> list[tuple[int, int]]:
+    """(n_votes, n_train) of the scaling_recipe section: the votes grow, the share trained stays the step's."""
+    _, votes, n_train, _ = sizes(quick)
+    return [(v, max(1, round(v * n_train / votes))) for v in ((8, 16, 32) if quick else (8, 16, 32, 64))]
 
 
 def _steps(ctx: Any, cfg: Any, prompts: list, sampler: Any, n: int, overlap: bool) -> list[dict]:
@@ -98,7 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ttrl.step import StepContext, StepOptions, rollout
 
     quick = args.quick
-    n_prompts, votes, n_train, max_tok = (16, 16, 8, 40) if quick else (32, 16, 8, 40)
+    n_prompts, votes, n_train, max_tok = sizes(quick)
     base = ["experiment=demo", "eval.at_start=false", "eval.at_end=false", "eval.every_n_steps=0",
             f"data.prompts_per_step={n_prompts}", f"rollout.n_votes={votes}", f"rollout.n_train={n_train}",
             f"rollout.max_new_tokens={max_tok}", "trainer.micro_batch_size=32", "logger.progress=false",
@@ -166,6 +181,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     section("lora_large", lora_large)
     section("lora_demo", lora_demo)
+
+    def scaling_recipe() -> dict[str, Any]:
+        # The votes per prompt as a recipe scales them: the share trained stays the configured one
+        # (n_train / n_votes: 8 of 16 here, TTRL's 32 of 64), so every phase's work grows with the votes
+        # and the slope below 1 is what does not: a step's fixed costs. The trainer's rows per optimizer
+        # step are fixed when its ranks start, so each vote count gets a cluster of its own.
+        out, xs, ys, gs, ts = {}, [], [], [], []
+        for v, k in recipe_scaling_points(quick):
+            c = _compose([*base, f"rollout.n_votes={v}", f"rollout.n_train={k}"])
+            parts = build_parts(c)
+            rt_v = parts.start_runtime(total_opt_steps=1000)
+            try:
+                ctx_v = StepContext(rt_v, parts.reward, parts.tokenizer, StepOptions.from_config(c), random.Random(0))
+                smp = PromptSampler(len(parts.prompts), c.data.prompts_per_step, True, 0)
+                _steps(ctx_v, c, parts.prompts, smp, 1, overlap=False)  # warm-up at this size
+                rows = _steps(ctx_v, c, parts.prompts, smp, 2 if quick else 3, overlap=False)
+            finally:
+                parts.close()
+            tokens = statistics.mean(r["rollout/tokens_per_s"] * r["timing/generate"] for r in rows)
+            step_s, gen_s, train_s = (column_mean(rows, f"timing/{p}") for p in ("step", "generate", "train"))
+            out |= {f"scaling.votes_{v}.step_s": step_s, f"scaling.votes_{v}.generate_s": gen_s,
+                    f"scaling.votes_{v}.train_s": train_s, f"scaling.votes_{v}.tokens": tokens,
+                    f"scaling.votes_{v}.n_train": k}
+            xs.append(tokens)
+            ys.append(step_s)
+            gs.append(gen_s)
+            ts.append(train_s)
+        return out | {"scaling.votes_exponent": suite.loglog_slope(xs, ys),
+                      "scaling.recipe_generate_exponent": suite.loglog_slope(xs, gs),
+                      "scaling.train_exponent": suite.loglog_slope(xs, ts),
+                      "scaling._points": json.dumps(list(zip(xs, ys, gs)))}
+
+    section("scaling_recipe", scaling_recipe)
     if not set(SECTIONS) - OWN_CLUSTER - args.skip:
         return res
     setup = build_parts(cfg)
@@ -247,26 +295,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             section("overlap", overlap)
 
             def scaling():
+                # The votes per prompt with n_train fixed: only the rollout and the vote grow; the update
+                # is the same work at every vote count, so this slope stays below 1 however lean the loop
+                # (reported, not a target). The recipe's sweep (scaling_recipe) scales n_train too.
                 r = cfg.rollout
                 out, xs, ys, gs = {}, [], [], []
                 for v in ((8, 16, 32) if quick else (8, 16, 32, 64)):
                     r.n_votes = v
+                    _steps(ctx, cfg, prompts, sampler, 1, overlap=False)  # warm-up at this size
                     rows = _steps(ctx, cfg, prompts, sampler, 2, overlap=False)
                     tokens = statistics.mean(r["rollout/tokens_per_s"] * r["timing/generate"] for r in rows)
                     step_s, gen_s = column_mean(rows, "timing/step"), column_mean(rows, "timing/generate")
-                    out[f"scaling.votes_{v}.step_s"] = step_s
-                    out[f"scaling.votes_{v}.generate_s"] = gen_s
-                    out[f"scaling.votes_{v}.train_s"] = column_mean(rows, "timing/train")
-                    out[f"scaling.votes_{v}.tokens"] = tokens
+                    out[f"scaling.fixed_train.votes_{v}.step_s"] = step_s
+                    out[f"scaling.fixed_train.votes_{v}.generate_s"] = gen_s
+                    out[f"scaling.fixed_train.votes_{v}.train_s"] = column_mean(rows, "timing/train")
+                    out[f"scaling.fixed_train.votes_{v}.tokens"] = tokens
                     xs.append(tokens)
                     ys.append(step_s)
                     gs.append(gen_s)
                 r.n_votes = votes
-                out["scaling.votes_exponent"] = suite.loglog_slope(xs, ys)
-                # The rollout's own slope: n_train stays fixed, so the update is work that by design does not
-                # grow with the votes; the generate phase alone shows the per-step overheads of sampling.
+                out["scaling.votes_fixed_train_exponent"] = suite.loglog_slope(xs, ys)
+                # The rollout's own slope, the one that shows sampling's per-step overheads.
                 out["scaling.generate_exponent"] = suite.loglog_slope(xs, gs)
-                out["scaling._points"] = json.dumps(list(zip(xs, ys, gs)))
+                out["scaling._fixed_train_points"] = json.dumps(list(zip(xs, ys)))
                 return out
 
             section("scaling", scaling)
@@ -325,7 +376,10 @@ def report(res: dict[str, Any], out_dir: Path) -> None:
                ("token_stats_vs_generate", "< 1"), ("sync_share", "small"), ("sync_vs_memcpy", "near 1"), ("step_vs_trl", "< 1"),
                ("step_vs_trl_overlap", "< 1"), ("sync_large_vs_memcpy", ">= 0.3"), ("sync_large_store_ratio", "<= 1.2"),
                ("sync_large_ipc_vs_memcpy", "reported"), ("sync_large_ipc_store_ratio", "~0"),
-               ("scaling.votes_exponent", "~1 (linear)"), ("scaling.generate_exponent", "~1 (the rollout alone)"),
+               ("scaling.votes_exponent", "~1 (n_train grows with the votes)"),
+               ("scaling.train_exponent", "~1 (its update alone)"),
+               ("scaling.generate_exponent", "~1 (the rollout alone)"),
+               ("scaling.votes_fixed_train_exponent", "reported (n_train fixed: < 1 by design)"),
                ("overlap_speedup", "> 1"),
                ("lora_sync_bytes_ratio", "<= 0.02"), ("lora_sync_vs_full", "<= 0.1"),
                ("lora_step_vs_full", "reported"),
@@ -349,8 +403,11 @@ def report(res: dict[str, Any], out_dir: Path) -> None:
 
         xy = json.loads(pts)
         fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-        ax.loglog([p[0] for p in xy], [p[1] for p in xy], "o-", label="ttrl step")
+        ax.loglog([p[0] for p in xy], [p[1] for p in xy], "o-", label="ttrl step (n_train grows with the votes)")
         ax.loglog([p[0] for p in xy], [p[2] for p in xy], "s--", label="its generate phase")
+        fixed = json.loads(res.get("scaling._fixed_train_points") or "[]")
+        if fixed:
+            ax.loglog([p[0] for p in fixed], [p[1] for p in fixed], "^:", label="the step with n_train fixed")
         ax.legend()
         ax.set_xlabel("generated tokens per step")
         ax.set_ylabel("seconds per step")
