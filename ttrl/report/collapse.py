@@ -92,7 +92,8 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
 
 
 def warm_start(cfg: dict[str, Any]) -> str:
-    """Which starting model a run trained: model.path, and for the built tiny-arith its seeds and recipe.
+    """Which starting model a run trained: model.path; for the untrained tiny its seed and shape; for the
+    built tiny-arith its seeds and recipe.
 
     The recipe's tag is the build's own cache name (`tiny-arith-<hash>`), so
     runs of one warm start match across code versions whose configs gained
@@ -102,6 +103,12 @@ def warm_start(cfg: dict[str, Any]) -> str:
     """
     model = cfg.get("model") or {}
     path = str(model.get("path"))
+    if path == "tiny":
+        # The untrained tiny model: its seed and shape make it, so runs of two seeds are two warm starts.
+        tiny = dict(model.get("tiny") or {})
+        seed = tiny.pop("seed", None)
+        shape = hashlib.sha1(json.dumps(tiny, sort_keys=True, default=str).encode()).hexdigest()[:6]
+        return f"tiny {seed} #{shape}"
     if path != "tiny-arith":
         return path
     tiny, ws = model.get("tiny") or {}, model.get("warmstart") or {}
@@ -138,10 +145,7 @@ def one_weights_per_warm_start(runs: list[dict[str, Any]]) -> None:
         if fp is None:
             continue
         ws = warm_start(run["config"])
-        model = run["config"].get("model") or {}
-        # The untrained tiny model is named by its path alone in the tables; its shape and seed tell builds apart.
-        key = ws + (json.dumps(model.get("tiny"), sort_keys=True, default=str) if model.get("path") == "tiny" else "")
-        first = seen.setdefault(key, (fp, str(run["dir"])))
+        first = seen.setdefault(ws, (fp, str(run["dir"])))
         if first[0] != fp:
             raise CompareError(
                 f"{run['dir']} and {first[1]} are both warm start {ws} but started from different weights "

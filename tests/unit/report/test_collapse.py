@@ -107,6 +107,17 @@ def test_warm_starts_differ_by_seed_and_by_recipe() -> None:
     assert warm_start({"model": {"path": "Qwen/Qwen2.5-Math-1.5B"}}) == "Qwen/Qwen2.5-Math-1.5B"
 
 
+def test_untrained_tiny_models_are_told_apart_by_seed_and_shape() -> None:
+    # Reports group runs by warm start: two seeds of the untrained tiny model are two starting models.
+    def tiny(**kw) -> dict:
+        return {"model": {"path": "tiny", "tiny": {"seed": 0, "hidden_size": 128, "num_layers": 2} | kw}}
+
+    assert warm_start(tiny()).startswith("tiny 0 #")
+    assert warm_start(tiny()) == warm_start(tiny())
+    assert len({warm_start(tiny()), warm_start(tiny(seed=1)), warm_start(tiny(hidden_size=256))}) == 3
+    assert warm_start(tiny(seed=1)).split(" #")[1] == warm_start(tiny()).split(" #")[1]  # the same shape
+
+
 def test_a_run_without_votes_is_one_line_and_exit_2(tmp_path, capsys) -> None:
     d = tmp_path / "r"
     d.mkdir()
