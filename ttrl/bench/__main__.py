@@ -77,10 +77,15 @@ def sizes(quick: bool) -> tuple[int, int, int, int]:
     return (16, 16, 8, 40) if quick else (32, 16, 8, 40)
 
 
+def swept_votes(quick: bool) -> tuple[int, ...]:
+    """The votes per prompt both scaling sections sweep."""
+    return (8, 16, 32) if quick else (8, 16, 32, 64)
+
+
 def recipe_scaling_points(quick: bool) -> list[tuple[int, int]]:
     """(n_votes, n_train) of the scaling_recipe section: the votes grow, the share trained stays the step's."""
     _, votes, n_train, _ = sizes(quick)
-    return [(v, max(1, round(v * n_train / votes))) for v in ((8, 16, 32) if quick else (8, 16, 32, 64))]
+    return [(v, max(1, round(v * n_train / votes))) for v in swept_votes(quick)]
 
 
 def _steps(ctx: Any, cfg: Any, prompts: list, sampler: Any, n: int, overlap: bool) -> list[dict]:
@@ -104,6 +109,17 @@ def _overlapped(rt: Any, ctx: Any, cfg: Any, prompts: list, sampler: Any, n: int
         return _steps(ctx, cfg, prompts, sampler, n, overlap=True)
     finally:
         rt.set_engine_threads(overlap=False)
+
+
+def _fresh_steps(rt: Any, parts: Any, cfg: Any, n: int) -> list[dict]:
+    """n timed sync steps on a cluster of their own, after one untimed warm-up step at the same size."""
+    from ttrl.data.sampler import PromptSampler
+    from ttrl.step import StepContext, StepOptions
+
+    ctx = StepContext(rt, parts.reward, parts.tokenizer, StepOptions.from_config(cfg), random.Random(0))
+    sampler = PromptSampler(len(parts.prompts), cfg.data.prompts_per_step, True, 0)
+    _steps(ctx, cfg, parts.prompts, sampler, 1, overlap=False)
+    return _steps(ctx, cfg, parts.prompts, sampler, n, overlap=False)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -171,10 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def lora_demo() -> dict[str, float]:
         def steps(rt: Any, parts: Any, c: Any) -> list[dict]:
-            ctx = StepContext(rt, parts.reward, parts.tokenizer, StepOptions.from_config(c), random.Random(0))
-            smp = PromptSampler(len(parts.prompts), c.data.prompts_per_step, True, 0)
-            _steps(ctx, c, parts.prompts, smp, 1, overlap=False)  # warm-up
-            return _steps(ctx, c, parts.prompts, smp, 2 if quick else 4, overlap=False)
+            return _fresh_steps(rt, parts, c, 2 if quick else 4)
 
         out = suite.bench_lora(base, "lora_demo", step_fn=steps)
         return out | {"lora_step_vs_full": out["lora_demo.step_vs_full"]}
@@ -193,10 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             parts = build_parts(c)
             rt_v = parts.start_runtime(total_opt_steps=1000)
             try:
-                ctx_v = StepContext(rt_v, parts.reward, parts.tokenizer, StepOptions.from_config(c), random.Random(0))
-                smp = PromptSampler(len(parts.prompts), c.data.prompts_per_step, True, 0)
-                _steps(ctx_v, c, parts.prompts, smp, 1, overlap=False)  # warm-up at this size
-                rows = _steps(ctx_v, c, parts.prompts, smp, 2 if quick else 3, overlap=False)
+                rows = _fresh_steps(rt_v, parts, c, 2 if quick else 3)
             finally:
                 parts.close()
             tokens = statistics.mean(r["rollout/tokens_per_s"] * r["timing/generate"] for r in rows)
@@ -300,7 +310,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # (reported, not a target). The recipe's sweep (scaling_recipe) scales n_train too.
                 r = cfg.rollout
                 out, xs, ys, gs = {}, [], [], []
-                for v in ((8, 16, 32) if quick else (8, 16, 32, 64)):
+                for v in swept_votes(quick):
                     r.n_votes = v
                     _steps(ctx, cfg, prompts, sampler, 1, overlap=False)  # warm-up at this size
                     rows = _steps(ctx, cfg, prompts, sampler, 2, overlap=False)

@@ -107,8 +107,7 @@ def warm_start(cfg: dict[str, Any]) -> str:
         # The untrained tiny model: its seed and shape make it, so runs of two seeds are two warm starts.
         tiny = dict(model.get("tiny") or {})
         seed = tiny.pop("seed", None)
-        shape = hashlib.sha1(json.dumps(tiny, sort_keys=True, default=str).encode()).hexdigest()[:6]
-        return f"tiny {seed} #{shape}"
+        return f"tiny {seed} #{_tag(tiny)}"
     if path != "tiny-arith":
         return path
     tiny, ws = model.get("tiny") or {}, model.get("warmstart") or {}
@@ -121,9 +120,13 @@ def warm_start(cfg: dict[str, Any]) -> str:
 
         tag = spec_hash(warmstart_spec(OmegaConf.create(model), OmegaConf.create(synth)))[:6]
     except Exception:  # noqa: BLE001 -- any key the build needs is missing: fall back to the raw config
-        recipe = json.dumps([tiny, ws, synth.get("terms"), synth.get("digits")], sort_keys=True, default=str)
-        tag = hashlib.sha1(recipe.encode()).hexdigest()[:6]
+        tag = _tag([tiny, ws, synth.get("terms"), synth.get("digits")])
     return f"tiny-arith {tiny.get('seed')}:{ws.get('seed')} #{tag}"
+
+
+def _tag(obj: Any) -> str:
+    """Six hex digits naming a plain config value (dict keys sorted), stable across processes."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
 
 def fingerprint(run: dict[str, Any]) -> str | None:
