@@ -76,6 +76,14 @@ class VLLMEngine:
         self.lora_ops = "vllm"  # which CPU LoRA ops run here: vLLM's own, or ttrl.rollout.lora_cpu_ops
         if args.device == "cpu":
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(args.cpu_kv_cache_gb)))
+            # No torch.compile in a CPU engine. The model already runs eager (enforce_eager), but vLLM
+            # decorates two sampler helpers with torch.compile (inductor), and on CPU their first calls
+            # generated and built C++ kernels: the demo's first eval took 24.6 s where later ones take
+            # 6.4 (2-core AMD EPYC; 10.2 s with inductor's on-disk cache warm). Eager: the first eval
+            # 7.3 s, the same evals and rewards to the last digit. Read when vLLM's modules are imported
+            # (the decorators check it then), so it goes before the import below; the bench's bare vLLM
+            # keeps vLLM's default, so rollout_vs_vllm would show a cost to the steady state.
+            os.environ["TORCHDYNAMO_DISABLE"] = "1"
             if args.cpu_threads > 0:
                 import torch
 
