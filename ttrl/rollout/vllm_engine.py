@@ -81,8 +81,9 @@ class VLLMEngine:
             # generated and built C++ kernels: the demo's first eval took 24.6 s where later ones take
             # 6.4 (2-core AMD EPYC; 10.2 s with inductor's on-disk cache warm). Eager: the first eval
             # 7.3 s, the same evals and rewards to the last digit. Read when vLLM's modules are imported
-            # (the decorators check it then), so it goes before the import below; the bench's bare vLLM
-            # keeps vLLM's default, so rollout_vs_vllm would show a cost to the steady state.
+            # (the decorators check it then), so it goes before the import below, and holds for the rest
+            # of this process (an engine's own, or ttrl-eval's, which compiles nothing else). The bench's
+            # bare vLLM keeps vLLM's default, so rollout_vs_vllm would show a cost to the steady state.
             os.environ["TORCHDYNAMO_DISABLE"] = "1"
             if args.cpu_threads > 0:
                 import torch
