@@ -78,8 +78,8 @@ class VLLMEngine:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(args.cpu_kv_cache_gb)))
             # No torch.compile in a CPU engine. The model already runs eager (enforce_eager), but vLLM
             # decorates two sampler helpers with torch.compile (inductor), and on CPU their first calls
-            # generated and built C++ kernels: the demo's first eval took 24.6 s where later ones take
-            # 6.4 (2-core AMD EPYC; 10.2 s with inductor's on-disk cache warm). Eager: the first eval
+            # generated and built C++ kernels: the demo's first eval took 24.6 s where later ones took
+            # 5.5-6.4 (2-core AMD EPYC; 10.2 s with inductor's on-disk cache warm). Eager: the first eval
             # 7.3 s, the same evals and rewards to the last digit. Read when vLLM's modules are imported
             # (the decorators check it then), so it goes before the import below, and holds for the rest
             # of this process (an engine's own, or ttrl-eval's, which compiles nothing else). The bench's
