@@ -122,6 +122,10 @@ def run_hydra(entry: Callable[[], None], prog: str) -> None:
     # is importable from the directory the command runs in.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    # Before any tensor: the driver builds the warm start and runs in-process engines (ttrl.malloc).
+    from ttrl.malloc import tune_malloc
+
+    tune_malloc()
     try:
         entry()
     except SystemExit:

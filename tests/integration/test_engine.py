@@ -104,6 +104,19 @@ def _train_and_check_sync(overrides, steps=2, path="ray"):
             compiled = ray.get([e.__ray_call__.remote(frames_compiled) for e in rt.engines])
             assert compiled == [0] * len(rt.engines), f"frames torch.compile'd in each engine: {compiled}"
 
+        # Every actor's process started with ttrl's malloc settings (glibc reads them only at a
+        # process's start): its steps reuse freed memory instead of faulting fresh pages in.
+        def malloc_setting(actor_self) -> str | None:
+            import os
+
+            return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+        from ttrl.malloc import TRIM_THRESHOLD, wanted
+
+        if wanted():
+            actors = [*rt.engines, *rt.policy.actors]
+            assert ray.get([a.__ray_call__.remote(malloc_setting) for a in actors]) == [str(TRIM_THRESHOLD)] * len(actors)
+
         # One more update without a sync: the engines now hold stale weights.
         from ttrl.trainer.batch import pack_batch
 

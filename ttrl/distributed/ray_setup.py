@@ -35,6 +35,8 @@ _HELD: str | None = None
 
 def actor_env(device: str) -> dict[str, str]:
     """Environment every actor of the run gets."""
+    from ttrl.malloc import malloc_env
+
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         # vLLM's engine core in the actor's own process (no extra spawn).
@@ -44,6 +46,8 @@ def actor_env(device: str) -> dict[str, str]:
     }
     if device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
+    # glibc reads these when the actor's process starts: its steps reuse freed memory (ttrl.malloc).
+    env.update(malloc_env())
     for key in ("HF_HOME", "HF_HUB_OFFLINE", "WANDB_MODE"):
         if key in os.environ:
             env[key] = os.environ[key]

@@ -1,0 +1,71 @@
+"""glibc malloc settings for ttrl's processes: freed memory is kept for the next step, not handed back.
+
+A training step on CPU allocates and frees the same few tensors of a few MB
+each, hundreds of times a second. With glibc's defaults those blocks go back
+to the kernel when freed (`munmap`, or a trim of the heap's top) and come back
+as fresh pages that the kernel has to zero on first touch: the demo's warm
+start spent 70 of its 475 CPU-seconds in the kernel on a 2-core AMD EPYC.
+Keeping up to `TRIM_THRESHOLD` free at the heap's top, growing the heap
+`TOP_PAD` at a time and serving blocks up to `MMAP_THRESHOLD` (glibc's
+ceiling for it) from the heap took that to 12 s and the build from 241 s to
+216 s, with the same weights to the bit (docs/performance.md, "Start-up").
+
+Two ways in, one set of values: `tune_malloc()` sets them in a process that
+is already running (the drivers of `ttrl-train`, `ttrl-eval`, `ttrl-serve`,
+and a warm-start build), `malloc_env()` is the environment that sets them in
+a process at its start (every Ray actor: rollout engines, trainer ranks).
+
+Must never change a number (it only decides where memory comes from), fail
+a run (no glibc, no `mallopt`: nothing is done), or override what a user
+set: any of glibc's own variables in the environment, or `TTRL_MALLOC=glibc`,
+leaves glibc's defaults alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+# Bytes. mallopt's parameter numbers are glibc's (malloc.h).
+TRIM_THRESHOLD = 256 << 20  # M_TRIM_THRESHOLD (-1)
+TOP_PAD = 64 << 20  # M_TOP_PAD (-2)
+MMAP_THRESHOLD = 32 << 20  # M_MMAP_THRESHOLD (-3); glibc refuses more on 64-bit
+_PARAMS = {-1: TRIM_THRESHOLD, -2: TOP_PAD, -3: MMAP_THRESHOLD}
+_ENV = {"MALLOC_TRIM_THRESHOLD_": TRIM_THRESHOLD, "MALLOC_TOP_PAD_": TOP_PAD,
+        "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+# A user's own choice of any of these wins over ours.
+USER_KEYS = (*_ENV, "GLIBC_TUNABLES")
+
+_done: bool | None = None
+
+
+def wanted(environ: dict[str, str] | None = None) -> bool:
+    """Whether ttrl sets malloc here: not opted out (TTRL_MALLOC=glibc), and no glibc setting of the user's."""
+    env = os.environ if environ is None else environ
+    if env.get("TTRL_MALLOC", "").strip().lower() == "glibc":
+        return False
+    return not any(key in env for key in USER_KEYS)
+
+
+def malloc_env() -> dict[str, str]:
+    """Environment for a child process that sets the same values at its start (empty when not wanted)."""
+    return {key: str(value) for key, value in _ENV.items()} if wanted() else {}
+
+
+def tune_malloc() -> bool:
+    """Set the values in this process (once); True when they are in force."""
+    global _done
+    if _done is not None:
+        return _done
+    _done = False
+    if not wanted():
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt): glibc's settings do not apply
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _done = all(mallopt(param, value) == 1 for param, value in _PARAMS.items())
+    return _done
