@@ -4,11 +4,12 @@ A training step on CPU allocates and frees the same few tensors of a few MB
 each, hundreds of times a second. With glibc's defaults those blocks go back
 to the kernel when freed (`munmap`, or a trim of the heap's top) and come back
 as fresh pages that the kernel has to zero on first touch: the demo's warm
-start spent 70 of its 475 CPU-seconds in the kernel on a 2-core AMD EPYC.
-Keeping up to `TRIM_THRESHOLD` free at the heap's top, growing the heap
+start spent 68-70 of its 475-535 CPU-seconds in the kernel on a 2-core AMD
+EPYC. Keeping up to `TRIM_THRESHOLD` free at the heap's top, growing the heap
 `TOP_PAD` at a time and serving blocks up to `MMAP_THRESHOLD` (glibc's
-ceiling for it) from the heap took that to 12 s and the build from 241 s to
-216 s, with the same weights to the bit (docs/performance.md, "Start-up").
+ceiling for it) from the heap took that to 12 s and the build from 241-272 s
+to 216-222 s (10-18%), with the same weights to the bit (docs/performance.md, "Memory
+that the kernel zeroes").
 
 Two ways in, one set of values: `tune_malloc()` sets them in a process that
 is already running (the drivers of `ttrl-train`, `ttrl-eval`, `ttrl-serve`,
