@@ -8,6 +8,7 @@ makes: several MB-sized blocks taken, all freed, taken again.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -44,7 +45,7 @@ print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before))
 
 
 def _faults(mode: str) -> int:
-    env = {k: v for k, v in __import__("os").environ.items() if k not in USER_KEYS and k != "TTRL_MALLOC"}
+    env = {k: v for k, v in os.environ.items() if k not in USER_KEYS and k != "TTRL_MALLOC"}
     out = subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
