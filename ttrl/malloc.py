@@ -41,12 +41,11 @@ USER_KEYS = (*_ENV, "GLIBC_TUNABLES")
 _done: bool | None = None
 
 
-def wanted(environ: dict[str, str] | None = None) -> bool:
+def wanted() -> bool:
     """Whether ttrl sets malloc here: not opted out (TTRL_MALLOC=glibc), and no glibc setting of the user's."""
-    env = os.environ if environ is None else environ
-    if env.get("TTRL_MALLOC", "").strip().lower() == "glibc":
+    if os.environ.get("TTRL_MALLOC", "").strip().lower() == "glibc":
         return False
-    return not any(key in env for key in USER_KEYS)
+    return not any(key in os.environ for key in USER_KEYS)
 
 
 def malloc_env() -> dict[str, str]:

@@ -97,7 +97,7 @@ def train_warmstart(model_dir: Path, spec: dict[str, Any], progress: bool = True
 
     from ttrl.malloc import tune_malloc
 
-    # The build's tensors come and go 600 times: reuse their memory (ttrl.malloc; the same weights, 10% less time).
+    # The build's tensors come and go 600 times: reuse their memory (ttrl.malloc; the same weights, 10-18% less time).
     tune_malloc()
     # vLLM, once used in this process (an in-process engine, a test before this one), caps torch at
     # one thread and replaces torch.set_num_threads with a warning: a serve test's 300-step build then
