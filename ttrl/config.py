@@ -189,6 +189,10 @@ class WarmStartConfig:
     # adamw: AdamW on every parameter. muon: Muon on the layers' 2-D weights (its rate matched to AdamW's
     # update size, so `lr` serves both) and AdamW on embeddings, head, norms and biases (ttrl/models/muon.py).
     optimizer: str = "adamw"
+    # fp32, or bf16: the forward and backward's matmuls in bfloat16 (torch autocast; weights, gradients, the
+    # optimizer and the loss stay fp32), on CPUs that multiply bf16 natively (AVX512-BF16, AMX); on others the
+    # build is the fp32 one (emulated bf16 would be slower). A bf16 build is a different model (its own cache).
+    precision: str = "fp32"
     # Linear warm-up over the first warmup_steps, then cosine decay from lr to
     # lr * min_lr_ratio over the rest (the trainer's schedule).
     warmup_steps: int = 0
@@ -235,6 +239,7 @@ def _check_warmstart(s: Section) -> None:
     s.share("min_lr_ratio", "short_share", "slip", "target_maj")
     s.at_least(0, "seed")
     s.one_of("optimizer", ("adamw", "muon"))
+    s.one_of("precision", ("fp32", "bf16"))
 
 
 # The projections of a Qwen2-family (and Llama) block: vLLM serves adapters on these (packed as qkv_proj and

@@ -80,6 +80,7 @@ BAD: dict[str, Any] = {
     "model.warmstart.steps": 0,
     "model.warmstart.lr": 0.0,
     "model.warmstart.optimizer": "sgd",
+    "model.warmstart.precision": "fp16",
     "model.warmstart.min_lr_ratio": 1.5,
     "model.warmstart.batch_size": 0,
     "model.warmstart.short_share": 1.5,
