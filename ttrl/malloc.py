@@ -18,8 +18,9 @@ a process at its start (every Ray actor: rollout engines, trainer ranks).
 
 Must never change a number (it only decides where memory comes from), fail
 a run (no glibc, no `mallopt`: nothing is done), or override what a user
-set: any of glibc's own variables in the environment, or `TTRL_MALLOC=glibc`,
-leaves glibc's defaults alone.
+set: any of glibc's own variables for these three in the environment
+(`MALLOC_*_` or a `GLIBC_TUNABLES` entry), or `TTRL_MALLOC=glibc`, leaves
+glibc's defaults alone.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ _PARAMS = {-1: TRIM_THRESHOLD, -2: TOP_PAD, -3: MMAP_THRESHOLD}
 _ENV = {"MALLOC_TRIM_THRESHOLD_": TRIM_THRESHOLD, "MALLOC_TOP_PAD_": TOP_PAD,
         "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
 # A user's own choice of any of these wins over ours.
-USER_KEYS = (*_ENV, "GLIBC_TUNABLES")
+USER_KEYS = tuple(_ENV)
+# The same three as GLIBC_TUNABLES entries ("name=value:name=value"). Other tunables (a container's
+# glibc.malloc.arena_max=2, say) are no choice about these three and leave ttrl's settings on.
+_TUNABLES = ("glibc.malloc.trim_threshold", "glibc.malloc.top_pad", "glibc.malloc.mmap_threshold")
 
 _done: bool | None = None
 
@@ -45,7 +49,8 @@ def wanted() -> bool:
     """Whether ttrl sets malloc here: not opted out (TTRL_MALLOC=glibc), and no glibc setting of the user's."""
     if os.environ.get("TTRL_MALLOC", "").strip().lower() == "glibc":
         return False
-    return not any(key in os.environ for key in USER_KEYS)
+    tunables = {entry.split("=", 1)[0].strip() for entry in os.environ.get("GLIBC_TUNABLES", "").split(":")}
+    return not any(key in os.environ for key in USER_KEYS) and not tunables & set(_TUNABLES)
 
 
 def malloc_env() -> dict[str, str]:

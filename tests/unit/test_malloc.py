@@ -45,7 +45,7 @@ print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before))
 
 
 def _faults(mode: str) -> int:
-    env = {k: v for k, v in os.environ.items() if k not in USER_KEYS and k != "TTRL_MALLOC"}
+    env = {k: v for k, v in os.environ.items() if k not in (*USER_KEYS, "GLIBC_TUNABLES", "TTRL_MALLOC")}
     out = subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -60,7 +60,7 @@ def test_tuned_process_reuses_freed_blocks_where_glibc_defaults_fault_them_in_ag
 
 
 def test_a_users_own_glibc_setting_or_the_opt_out_leaves_the_defaults_alone(monkeypatch):
-    for key in USER_KEYS:
+    for key in (*USER_KEYS, "GLIBC_TUNABLES"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.delenv("TTRL_MALLOC", raising=False)
     assert wanted() and malloc_env()["MALLOC_TRIM_THRESHOLD_"] == str(256 << 20)
@@ -72,5 +72,11 @@ def test_a_users_own_glibc_setting_or_the_opt_out_leaves_the_defaults_alone(monk
         assert not wanted() and malloc_env() == {}, key
         assert not set(actor_env("cpu")) & {"MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_"}
         monkeypatch.delenv(key)
+    # GLIBC_TUNABLES: an entry for one of the three is the user's choice; a container's arena cap is not.
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.cpu.hwcaps=-AVX512F")
+    assert wanted() and malloc_env()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.top_pad=0")
+    assert not wanted() and malloc_env() == {}
+    monkeypatch.delenv("GLIBC_TUNABLES")
     monkeypatch.setenv("TTRL_MALLOC", "glibc")
     assert malloc_env() == {} and "MALLOC_TRIM_THRESHOLD_" not in actor_env("cuda")

@@ -79,15 +79,20 @@ def _new_keys(w: Any) -> dict[str, Any]:
 
 
 def native_bf16() -> bool:
-    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Read from /proc/cpuinfo's flags.
+    """Does this CPU multiply bf16 in hardware? Read from /proc/cpuinfo (not Linux: no).
 
     Torch runs bf16 matmuls anywhere, but without these instructions it
-    converts to fp32 and back, slower than fp32 itself. Not Linux: no.
+    converts to fp32 and back, slower than fp32 itself.
     """
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return bf16_in_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
         return False
+
+
+def bf16_in_cpuinfo(text: str) -> bool:
+    """True when the first `flags` line of a /proc/cpuinfo lists avx512_bf16 (AMD Zen 4, Intel Cooper Lake
+    on) or amx_bf16 (Intel Sapphire Rapids on)."""
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
     return "avx512_bf16" in flags or "amx_bf16" in flags
 

@@ -176,3 +176,57 @@ def test_a_second_process_waits_for_the_build_in_progress_and_uses_its_model(tmp
     assert proc.returncode == 0 and f"built at {final}" in out
     spec = json.loads((final / "ttrl_spec.json").read_text())
     assert ("made by" in spec) == other_finishes and ("train_stats" in spec) != other_finishes
+
+
+def test_bf16_is_read_from_the_cpus_flags():
+    line = "flags\t\t: fpu vme sse sse2 avx2 avx512f avx512bw {} popcnt\n"
+    assert warmstart.bf16_in_cpuinfo("processor\t: 0\n" + line.format("avx512_bf16"))
+    assert warmstart.bf16_in_cpuinfo(line.format("amx_bf16 amx_tile"))
+    # AVX-512 alone (Skylake, Zen 3 has none): bf16 would be emulated, slower than fp32.
+    assert not warmstart.bf16_in_cpuinfo(line.format("avx512_vnni"))
+    assert not warmstart.bf16_in_cpuinfo("processor\t: 0\nmodel name\t: something\n")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_bf16_recipe_is_the_fp32_one_on_a_cpu_without_bf16(monkeypatch, native):
+    monkeypatch.setattr(warmstart, "native_bf16", lambda: native)
+    demo = compose(["experiment=demo"])
+    assert demo.model.warmstart.precision == "bf16"  # the demo asks for it
+    fp32 = compose(["experiment=demo", "model.warmstart.precision=fp32"])
+    asked, plain = (warmstart_spec(c.model, c.data.synthetic) for c in (demo, fp32))
+    assert "precision" not in plain["recipe"]
+    if native:
+        assert asked["recipe"]["precision"] == "bf16" and asked != plain
+    else:  # the same recipe, key for key: the same cache name and the same weights as before bf16 existed
+        assert asked == plain
+
+
+def test_a_bf16_build_trains_in_bf16_and_saves_fp32_weights(tmp_path, monkeypatch):
+    if not warmstart.native_bf16():
+        pytest.skip("this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): builds are fp32")
+    import torch
+    from safetensors.torch import load_file
+
+    seen = []
+    real = warmstart._batch_loss
+
+    def spy(model, *args, **kwargs):  # what each step's forward and backward ran under
+        seen.append((precision, torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
+                     model.config._attn_implementation))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(warmstart, "_batch_loss", spy)
+    weights = {}
+    for precision in ("bf16", "fp32"):
+        monkeypatch.setenv("TTRL_CACHE", str(tmp_path / precision))
+        cfg = compose(["experiment=demo", *SMALL, "model.warmstart.steps=3", "model.warmstart.target_maj=null",
+                       f"model.warmstart.precision={precision}"])
+        path = warmstart.ensure_warmstart(cfg.model, cfg.data.synthetic, progress=False)
+        weights[precision] = load_file(path / "model.safetensors")
+        # The saved model is an ordinary fp32 one: the trainer and vLLM load it as they load the fp32 build's.
+        config = json.loads((path / "config.json").read_text())
+        assert "eager" not in json.dumps(config) and config.get("torch_dtype", config.get("dtype")) == "float32"
+    assert all(t.dtype == torch.float32 for t in weights["bf16"].values())
+    assert seen == [("bf16", torch.bfloat16, "eager")] * 3 + [("fp32", False, "sdpa")] * 3
+    # Three steps from the same init and data: the bf16 matmuls' rounding shows in the trained matrices.
+    assert any(not torch.equal(weights["fp32"][k], weights["bf16"][k]) for k in weights["fp32"])
