@@ -36,11 +36,12 @@ def test_demo_hard_is_the_demo_on_demo_collapses_warm_start() -> None:
 
 def test_demo_hard_4terms_is_the_demo_with_one_more_term_and_no_check_on_its_build() -> None:
     demo, four = _flat(compose_config("experiment=demo")), _flat(compose_config("experiment=demo_hard_4terms"))
-    # The build's schedule is the demo's earlier one (AdamW, 700 steps of 256), which the bed was measured on.
-    old_build = {"model.warmstart.steps", "model.warmstart.batch_size", "model.warmstart.optimizer"}
+    # The build's schedule is the demo's earlier one (AdamW, fp32, 700 steps of 256), which the bed was measured on.
+    old_build = {"model.warmstart.steps", "model.warmstart.batch_size", "model.warmstart.optimizer",
+                 "model.warmstart.precision"}
     assert _differ(demo, four) == {"experiment", "data.synthetic.terms", "rollout.max_new_tokens",
                                    "model.warmstart.target_maj", *old_build}
-    assert [four[k] for k in sorted(old_build)] == [256, "adamw", 700]
+    assert [four[k] for k in sorted(old_build)] == [256, "adamw", "fp32", 700]
     assert four["data.synthetic.terms"] == 4
     # The demo's build goes on until its vote reaches the teacher's; this bed keeps the 700-step build's votes.
     assert demo["model.warmstart.target_maj"] is not None and four["model.warmstart.target_maj"] is None
