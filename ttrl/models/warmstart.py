@@ -69,32 +69,16 @@ def _new_keys(w: Any) -> dict[str, Any]:
         out["optimizer"] = w.optimizer
     # bf16 only where the CPU multiplies bf16 natively: elsewhere (emulated) it would be slower than fp32, and the
     # recipe stays the fp32 one, with its name, its cache directory and its weights.
-    if getattr(w, "precision", "fp32") == "bf16" and native_bf16():
-        out["precision"] = "bf16"
+    if getattr(w, "precision", "fp32") == "bf16":
+        from ttrl.trainer.precision import cpu_has_bf16
+
+        if cpu_has_bf16():
+            out["precision"] = "bf16"
     if getattr(w, "target_maj", None) is not None:
         out["check"] = {"target_maj": w.target_maj, "every": w.check_every,
                         "from": w.check_from if w.check_from is not None else w.steps,
                         "prompts": w.check_prompts, "votes": w.check_votes, "extend_steps": w.extend_steps}
     return out
-
-
-def native_bf16() -> bool:
-    """Does this CPU multiply bf16 in hardware? Read from /proc/cpuinfo (not Linux: no).
-
-    Torch runs bf16 matmuls anywhere, but without these instructions it
-    converts to fp32 and back, slower than fp32 itself.
-    """
-    try:
-        return bf16_in_cpuinfo(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        return False
-
-
-def bf16_in_cpuinfo(text: str) -> bool:
-    """True when the first `flags` line of a /proc/cpuinfo lists avx512_bf16 (AMD Zen 4, Intel Cooper Lake
-    on) or amx_bf16 (Intel Sapphire Rapids on)."""
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def ensure_warmstart(model_cfg: Any, synth_cfg: Any, progress: bool = True) -> Path:

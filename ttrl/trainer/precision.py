@@ -32,17 +32,28 @@ import torch.nn.functional as F
 from ttrl.config import BACKWARD_PRODUCTS
 
 
-def cpu_has_amx(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles), from /proc/cpuinfo's flags."""
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags: the first `flags` line of /proc/cpuinfo (or of `cpuinfo`); empty off Linux."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:  # not Linux: no way to tell, so the exact path
-            return False
+            return set()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
-            return "amx_bf16" in line.split(":", 1)[-1].split()
-    return False
+            return set(line.split(":", 1)[-1].split())
+    return set()
+
+
+def cpu_has_amx(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles), from /proc/cpuinfo's flags."""
+    return "amx_bf16" in cpu_flags(cpuinfo)
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has any bf16 instructions: AVX512-BF16 (AMD Zen 4, Intel Cooper Lake on) or AMX
+    (Intel Sapphire Rapids on). Without them torch converts bf16 to fp32 and back, slower than fp32 itself."""
+    return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_backward_products(choice: str, device: str, dtype: str, zero_stage: int,
@@ -97,4 +108,4 @@ def bf16_backward_products(model: torch.nn.Module) -> int:
     return n
 
 
-__all__ = ["bf16_backward_products", "cpu_has_amx", "resolve_backward_products"]
+__all__ = ["bf16_backward_products", "cpu_flags", "cpu_has_amx", "cpu_has_bf16", "resolve_backward_products"]

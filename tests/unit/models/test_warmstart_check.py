@@ -10,6 +10,8 @@ from ttrl.cli import compose
 from ttrl.data.synthetic import arithmetic_problems
 from ttrl.models import warmstart
 from ttrl.models.warmstart import held_out_sums, tally, warmstart_spec
+from ttrl.trainer import precision as trainer_precision
+from ttrl.trainer.precision import cpu_has_bf16
 
 # A one-layer model of hidden 64: a build of a few steps takes seconds.
 SMALL = ["model.tiny.hidden_size=64", "model.tiny.num_heads=2", "model.tiny.head_dim=32", "model.tiny.num_layers=1",
@@ -181,16 +183,16 @@ def test_a_second_process_waits_for_the_build_in_progress_and_uses_its_model(tmp
 
 def test_bf16_is_read_from_the_cpus_flags():
     line = "flags\t\t: fpu vme sse sse2 avx2 avx512f avx512bw {} popcnt\n"
-    assert warmstart.bf16_in_cpuinfo("processor\t: 0\n" + line.format("avx512_bf16"))
-    assert warmstart.bf16_in_cpuinfo(line.format("amx_bf16 amx_tile"))
+    assert cpu_has_bf16("processor\t: 0\n" + line.format("avx512_bf16"))
+    assert cpu_has_bf16(line.format("amx_bf16 amx_tile"))
     # AVX-512 alone (Skylake, Zen 3 has none): bf16 would be emulated, slower than fp32.
-    assert not warmstart.bf16_in_cpuinfo(line.format("avx512_vnni"))
-    assert not warmstart.bf16_in_cpuinfo("processor\t: 0\nmodel name\t: something\n")
+    assert not cpu_has_bf16(line.format("avx512_vnni"))
+    assert not cpu_has_bf16("processor\t: 0\nmodel name\t: something\n")
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_a_bf16_recipe_is_the_fp32_one_on_a_cpu_without_bf16(monkeypatch, native):
-    monkeypatch.setattr(warmstart, "native_bf16", lambda: native)
+    monkeypatch.setattr(trainer_precision, "cpu_has_bf16", lambda: native)
     demo = compose(["experiment=demo"])
     assert demo.model.warmstart.precision == "bf16"  # the demo asks for it
     fp32 = compose(["experiment=demo", "model.warmstart.precision=fp32"])
@@ -203,7 +205,7 @@ def test_a_bf16_recipe_is_the_fp32_one_on_a_cpu_without_bf16(monkeypatch, native
 
 
 def test_a_bf16_build_trains_in_bf16_and_saves_fp32_weights(tmp_path, monkeypatch):
-    if not warmstart.native_bf16():
+    if not cpu_has_bf16():
         pytest.skip("this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): builds are fp32")
     import torch
     from safetensors.torch import load_file
