@@ -335,6 +335,8 @@ class ModelConfig:
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 # trainer.backward_products (ttrl/trainer/precision.py).
 BACKWARD_PRODUCTS = ("auto", "float32", "bfloat16")
+# trainer.autocast (ttrl/trainer/precision.py).
+AUTOCAST = ("auto", "float32", "bfloat16")
 
 
 @_rules(ModelConfig)
@@ -967,6 +969,14 @@ class TrainerConfig:
     # 5% on the demo's 1M. "auto" = bfloat16 on a CPU with AMX below ZeRO-3,
     # float32 elsewhere (emulated bf16 is slower); float32 = exact.
     backward_products: str = "float32"
+    # The policy's forward and backward in fp32 training on a CPU under
+    # bf16 autocast (as TRL's and Transformers' bf16=True do there), with
+    # plain matmul-softmax attention (the fused CPU attention's bf16 backward
+    # is slow); weights, gradients, the optimizer and the log-softmax stay
+    # fp32. The log-probs move by ~1e-2. "auto" = bfloat16 on a CPU with bf16
+    # instructions (AVX512-BF16 or AMX), float32 elsewhere; float32 = no
+    # autocast. Overrides backward_products (its products are bf16 already).
+    autocast: str = "float32"
     # Rows that share a prompt (a group's samples) run it once in the
     # trainer's forward and backward: its keys and values are repeated for
     # each row's response. The same log-probs to float rounding; off under
@@ -1010,6 +1020,7 @@ def _check_trainer(s: Section) -> None:
     s.at_least(0, "grad_clip", why="0 is no clipping")
     s.one_of("dtype", _DTYPES)
     s.one_of("backward_products", BACKWARD_PRODUCTS)
+    s.one_of("autocast", AUTOCAST)
 
 
 # ── eval ───────────────────────────────────────────────────────────────────

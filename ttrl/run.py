@@ -60,7 +60,8 @@ def run(cfg: Any, run_dir: Path) -> float | None:
         log = build_loggers(cfg, run_dir)  # metrics.jsonl (+ samples.jsonl, votes.jsonl), and W&B when enabled
         start, resumed = resume(cfg, run_dir, rt, sampler, rng, log)
         if not quiet:
-            bf16 = "; the backward's products in bf16 (AMX)" if rt.backward_products == "bfloat16" else ""
+            bf16 = ("; the update under bf16 autocast" if rt.autocast == "bfloat16" else
+                    "; the backward's products in bf16" if rt.backward_products == "bfloat16" else "")
             say(f"ready in {rt.startup_s:.0f}s ({rt.phases.line()}{bf16}); training {steps} steps, "
                 f"run dir {run_dir}")
         ctx = StepContext(rt, parts.reward, parts.tokenizer, StepOptions.from_config(cfg), rng,

@@ -199,6 +199,7 @@ BAD: dict[str, Any] = {
     "trainer.logprob_micro_batch_size": 0,
     "trainer.dtype": "fp8",
     "trainer.backward_products": "fp16",
+    "trainer.autocast": "fp16",
     "trainer.max_skipped_steps": 0,
     # eval
     "eval.every_n_steps": -1,

@@ -22,6 +22,9 @@ includes equal precision: TRL's colocated vLLM loads the fp32 checkpoint in
 vLLM's "auto" dtype (bf16 on an x86 CPU), so the full bench runs ttrl's
 engines in that dtype too (`bench.engine_dtype`; ttrl's own CPU default is
 fp32, and a `--set model.dtype=...` wins). `--quick` keeps ttrl's default.
+The update is fp32 on both sides (TRL's GRPOConfig would autocast to bf16 by
+default); `--set trainer.autocast=auto` (or `bfloat16`) autocasts ttrl's and
+then TRL's too, exactly when ttrl's ranks did (`bench.trainer_autocast`).
 """
 
 from __future__ import annotations
@@ -232,6 +235,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ctx = StepContext(rt, setup.reward, setup.tokenizer, StepOptions.from_config(cfg), random.Random(0))
     sampler = PromptSampler(len(prompts), cfg.data.prompts_per_step, True, 0)
     res["startup_s"] = rt.startup_s
+    res["bench.trainer_autocast"] = rt.autocast  # as the ranks resolved it
     try:
         section("rollout", lambda: suite.bench_rollout(cfg, ctx, prompts[:n_prompts * 2], setup.model_path,
                                                       n=votes, max_tokens=max_tok, repeats=3))
@@ -364,7 +368,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             common = dict(model_path=setup.model_path, prompts=[p.text for p in prompts], group=n_train,
                           prompts_per_step=n_prompts, max_tokens=max_tok, lr=1e-5, steps=3 if quick else 5,
-                          kv_cache_gb=max(1, round(cfg.rollout.cpu_kv_cache_gb)), threads=usable_cpus())
+                          kv_cache_gb=max(1, round(cfg.rollout.cpu_kv_cache_gb)), threads=usable_cpus(),
+                          # Equal precision: TRL's update under bf16 autocast exactly when ttrl's is.
+                          bf16=res.get("bench.trainer_autocast") == "bfloat16")
             out = trl_step.measure({**common, "use_vllm": True})
             if "trl.error" in out:  # TRL's vLLM mode may not run here: its HF generate still gives a figure
                 out = {"trl.vllm_error": out.pop("trl.error")} | trl_step.measure({**common, "use_vllm": False})

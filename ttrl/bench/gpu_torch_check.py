@@ -81,7 +81,7 @@ def spec(device: str, dtype: str, zero_stage: int, micro: int, grad_accum: int, 
                 grad_accum=grad_accum, betas=[0.9, 0.99], logprob_micro_batch_size=None, weight_decay=0.0,
                 grad_clip=1.0, offload=False, lr=lr, critic_lr=lr, lr_schedule="constant", warmup_steps=0,
                 min_lr_ratio=0.0, gradient_checkpointing=False, with_ref=False, lora=None, lora_path=None,
-                base_path=None, backward_products="float32", prompt_once=False)
+                base_path=None, backward_products="float32", autocast="float32", prompt_once=False)
 
 
 def batch(rows: int, prompt_len: int, response_len: int, vocab: int, seed: int = 0) -> dict:

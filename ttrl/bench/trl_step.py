@@ -49,8 +49,10 @@ def _patch_vllm_weight_push() -> None:
 
 
 def run(model_path: str, prompts: list[str], group: int, prompts_per_step: int, max_tokens: int, lr: float,
-        steps: int, use_vllm: bool, vllm_reload: bool = True, kv_cache_gb: int = 1, threads: int = 0) -> dict:
-    """Seconds per GRPO step of TRL's GRPOTrainer (after one warm-up step)."""
+        steps: int, use_vllm: bool, vllm_reload: bool = True, kv_cache_gb: int = 1, threads: int = 0,
+        bf16: bool = False) -> dict:
+    """Seconds per GRPO step of TRL's GRPOTrainer (after one warm-up step); `bf16`: its update under bf16
+    autocast (GRPOConfig's own default), else fp32."""
     import torch
 
     if threads:
@@ -84,7 +86,7 @@ def run(model_path: str, prompts: list[str], group: int, prompts_per_step: int, 
     kw: dict[str, Any] = dict(
         output_dir=out, per_device_train_batch_size=group * prompts_per_step, num_generations=group,
         max_completion_length=max_tokens, learning_rate=lr, max_steps=steps + 1, logging_steps=1,
-        report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(), bf16=False,
+        report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(), bf16=bf16,
         temperature=1.0, beta=0.0, seed=0, dataloader_num_workers=0, disable_tqdm=True)
     if use_vllm:
         kw |= dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.2,
@@ -109,7 +111,7 @@ def run(model_path: str, prompts: list[str], group: int, prompts_per_step: int, 
             "trl.vllm_weight_push": ("reload_weights" if vllm_reload else "load_weights") if use_vllm else "",
             "trl.engine_dtype": engine_dtype if use_vllm else "",
             "trl.mean_completion_tokens": statistics.mean(lengths[1:] or lengths) if lengths else float("nan"),
-            "trl.threads": torch.get_num_threads()}
+            "trl.threads": torch.get_num_threads(), "trl.bf16": float(bf16)}
 
 
 def measure(args: dict, timeout_s: float = 900) -> dict:

@@ -111,6 +111,7 @@ class Runtime:
                     warmup_steps=t.warmup_steps or round((t.warmup_ratio or 0.0) * total_opt_steps),
                     min_lr_ratio=t.min_lr_ratio, gradient_checkpointing=t.gradient_checkpointing,
                     backward_products=t.backward_products,  # "auto" is resolved on the rank's own CPU
+                    autocast=t.autocast,  # so is this
                     prompt_once=t.prompt_once,
                     # With LoRA the reference is the policy's base (its adapter off): no second copy.
                     with_ref=self.need_ref and self.lora is None,
@@ -141,6 +142,7 @@ class Runtime:
         self.engine_startup_s = max(i["startup_s"] for i in infos)
         # What "auto" became on the ranks' CPUs (the policy's ranks; a critic's are alike).
         self.backward_products = setups[0].get("backward_products", "float32")
+        self.autocast = setups[0].get("autocast", "float32")
         self.weights_version = 0
         self.engine_restarts = 0
         self.weight_sync = self._pick_weight_sync(r.weight_sync, gpu, colocate, W, r.num_engines)

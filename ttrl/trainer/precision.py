@@ -1,4 +1,16 @@
-"""The backward pass's matrix products in bfloat16, for an fp32 model on a CPU with AMX.
+"""Reduced precision for an fp32 model's update on a CPU: the backward's products in bf16, or bf16 autocast.
+
+Two choices, both for fp32 training (a GPU trains in bf16 already):
+
+- `trainer.backward_products`, below: the forward exact, the backward's products in bf16.
+- `trainer.autocast` (`resolve_autocast`, `autocast_context`): the policy's
+  forward and backward under `torch.autocast(bfloat16)`, as TRL's and
+  Transformers' `bf16=True` do on a CPU, with plain matmul-softmax attention
+  (torch's fused CPU attention has a bf16 backward about 4x slower than its
+  fp32 one, which eats what the bf16 products save). Weights, gradients, the
+  optimizer and the log-softmax over the vocabulary stay fp32.
+
+The backward's products, in detail:
 
 What it does: gives each float32 `nn.Linear` of a model a forward whose result
 is the same fp32 product as before (so log-probs, the PPO ratio, the losses and
@@ -9,15 +21,15 @@ bf16 product runs about 6x faster than the fp32 one (the tiny demo model's
 [1504, 128] x [128, 512]: 0.19 ms against 1.21), and the backward holds two
 thirds of a layer's products; the gradient moves by about 0.3% of its norm.
 
-Why not autocast: it puts the attention in bf16 too, and CPU flash attention's
-bf16 backward is slower than its fp32 one (the whole update came out slower);
-and it changes the forward, so the log-probs would no longer match the fp32
-engine's.
+Where it differs from autocast: the forward is exact, so the log-probs, the
+ratio and every metric match an fp32 engine's; autocast's forward is bf16 (its
+log-probs move by about a hundredth) and saves more (its forward products too).
 
-What it must never do: change a forward result, the fp32 master weights or the
-optimizer state; apply under ZeRO-3 (its partitioned parameters come with their
-own linear); turn itself on where bf16 products are emulated (a CPU without
-AMX: slower, not faster) or on a GPU (training there is bf16 already).
+What it must never do: change a forward result (backward_products), the fp32
+master weights or the optimizer state; apply under ZeRO-3 (its partitioned
+parameters come with their own linear) or on a GPU (training there is bf16
+already); turn itself on by "auto" where bf16 products are emulated (slower,
+not faster); load the policy for autocast with the fused CPU attention.
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ttrl.config import BACKWARD_PRODUCTS
+from ttrl.config import AUTOCAST, BACKWARD_PRODUCTS
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
@@ -56,11 +68,39 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
 
 
+def resolve_autocast(choice: str, device: str, dtype: str, bf16: bool | None = None) -> str:
+    """trainer.autocast on this rank: "bfloat16" or "float32" (no autocast).
+
+    Only fp32 training on a CPU autocasts: a GPU's update is bf16 already
+    (`trainer.dtype`). "auto" autocasts where the CPU has bf16 instructions
+    (`cpu_has_bf16`); an explicit "bfloat16" autocasts anyway (emulated bf16
+    is slower than fp32, but the numbers are what was asked for).
+    """
+    if choice not in AUTOCAST:
+        raise ValueError(f"trainer.autocast={choice!r}: expected one of {', '.join(AUTOCAST)}")
+    if device != "cpu" or dtype != "float32" or choice == "float32":
+        return "float32"
+    if choice == "bfloat16":
+        return "bfloat16"
+    return "bfloat16" if (cpu_has_bf16() if bf16 is None else bf16) else "float32"
+
+
+def autocast_context(which: str, device: str = "cpu"):
+    """The context the policy's forward runs in: bf16 autocast for "bfloat16", else nothing."""
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=which == "bfloat16")
+
+
 def resolve_backward_products(choice: str, device: str, dtype: str, zero_stage: int,
-                              amx: bool | None = None) -> str:
-    """"auto" -> "bfloat16" for fp32 training on a CPU with AMX below ZeRO-3, else "float32"."""
+                              amx: bool | None = None, autocast: str = "float32") -> str:
+    """"auto" -> "bfloat16" for fp32 training on a CPU with AMX below ZeRO-3, else "float32".
+
+    Under bf16 autocast ("bfloat16" from `resolve_autocast`) the products are bf16 already: "float32" (none
+    of this module's linears), whatever was asked.
+    """
     if choice not in BACKWARD_PRODUCTS:
         raise ValueError(f"trainer.backward_products={choice!r}: expected one of {', '.join(BACKWARD_PRODUCTS)}")
+    if autocast == "bfloat16":
+        return "float32"
     if choice != "auto":
         return choice
     if device != "cpu" or dtype != "float32" or zero_stage >= 3:
@@ -108,4 +148,5 @@ def bf16_backward_products(model: torch.nn.Module) -> int:
     return n
 
 
-__all__ = ["bf16_backward_products", "cpu_flags", "cpu_has_amx", "cpu_has_bf16", "resolve_backward_products"]
+__all__ = ["autocast_context", "bf16_backward_products", "cpu_flags", "cpu_has_amx", "cpu_has_bf16", "resolve_autocast",
+           "resolve_backward_products"]

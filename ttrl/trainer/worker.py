@@ -305,16 +305,24 @@ class _DSWorker:
 class PolicyWorker(_DSWorker):
     """The policy (actor) on one rank, plus the frozen reference when KL is on."""
 
+    autocast = "float32"  # trainer.autocast as resolved on this rank by setup
+
     def setup(self, master_addr: str, master_port: int, model_path: str, total_opt_steps: int) -> dict:
         t0 = time.perf_counter()
         self._init_dist(master_addr, master_port)
         from transformers import AutoModelForCausalLM
 
+        from ttrl.trainer.precision import resolve_autocast
+
         s = self.spec
         ds_train = self._ds_config(train=True, lr=s["lr"])
+        # Specs made by hand (tests) without the key keep fp32.
+        self.autocast = resolve_autocast(s.get("autocast", "float32"), self.device, s["dtype"])
+        # Under bf16 autocast, plain attention: the fused CPU attention's bf16 backward is ~4x its fp32 one.
+        attn = {"attn_implementation": "eager"} if self.autocast == "bfloat16" else {}
 
         def load():
-            return AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=self.torch_dtype)
+            return AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=self.torch_dtype, **attn)
 
         model = self._load(load, ds_train)
         if s["gradient_checkpointing"]:
@@ -327,7 +335,7 @@ class PolicyWorker(_DSWorker):
         if s["with_ref"]:
             ds_ref = self._ds_config(train=False, lr=s["lr"])
             self.ref = self._wrap(self._load(load, ds_ref), ds_ref, train=False)
-        return self._times(t0) | {"backward_products": self.backward_products}
+        return self._times(t0) | {"backward_products": self.backward_products, "autocast": self.autocast}
 
     def _backward_products(self, model) -> str:
         """trainer.backward_products, resolved on this rank's CPU, applied to `model`'s linears."""
@@ -336,7 +344,7 @@ class PolicyWorker(_DSWorker):
         s = self.spec
         # Specs made by hand (tests) without the key keep the exact fp32 backward.
         which = resolve_backward_products(s.get("backward_products", "float32"), self.device, s["dtype"],
-                                          s["zero_stage"])
+                                          s["zero_stage"], autocast=self.autocast)
         if which == "bfloat16":
             bf16_backward_products(model)
         return which
@@ -355,8 +363,16 @@ class PolicyWorker(_DSWorker):
         run it once: its keys and values are repeated for each row and the
         responses attend to them, so the update and its backward skip the
         repeated prompt tokens; the log-probs are the full forward's to float
-        rounding (tests/unit/trainer/test_trainer_pure.py).
+        rounding (tests/unit/trainer/test_trainer_pure.py). Under trainer.autocast
+        the forward runs in bf16 and the logits come back as fp32, so the
+        log-softmax over the vocabulary is fp32.
         """
+        from ttrl.trainer.precision import autocast_context
+
+        with autocast_context(self.autocast):
+            return self._response_logits_as_is(model, batch).float()
+
+    def _response_logits_as_is(self, model, batch: dict) -> Any:
         import torch
 
         from ttrl.trainer.batch import response_slice, shared_prompts

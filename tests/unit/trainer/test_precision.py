@@ -1,19 +1,29 @@
-"""trainer.backward_products: bf16 products in the backward leave the forward exact and the gradient close."""
+"""trainer.backward_products: bf16 products in the backward leave the forward exact and the gradient close;
+trainer.autocast: where it turns on, and what the bf16 forward moves."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ttrl.trainer.precision import bf16_backward_products, cpu_has_amx, resolve_backward_products
+from ttrl.trainer.precision import (
+    autocast_context,
+    bf16_backward_products,
+    cpu_has_amx,
+    resolve_autocast,
+    resolve_backward_products,
+)
 
 
-def _model(seed: int = 0):
+def _model(seed: int = 0, attn: str | None = None):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=2, head_dim=32))
+    cfg = Qwen2Config(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=32)
+    if attn:
+        cfg._attn_implementation = attn
+    return Qwen2ForCausalLM(cfg)
 
 
 def _loss_and_grads(model, ids):
@@ -92,3 +102,51 @@ def test_amx_is_read_from_the_flags_line():
     assert cpu_has_amx("processor : 0\nflags : fpu avx512f amx_bf16 amx_tile\n")
     assert not cpu_has_amx("processor : 0\nflags : fpu avx2 avx512_bf16\n")
     assert not cpu_has_amx("processor : 0\n")
+
+
+@pytest.mark.parametrize("choice,device,dtype,bf16,want", [
+    ("auto", "cpu", "float32", True, "bfloat16"),
+    ("auto", "cpu", "float32", False, "float32"),     # emulated bf16 would be slower
+    ("bfloat16", "cpu", "float32", False, "bfloat16"),  # asked for: the numbers it gives, however slow
+    ("auto", "cuda", "float32", True, "float32"),     # a GPU trains in bf16 through trainer.dtype
+    ("bfloat16", "cpu", "bfloat16", True, "float32"),  # bf16 weights: nothing to autocast
+    ("float32", "cpu", "float32", True, "float32"),
+])
+def test_autocast_only_for_fp32_training_on_a_cpu(choice, device, dtype, bf16, want):
+    assert resolve_autocast(choice, device, dtype, bf16=bf16) == want
+
+
+def test_autocast_takes_over_the_backward_products_and_a_bad_choice_names_the_key():
+    assert resolve_backward_products("bfloat16", "cpu", "float32", 2, amx=True, autocast="bfloat16") == "float32"
+    assert resolve_backward_products("auto", "cpu", "float32", 2, amx=True, autocast="float32") == "bfloat16"
+    with pytest.raises(ValueError, match="trainer.autocast='fp16'"):
+        resolve_autocast("fp16", "cpu", "float32")
+
+
+def test_autocast_runs_the_forward_in_bf16_and_moves_log_probs_and_gradient_a_little():
+    """What the worker does under trainer.autocast=bfloat16 (eager attention, logits back to fp32), against the
+    exact fp32 forward of the same weights: the log-probs within 0.1, the gradient's direction kept."""
+    ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(1))
+    exact = _model(attn="eager")
+    l32, g32 = _loss_and_grads(exact, ids)
+    cast = _model(attn="eager")
+    with autocast_context("bfloat16"):
+        logits = cast(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16  # the products really ran in bf16
+    cast.zero_grad(set_to_none=True)
+    with autocast_context("bfloat16"):
+        logits = cast(input_ids=ids).logits.float()
+    loss = torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).mean()
+    loss.backward()
+    g16 = torch.cat([p.grad.flatten() for p in cast.parameters()])
+    assert all(p.dtype == torch.float32 for p in cast.parameters())  # weights and gradients stay fp32
+    assert g16.dtype == torch.float32
+    lp32 = torch.log_softmax(l32, -1)
+    lp16 = torch.log_softmax(logits.detach(), -1)
+    gap = (lp16 - lp32).abs().max().item()
+    assert 0 < gap < 0.1, gap
+    assert torch.nn.functional.cosine_similarity(g16, g32, 0) > 0.99
+    # "float32" is no autocast at all: the exact forward, bit for bit.
+    with autocast_context("float32"):
+        again = exact(input_ids=ids).logits.detach()
+    assert torch.equal(again, l32)
