@@ -56,6 +56,9 @@ class Parts:
 
         cfg = OmegaConf.merge(self.cfg, overrides) if overrides else self.cfg
         self.rt = Runtime(cfg, self.model_path, total_opt_steps, tenant_slots=tenant_slots)
+        # The answer checker's worker processes start now, beside the first eval, not in the first step
+        # that needs one.
+        grade.warm_up_in_background()
         return self.rt
 
     def local_engine(self) -> VLLMEngine:

@@ -221,10 +221,18 @@ class WorkerPool:
             self._slots.release()
 
     def warm_up(self, workers: int = 1) -> bool:
-        """Start up to `workers` workers now, side by side; False when none could start."""
+        """Start up to `workers` workers now, side by side; False when none could start.
+
+        Each takes a free slot, as a call does (none is waited for), so a
+        warm-up in a background thread beside calls never leaves more than
+        `size` workers in the pool.
+        """
+        slots = 0
+        while slots < min(workers, self.size) and self._slots.acquire(blocking=False):
+            slots += 1
         started: list[_Worker] = []
         try:
-            for _ in range(min(workers, self.size)):
+            for _ in range(slots):
                 started.append(self._borrow())
             for worker in started:
                 worker.wait_ready()
@@ -232,8 +240,12 @@ class WorkerPool:
             for worker in started:
                 worker.kill()
             return False
-        for worker in started:
-            self._give_back(worker)
+        else:
+            for worker in started:
+                self._give_back(worker)
+        finally:
+            for _ in range(slots):
+                self._slots.release()
         return True
 
     def _borrow(self) -> _Worker:

@@ -284,6 +284,31 @@ def test_a_stuck_worker_is_a_timeout_for_the_grader(monkeypatch: pytest.MonkeyPa
         g.close()
 
 
+def test_a_warm_up_beside_a_running_call_starts_only_the_free_slots() -> None:
+    pool = sandbox.WorkerPool(2, "ttrl.labeling.normalise:fast_verdict")
+    try:
+        assert pool._slots.acquire(blocking=False)  # a call holds one slot
+        assert pool.warm_up(2)
+        assert len(pool._idle) == 1  # one worker for the free slot, not two
+        pool._slots.release()
+        assert pool.warm_up(2)
+        assert len(pool._idle) == 2  # never more than the pool's size
+    finally:
+        pool.close()
+
+
+def test_the_grader_warms_up_in_the_background_without_holding_anything_up() -> None:
+    g = grade.use(grade.GradeOptions(max_workers=2))
+    try:
+        thread = grade.warm_up_in_background()
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+        assert len(g._pool._idle) == g.parallel_checks() == 2  # ready for the first checks
+        assert g.equivalence_classes(["x+1", "1+x"])[1] == [0, 0]  # math-verify, in a warm worker
+    finally:
+        g.close()
+
+
 def test_the_sandbox_runs_any_target_and_reports_its_failures() -> None:
     pool = sandbox.WorkerPool(1, "ttrl.labeling.normalise:fast_verdict")
     try:
