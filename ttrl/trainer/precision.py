@@ -85,9 +85,9 @@ def resolve_autocast(choice: str, device: str, dtype: str, bf16: bool | None = N
     return "bfloat16" if (cpu_has_bf16() if bf16 is None else bf16) else "float32"
 
 
-def autocast_context(which: str, device: str = "cpu"):
-    """The context the policy's forward runs in: bf16 autocast for "bfloat16", else nothing."""
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=which == "bfloat16")
+def autocast_context(which: str):
+    """The context the policy's forward runs in: CPU bf16 autocast for "bfloat16", else nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=which == "bfloat16")
 
 
 def resolve_backward_products(choice: str, device: str, dtype: str, zero_stage: int,
