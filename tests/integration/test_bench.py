@@ -38,9 +38,13 @@ def test_quick_bench_writes_every_ratio(tmp_path):
     assert not errors, errors
     for key in ("rollout_vs_vllm", "rollout.vllm_tokens_per_s", "rollout.ttrl_tokens_per_s", "sync_share",
                 "sync_vs_memcpy", "step.seconds", "step_vs_trl", "step_vs_trl_overlap", "trl.step_s",
+                "step_vs_trl_mean", "trl.ttrl_step_median_s", "trl.step_mean_s",
                 "token_stats_vs_generate", "token_stats.seconds", "startup_vs_trl"):
         assert math.isfinite(res[key]) and res[key] > 0, (key, res.get(key))
     assert res["sync_share"] < 1 and res["sync.bytes"] > 0
+    # One statistic on both sides of the step comparison: the two medians (and the two means beside them).
+    assert res["step_vs_trl"] == pytest.approx(res["trl.ttrl_step_median_s"] / res["trl.step_s"])
+    assert res["step_vs_trl_mean"] == pytest.approx(res["trl.ttrl_step_s"] / res["trl.step_mean_s"])
     assert res["token_stats.samples"] == 16 * 16  # the quick bench's prompts x votes, one pass over all
     # TRL generated with vLLM (its colocated engine, weights pushed by reload_weights), not HF generate.
     assert res["trl.use_vllm"] == 1.0 and res["trl.vllm_weight_push"] == "reload_weights"

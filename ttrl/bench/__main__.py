@@ -352,8 +352,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # ttrl's side by phase, so the table can say where its step's time goes.
                 phases = {f"trl.ttrl_{k}_s": column_mean(sync_rows, f"timing/{k}")
                           for k in ("generate", "label", "prepare", "train", "sync")}
+                # The step's median is what is compared (TRL's side gives its median); the mean beside it is
+                # what the phases (means) add up to.
                 return phases | {"trl.ttrl_step_s": column_mean(sync_rows, "timing/step"),
+                        "trl.ttrl_step_median_s": statistics.median(r["timing/step"] for r in sync_rows),
                         "trl.ttrl_overlap_step_s": column_mean(over_rows[1:], "timing/step"),
+                        "trl.ttrl_overlap_step_median_s": statistics.median(r["timing/step"] for r in over_rows[1:]),
                         "trl.ttrl_mean_completion_tokens": column_mean(sync_rows, "rollout/response_length"),
                         # Rows whose group agreed (zero advantage): they skip the backward, which TRL does not.
                         "trl.ttrl_zero_advantage_share": column_mean(sync_rows, "train/zero_advantage_share")}
@@ -375,8 +379,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if "trl.error" in out:  # TRL's vLLM mode may not run here: its HF generate still gives a figure
                 out = {"trl.vllm_error": out.pop("trl.error")} | trl_step.measure({**common, "use_vllm": False})
             if "trl.step_s" in out:
-                out["step_vs_trl"] = res["trl.ttrl_step_s"] / out["trl.step_s"]
-                out["step_vs_trl_overlap"] = res["trl.ttrl_overlap_step_s"] / out["trl.step_s"]
+                # One statistic on both sides: the median step over the same number of steps after a warm-up
+                # (a shared VM's occasional slow step then weighs the same on either side); the means too.
+                out["step_vs_trl"] = res["trl.ttrl_step_median_s"] / out["trl.step_s"]
+                out["step_vs_trl_overlap"] = res["trl.ttrl_overlap_step_median_s"] / out["trl.step_s"]
+                out["step_vs_trl_mean"] = res["trl.ttrl_step_s"] / out["trl.step_mean_s"]
+                out["step_vs_trl_overlap_mean"] = res["trl.ttrl_overlap_step_s"] / out["trl.step_mean_s"]
             if "trl.startup_s" in out and "startup.ttrl_s" in res:
                 out["startup_vs_trl"] = res["startup.ttrl_s"] / out["trl.startup_s"]
             return out
@@ -390,7 +398,8 @@ def report(res: dict[str, Any], out_dir: Path) -> None:
     (out_dir / "latest.json").write_text(json.dumps(res, indent=1, sort_keys=True))
     targets = [("rollout_vs_vllm", ">= 0.95"), ("labeling_speedup", ">= 5"), ("labeling_latex_speedup", ">= 5"),
                ("token_stats_vs_generate", "< 1"), ("sync_share", "small"), ("sync_vs_memcpy", "near 1"), ("step_vs_trl", "< 1"),
-               ("step_vs_trl_overlap", "< 1"), ("sync_large_vs_memcpy", ">= 0.3"), ("sync_large_store_ratio", "<= 1.2"),
+               ("step_vs_trl_overlap", "< 1"), ("step_vs_trl_mean", "reported (means, not medians)"),
+               ("step_vs_trl_overlap_mean", "reported"), ("sync_large_vs_memcpy", ">= 0.3"), ("sync_large_store_ratio", "<= 1.2"),
                ("sync_large_ipc_vs_memcpy", "reported"), ("sync_large_ipc_store_ratio", "~0"),
                ("scaling.votes_exponent", "~1 (n_train grows with the votes)"),
                ("scaling.train_exponent", "~1 (its update alone)"),

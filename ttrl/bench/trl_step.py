@@ -105,7 +105,8 @@ def run(model_path: str, prompts: list[str], group: int, prompts_per_step: int, 
     except AttributeError:
         engine_dtype = ""
 
-    return {"trl.step_s": statistics.median(times), "trl.steps": len(times), "trl.use_vllm": float(use_vllm),
+    return {"trl.step_s": statistics.median(times), "trl.step_mean_s": statistics.mean(times),
+            "trl.steps": len(times), "trl.use_vllm": float(use_vllm),
             # From this process's creation to its first step: imports, model, colocated vLLM, trainer.
             "trl.startup_s": (timer.first_step_at or time.time()) - process_created(),
             "trl.vllm_weight_push": ("reload_weights" if vllm_reload else "load_weights") if use_vllm else "",
