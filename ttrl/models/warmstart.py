@@ -145,15 +145,15 @@ def _train(model_dir: Path, spec: dict[str, Any], progress: bool, torch: Any,
 
     from ttrl.data.synthetic import arithmetic_problems, easy_stream
     from ttrl.trainer.ds_config import lr_lambda
+    from ttrl.trainer.precision import autocast_context, autocast_load_kwargs
 
     r, task = spec["recipe"], spec["task"]
     check = r.get("check")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    bf16 = r.get("precision") == "bf16"
-    # In bf16 the matmuls take 0.4x the time of fp32's, but torch's fused CPU attention (sdpa) runs its backward
-    # 4x slower in bf16 than in fp32: at 40 tokens plain matmul-softmax attention is the faster one either way.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                 **({"attn_implementation": "eager"} if bf16 else {}))
+    # bf16: the forward and backward's matmuls in bf16 (the RL update's trainer.autocast, the same two pieces);
+    # weights, gradients, the optimizer and the loss's softmax stay fp32.
+    cast = "bfloat16" if r.get("precision") == "bf16" else "float32"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **autocast_load_kwargs(cast))
     model.train()
     test = {p.problem for p in arithmetic_problems(task["test_num"], task["terms"], task["digits"], task["test_seed"])}
     held: list[Any] = []
@@ -189,9 +189,7 @@ def _train(model_dir: Path, spec: dict[str, Any], progress: bool, torch: Any,
             seqs.append((p + c, [-100] * len(p) + c))
         for opt in opts:
             opt.zero_grad(set_to_none=True)
-        # bf16: the forward and backward's matmuls in bf16 (autocast); weights, gradients, the optimizer and the
-        # loss's softmax stay fp32.
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast_context(cast):
             loss = _batch_loss(model, seqs, eos, torch)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for opt in opts:

@@ -90,6 +90,16 @@ def autocast_context(which: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=which == "bfloat16")
 
 
+def autocast_load_kwargs(which: str) -> dict[str, str]:
+    """`from_pretrained` arguments for a model that will run under `autocast_context(which)`.
+
+    Under bf16 autocast, plain matmul-softmax attention: torch's fused CPU attention (sdpa) runs its backward
+    about 4x slower in bf16 than in fp32, more than the bf16 products save (the warm start's profile). In fp32
+    the model's own choice stays.
+    """
+    return {"attn_implementation": "eager"} if which == "bfloat16" else {}
+
+
 def resolve_backward_products(choice: str, device: str, dtype: str, zero_stage: int,
                               amx: bool | None = None, autocast: str = "float32") -> str:
     """"auto" -> "bfloat16" for fp32 training on a CPU with AMX below ZeRO-3, else "float32".
@@ -148,5 +158,5 @@ def bf16_backward_products(model: torch.nn.Module) -> int:
     return n
 
 
-__all__ = ["autocast_context", "bf16_backward_products", "cpu_flags", "cpu_has_amx", "cpu_has_bf16", "resolve_autocast",
+__all__ = ["autocast_context", "autocast_load_kwargs", "bf16_backward_products", "cpu_flags", "cpu_has_amx", "cpu_has_bf16", "resolve_autocast",
            "resolve_backward_products"]

@@ -312,14 +312,13 @@ class PolicyWorker(_DSWorker):
         self._init_dist(master_addr, master_port)
         from transformers import AutoModelForCausalLM
 
-        from ttrl.trainer.precision import resolve_autocast
+        from ttrl.trainer.precision import autocast_load_kwargs, resolve_autocast
 
         s = self.spec
         ds_train = self._ds_config(train=True, lr=s["lr"])
         # Specs made by hand (tests) without the key keep fp32.
         self.autocast = resolve_autocast(s.get("autocast", "float32"), self.device, s["dtype"])
-        # Under bf16 autocast, plain attention: the fused CPU attention's bf16 backward is ~4x its fp32 one.
-        attn = {"attn_implementation": "eager"} if self.autocast == "bfloat16" else {}
+        attn = autocast_load_kwargs(self.autocast)
 
         def load():
             return AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=self.torch_dtype, **attn)
