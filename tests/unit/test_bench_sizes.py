@@ -45,3 +45,27 @@ def test_recipe_scaling_keeps_the_share_trained_and_every_point_composes(quick):
         cfg = compose_config("experiment=demo", f"data.prompts_per_step={n_prompts}", f"rollout.n_votes={v}",
                              f"rollout.n_train={k}", "trainer.micro_batch_size=32")
         assert (cfg.rollout.n_votes, cfg.rollout.n_train) == (v, k)
+
+
+def test_a_scaling_point_is_the_median_of_its_steps_so_one_slow_step_does_not_bend_the_slope():
+    from ttrl.bench.__main__ import scaling_point
+    from ttrl.bench.suite import loglog_slope
+
+    def rows(tokens: float, step: float, slow_at: int | None = None) -> list[dict]:
+        # generate takes half the step; a slow step is twice as long in every phase, same tokens
+        out = []
+        for i in range(5):
+            k = 2.0 if i == slow_at else 1.0
+            out.append({"rollout/tokens_per_s": tokens / (k * step / 2), "timing/generate": k * step / 2,
+                        "timing/train": k * step / 2, "timing/step": k * step})
+        return out
+
+    # Linear in the tokens, one slow step at the smallest count: the medians keep the slope at 1
+    points = [scaling_point(rows(t, t / 1000, slow_at=2 if t == 8000 else None)) for t in (8000, 16000, 32000)]
+    assert [p["tokens"] for p in points] == pytest.approx([8000, 16000, 32000])
+    assert [p["step_s"] for p in points] == pytest.approx([8, 16, 32])
+    assert points[0]["generate_s"] == pytest.approx(4) and points[0]["train_s"] == pytest.approx(4)
+    assert loglog_slope([p["tokens"] for p in points], [p["step_s"] for p in points]) == pytest.approx(1.0)
+    # ...the means beside them carry it (8 s * 6/5), and their slope is below 1
+    assert points[0]["step_mean_s"] == pytest.approx(9.6)
+    assert loglog_slope([p["tokens_mean"] for p in points], [p["step_mean_s"] for p in points]) < 0.95
