@@ -40,8 +40,8 @@ def test_quick_bench_writes_every_ratio(tmp_path):
                 "sync_vs_memcpy", "step.seconds", "step_vs_trl", "step_vs_trl_overlap", "trl.step_s",
                 "step_vs_trl_mean", "trl.ttrl_step_median_s", "trl.step_mean_s",
                 "token_stats_vs_generate", "token_stats.seconds", "startup_vs_trl",
-                "machine.product_gflops_fp32.start", "machine.product_gflops_fp32.end",
-                "machine.product_gflops_bf16.start", "machine.product_gflops_bf16.end"):
+                *(f"machine.product_gflops_{d}{t}.{w}" for d in ("fp32", "bf16") for t in ("", "_1thread")
+                  for w in ("start", "end"))):
         assert math.isfinite(res[key]) and res[key] > 0, (key, res.get(key))
     assert res["sync_share"] < 1 and res["sync.bytes"] > 0
     # One statistic on both sides of the step comparison: the two medians (and the two means beside them).

@@ -429,11 +429,14 @@ def report(res: dict[str, Any], out_dir: Path) -> None:
         print(f"{key:<28}{(f'{v:.3f}' if isinstance(v, float) else str(v)):>12}  {target}")
     for key in sorted(k for k in res if k.startswith("memory.")):
         print(f"{key:<40}{res[key]:>10.0f}")
-    speed = {k: res.get(f"machine.product_gflops_{k}") for k in ("fp32.start", "fp32.end", "bf16.start", "bf16.end")}
+    keys = [f"{d}{t}.{w}" for d in ("fp32", "bf16") for t in ("", "_1thread") for w in ("start", "end")]
+    speed = {k: res.get(f"machine.product_gflops_{k}") for k in keys}
     if all(isinstance(v, float) for v in speed.values()):
-        print(f"machine: {res.get('machine.cpu_model', '?')}, {res.get('machine.cpus', '?')} CPUs; a lone product on one"
-              f" thread at the start / the end: fp32 {speed['fp32.start']:.0f} / {speed['fp32.end']:.0f} GFLOP/s,"
-              f" bf16 {speed['bf16.start']:.0f} / {speed['bf16.end']:.0f}")
+        print(f"machine: {res.get('machine.cpu_model', '?')}, {res.get('machine.cpus', '?')} CPUs; a lone product,"
+              f" GFLOP/s at the start / the end, on {res.get('machine.product_threads', '?')} threads: fp32"
+              f" {speed['fp32.start']:.0f} / {speed['fp32.end']:.0f}, bf16 {speed['bf16.start']:.0f} /"
+              f" {speed['bf16.end']:.0f}; on one: fp32 {speed['fp32_1thread.start']:.0f} /"
+              f" {speed['fp32_1thread.end']:.0f}, bf16 {speed['bf16_1thread.start']:.0f} / {speed['bf16_1thread.end']:.0f}")
     errors = {k: v for k, v in res.items() if k.endswith("error")}
     for k, v in errors.items():
         print(f"!! {k}: {v}")

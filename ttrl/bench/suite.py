@@ -44,17 +44,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def product_gflops(dtype: torch.dtype, repeats: int = 60) -> float:
-    """GFLOP/s of a lone [2400x128] x [128x512] product on one thread, median of `repeats`.
+def product_gflops(dtype: torch.dtype, threads: int, repeats: int = 60) -> float:
+    """GFLOP/s of a lone [2400x128] x [128x512] product on `threads` threads, median of `repeats`.
 
     The same VM moved by a third between two days (119 against 187 GFLOP/s fp32 on a 2-core AMD
-    EPYC), and within a run: this, taken at the start and the end of a bench, says which day a
+    EPYC's two threads): this, taken at the start and the end of a bench, says which kind of day a
     figure came from. The shape is a micro-batch of the demo's update (hidden 128, MLP 512).
     """
     a = torch.randn(2400, 128).to(dtype)
     b = torch.randn(128, 512).to(dtype)
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         for _ in range(5):  # the first calls: allocation, kernel choice, caches
             a @ b
@@ -65,9 +65,16 @@ def product_gflops(dtype: torch.dtype, repeats: int = 60) -> float:
 
 
 def machine_speed(when: str) -> dict[str, float]:
-    """`machine.product_gflops_{fp32,bf16}.{when}`: the box's speed at that moment (see product_gflops)."""
-    return {f"machine.product_gflops_{name}.{when}": product_gflops(dt)
-            for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    """The box's speed at that moment (see product_gflops), fp32 and bf16, on one thread (a core's
+    speed: steady) and on the threads a fresh torch process takes (`machine.product_threads`, the
+    physical cores: on a shared VM this one also says whether the other cores were there)."""
+    from ttrl.models.warmstart import build_threads
+
+    threads, out = build_threads(), {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        out[f"machine.product_gflops_{name}.{when}"] = product_gflops(dt, threads)
+        out[f"machine.product_gflops_{name}_1thread.{when}"] = product_gflops(dt, 1)
+    return out | {"machine.product_threads": threads}
 
 
 # ── 1. rollout: ttrl's rollout phase vs a bare vllm.LLM.generate ─────────
