@@ -29,7 +29,7 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-# ── 0. the machine: what the box is, and how fast it ran that day ─────────
+# ── 0. the machine: what the box is, and how fast it ran at the time ──────
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` says."""
     import platform
@@ -47,27 +47,28 @@ def cpu_model() -> str:
 def product_gflops(dtype: torch.dtype, threads: int, repeats: int = 60) -> float:
     """GFLOP/s of a lone [2400x128] x [128x512] product on `threads` threads, median of `repeats`.
 
-    The same VM moved by a third between two days (119 against 187 GFLOP/s fp32 on a 2-core AMD
-    EPYC's two threads): this, taken at the start and the end of a bench, says which kind of day a
-    figure came from. The shape is a micro-batch of the demo's update (hidden 128, MLP 512).
+    Taken at the start and the end of a bench, a rough mark of the state the box was in: on a
+    2-core AMD EPYC VM the two-thread fp32 figure moved 110-189 within ten minutes. The shape is a
+    micro-batch of the demo's update (hidden 128, MLP 512).
     """
     a = torch.randn(2400, 128).to(dtype)
     b = torch.randn(128, 512).to(dtype)
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    # torch._C's setter: vLLM, once used in a process, replaces torch.set_num_threads with a warning.
+    torch._C.set_num_threads(threads)
     try:
         for _ in range(5):  # the first calls: allocation, kernel choice, caches
             a @ b
         dt, _ = median_time(lambda: a @ b, repeats)
     finally:
-        torch.set_num_threads(before)
+        torch._C.set_num_threads(before)
     return 2 * 2400 * 128 * 512 / dt / 1e9
 
 
 def machine_speed(when: str) -> dict[str, float]:
     """The box's speed at that moment (see product_gflops), fp32 and bf16, on one thread (a core's
-    speed: steady) and on the threads a fresh torch process takes (`machine.product_threads`, the
-    physical cores: on a shared VM this one also says whether the other cores were there)."""
+    speed) and on the threads a fresh torch process takes (`machine.product_threads`, the physical
+    cores: on a shared VM this one also says whether the other cores were there)."""
     from ttrl.models.warmstart import build_threads
 
     threads, out = build_threads(), {}
