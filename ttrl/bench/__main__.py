@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # (n_train / n_votes: 8 of 16 here, TTRL's 32 of 64), so every phase's work grows with the votes
         # and the slope below 1 is what does not: a step's fixed costs. The trainer's rows per optimizer
         # step are fixed when its ranks start, so each vote count gets a cluster of its own.
-        out, xs, ys, gs, ts, ms = {}, [], [], [], [], []
+        out, points = {}, []
         for v, k in recipe_scaling_points(quick):
             c = _compose([*base, f"rollout.n_votes={v}", f"rollout.n_train={k}"])
             parts = build_parts(c)
@@ -226,17 +226,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows = _fresh_steps(rt_v, parts, c, 2 if quick else 5)
             finally:
                 parts.close()
-            point = scaling_point(rows)
-            out |= {f"scaling.votes_{v}.{key}": val for key, val in point.items()} | {f"scaling.votes_{v}.n_train": k}
-            xs.append(point["tokens"])
-            ys.append(point["step_s"])
-            gs.append(point["generate_s"])
-            ts.append(point["train_s"])
-            ms.append((point["tokens_mean"], point["step_mean_s"]))
+            points.append(scaling_point(rows))
+            out |= {f"scaling.votes_{v}.{key}": val for key, val in points[-1].items()} | {f"scaling.votes_{v}.n_train": k}
+
+        def col(key: str) -> list[float]:
+            return [p[key] for p in points]
+
+        xs, ys, gs = col("tokens"), col("step_s"), col("generate_s")
         return out | {"scaling.votes_exponent": suite.loglog_slope(xs, ys),
-                      "scaling.votes_exponent_mean": suite.loglog_slope([m[0] for m in ms], [m[1] for m in ms]),
+                      "scaling.votes_exponent_mean": suite.loglog_slope(col("tokens_mean"), col("step_mean_s")),
                       "scaling.recipe_generate_exponent": suite.loglog_slope(xs, gs),
-                      "scaling.train_exponent": suite.loglog_slope(xs, ts),
+                      "scaling.train_exponent": suite.loglog_slope(xs, col("train_s")),
                       "scaling._points": json.dumps(list(zip(xs, ys, gs)))}
 
     section("scaling_recipe", scaling_recipe)
