@@ -128,6 +128,19 @@ def test_hostile_requests_get_their_4xx_and_their_neighbours_are_answered(server
         "lone surrogate": ("POST", "/v1/chat/completions", {
             "content": b'{"messages": [{"role": "user", "content": "1+1=\\udc00"}]}', "headers": json_h}, 400,
             "messages"),
+        # Under the 64 KiB body limit: a key of 20k characters over a list of 20k numbers, a NaN at its end
+        # (a path spelled per element was 400 MB here, 120 GB at the default 1 MiB limit).
+        "long key, long list": ("POST", "/v1/completions", {
+            "content": b'{"prompt": "1+1=", "x": {"' + b"K" * 20_000 + b'": [' + b"0," * 20_000 + b"NaN]}}",
+            "headers": json_h}, 400, "x"),
+        "5000-digit seed": ("POST", "/v1/completions", {"content": b'{"prompt": "1+1=", "seed": ' + b"9" * 5000 + b"}",
+                                                         "headers": json_h}, 400, "seed"),
+        "60k-character prompt": ("POST", "/v1/completions", {"json": {"prompt": "12+34+" * 10_000},
+                                                              "headers": h["mallory"]}, 400, "prompt"),
+        # Rows 257-319 of the debug model's embedding are past its tokenizer's 257 ids: they decode to no text,
+        # which the store and the learner (prompts as text) cannot hold.
+        "ids with no text": ("POST", "/v1/completions", {"content": b'{"prompt": [300, 301]}', "headers": json_h},
+                             400, "prompt"),
         "64 prompts x 64 votes": ("POST", "/v1/completions", {"json": {"prompt": ["1+1="] * 64, "votes": 64},
                                                               "headers": h["mallory"]}, 413, "votes"),
         "text/plain post": ("POST", "/v1/completions", {"content": b'{"prompt": "1+1="}',

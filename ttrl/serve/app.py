@@ -115,6 +115,7 @@ class Service:
         self.scfg, self.tokenizer, self.model_cfg = scfg, tokenizer, model_cfg
         self.pool, self.store, self.controller = pool, store, controller
         self.tenants = tenants  # ttrl.serve.tenants.Tenants with serve.tenants, else None
+        self.max_prompt_chars = prompt_char_bound(tokenizer, scfg.defaults.max_model_len)
         if tenants is not None:
             tenants.on_create = lambda name: self.metrics.tenants_created.inc()
         self.writer = GroupCommitWriter(store)
@@ -128,11 +129,24 @@ class Service:
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    async def tokens(self, texts: list[str]) -> list[list[int]]:
+        """The prompts' token ids, off the event loop (a long prompt takes the tokenizer a while), after a
+        character count that no prompt within the context can exceed (so a body of long prompts is refused
+        before it costs the tokenizer anything)."""
+        limit = self.max_prompt_chars
+        if limit is not None:
+            for t in texts:
+                if len(t) > limit:
+                    raise P.RequestError(f"a prompt of {len(t)} characters cannot fit the model's context of "
+                                         f"{self.scfg.defaults.max_model_len} tokens", "prompt")
+        return await run_in_threadpool(lambda: [self._tokens(t) for t in texts])
+
     def _check_length(self, ids: list[int], s: P.Sampling) -> None:
         limit = self.scfg.defaults.max_model_len
         if len(ids) + s.max_tokens > limit:
+            # The prompt's fault when it leaves no room for one new token; max_tokens' otherwise.
             raise P.RequestError(f"the prompt has {len(ids)} tokens; with max_tokens={s.max_tokens} that exceeds the "
-                                 f"model's context of {limit}", "max_tokens")
+                                 f"model's context of {limit}", "prompt" if len(ids) >= limit else "max_tokens")
         if not ids:
             raise P.RequestError("the prompt is empty after tokenisation", "prompt")
 
@@ -188,10 +202,9 @@ class Service:
         for ids in prompt_ids:
             self._check_length(ids, s)
         tenant, adapter = await self._adapter(client)
+        tasks = [asyncio.ensure_future(self._answer_one(ids, s, client, adapter)) for ids in prompt_ids]
         try:
-            results = await asyncio.wait_for(
-                asyncio.gather(*(self._answer_one(ids, s, client, adapter) for ids in prompt_ids)),
-                timeout=self.scfg.request_timeout_s)
+            results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=self.scfg.request_timeout_s)
         except TimeoutError:
             raise P.RequestError(f"no answer within serve.request_timeout_s={self.scfg.request_timeout_s:g}s",
                                  status=504, kind="timeout") from None
@@ -199,6 +212,11 @@ class Service:
             raise P.RequestError(str(err), status=503, kind="overloaded") from None
         except EngineUnavailable as err:
             raise P.RequestError(str(err), status=503, kind="engine_unavailable") from None
+        finally:
+            # A refused request's other prompts leave the queue with it (gather would let them run, unanswered
+            # and unstored, in slots its client's in-flight cap no longer counts). No-op for finished ones.
+            for t in tasks:
+                t.cancel()
         records, choices, extras = [], [], []
         version = min(v for _, _, v, _ in results)
         for i, (text, (picked, samples, v, sel)) in enumerate(zip(prompts, results)):
@@ -212,7 +230,8 @@ class Service:
                 samples=[{"text": o["text"], "answer": a, "mean_logprob": _finite(mean_logprob(o)),
                           "tokens": len(o["token_ids"]), "chosen": sel is not None and j == sel.index}
                          for j, (o, a) in enumerate(zip(samples, answers))],
-                request=request, latency_s=time.perf_counter() - t0, client=client, tenant=tenant))
+                request=stored_request(request) if i == 0 else None, latency_s=time.perf_counter() - t0,
+                client=client, tenant=tenant))
             choices.extend(picked)
             extras.append({"version": v, "votes": s.votes, "answer": records[-1].answer,
                            "agreement": records[-1].agreement})
@@ -249,6 +268,42 @@ class Service:
             index -= len(r["response"])
         raise P.RequestError(f"response {rid!r} has no choice {body.get('index')}", "index", status=404,
                              kind="not_found")
+
+
+# The request fields a stored query keeps beside its prompt (the sampling the client asked for); the rest of a
+# body (its prompts, which each row holds already, and any field the server ignores) is not written to disk.
+STORED_FIELDS = ("model", "temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "votes", "seed",
+                 "stop", "user")
+
+
+def stored_request(body: Any) -> dict[str, Any] | None:
+    """What of a request body its first query row stores: the sampling fields that are scalars or lists of
+    strings (`stop`), each string cut to 200 characters; anything else (an object under `model`) is left out."""
+    if not isinstance(body, dict):
+        return None
+
+    def small(v: Any) -> Any:
+        return v[:200] if isinstance(v, str) else v
+
+    kept = {}
+    for k in STORED_FIELDS:
+        v = body.get(k)
+        if v is None or isinstance(v, (str, int, float)):
+            if k in body:
+                kept[k] = small(v)
+        elif isinstance(v, list) and len(v) <= 4 and all(isinstance(x, str) for x in v):
+            kept[k] = [small(x) for x in v]
+    return kept
+
+
+def prompt_char_bound(tokenizer: Any, max_model_len: int) -> int | None:
+    """Characters above which a prompt must have more than `max_model_len` tokens (no token spells more than
+    the longest in the vocabulary); None when the tokenizer does not list its vocabulary."""
+    try:
+        longest = max(len(t) for t in tokenizer.get_vocab())
+    except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary list: no bound, the token count decides
+        return None
+    return max_model_len * max(1, longest)
 
 
 def _finite(x: float) -> float | None:
@@ -293,9 +348,14 @@ def build_app(service: Service, policy: GuardPolicy | None = None) -> Guard:
             if req.prompt_ids is not None:
                 texts = [service.tokenizer.decode(ids) for ids in req.prompt_ids]
                 ids = req.prompt_ids
+                # The store and the learner keep prompts as text: ids that decode to none (ids past the
+                # tokenizer's own, within the embedding's rows) would be stored as "" and trained on as [].
+                empty = next((i for i, t in enumerate(texts) if not t), None)
+                if empty is not None:
+                    raise P.RequestError(f"the token ids of prompt {empty} decode to no text", "prompt")
             else:
                 texts = req.prompts
-                ids = [service._tokens(t) for t in texts]
+                ids = await service.tokens(texts)
             return JSONResponse(await service.complete("completions", texts, ids, req.sampling, body, t0,
                                                        identity(request)))
         except P.RequestError as err:
@@ -308,8 +368,8 @@ def build_app(service: Service, policy: GuardPolicy | None = None) -> Guard:
             body = await body_of(request)
             messages, sampling, _ = P.parse_chat(body, service.scfg.defaults, service.scfg.limits)
             text = P.render_chat(messages, service.model_cfg, service.tokenizer)
-            return JSONResponse(await service.complete("chat", [text], [service._tokens(text)], sampling, body, t0,
-                                                       identity(request)))
+            return JSONResponse(await service.complete("chat", [text], await service.tokens([text]), sampling, body,
+                                                       t0, identity(request)))
         except P.RequestError as err:
             return error(err)
 

@@ -164,7 +164,8 @@ class ServeConfig:
     store: Optional[str] = None  # null = <dir>/store.sqlite
     model_name: Optional[str] = None  # the model id of the API; null = model.name
     # 1 = plain sampling; N > 1 = self-consistency: sample N, answer with the
-    # majority answer's most likely completion. A request may ask for its own (`votes`).
+    # majority answer's most likely completion. A request may ask for its own (`votes`); one that asks for
+    # n > 1 or temperature 0 without it gets plain sampling. At most 64 and serve.limits.max_samples.
     votes: int = 1
     temperature: Optional[float] = None  # null = rollout.temperature
     top_p: Optional[float] = None  # null = rollout.top_p
@@ -278,6 +279,13 @@ def validate_serve(cfg: Any) -> None:
     for key in ("max_prompts", "max_samples", "max_comment_chars", "burst", "max_in_flight"):
         if getattr(lim, key) < 1:
             fail(f"serve.limits.{key}={getattr(lim, key)} must be at least 1.")
+    # The default a request gets must be one it could ask for: a plain request refused (or served more votes
+    # than it may ask) over a field it never sent is the server's misconfiguration.
+    from ttrl.serve.protocol import MAX_VOTES
+
+    if s.votes > min(MAX_VOTES, lim.max_samples):
+        fail(f"serve.votes={s.votes} must be at most {min(MAX_VOTES, lim.max_samples)} (the most a request may ask: "
+             f"{MAX_VOTES}, and serve.limits.max_samples={lim.max_samples}).")
     if not lim.requests_per_minute >= 0:
         fail(f"serve.limits.requests_per_minute={lim.requests_per_minute} must be >= 0 (0 = no limit).")
 

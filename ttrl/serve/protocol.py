@@ -4,7 +4,8 @@
 sends; what the engines cannot do is refused with a 400 naming the
 parameter (streaming, echo, log-probs), never silently ignored. Bodies are
 read strictly (`parse_body`): NaN, Infinity and lone surrogates, which
-Python's JSON parser lets through, are refused with the path of the value;
+Python's JSON parser lets through, and integers longer than any field
+takes, are refused with the path of the value;
 booleans are not numbers; token ids must be inside the vocabulary. What a
 request may cost (prompts, samples, comment length) is capped by
 `RequestLimits` (serve.limits.*), over-limit answers are 413. `stop`
@@ -65,27 +66,60 @@ class _NonFinite:
     def __init__(self, text: str):
         self.text = text
 
+    def what(self) -> str:
+        return f"{self.text} is not a number JSON allows"
+
+
+# No field takes an integer longer than a 64-bit seed (20 characters with its sign); Python's own parser
+# refuses over 4300 digits with a ValueError that could only say "not valid JSON", naming no field.
+MAX_INT_CHARS = 32
+
+
+class _LongInt:
+    """Stands in for an integer of more than MAX_INT_CHARS characters while parsing."""
+
+    def __init__(self, text: str):
+        self.digits = len(text.lstrip("-"))
+
+    def what(self) -> str:
+        return f"an integer of {self.digits} digits (no field takes more than {MAX_INT_CHARS - 1})"
+
 
 def _find_bad(value: Any, path: str) -> tuple[str, str] | None:
-    """(path, what) of the first non-finite number or lone surrogate in a parsed body."""
-    stack = [(value, path)]
+    """(path, what) of the first non-finite number, over-long integer or lone surrogate in a parsed body.
+
+    A value's path is spelled out only once it is found bad: built for every
+    element, a body under the size limit (one long key over a long list) made
+    gigabytes of path strings.
+    """
+    stack: list[tuple[Any, Any]] = [(value, None)]  # (value, where: None = the root, else (parent where, key))
     while stack:
         v, at = stack.pop()
-        if isinstance(v, _NonFinite):
-            return at or "body", f"{v.text} is not a number JSON allows"
+        if isinstance(v, (_NonFinite, _LongInt)):
+            return _spell(at, path), v.what()
         if isinstance(v, str):
             try:
                 v.encode("utf-8")
             except UnicodeEncodeError:
-                return at or "body", "a string with a lone surrogate (not valid Unicode text)"
+                return _spell(at, path), "a string with a lone surrogate (not valid Unicode text)"
         elif isinstance(v, dict):
             for k, x in reversed(list(v.items())):
-                if _find_bad(k, at) is not None:
-                    return at or "body", "a key with a lone surrogate (not valid Unicode text)"
-                stack.append((x, f"{at}.{k}" if at else str(k)))
+                if _find_bad(k, "") is not None:
+                    return _spell(at, path), "a key with a lone surrogate (not valid Unicode text)"
+                stack.append((x, (at, f".{k}")))
         elif isinstance(v, list):
-            stack.extend((x, f"{at}[{i}]") for i, x in reversed(list(enumerate(v))))
+            stack.extend((x, (at, f"[{i}]")) for i, x in reversed(list(enumerate(v))))
     return None
+
+
+def _spell(at: Any, root: str) -> str:
+    """The path of a `_find_bad` position: `(parent, ".key" or "[i]")` links up to the root."""
+    parts = []
+    while at is not None:
+        at, part = at
+        parts.append(part)
+    text = root + "".join(reversed(parts))
+    return text.removeprefix(".") or "body"
 
 
 def parse_body(data: bytes) -> Any:
@@ -100,13 +134,16 @@ def parse_body(data: bytes) -> Any:
         return x if math.isfinite(x) else _NonFinite(s)
 
     try:
-        body = json.loads(text, parse_constant=_NonFinite, parse_float=finite)
+        body = json.loads(text, parse_constant=_NonFinite, parse_float=finite,
+                          parse_int=lambda t: int(t) if len(t) <= MAX_INT_CHARS else _LongInt(t))
     except (ValueError, RecursionError):
         raise RequestError("the request body is not valid JSON") from None
     bad = _find_bad(body, "")
     if bad is not None:
         where, what = bad
-        raise RequestError(f"'{where}': {what}", where.split(".")[0].split("[")[0])
+        # The path as far as a reader needs it: a 20k-character key is not echoed back whole.
+        shown = where if len(where) <= 120 else f"{where[:60]}...{where[-40:]}"
+        raise RequestError(f"'{shown}': {what}", where.split(".")[0].split("[")[0])
     return body
 
 
@@ -178,10 +215,15 @@ def parse_sampling(body: dict, d: Defaults) -> Sampling:
     _refuse_unsupported(body)
     temperature = _number(body, "temperature", d.temperature, 0.0, 2.0)
     top_p = _number(body, "top_p", d.top_p, 0.0, 1.0, lo_open=True)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _integer({"max_tokens": max_tokens}, "max_tokens", d.max_tokens, 1, d.max_model_len - 1)
+    # The newer name wins where both are given; a null one is not given (the openai client sends nulls).
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, key, d.max_tokens, 1, d.max_model_len - 1)
     n = _integer(body, "n", 1, 1, MAX_N)
     votes = _integer(body, "votes", d.votes, 1, MAX_VOTES)
+    if body.get("votes") is None and (n > 1 or temperature == 0):
+        # serve.votes is the server's default, not the client's ask: a client asking for n choices or a
+        # greedy answer gets plain sampling, not a refusal naming a field it never sent.
+        votes = 1
     seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
     if votes > 1 and n > 1:
         raise RequestError("'n' must be 1 when 'votes' > 1 (self-consistency returns the one voted answer)", "n")

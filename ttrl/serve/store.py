@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS queries (
     client TEXT NOT NULL DEFAULT 'anonymous',  -- the API key's name that asked
     prompt TEXT NOT NULL,           -- what the engine saw (template applied)
     prompt_key TEXT,                -- the prompt, case and whitespace normalised (ttrl.serve.trust.prompt_key)
-    request TEXT,                   -- the request body (JSON)
+    request TEXT,                   -- the sampling fields the client sent (JSON; first prompt row only)
     version INTEGER NOT NULL,       -- weights version that generated the answer
     votes INTEGER NOT NULL,         -- samples drawn (1 = plain sampling)
     response TEXT NOT NULL,         -- JSON list of the texts returned

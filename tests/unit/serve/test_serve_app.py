@@ -144,10 +144,18 @@ def test_bad_requests_get_openai_errors_naming_the_parameter(tmp_path):
             "prompt": {"prompt": ""},
             "n": {"prompt": "1+1=", "votes": 3, "n": 2},
             "long": {"prompt": "9" * 250, "max_tokens": 16},
+            "too long": {"prompt": "9" * 300, "max_tokens": 16},
+            "null max_completion_tokens": {"prompt": "1+1=", "max_completion_tokens": None, "max_tokens": 0},
+            "max_completion_tokens": {"prompt": "1+1=", "max_completion_tokens": 0, "max_tokens": 8},
         }.items():
             out[name] = await client.post("/v1/completions", json=body)
-        out["json"] = await client.post("/v1/completions", content=b"{not json",
-                                        headers={"Content-Type": "application/json"})
+        raw = {"json": b"{not json",
+               "huge seed": b'{"prompt": "1+1=", "seed": ' + b"9" * 5000 + b"}",
+               # One long key over a long list, a NaN at its end: the path is spelled once, not per element.
+               "long key": b'{"prompt": "1+1=", "x": {"' + b"K" * 20000 + b'": [' + b"0," * 20000 + b"NaN]}}"}
+        for name, content in raw.items():
+            out[name] = await client.post("/v1/completions", content=content,
+                                          headers={"Content-Type": "application/json"})
         out["chat"] = await client.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}]})
         await pool.stop()
         svc.close()
@@ -157,9 +165,65 @@ def test_bad_requests_get_openai_errors_naming_the_parameter(tmp_path):
     for name, resp in out.items():
         assert resp.status_code == 400, (name, resp.text)
         assert resp.json()["error"]["type"] == "invalid_request_error"
-    assert out["stream"].json()["error"]["param"] == "stream"
-    assert out["long"].json()["error"]["param"] == "max_tokens"
-    assert "context" in out["long"].json()["error"]["message"]
+    params = {name: resp.json()["error"]["param"] for name, resp in out.items()}
+    assert params["stream"] == "stream" and params["json"] is None
+    assert params["long"] == "max_tokens" and "context" in out["long"].json()["error"]["message"]
+    assert params["too long"] == "prompt", "a prompt that leaves no room for one token is the prompt's fault"
+    assert params["null max_completion_tokens"] == "max_tokens" and params["max_completion_tokens"] == \
+        "max_completion_tokens", "a null field is not sent: the other one is read, and named"
+    assert params["huge seed"] == "seed" and "5000 digits" in out["huge seed"].json()["error"]["message"]
+    assert params["long key"] == "x" and out["long key"].json()["error"]["message"].endswith(
+        "[20000]': NaN is not a number JSON allows")
+
+
+def test_a_body_under_the_size_limit_cannot_make_the_parser_spell_a_path_per_element():
+    import tracemalloc
+
+    from ttrl.serve.protocol import parse_body
+
+    body = b'{"prompt": "1+1=", "x": {"' + b"K" * 100_000 + b'": [' + b"0," * 100_000 + b"0]}}"  # 0.3 MB
+    tracemalloc.start()
+    try:
+        parse_body(body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # A path per element was 100k strings of 100k characters: 10 GB.
+    assert peak < 50e6, f"parsing a {len(body) / 1e6:.1f} MB body took {peak / 1e6:.0f} MB"
+
+
+class _ShortVocabTokenizer(FakeTokenizer):
+    """FakeTokenizer whose ids from 200 up are embedding rows past the tokenizer's own: they decode to nothing."""
+
+    def decode(self, ids) -> str:
+        return super().decode([i for i in ids if i < 200])
+
+
+def test_defaults_bend_to_the_client_and_the_store_keeps_only_the_sampling_it_asked_for(tmp_path):
+    async def main():
+        client, svc, ctl, store, pool = await _client(tmp_path, votes=3)
+        svc.tokenizer = _ShortVocabTokenizer()
+        out = {
+            # serve.votes=3 is the server's default, not the client's ask: n choices, or a greedy answer.
+            "n": await client.post("/v1/completions", json={"prompt": "1+1=", "n": 2}),
+            "greedy": await client.post("/v1/completions", json={"prompt": "1+1=", "temperature": 0}),
+            "junk": await client.post("/v1/completions", json={
+                "prompt": ["1+1=", "2+2=", "3+3="], "temperature": 0.5, "junk": "J" * 100_000}),
+            "no text": await client.post("/v1/completions", json={"prompt": [[50, 51], [250, 251]]}),
+        }
+        await pool.stop()
+        svc.close()
+        return out, store
+
+    out, store = run(main())
+    assert out["n"].status_code == 200 and len(out["n"].json()["choices"]) == 2
+    assert out["n"].json()["ttrl"]["votes"] == 1
+    assert out["greedy"].status_code == 200 and out["greedy"].json()["ttrl"]["votes"] == 1
+    assert out["no text"].status_code == 400 and out["no text"].json()["error"]["param"] == "prompt"
+    assert "prompt 1 decode to no text" in out["no text"].json()["error"]["message"]
+    rows = store.get_request(out["junk"].json()["id"])
+    assert [r["request"] for r in rows] == [{"temperature": 0.5}, None, None], \
+        "the body once per request, its sampling fields alone (not its prompts, not a junk field per prompt)"
 
 
 def test_feedback_is_stored_against_the_response_and_its_choice(tmp_path):
@@ -224,3 +288,29 @@ def test_health_metrics_and_the_admin_api(tmp_path):
     assert out["rollback_anon"].status_code == 401
     assert out["learn"].status_code == 200 and ctl.learned == 1
     assert out["off"].status_code == 403 and "admin API is off" in out["off"].json()["error"]["message"]
+
+
+def test_a_request_refused_as_overloaded_takes_its_queued_prompts_with_it(tmp_path):
+    async def main():
+        store = Store(tmp_path / "store.sqlite")
+        eng = FakeEngine(_answers, delay=0.05)
+        pool = EnginePool([eng], 0, death_errors=(FakeDeath,), max_queue=4, max_batch=1)
+        await pool.start()
+        defaults = Defaults(temperature=1.0, top_p=1.0, max_tokens=16, votes=1, max_model_len=256)
+        svc = Service(ServiceConfig("tiny-arith", defaults, 30.0, TOKEN), FakeTokenizer(), MODEL_CFG, pool, store,
+                      FakeController())
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(svc)), base_url="http://localhost")
+        # 8 prompts into a queue of 4: the fifth is refused, and the request with it.
+        r = await client.post("/v1/completions", json={"prompt": [f"{i}+1=" for i in range(8)]})
+        await asyncio.sleep(0.5)  # what the engine would still have drawn for nobody
+        drawn = sum(n for kind, n, *_ in eng.log if kind == "generate")
+        ok = await client.post("/v1/completions", json={"prompt": "1+1="})
+        await pool.stop()
+        svc.close()
+        return r, drawn, ok, store
+
+    r, drawn, ok, store = run(main())
+    assert r.status_code == 503 and r.json()["error"]["type"] == "overloaded"
+    # At most the one batch (serve.max_batch=1) the engine had taken before the refusal.
+    assert drawn <= 1, f"{drawn} prompts of the refused request were generated"
+    assert ok.status_code == 200 and store.count_queries() == 1

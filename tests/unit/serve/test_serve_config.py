@@ -38,6 +38,8 @@ def test_the_serve_config_composes_on_top_of_the_demo():
 @pytest.mark.parametrize("override, words", [
     ("serve.votes=0", "serve.votes=0 must be at least 1"),
     ("serve.port=70000", "serve.port=70000"),
+    ("serve.votes=65", "serve.votes=65 must be at most 64"),
+    ("serve.votes=8 serve.limits.max_samples=4", "serve.votes=8 must be at most 4 (the most a request may ask"),
     ("serve.max_tokens=5000", "serve.max_tokens=5000 must be at least 1 and below model.max_model_len"),
     ("serve.gate.tolerance=-0.1", "serve.gate.tolerance=-0.1"),
     ("serve.gate.min_agreement=0", "serve.gate.min_agreement=0"),
@@ -48,7 +50,7 @@ def test_the_serve_config_composes_on_top_of_the_demo():
     ("rollout.weight_sync=ipc", "rollout.weight_sync=ipc"),
 ])
 def test_bad_values_name_their_key(override, words):
-    cfg = compose_serve("experiment=demo", override)
+    cfg = compose_serve("experiment=demo", *override.split())
     with pytest.raises(ConfigError, match=None) as err:
         validate_serve(cfg)
     assert words in str(err.value)
