@@ -226,10 +226,12 @@ class Learner:
         if self._thread:
             self._thread.join(timeout)
 
-    def _due(self) -> str | None:
+    def _due(self, unused: Any = None) -> str | None:
+        """Why a round is due now, or None. With tenants `unused` is `store.unused_by_tenant()`, read by the
+        caller outside `_cond`."""
         ln = self.cfg.serve.learn
         if self.tenants is not None:
-            return self._tenant_due()
+            return self._tenant_due(unused)
         if self._manual:
             return "manual"
         if ln.every_queries and self._new >= ln.every_queries:
@@ -239,7 +241,7 @@ class Learner:
             return f"{time.monotonic() - self._last_round:.0f}s since the last round"
         return None
 
-    def _tenant_due(self) -> str | None:
+    def _tenant_due(self, unused: Any) -> str | None:
         """Whether a tenant's round is due, and whose (`_next_tenant`): the asked tenant on a manual trigger
         that names one, else the next ready tenant in round-robin order."""
         from ttrl.serve.tenants import ready_tenants
@@ -249,7 +251,7 @@ class Learner:
             self._next_tenant = self._manual_tenant
             return f"manual, tenant {self._manual_tenant!r}"
         timely = bool(ln.every_seconds) and time.monotonic() - self._last_round >= ln.every_seconds
-        ready = ready_tenants(self.store.unused_by_tenant(), self._seen, int(ln.every_queries),
+        ready = ready_tenants(unused, self._seen, int(ln.every_queries),
                               int(ln.min_queries), manual=self._manual, timely=timely)
         self._next_tenant = self.queue.pick(ready)
         if self._next_tenant is None:
@@ -263,11 +265,20 @@ class Learner:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and self._due() is None:
-                    self._cond.wait(timeout=1.0)
+                if self.tenants is None:
+                    while not self._stop and self._due() is None:
+                        self._cond.wait(timeout=1.0)
+                else:
+                    # The tenants' tally is a store query: read once a second (or on a trigger), and outside
+                    # `_cond`, which every answered request's notify() takes on the event loop.
+                    self._cond.wait_for(lambda: self._stop or self._manual, timeout=1.0)
+            unused = self.store.unused_by_tenant() if self.tenants is not None and not self._stop else None
+            with self._cond:
                 if self._stop:
                     return
-                why = self._due()
+                why = self._due(unused)  # the state only grew since the wait: still due without tenants
+                if why is None:
+                    continue
                 tenant = self._next_tenant if self.tenants is not None else None
                 self._manual, self._manual_tenant = False, None
                 self._new = 0

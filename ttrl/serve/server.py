@@ -102,13 +102,13 @@ class ServeController:
     def rollback(self, version: int, tenant: str | None = None) -> dict[str, Any]:
         if tenant is not None:
             return self._rollback_tenant(self._tenant(tenant), version)
-        known = {v["version"]: v for v in self.store.versions()}
-        if version not in known or known[version]["status"] not in ("base", "promoted") or \
-                not self.disk.exists(version):
-            kept = sorted(v for v, row in known.items() if row["status"] in ("base", "promoted"))
-            raise RequestError(f"version {version} is not kept; kept versions: {kept}", "version", status=404,
-                               kind="not_found")
-        with self.trainer_lock:  # after any learning round in progress
+        with self.trainer_lock:  # after any learning round in progress (which may prune the version asked for)
+            known = {v["version"]: v for v in self.store.versions()}
+            kept = sorted(v for v, row in known.items() if row["status"] in ("base", "promoted")
+                          and self.disk.exists(v))
+            if version not in kept:
+                raise RequestError(f"version {version} is not kept; kept versions: {kept}", "version", status=404,
+                                   kind="not_found")
             before = self._served
             # Engines first: a swap that fails leaves them (and the store) on `before`.
             try:

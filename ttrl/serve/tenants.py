@@ -167,23 +167,29 @@ class Tenants:
             if known is not None:
                 return known
             d = adapter_dir(self.root, name)
-            from_version = None
+            used = [t.id for t in self._known.values()]
+            t = TenantAdapter(name, max(used, default=FIRST_ID - 1) + 1, str(d))
+
+            def write_info(from_version: str | None) -> None:
+                write_atomic(d.parent / INFO_FILE, json.dumps({"name": name, "id": t.id, "created": time.time(),
+                                                               "from_version": from_version}, indent=1))
+                fsync_dir(d.parent)
+
             if (d / CONFIG_FILE).is_file():
                 self._check(d)
+                write_info(None)
             else:
                 src = self.served_adapter()
+                d.parent.mkdir(parents=True, exist_ok=True)
+                # Where the adapter came from is on disk before the adapter is: a crash between the two
+                # otherwise left a copied adapter that looked placed by hand, which no round may train.
+                write_info(src.parent.name)
                 tmp = d.with_name(d.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
                 for f in (CONFIG_FILE, WEIGHTS_FILE):  # the adapter alone, not peft's README or anything else
                     shutil.copy2(src / f, tmp / f)
                 _install_dir(tmp, d)
-                from_version = src.parent.name
-            used = [t.id for t in self._known.values()]
-            t = TenantAdapter(name, max(used, default=FIRST_ID - 1) + 1, str(d))
-            write_atomic(d.parent / INFO_FILE, json.dumps({"name": name, "id": t.id, "created": time.time(),
-                                                           "from_version": from_version}, indent=1))
-            fsync_dir(d.parent)
             self._known[name] = t
             self.created += 1
             if self.on_create is not None:

@@ -146,6 +146,29 @@ def test_a_new_tenant_starts_from_the_served_adapter_with_a_stable_id(tmp_path):
     assert again.get("team") == b and again.get("carol").id == FIRST_ID + 2 and again.created == 1
 
 
+def test_a_tenant_killed_as_its_adapter_lands_still_knows_where_it_came_from(tmp_path, monkeypatch):
+    import ttrl.serve.tenants as T
+
+    class Killed(BaseException):
+        pass
+
+    served = _served(tmp_path)
+    root = tmp_path / "tenants"
+    real = T._install_dir
+
+    def install_then_die(tmp, final):
+        real(tmp, final)
+        raise Killed  # SIGKILL right after the copied adapter is renamed into place
+
+    monkeypatch.setattr(T, "_install_dir", install_then_die)
+    with pytest.raises(Killed):
+        Tenants(root, lambda: served, {"alice": "alice"}).get("alice")
+    monkeypatch.setattr(T, "_install_dir", real)
+    # The restart sees a copy of v0 (its learner may train it), not an adapter placed by hand.
+    again = Tenants(root, lambda: served, {"alice": "alice"})
+    assert again.get("alice").id == FIRST_ID and again.origin("alice") == 0
+
+
 def test_an_adapter_written_before_the_first_request_is_the_one_served(tmp_path):
     from ttrl.rollout.lora import read_tensors
 
@@ -409,7 +432,7 @@ def test_the_learner_gives_due_tenants_rounds_in_turn_and_a_manual_trigger_may_n
     ln._cond = threading.Condition()
     picked = []
     for _ in range(3):
-        if ln._due() is None:
+        if ln._due(store.unused_by_tenant()) is None:
             picked.append(None)
             continue
         picked.append(ln._next_tenant)
@@ -417,9 +440,48 @@ def test_the_learner_gives_due_tenants_rounds_in_turn_and_a_manual_trigger_may_n
         ln._seen[ln._next_tenant] = store.count_unused(ln._next_tenant)
     assert picked == ["alice", "bob", None], "carol (1 query < min_queries=2) waits; no new queries, no round"
     ln.trigger("carol")
-    assert ln._due() == "manual, tenant 'carol'" and ln._next_tenant == "carol", "the admin named her"
+    assert ln._due(store.unused_by_tenant()) == "manual, tenant 'carol'" and ln._next_tenant == "carol", "the admin named her"
     ln._manual, ln._manual_tenant = True, None
-    assert ln._due() == "manual" and ln._next_tenant == "alice", "a manual trigger without a name: the next in turn"
+    assert ln._due(store.unused_by_tenant()) == "manual" and ln._next_tenant == "alice", "a manual trigger without a name: the next in turn"
+
+
+def test_the_learner_reads_the_tenants_tally_outside_the_lock_every_answer_takes(tmp_path):
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from ttrl.serve.learner import Learner
+    from ttrl.serve.store import QueryRecord
+
+    store = Store(tmp_path / "store.sqlite")
+    store.add_queries([QueryRecord(id=f"cmpl-a{i}", idx=0, endpoint="completions", prompt=f"a {i}", version=0,
+                                   votes=1, response=["x"], client="alice", tenant="alice") for i in range(3)])
+    ln = Learner.__new__(Learner)
+    ln.cfg = SimpleNamespace(serve=SimpleNamespace(learn=SimpleNamespace(every_queries=2, every_seconds=0,
+                                                                         min_queries=2)))
+    ln.tenants, ln.queue, ln._seen, ln.disabled, ln._stop, ln._new = object(), RoundQueue(), {}, None, False, 0
+    ln._manual, ln._manual_tenant, ln._next_tenant, ln._last_round = False, None, None, time.monotonic()
+    ln._cond = threading.Condition()
+    held, rounds = [], []
+
+    class WatchedStore:
+        """The real store; records whether the learner's lock was held when the tally was read."""
+
+        def unused_by_tenant(self):
+            held.append(ln._cond._is_owned())
+            return store.unused_by_tenant()
+
+    def run_round(why, tenant=None):
+        rounds.append(tenant)
+        ln.queue.done(tenant)
+        ln._seen[tenant] = store.count_unused(tenant)
+        ln.stop(timeout=0)
+
+    ln.store, ln.run_round = WatchedStore(), run_round
+    ln._thread = threading.Thread(target=ln._loop, daemon=True)
+    ln._thread.start()
+    ln._thread.join(10)
+    assert rounds == ["alice"] and held and not any(held), (rounds, held)
 
 
 def test_pruning_keeps_a_tenants_newest_versions_and_the_one_it_is_served_and_no_other_tenants(tmp_path):

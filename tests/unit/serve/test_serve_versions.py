@@ -52,3 +52,41 @@ def test_a_save_that_fails_leaves_no_version_and_cleanup_removes_its_remains(tmp
     assert list((tmp_path / "versions").glob(".tmp-v*")), "a killed save leaves a temporary folder ..."
     disk.cleanup(keep={0})
     assert not list((tmp_path / "versions").glob(".tmp-v*")), "... which the next start removes"
+
+
+def test_a_rollback_waiting_on_a_round_that_prunes_its_version_is_a_404_naming_the_kept_ones(tmp_path):
+    import asyncio
+    import threading
+    import time
+
+    from ttrl.serve.protocol import RequestError
+    from ttrl.serve.server import ServeController
+    from ttrl.serve.store import Store
+
+    store, disk = Store(tmp_path / "s.sqlite"), Versions(tmp_path / "versions")
+    for v in (0, 1, 2):
+        (disk.path(v) / "policy").mkdir(parents=True)
+        (disk.path(v) / "manifest.json").write_text("{}")
+        store.add_version(v, str(disk.path(v)), "base" if v == 0 else "promoted", serve=(v == 2))
+    lock = threading.Lock()
+    ctl = ServeController(None, store, disk, type("FakeRuntime", (), {"engine_dtype": "float32"})(), 2, lock)
+    ctl.loop, ctl.pool = asyncio.new_event_loop(), object()
+    out: dict = {}
+
+    def admin():  # POST /admin/rollback {"version": 1} while a learning round holds the trainer
+        try:
+            out["r"] = ctl.rollback(1)
+        except Exception as err:  # noqa: BLE001 - the test reports what came out
+            out["r"] = err
+
+    lock.acquire()
+    th = threading.Thread(target=admin)
+    th.start()
+    time.sleep(0.2)
+    disk.remove(1)  # the round prunes v1 (learner.prune) before it lets go of the trainer
+    store.set_version_status(1, "pruned")
+    lock.release()
+    th.join(10)
+    err = out["r"]
+    assert isinstance(err, RequestError) and err.status == 404 and err.param == "version", err
+    assert "kept versions: [0, 2]" in err.message
