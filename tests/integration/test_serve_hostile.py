@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240
 NAMES = ["alice", "bob", "mallory", "seeder", "flooder", "crowd"]
 # Limits small enough to reach in a test, large enough that honest traffic never meets them.
 LIMITS = ["serve.limits.max_body_bytes=65536", "serve.limits.requests_per_minute=1200", "serve.limits.burst=1000",
-          "serve.limits.max_in_flight=6", "serve.limits.max_comment_chars=500"]
+          "serve.limits.max_in_flight=6", "serve.limits.max_comment_chars=500", "serve.limits.body_timeout_s=3"]
 # The debug model is random: rounds learn nothing, but they run every part of a round. A labelled set and
 # a gate that lets anything through make each round reach its promotion; the guard's signals are off.
 PERMISSIVE = ["serve.gate.tolerance=1.0", "serve.gate.max_entropy_drop=null", "serve.gate.max_answer_rate_drop=null",
@@ -242,6 +242,44 @@ def test_per_identity_limits_answer_429_with_retry_after_and_spare_the_others(se
     statuses = sorted(r.status_code for r in crowded)
     assert set(statuses) <= {200, 429} and statuses.count(200) >= 6 and statuses.count(429) >= 1
     assert all("serve.limits.max_in_flight" in r.json()["error"]["message"] for r in crowded if r.status_code == 429)
+
+
+def test_a_body_sent_a_byte_at_a_time_is_a_408_and_the_senders_slots_come_back(server, keys):
+    import socket
+    from urllib.parse import urlsplit
+
+    _, h = keys
+    u = urlsplit(server.url)
+    body = b'{"prompt": "2+2="}'
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\n"
+            f"Authorization: {h['seeder']['Authorization']}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    # Slowloris: as many connections as the identity's max_in_flight (6), each sending one byte of its body.
+    socks = []
+    for _ in range(6):
+        s = socket.create_connection((u.hostname, u.port), timeout=60)
+        s.sendall(head + body[:1])
+        socks.append(s)
+    time.sleep(0.5)
+    held = httpx.post(f"{server.url}/v1/completions", json={"prompt": "2+3="}, headers=h["seeder"], timeout=120)
+    other = httpx.post(f"{server.url}/v1/completions", json={"prompt": "2+4="}, headers=h["alice"], timeout=120)
+    replies = []
+    for s in socks:
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            raw += chunk
+        replies.append(raw.split(b"\r\n", 1)[0].decode())
+        s.close()
+    after = httpx.post(f"{server.url}/v1/completions", json={"prompt": "2+5="}, headers=h["seeder"], timeout=120)
+    print(f"\nHOSTILE REPORT slow bodies: {replies[0]} x {replies.count(replies[0])}; while held: the sender "
+          f"{held.status_code}, another identity {other.status_code}; after: {after.status_code}")
+    assert held.status_code == 429, "the slow bodies held the sender's max_in_flight slots"
+    assert other.status_code == 200, "and nobody else's"
+    assert all(r.startswith("HTTP/1.1 408") for r in replies), replies
+    assert after.status_code == 200, "each 408 gave its slot back"
 
 
 def test_a_client_varying_its_seed_shares_batches_with_the_others(server, keys):

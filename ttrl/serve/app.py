@@ -62,7 +62,8 @@ class ServeMetrics:
         self.requests = r.counter("ttrl_requests_total", "HTTP requests by endpoint and status code (every one)",
                                   ["endpoint", "code"])
         self.refusals = r.counter("ttrl_refusals_total", "Requests refused at the door, by reason "
-                                  "(host, origin, auth, content_type, body_size, requests_per_minute, max_in_flight)",
+                                  "(host, origin, auth, content_type, body_size, body_timeout, requests_per_minute, "
+                                  "max_in_flight)",
                                   ["reason"])
         self.latency = r.histogram("ttrl_request_seconds", "Request latency, arrival to answer (store commit included)",
                                    ["endpoint"])

@@ -107,6 +107,9 @@ class ServeLimitsConfig:
 
     # Request bodies larger than this get 413 before they are read.
     max_body_bytes: int = 1_048_576
+    # Seconds a request's whole body may take to arrive (408 after, connection closed): a client that
+    # sends its body a byte at a time would otherwise hold one of its max_in_flight slots for ever.
+    body_timeout_s: float = 30.0
     # Prompts in one completions request.
     max_prompts: int = 64
     # Samples one request may cost: prompts x max(n, votes).
@@ -286,6 +289,8 @@ def validate_serve(cfg: Any) -> None:
     if s.votes > min(MAX_VOTES, lim.max_samples):
         fail(f"serve.votes={s.votes} must be at most {min(MAX_VOTES, lim.max_samples)} (the most a request may ask: "
              f"{MAX_VOTES}, and serve.limits.max_samples={lim.max_samples}).")
+    if not lim.body_timeout_s > 0:
+        fail(f"serve.limits.body_timeout_s={lim.body_timeout_s} must be > 0 (seconds a body may take to arrive).")
     if not lim.requests_per_minute >= 0:
         fail(f"serve.limits.requests_per_minute={lim.requests_per_minute} must be >= 0 (0 = no limit).")
 

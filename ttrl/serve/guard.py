@@ -16,6 +16,9 @@ OpenAI-style JSON error that names what to change:
                                                  bodies); a refused body is dropped unread
                                                  (up to 64 MiB, so the client sees the 413),
                                                  never stored or parsed
+    a body: all there within serve.limits.body_timeout_s
+                                                 else 408 and the connection closed (a slow
+                                                 sender holds an in-flight slot)
 
 Allowed origins get CORS headers (and their preflights an answer); no other
 response carries any. Every answer, refusals made here and 5xx included, is
@@ -28,6 +31,7 @@ Never reads a body it is about to refuse, never logs a key. Pure Python.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -78,6 +82,7 @@ class GuardPolicy:
     api_keys: ApiKeys | None  # None: no keys, every client is `anonymous`
     admin_token: str | None
     limits: ClientLimits | None
+    body_timeout_s: float = 30.0  # serve.limits.body_timeout_s
 
 
 @dataclass(frozen=True)
@@ -153,8 +158,18 @@ class Guard:
                        "body", "invalid_request_error", "request_too_large", reason="body_size",
                        headers=(("connection", "close"),))
 
-    async def _read(self, receive: Callable[[], Awaitable[dict]]) -> bytes | None:
-        """The whole body, or None once it passes the limit (what is read past it is dropped, not kept)."""
+    async def _read(self, receive: Callable[[], Awaitable[dict]]) -> bytes | Refusal:
+        """The whole body, or the refusal: over the size limit (what is read past it is dropped, not kept), or
+        not all there within serve.limits.body_timeout_s."""
+        try:
+            got = await asyncio.wait_for(self._read_all(receive), timeout=self.p.body_timeout_s)
+        except TimeoutError:
+            return Refusal(408, f"the request body did not arrive within serve.limits.body_timeout_s="
+                                f"{self.p.body_timeout_s:g}s", "body", "invalid_request_error", "request_timeout",
+                           reason="body_timeout", headers=(("connection", "close"),))
+        return self._too_large(None) if got is None else got
+
+    async def _read_all(self, receive: Callable[[], Awaitable[dict]]) -> bytes | None:
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -218,8 +233,8 @@ class Guard:
             body = b""
             if refusal is None:
                 got = await self._read(receive)
-                if got is None:
-                    refusal = self._too_large(None)
+                if isinstance(got, Refusal):
+                    refusal = got
                 else:
                     body = got
             if refusal is not None:

@@ -345,7 +345,8 @@ async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, contro
     policy = GuardPolicy(allowed_hosts=allowed_host_set(s.allowed_hosts, s.host),
                          cors_origins=frozenset(str(o).rstrip("/") for o in s.cors_origins),
                          max_body_bytes=int(lim.max_body_bytes), api_keys=api_keys, admin_token=admin_token,
-                         limits=ClientLimits(float(lim.requests_per_minute), int(lim.burst), int(lim.max_in_flight)))
+                         limits=ClientLimits(float(lim.requests_per_minute), int(lim.burst), int(lim.max_in_flight)),
+                         body_timeout_s=float(lim.body_timeout_s))
 
     def on_batch(size: int, seconds: float) -> None:
         m.batch_size.observe(size)

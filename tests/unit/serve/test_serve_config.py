@@ -117,6 +117,7 @@ def test_chat_rendering_and_stop_strings():
     ("serve.limits.max_body_bytes=10", "serve.limits.max_body_bytes=10 must be at least 1024"),
     ("serve.limits.max_in_flight=0", "serve.limits.max_in_flight=0 must be at least 1"),
     ("serve.limits.requests_per_minute=-1", "serve.limits.requests_per_minute=-1"),
+    ("serve.limits.body_timeout_s=0", "serve.limits.body_timeout_s=0.0 must be > 0"),
     ("serve.learn.feedback_quorum=0", "serve.learn.feedback_quorum=0"),
     ("serve.learn.max_client_share=0", "serve.learn.max_client_share=0"),
     ("serve.gate.min_askers=0", "serve.gate.min_askers=0"),

@@ -8,6 +8,7 @@ tests/integration/test_serve_hostile.py.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -33,7 +34,7 @@ def run(coro):
 
 
 async def _server(tmp_path, *, keys=None, rpm=0.0, burst=60, in_flight=16, max_body=4096, origins=(),
-                  hosts=(), delay=0.005, refuse=None, limits=RequestLimits(max_prompts=8, max_samples=32,
+                  hosts=(), delay=0.005, refuse=None, body_timeout=30.0, limits=RequestLimits(max_prompts=8, max_samples=32,
                                                                            max_comment_chars=50)):
     store = Store(tmp_path / "store.sqlite")
     eng = FakeEngine(lambda ids, v, j: boxed("7"), delay=delay, refuse=refuse)
@@ -44,7 +45,7 @@ async def _server(tmp_path, *, keys=None, rpm=0.0, burst=60, in_flight=16, max_b
                   pool, store, FakeController())
     policy = GuardPolicy(allowed_hosts=allowed_host_set(hosts, "127.0.0.1"), cors_origins=frozenset(origins),
                          max_body_bytes=max_body, api_keys=ApiKeys(keys) if keys else None, admin_token=TOKEN,
-                         limits=ClientLimits(rpm, burst, in_flight))
+                         limits=ClientLimits(rpm, burst, in_flight), body_timeout_s=body_timeout)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(svc, policy)),
                                base_url="http://127.0.0.1:8000")
 
@@ -279,3 +280,27 @@ def test_a_second_rating_by_the_same_identity_replaces_the_first(tmp_path):
     assert all(r.status_code == 200 for r in out)
     assert [r.json()["replaced"] for r in out[:2]] == [False, True]
     assert [f["score"] for f in fb[(rid, 0)]] == [0.0], "a flood of ratings is one verdict, the newest"
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408_and_frees_the_clients_slot(tmp_path):
+    async def main():
+        c, store, eng, svc, close = await _server(tmp_path, in_flight=1, body_timeout=0.3)
+
+        async def slow():
+            yield b'{"prompt": '
+            await asyncio.sleep(5)  # the rest never comes in time
+            yield b'"1+1="}'
+        t0 = time.perf_counter()
+        late = await c.post("/v1/completions", content=slow(), headers={"Content-Type": "application/json"})
+        waited = time.perf_counter() - t0
+        after = await c.post("/v1/completions", json={"prompt": "1+1="})  # the one in-flight slot is free again
+        n = store.count_queries()
+        await close()
+        return late, waited, after, n
+
+    late, waited, after, n = run(main())
+    assert late.status_code == 408 and late.headers.get("connection") == "close"
+    err = late.json()["error"]
+    assert err["param"] == "body" and "serve.limits.body_timeout_s=0.3s" in err["message"]
+    assert waited < 4, "refused when the timeout passed, not when the body ended"
+    assert after.status_code == 200 and n == 1
