@@ -110,7 +110,7 @@ class EnginePool:
             death_errors = (RayActorError,)
         self.death_errors = death_errors
         self.batches = 0
-        self.swaps: list[dict[str, Any]] = []
+        self.swaps: deque[dict[str, Any]] = deque(maxlen=20)  # the last swaps' stats (/admin/versions shows them)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()

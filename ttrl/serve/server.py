@@ -80,7 +80,7 @@ class ServeController:
                     "rounds": self.store.tenant_rounds(name, 50),
                     "events": [e for e in self.store.events(limit=500) if e["payload"].get("tenant") == name][-100:]}
         return {"current": self._served, "versions": self.store.versions(), "rounds": self.store.rounds(50),
-                "events": self.store.events(limit=100), "swaps": list(self.pool.swaps[-20:]) if self.pool else []}
+                "events": self.store.events(limit=100), "swaps": list(self.pool.swaps) if self.pool else []}
 
     # ── swaps (called from the learner and admin threads, never the event loop) ──
     def swap(self, version: int) -> dict[str, Any]:
