@@ -137,9 +137,9 @@ def test_hostile_requests_get_their_4xx_and_their_neighbours_are_answered(server
                                                          "headers": json_h}, 400, "seed"),
         "60k-character prompt": ("POST", "/v1/completions", {"json": {"prompt": "12+34+" * 10_000},
                                                               "headers": h["mallory"]}, 400, "prompt"),
-        # Rows 257-319 of the debug model's embedding are past its tokenizer's 257 ids: they decode to no text,
-        # which the store and the learner (prompts as text) cannot hold.
-        "ids with no text": ("POST", "/v1/completions", {"content": b'{"prompt": [300, 301]}', "headers": json_h},
+        # Rows 257-319 of the debug model's embedding are past its tokenizer's 257 ids: vLLM would take them, but
+        # they have no text for the store and the learner (prompts as text) to hold.
+        "ids past the tokenizer": ("POST", "/v1/completions", {"content": b'{"prompt": [300, 301]}', "headers": json_h},
                              400, "prompt"),
         "64 prompts x 64 votes": ("POST", "/v1/completions", {"json": {"prompt": ["1+1="] * 64, "votes": 64},
                                                               "headers": h["mallory"]}, 413, "votes"),
@@ -193,6 +193,7 @@ def test_hostile_requests_get_their_4xx_and_their_neighbours_are_answered(server
         print(f"\nHOSTILE REPORT {name}: {r.status_code} param={err['param']} ({err['message'][:90]})", end="")
         assert r.status_code == status, (name, r.text[:300])
         assert err["param"] == param, (name, err)
+    assert "characters" in seen["60k-character prompt"].json()["error"]["message"], "refused before tokenising"
     assert [r.status_code for r in neighbours] == [200] * 12, [r.text[:200] for r in neighbours]
     assert rows1 - rows0 == 2 + 12, "only the answered requests were stored"
     assert bytes1 - bytes0 < 1_000_000, f"the store grew by {bytes1 - bytes0} bytes"

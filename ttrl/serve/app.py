@@ -130,26 +130,28 @@ class Service:
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    async def tokens(self, texts: list[str]) -> list[list[int]]:
+    async def tokens(self, texts: list[str], field: str = "prompt") -> list[list[int]]:
         """The prompts' token ids, off the event loop (a long prompt takes the tokenizer a while), after a
-        character count that no prompt within the context can exceed (so a body of long prompts is refused
-        before it costs the tokenizer anything)."""
+        character limit (`max_prompt_chars`), so a body of long prompts is refused before it costs the
+        tokenizer anything. `field`: the request's field the texts came from, named by a refusal."""
         limit = self.max_prompt_chars
         if limit is not None:
             for t in texts:
                 if len(t) > limit:
-                    raise P.RequestError(f"a prompt of {len(t)} characters cannot fit the model's context of "
-                                         f"{self.scfg.defaults.max_model_len} tokens", "prompt")
+                    raise P.RequestError(
+                        f"a prompt of {len(t)} characters is over this server's {limit} (model.max_model_len="
+                        f"{self.scfg.defaults.max_model_len} x {limit // self.scfg.defaults.max_model_len}, the "
+                        "characters of the vocabulary's longest token)", field)
         return await run_in_threadpool(lambda: [self._tokens(t) for t in texts])
 
-    def _check_length(self, ids: list[int], s: P.Sampling) -> None:
+    def _check_length(self, ids: list[int], s: P.Sampling, field: str = "prompt") -> None:
         limit = self.scfg.defaults.max_model_len
         if len(ids) + s.max_tokens > limit:
             # The prompt's fault when it leaves no room for one new token; max_tokens' otherwise.
             raise P.RequestError(f"the prompt has {len(ids)} tokens; with max_tokens={s.max_tokens} that exceeds the "
-                                 f"model's context of {limit}", "prompt" if len(ids) >= limit else "max_tokens")
+                                 f"model's context of {limit}", field if len(ids) >= limit else "max_tokens")
         if not ids:
-            raise P.RequestError("the prompt is empty after tokenisation", "prompt")
+            raise P.RequestError("the prompt is empty after tokenisation", field)
 
     async def _adapter(self, client: str) -> tuple[str | None, tuple | None]:
         """With tenants: (tenant, its adapter for the engine), the tenant created on its first request;
@@ -201,7 +203,7 @@ class Service:
         prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
         rid = P.new_id(prefix)
         for ids in prompt_ids:
-            self._check_length(ids, s)
+            self._check_length(ids, s, "messages" if endpoint == "chat" else "prompt")
         tenant, adapter = await self._adapter(client)
         tasks = [asyncio.ensure_future(self._answer_one(ids, s, client, adapter)) for ids in prompt_ids]
         try:
@@ -298,8 +300,11 @@ def stored_request(body: Any) -> dict[str, Any] | None:
 
 
 def prompt_char_bound(tokenizer: Any, max_model_len: int) -> int | None:
-    """Characters above which a prompt must have more than `max_model_len` tokens (no token spells more than
-    the longest in the vocabulary); None when the tokenizer does not list its vocabulary."""
+    """The most characters a prompt may have: `max_model_len` tokens of the vocabulary's longest string.
+
+    Above it a prompt would not fit the context with ordinary tokenizers; one whose added tokens swallow
+    whitespace or whose normalizer drops characters could still fit, and is refused by this limit all the
+    same (it names itself). None when the tokenizer does not list its vocabulary."""
     try:
         longest = max(len(t) for t in tokenizer.get_vocab())
     except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary list: no bound, the token count decides
@@ -369,7 +374,7 @@ def build_app(service: Service, policy: GuardPolicy | None = None) -> Guard:
             body = await body_of(request)
             messages, sampling, _ = P.parse_chat(body, service.scfg.defaults, service.scfg.limits)
             text = P.render_chat(messages, service.model_cfg, service.tokenizer)
-            return JSONResponse(await service.complete("chat", [text], await service.tokens([text]), sampling, body,
+            return JSONResponse(await service.complete("chat", [text], await service.tokens([text], "messages"), sampling, body,
                                                        t0, identity(request)))
         except P.RequestError as err:
             return error(err)

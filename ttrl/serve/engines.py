@@ -151,6 +151,10 @@ class EnginePool:
         if all(e.lost for e in self.engines):
             raise EngineUnavailable("no rollout engine is alive")
         if len(self.queue) >= self.max_queue:
+            # Requests their callers gave up on (cancelled, timed out) leave at the next batch; not holding the
+            # queue against others until then.
+            self.queue = deque(r for r in self.queue if not r.fut.done())
+        if len(self.queue) >= self.max_queue:
             raise Overloaded(f"{len(self.queue)} requests are queued (serve.max_queue); retry later")
         req = _Req(ids, key, asyncio.get_running_loop().create_future(), client, adapter)
         self.queue.append(req)

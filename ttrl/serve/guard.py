@@ -227,9 +227,12 @@ class Guard:
                 refusal = self._body_headers(method, headers)
                 if refusal is not None and refusal.reason == "body_size" and "100-continue" not in \
                         headers.get("expect", "").lower():
-                    # The client is sending it anyway: swallow it unread (bounded), or it would see a
-                    # reset instead of the 413. With Expect: 100-continue it never sends the body at all.
-                    await _drain(receive)
+                    # The client is sending it anyway: swallow it unread (bounded in bytes and in time), or it
+                    # would see a reset instead of the 413. With Expect: 100-continue it never sends the body.
+                    try:
+                        await asyncio.wait_for(_drain(receive), timeout=self.p.body_timeout_s)
+                    except TimeoutError:
+                        pass  # a slow sender: the 413 goes now, and its connection is closed
             body = b""
             if refusal is None:
                 got = await self._read(receive)

@@ -143,7 +143,7 @@ def parse_body(data: bytes) -> Any:
         where, what = bad
         # The path as far as a reader needs it: a 20k-character key is not echoed back whole.
         shown = where if len(where) <= 120 else f"{where[:60]}...{where[-40:]}"
-        raise RequestError(f"'{shown}': {what}", where.split(".")[0].split("[")[0])
+        raise RequestError(f"'{shown}': {what}", where.split(".")[0].split("[")[0][:120])
     return body
 
 

@@ -102,13 +102,17 @@ class ServeController:
     def rollback(self, version: int, tenant: str | None = None) -> dict[str, Any]:
         if tenant is not None:
             return self._rollback_tenant(self._tenant(tenant), version)
-        with self.trainer_lock:  # after any learning round in progress (which may prune the version asked for)
+        def check() -> None:
             known = {v["version"]: v for v in self.store.versions()}
             kept = sorted(v for v, row in known.items() if row["status"] in ("base", "promoted")
                           and self.disk.exists(v))
             if version not in kept:
                 raise RequestError(f"version {version} is not kept; kept versions: {kept}", "version", status=404,
                                    kind="not_found")
+
+        check()  # at once, without waiting for a round
+        with self.trainer_lock:  # after any learning round in progress, which may have pruned it meanwhile
+            check()
             before = self._served
             # Engines first: a swap that fails leaves them (and the store) on `before`.
             try:
@@ -278,7 +282,7 @@ def run_server(cfg: Any, serve_dir: Path) -> None:
                               on_round=controller.on_round, alert=controller.on_alert, tenants=tenants)
             controller.learner = learner
         asyncio.run(_serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, controller, admin_token,
-                           served, rt.startup_s, api_keys, _vocab_size(model_path, tokenizer), tenants))
+                           served, rt.startup_s, api_keys, _vocab_size(tokenizer), tenants))
     finally:
         if learner is not None:
             learner.stop()
@@ -305,15 +309,10 @@ def _resume_tenants(store: Store, tenants: Any) -> None:
                   "it is served its first adapter", file=sys.stderr, flush=True)
 
 
-def _vocab_size(model_path: str, tokenizer: Any) -> int:
-    """The token ids a prompt may hold, as vLLM checks them: the tokenizer's and the embedding's, whichever is more."""
-    from transformers import AutoConfig
-
-    try:
-        embed = int(getattr(AutoConfig.from_pretrained(model_path), "vocab_size", 0) or 0)
-    except Exception:  # noqa: BLE001 - a hub id without network: the tokenizer alone
-        embed = 0
-    return max(len(tokenizer), embed)
+def _vocab_size(tokenizer: Any) -> int:
+    """The token ids a prompt may hold: the tokenizer's. An embedding row past them (vLLM would take its id) has
+    no text, and the store and the learner keep prompts as text: what was answered must be what is trained on."""
+    return len(tokenizer)
 
 
 async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, controller, admin_token, served,

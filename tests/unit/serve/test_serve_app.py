@@ -293,7 +293,7 @@ def test_health_metrics_and_the_admin_api(tmp_path):
 def test_a_request_refused_as_overloaded_takes_its_queued_prompts_with_it(tmp_path):
     async def main():
         store = Store(tmp_path / "store.sqlite")
-        eng = FakeEngine(_answers, delay=0.05)
+        eng = FakeEngine(_answers, delay=0.3)
         pool = EnginePool([eng], 0, death_errors=(FakeDeath,), max_queue=4, max_batch=1)
         await pool.start()
         defaults = Defaults(temperature=1.0, top_p=1.0, max_tokens=16, votes=1, max_model_len=256)
@@ -302,15 +302,52 @@ def test_a_request_refused_as_overloaded_takes_its_queued_prompts_with_it(tmp_pa
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(svc)), base_url="http://localhost")
         # 8 prompts into a queue of 4: the fifth is refused, and the request with it.
         r = await client.post("/v1/completions", json={"prompt": [f"{i}+1=" for i in range(8)]})
+        # At once, while the engine still draws the batch it took: the cancelled prompts hold no queue slot.
+        now = await client.post("/v1/completions", json={"prompt": ["5+5=", "6+6="]})
         await asyncio.sleep(0.5)  # what the engine would still have drawn for nobody
         drawn = sum(n for kind, n, *_ in eng.log if kind == "generate")
         ok = await client.post("/v1/completions", json={"prompt": "1+1="})
         await pool.stop()
         svc.close()
-        return r, drawn, ok, store
+        return r, drawn, ok, store, now
 
-    r, drawn, ok, store = run(main())
+    r, drawn, ok, store, now = run(main())
     assert r.status_code == 503 and r.json()["error"]["type"] == "overloaded"
+    assert now.status_code == 200, now.text
     # At most the one batch (serve.max_batch=1) the engine had taken before the refusal.
-    assert drawn <= 1, f"{drawn} prompts of the refused request were generated"
-    assert ok.status_code == 200 and store.count_queries() == 1
+    assert drawn <= 1 + 2, f"{drawn - 2} prompts of the refused request were generated"
+    assert ok.status_code == 200 and store.count_queries() == 3
+
+
+class _VocabTokenizer(FakeTokenizer):
+    """FakeTokenizer that lists its vocabulary: one character per token, so no prompt of 256 tokens is longer."""
+
+    def get_vocab(self) -> dict[str, int]:
+        return {chr(i): i + 1 for i in range(200)}
+
+
+def test_a_prompt_over_the_character_limit_is_refused_before_it_is_tokenised(tmp_path):
+    async def main():
+        client, svc, ctl, store, pool = await _client(tmp_path)
+        svc.tokenizer = _VocabTokenizer()
+        svc.max_prompt_chars = 256  # what Service computes from such a tokenizer (below)
+        calls = []
+        svc._tokens = lambda t: calls.append(t) or FakeTokenizer()(t)["input_ids"]
+        out = {"completions": await client.post("/v1/completions", json={"prompt": ["1+1=", "9" * 257]}),
+               "chat": await client.post("/v1/chat/completions",
+                                         json={"messages": [{"role": "user", "content": "9" * 300}]}),
+               "fits": await client.post("/v1/completions", json={"prompt": "9" * 200, "max_tokens": 8})}
+        await pool.stop()
+        svc.close()
+        return out, calls
+
+    from ttrl.serve.app import prompt_char_bound
+
+    assert prompt_char_bound(_VocabTokenizer(), 256) == 256 and prompt_char_bound(FakeTokenizer(), 256) is None
+    out, calls = run(main())
+    for name, param in (("completions", "prompt"), ("chat", "messages")):
+        err = out[name].json()["error"]
+        assert out[name].status_code == 400 and err["param"] == param, (name, err)
+        assert "characters" in err["message"] and "model.max_model_len=256" in err["message"], err
+    assert out["fits"].status_code == 200
+    assert calls == ["9" * 200], "only the prompt within the limit reached the tokenizer"

@@ -294,11 +294,26 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408_and_frees_the_clients_slot
         late = await c.post("/v1/completions", content=slow(), headers={"Content-Type": "application/json"})
         waited = time.perf_counter() - t0
         after = await c.post("/v1/completions", json={"prompt": "1+1="})  # the one in-flight slot is free again
+
+        async def trickle():
+            for _ in range(50):
+                yield b" "
+                await asyncio.sleep(0.2)
+        # Declared over max_body_bytes (4096), sent a byte at a time: the 413 may not wait for the whole drain.
+        t0 = time.perf_counter()
+        big = await c.post("/v1/completions", content=trickle(),
+                           headers={"Content-Type": "application/json", "Content-Length": "100000"})
+        big_waited = time.perf_counter() - t0
+        again = await c.post("/v1/completions", json={"prompt": "2+2="})
         n = store.count_queries()
         await close()
-        return late, waited, after, n
+        return late, waited, after, n, big, big_waited, again
 
-    late, waited, after, n = run(main())
+    late, waited, after, n, big, big_waited, again = run(main())
+    assert big.status_code == 413 and big.json()["error"]["param"] == "body"
+    assert big_waited < 5, "the drain of a refused body is bounded in time too (50 bytes x 0.2 s = 10 s)"
+    assert again.status_code == 200
+    n -= 1
     assert late.status_code == 408 and late.headers.get("connection") == "close"
     err = late.json()["error"]
     assert err["param"] == "body" and "serve.limits.body_timeout_s=0.3s" in err["message"]

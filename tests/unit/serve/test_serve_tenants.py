@@ -475,7 +475,8 @@ def test_the_learner_reads_the_tenants_tally_outside_the_lock_every_answer_takes
         rounds.append(tenant)
         ln.queue.done(tenant)
         ln._seen[tenant] = store.count_unused(tenant)
-        ln.stop(timeout=0)
+        with ln._cond:  # what stop() sets (stop() itself joins the thread, which this is)
+            ln._stop = True
 
     ln.store, ln.run_round = WatchedStore(), run_round
     ln._thread = threading.Thread(target=ln._loop, daemon=True)
