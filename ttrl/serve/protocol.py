@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -85,41 +86,89 @@ class _LongInt:
         return f"an integer of {self.digits} digits (no field takes more than {MAX_INT_CHARS - 1})"
 
 
-def _find_bad(value: Any, path: str) -> tuple[str, str] | None:
-    """(path, what) of the first non-finite number, over-long integer or lone surrogate in a parsed body.
+# Strings and containers `_find_bad` visits before it gives up naming where a bad value is (a request's own
+# fields are a few hundred; a body of a million tiny lists would otherwise hold the event loop for a second).
+FIND_BAD_BUDGET = 20_000
 
-    A value's path is spelled out only once it is found bad: built for every
-    element, a body under the size limit (one long key over a long list) made
-    gigabytes of path strings.
+
+def _find_bad(value: Any, path: str) -> tuple[str, str] | None:
+    """(path, what) of the first non-finite number, over-long integer or lone surrogate in a parsed body;
+    None when there is none, or none within FIND_BAD_BUDGET strings and containers.
+
+    Depth first, one child at a time, and a value's path is spelled out only
+    once it is found bad: a path built for every element of a body under the
+    size limit (one long key over a long list) made gigabytes of strings, and
+    a million tiny lists pushed at once held the event loop for a second.
     """
-    stack: list[tuple[Any, Any]] = [(value, None)]  # (value, where: None = the root, else (parent where, key))
+    what = _bad_leaf(value)
+    if what is not None:
+        return _spell(None, path), what
+    if not isinstance(value, (dict, list)):
+        return None
+    stack: list[tuple[Any, Any]] = [(None, _children(value))]  # (the container's where, its (key, child)s left)
+    visits = 0
     while stack:
-        v, at = stack.pop()
-        if isinstance(v, (_NonFinite, _LongInt)):
-            return _spell(at, path), v.what()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                return _spell(at, path), "a string with a lone surrogate (not valid Unicode text)"
-        elif isinstance(v, dict):
-            for k, x in reversed(list(v.items())):
-                if _find_bad(k, "") is not None:
-                    return _spell(at, path), "a key with a lone surrogate (not valid Unicode text)"
-                stack.append((x, (at, f".{k}")))
-        elif isinstance(v, list):
-            stack.extend((x, (at, f"[{i}]")) for i, x in reversed(list(enumerate(v))))
+        at, children = stack[-1]
+        for k, x in children:
+            if type(x) in _PLAIN:
+                continue
+            visits += 1
+            if visits > FIND_BAD_BUDGET:
+                return None
+            if isinstance(k, str) and _bad_leaf(k) is not None:
+                return _spell(at, path), "a key with a lone surrogate (not valid Unicode text)"
+            what = _bad_leaf(x)
+            if what is not None:
+                return _spell((at, k), path), what
+            if isinstance(x, (dict, list)) and x:
+                stack.append(((at, k), _children(x)))
+                break
+        else:
+            stack.pop()
+    return None
+
+
+def _children(v: dict | list) -> Any:
+    return iter(v.items()) if isinstance(v, dict) else enumerate(v)
+
+
+def _bad_leaf(v: Any) -> str | None:
+    """What is wrong with a value by itself (a parser's stand-in, a string with a lone surrogate), or None."""
+    if isinstance(v, _MARKERS):
+        return v.what()
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return "a string with a lone surrogate (not valid Unicode text)"
     return None
 
 
 def _spell(at: Any, root: str) -> str:
-    """The path of a `_find_bad` position: `(parent, ".key" or "[i]")` links up to the root."""
+    """The path of a `_find_bad` position: `(parent, key or index)` links up to the root."""
     parts = []
     while at is not None:
         at, part = at
-        parts.append(part)
+        parts.append(f"[{part}]" if isinstance(part, int) else f".{part}")
     text = root + "".join(reversed(parts))
     return text.removeprefix(".") or "body"
+
+
+def _lone_surrogate(body: Any) -> bool:
+    """Whether any string of a parsed body (key or value) holds a lone surrogate: one pass of the C encoder
+    (a pair, which clients that escape every non-ASCII character send for an emoji, is valid text)."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+_MARKERS = (_NonFinite, _LongInt)
+_PLAIN = (int, float, bool, type(None))  # what JSON parses to that can hold nothing bad
+# A lone surrogate can only come in as an escape (the body is strict UTF-8); an escaped backslash before
+# "u" is a false alarm that costs a walk, never a wrong answer.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 def parse_body(data: bytes) -> Any:
@@ -129,16 +178,26 @@ def parse_body(data: bytes) -> Any:
     except UnicodeDecodeError:
         raise RequestError("the request body is not valid UTF-8") from None
 
+    marked: list[Any] = []  # what the parser's hooks stood in for a bad value: only then is the body walked
+
+    def mark(x: Any) -> Any:
+        marked.append(x)
+        return x
+
     def finite(s: str) -> Any:
         x = float(s)
-        return x if math.isfinite(x) else _NonFinite(s)
+        return x if math.isfinite(x) else mark(_NonFinite(s))
 
     try:
-        body = json.loads(text, parse_constant=_NonFinite, parse_float=finite,
-                          parse_int=lambda t: int(t) if len(t) <= MAX_INT_CHARS else _LongInt(t))
+        body = json.loads(text, parse_constant=lambda t: mark(_NonFinite(t)), parse_float=finite,
+                          parse_int=lambda t: int(t) if len(t) <= MAX_INT_CHARS else mark(_LongInt(t)))
     except (ValueError, RecursionError):
         raise RequestError("the request body is not valid JSON") from None
-    bad = _find_bad(body, "")
+    bad = None
+    if marked or (_SURROGATE_ESCAPE.search(text) and _lone_surrogate(body)):
+        # Something is bad: where, if a short walk finds it; else what, for the whole body.
+        bad = _find_bad(body, "") or ("body", marked[0].what() if marked else
+                                      "a string with a lone surrogate (not valid Unicode text)")
     if bad is not None:
         where, what = bad
         # The path as far as a reader needs it: a 20k-character key is not echoed back whole.

@@ -192,6 +192,25 @@ def test_a_body_under_the_size_limit_cannot_make_the_parser_spell_a_path_per_ele
     assert peak < 50e6, f"parsing a {len(body) / 1e6:.1f} MB body took {peak / 1e6:.0f} MB"
 
 
+def test_a_bad_value_past_the_parsers_walk_is_still_refused_for_the_whole_body():
+    from ttrl.serve.protocol import FIND_BAD_BUDGET, parse_body
+
+    n = FIND_BAD_BUDGET + 10
+    cases = {  # body: (param, message end)
+        b'{"x": [' + b"[0]," * n + b"NaN]}": ("body", "NaN is not a number JSON allows"),
+        b'{"x": [' + b"[0]," * n + b'"\\udc00"]}': ("body", "a string with a lone surrogate (not valid Unicode text)"),
+        b'{"x": [' + b"0," * (10 * n) + b"NaN]}": ("x", "NaN is not a number JSON allows"),  # numbers cost no visit
+        b'{"x": [' + b'"\\ud83d\\ude00",' * n + b"0]}": (None, None),  # escaped pairs are an emoji, not an error
+    }
+    for body, (param, end) in cases.items():
+        if param is None:
+            assert parse_body(body)["x"][0] == "\U0001F600"
+            continue
+        with pytest.raises(RequestError) as err:
+            parse_body(body)
+        assert (err.value.param, err.value.message.endswith(end)) == (param, True), err.value.message
+
+
 class _ShortVocabTokenizer(FakeTokenizer):
     """FakeTokenizer whose ids from 200 up are embedding rows past the tokenizer's own: they decode to nothing."""
 
