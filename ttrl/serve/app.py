@@ -39,7 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from ttrl.labeling.extract import extract_answer
 from ttrl.serve import protocol as P
 from ttrl.serve.auth import ANONYMOUS, check_admin, is_admin
-from ttrl.serve.engines import EngineUnavailable, Overloaded
+from ttrl.serve.engines import EngineUnavailable, Overloaded, QueueShare
 from ttrl.serve.guard import Guard, GuardPolicy
 from ttrl.serve.prom import CONTENT_TYPE, Registry
 from ttrl.serve.selection import mean_logprob, select_completion
@@ -213,6 +213,8 @@ class Service:
                                  status=504, kind="timeout") from None
         except Overloaded as err:
             raise P.RequestError(str(err), status=503, kind="overloaded") from None
+        except QueueShare as err:
+            raise P.RequestError(str(err), status=429, kind="rate_limit_error") from None
         except EngineUnavailable as err:
             raise P.RequestError(str(err), status=503, kind="engine_unavailable") from None
         finally:
@@ -336,7 +338,7 @@ def build_app(service: Service, policy: GuardPolicy | None = None) -> Guard:
     app.add_exception_handler(Exception, crashed)
 
     def error(err: P.RequestError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if err.status == 503 else None
+        headers = {"Retry-After": "1"} if err.status in (429, 503) else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     async def body_of(request: Request) -> Any:

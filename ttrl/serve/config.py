@@ -123,6 +123,10 @@ class ServeLimitsConfig:
     burst: int = 120
     # ... and requests in flight at once (429 beyond either, with Retry-After).
     max_in_flight: int = 16
+    # Prompts one identity (an API key's name) may have waiting for an engine (429 beyond, with Retry-After):
+    # with the default serve.max_queue of 1024, no two keys fill the queue that everyone else is then
+    # refused from. Not applied without keys (one anonymous identity).
+    max_queued_prompts: int = 384
 
 
 @dataclass
@@ -279,7 +283,7 @@ def validate_serve(cfg: Any) -> None:
     lim = s.limits
     if lim.max_body_bytes < 1024:
         fail(f"serve.limits.max_body_bytes={lim.max_body_bytes} must be at least 1024 (a request needs room).")
-    for key in ("max_prompts", "max_samples", "max_comment_chars", "burst", "max_in_flight"):
+    for key in ("max_prompts", "max_samples", "max_comment_chars", "burst", "max_in_flight", "max_queued_prompts"):
         if getattr(lim, key) < 1:
             fail(f"serve.limits.{key}={getattr(lim, key)} must be at least 1.")
     # The default a request gets must be one it could ask for: a plain request refused (or served more votes

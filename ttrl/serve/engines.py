@@ -45,9 +45,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ttrl.serve.auth import ANONYMOUS
+
 
 class Overloaded(RuntimeError):
     """The request queue is full (HTTP 503)."""
+
+
+class QueueShare(RuntimeError):
+    """One identity has serve.limits.max_queued_prompts prompts waiting already (HTTP 429)."""
 
 
 class EngineUnavailable(RuntimeError):
@@ -89,12 +95,15 @@ class EnginePool:
                  recover_timeout_s: float = 600.0, on_batch: Callable[[int, float], None] | None = None,
                  on_event: Callable[..., None] | None = None,
                  death_errors: tuple[type[BaseException], ...] | None = None, max_adapters: int = 0,
-                 on_adapters: Callable[[int, int], None] | None = None):
+                 on_adapters: Callable[[int, int], None] | None = None, max_client_queue: int | None = None):
         if not engines:
             raise ValueError("EnginePool needs at least one engine")
         self.engines = [_Engine(h, i, version) for i, h in enumerate(engines)]
         self.version = version  # the served version: what a restarted engine is given
         self.max_batch, self.max_queue, self.max_retries = max_batch, max_queue, max_retries
+        # Prompts one identity may have waiting (None: the whole queue): what keeps two busy keys from filling
+        # the queue that every other client is then refused from.
+        self.max_client_queue = max_client_queue
         self.recover_timeout_s = recover_timeout_s
         self.blobs_for = blobs_for
         self.on_batch = on_batch
@@ -156,6 +165,12 @@ class EnginePool:
             self.queue = deque(r for r in self.queue if not r.fut.done())
         if len(self.queue) >= self.max_queue:
             raise Overloaded(f"{len(self.queue)} requests are queued (serve.max_queue); retry later")
+        share = self.max_client_queue
+        # Without API keys every client is the one anonymous identity: a share of the queue would only shrink it.
+        if share is not None and client != ANONYMOUS and len(self.queue) >= share and \
+                sum(1 for r in self.queue if r.client == client and not r.fut.done()) >= share:
+            raise QueueShare(f"{share} of this client's prompts are waiting already "
+                             f"(serve.limits.max_queued_prompts={share}); retry later")
         req = _Req(ids, key, asyncio.get_running_loop().create_future(), client, adapter)
         self.queue.append(req)
         assert self._wake is not None, "EnginePool.start() first"

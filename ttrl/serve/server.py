@@ -329,7 +329,8 @@ async def _serve(cfg, serve_dir, tokenizer, serving, versions, rt, store, contro
     loop = asyncio.get_running_loop()
     pool = EnginePool(serving, served, max_batch=s.max_batch, max_queue=s.max_queue,
                       blobs_for=lambda v: versions.blobs(v, rt.engine_dtype), max_retries=r.max_retries,
-                      max_adapters=s.tenants.max_loaded if tenants is not None else 0)
+                      max_adapters=s.tenants.max_loaded if tenants is not None else 0,
+                      max_client_queue=int(s.limits.max_queued_prompts))
     defaults = Defaults(temperature=float(s.temperature if s.temperature is not None else r.temperature),
                         top_p=float(s.top_p if s.top_p is not None else r.top_p),
                         max_tokens=int(s.max_tokens or r.max_new_tokens), votes=int(s.votes),

@@ -118,6 +118,7 @@ def test_chat_rendering_and_stop_strings():
     ("serve.limits.max_in_flight=0", "serve.limits.max_in_flight=0 must be at least 1"),
     ("serve.limits.requests_per_minute=-1", "serve.limits.requests_per_minute=-1"),
     ("serve.limits.body_timeout_s=0", "serve.limits.body_timeout_s=0.0 must be > 0"),
+    ("serve.limits.max_queued_prompts=0", "serve.limits.max_queued_prompts=0 must be at least 1"),
     ("serve.learn.feedback_quorum=0", "serve.learn.feedback_quorum=0"),
     ("serve.learn.max_client_share=0", "serve.learn.max_client_share=0"),
     ("serve.gate.min_askers=0", "serve.gate.min_askers=0"),

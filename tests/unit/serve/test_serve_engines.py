@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from ttrl.serve.engines import EnginePool, EngineUnavailable, Overloaded
+from ttrl.serve.engines import EnginePool, EngineUnavailable, Overloaded, QueueShare
 from ttrl.serve.testing import FakeDeath, FakeEngine
 
 KEY = (1, 1.0, 1.0, -1, 16, None)
@@ -217,3 +217,33 @@ def test_a_swap_that_fails_on_the_second_engine_puts_the_first_back():
     assert [e.version for e in engines] == [1, 1] and pool.version == 1
     assert {v for _, v in out} == {1}, "after the failed swap every answer comes from the served version"
     assert ("load", 2) in engines[0].log and engines[0].log[-1] != ("load", 2)
+
+
+def test_one_identity_may_hold_its_share_of_the_queue_and_no_more():
+    async def main():
+        eng = FakeEngine(delay=0.3)
+        pool = _pool([eng], max_queue=8, max_batch=1, max_client_queue=3)
+        await pool.start()
+        busy = asyncio.ensure_future(pool.generate([1], KEY, "alice"))
+        await asyncio.sleep(0.05)  # the engine is drawing it; the queue is empty
+        mine = [asyncio.ensure_future(pool.generate([i], KEY, "alice")) for i in range(2, 5)]
+        await asyncio.sleep(0)
+        refused = None
+        try:
+            await pool.generate([5], KEY, "alice")
+        except QueueShare as err:
+            refused = err
+        bob = [asyncio.ensure_future(pool.generate([i], KEY, "bob")) for i in range(6, 9)]
+        anon = [asyncio.ensure_future(pool.generate([i], KEY)) for i in range(9, 11)]  # no keys: no share
+        await asyncio.sleep(0)
+        queued = len(pool.queue)
+        mine[0].cancel()  # a prompt its caller gave up on is not held against her
+        await asyncio.sleep(0)
+        again = asyncio.ensure_future(pool.generate([12], KEY, "alice"))
+        await asyncio.gather(busy, *mine[1:], *bob, *anon, again)
+        await pool.stop()
+        return refused, queued
+
+    refused, queued = run(main())
+    assert refused is not None and "serve.limits.max_queued_prompts=3" in str(refused)
+    assert queued == 3 + 3 + 2, "another identity (and the anonymous one) still got into the queue"

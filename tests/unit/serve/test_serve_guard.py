@@ -34,11 +34,11 @@ def run(coro):
 
 
 async def _server(tmp_path, *, keys=None, rpm=0.0, burst=60, in_flight=16, max_body=4096, origins=(),
-                  hosts=(), delay=0.005, refuse=None, body_timeout=30.0, limits=RequestLimits(max_prompts=8, max_samples=32,
+                  hosts=(), delay=0.005, refuse=None, body_timeout=30.0, queue_share=None, limits=RequestLimits(max_prompts=8, max_samples=32,
                                                                            max_comment_chars=50)):
     store = Store(tmp_path / "store.sqlite")
     eng = FakeEngine(lambda ids, v, j: boxed("7"), delay=delay, refuse=refuse)
-    pool = EnginePool([eng], 0, death_errors=(FakeDeath,))
+    pool = EnginePool([eng], 0, death_errors=(FakeDeath,), max_batch=1, max_client_queue=queue_share)
     await pool.start()
     defaults = Defaults(temperature=1.0, top_p=1.0, max_tokens=16, votes=1, max_model_len=256, vocab_size=VOCAB)
     svc = Service(ServiceConfig("tiny-arith", defaults, 30.0, TOKEN, limits=limits), FakeTokenizer(), MODEL_CFG,
@@ -319,3 +319,19 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408_and_frees_the_clients_slot
     assert err["param"] == "body" and "serve.limits.body_timeout_s=0.3s" in err["message"]
     assert waited < 4, "refused when the timeout passed, not when the body ended"
     assert after.status_code == 200 and n == 1
+
+
+def test_an_identity_over_its_share_of_the_queue_gets_429_and_the_others_are_answered(tmp_path):
+    async def main():
+        c, store, eng, svc, close = await _server(tmp_path, keys=KEYS, delay=0.05, queue_share=4)
+        # 8 prompts of alice's at once: past her 4 waiting, the request is a 429; bob's, at the same moment, fine.
+        alice, bob = await asyncio.gather(
+            c.post("/v1/completions", json={"prompt": [f"{i}+1=" for i in range(8)]}, headers=A),
+            c.post("/v1/completions", json={"prompt": ["2+2=", "3+3="]}, headers=B))
+        await close()
+        return alice, bob
+
+    alice, bob = run(main())
+    assert alice.status_code == 429 and alice.headers["retry-after"] == "1"
+    assert "serve.limits.max_queued_prompts=4" in alice.json()["error"]["message"]
+    assert bob.status_code == 200
