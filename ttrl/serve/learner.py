@@ -406,6 +406,20 @@ class Learner:
                    "added_by_source": {src: sum(a[5] == src for a in added) for src in ("vote", "feedback")}}
         return prompts, labels, frozen, changes
 
+    def split_round(self, rows: list[dict], share: float, tenant: str | None = None
+                    ) -> tuple[list[dict], dict[str, int], set[tuple[str, int]], tuple[list[str], list[str], dict]]:
+        """A round's capped `rows` into (rows to train, own prompts per identity, rows frozen into the regression
+        set, (the set's prompts, labels, what changed)).
+
+        The set freezes prompts that several identities asked, the very ones
+        that kept one identity's share of the round down; so the share is taken
+        again over what is left to train (the rest waits for a later round).
+        """
+        reg_prompts, reg_labels, frozen, reg_changes = self.regression_set(rows, tenant)
+        train = [q for q in rows if (q["id"], q["idx"]) not in frozen]
+        train, per_client = capped(train, share)
+        return train, per_client, frozen, (reg_prompts, reg_labels, reg_changes)
+
     def _ratings(self, prompts: list[Prompt], tenant: str | None = None) -> dict[str, list[Rating]]:
         """Prompt id -> every verdict on any answer the server (`tenant`'s adapter) gave to the same prompt."""
         by_key = self._prompt_ratings([prompt_key(p.text) for p in prompts], tenant)
@@ -467,12 +481,14 @@ class Learner:
                     self.store.finish_round(round_no, "skipped", reasons=[reason],
                                             metrics={"quarantined_now": len(too_long)})
                     return {"round": round_no, "outcome": "skipped", "reasons": [reason], "tenant": tenant}
-                reg_prompts, reg_labels, frozen, reg_changes = self.regression_set(rows, tenant)
-                train = [q for q in rows if (q["id"], q["idx"]) not in frozen]
+                train, per_client, frozen, (reg_prompts, reg_labels, reg_changes) = self.split_round(rows, share, tenant)
                 used = [(q["id"], q["idx"]) for q in train]
                 if not train:
-                    self.store.finish_round(round_no, "skipped", reasons=["every query went into the regression set"])
-                    return {"round": round_no, "outcome": "skipped"}
+                    reason = ("every query went into the regression set" if len(frozen) >= len(rows) else
+                              f"the queries left after the regression set took its own come from one identity; "
+                              f"serve.learn.max_client_share={share:g} needs queries of others too")
+                    self.store.finish_round(round_no, "skipped", reasons=[reason])
+                    return {"round": round_no, "outcome": "skipped", "reasons": [reason], "tenant": tenant}
                 current = self.evaluate(reg_prompts, reg_labels)
 
                 # ── TTRL steps on the buffered queries (rollouts on staging) ──

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ttrl.serve.auth import ANONYMOUS
-from ttrl.serve.trust import prompt_key
+from ttrl.serve.trust import PROMPT_KEY_VERSION, prompt_key
 
 SCHEMA_VERSION = 3
 
@@ -212,6 +212,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_TABLES)
         self._migrate()
+        self._rekey()
         self._db.executescript(_INDEXES)
         if self.get_state("schema_version") != SCHEMA_VERSION:
             self.set_state("schema_version", SCHEMA_VERSION)
@@ -233,6 +234,22 @@ class Store:
             # Schema 1 kept every rating; schema 2 keeps each identity's newest verdict per text.
             self._db.execute("DELETE FROM feedback WHERE fid NOT IN (SELECT MAX(fid) FROM feedback"
                              " GROUP BY id, idx, choice, client)")
+
+        self._tx(write)
+
+    def _rekey(self) -> None:
+        """Recompute every row's prompt key when `prompt_key` changed since the store was written (once), and
+        which queries the regression set holds out by the new keys."""
+        if self.get_state("prompt_key_version") == PROMPT_KEY_VERSION:
+            return
+
+        def write():
+            self._db.create_function("ttrl_prompt_key", 1, prompt_key, deterministic=True)
+            self._db.execute("UPDATE queries SET prompt_key=ttrl_prompt_key(prompt)")
+            self._db.execute("UPDATE regression SET prompt_key=ttrl_prompt_key(prompt)")
+            self._db.execute("UPDATE queries SET heldout=(prompt_key IN (SELECT r.prompt_key FROM regression r"
+                             " WHERE r.retired IS NULL AND r.tenant IS queries.tenant))")
+            self._set_state(("prompt_key_version", PROMPT_KEY_VERSION))
 
         self._tx(write)
 
@@ -404,8 +421,13 @@ class Store:
         now = time.time()
 
         def write():
-            self._db.executemany("INSERT OR IGNORE INTO regression (id, idx, prompt, label, agreement, source, created,"
-                                 " prompt_key, tenant) VALUES (?,?,?,?,?,?,?,?,?)",
+            # A row frozen before and retired since is frozen again (its queries are held out below): ignoring
+            # it left them held out with no item in the set to release them.
+            self._db.executemany("INSERT INTO regression (id, idx, prompt, label, agreement, source, created,"
+                                 " prompt_key, tenant) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (id, idx) DO UPDATE"
+                                 " SET label=excluded.label, agreement=excluded.agreement, source=excluded.source,"
+                                 " created=excluded.created, prompt_key=excluded.prompt_key, tenant=excluded.tenant,"
+                                 " retired=NULL",
                                  [(*it, now, prompt_key(it[2]), tenant) for it in items])
             self._db.executemany("UPDATE queries SET heldout=1 WHERE prompt_key=? AND tenant IS ?",
                                  [(prompt_key(it[2]), tenant) for it in items])

@@ -11,9 +11,11 @@ prompt and repeat it. So ratings are *earned* before they touch a label:
   a thumbs-down (a veto) likewise;
 - a trusted rater's verdict outranks any number of untrusted ones.
 
-Prompts are compared by `prompt_key`: case and whitespace variants of a
-prompt are the same prompt, so a client cannot split one prompt into many
-to dodge a count. Answers compare as the run's extractor reads them.
+Prompts are compared by `prompt_key`: case, whitespace, fullwidth and
+invisible-character variants of a prompt are the same prompt, so a client
+cannot split one prompt into many to dodge a count (or train on a held-out
+one); variants that say something else (2³ and 23) are not, so a label
+earned on one never moves to the other. Answers compare as the run's extractor reads them.
 
 Pure Python (math-verify for equivalence); no ground truth, no store.
 """
@@ -26,10 +28,28 @@ from dataclasses import dataclass, field
 
 from ttrl.labeling.grade import is_equivalent
 
+# Bump when `prompt_key` changes: a store recomputes its rows' keys once on opening (ttrl.serve.store).
+PROMPT_KEY_VERSION = 2
+
+# Compatibility forms whose plain form says something else: 2³ is not 23, x₁ is not x1, ½ is not 12.
+_MEANING = ("<super>", "<sub>", "<fraction>")
+
+
+def _fold(ch: str) -> str:
+    if unicodedata.category(ch) == "Cf":
+        return ""  # invisible: zero-width spaces and joiners, BOM, soft hyphen, bidi controls
+    if unicodedata.decomposition(ch).startswith(_MEANING):
+        return ch
+    return unicodedata.normalize("NFKC", ch)
+
 
 def prompt_key(text: str) -> str:
-    """The identity of a prompt: Unicode-normalised, case-folded, whitespace collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    """The identity of a prompt: compatibility forms folded (fullwidth, ligatures) except those that change
+    what it says (superscripts, subscripts, fractions), invisible format characters dropped, case-folded,
+    whitespace collapsed. Two prompts with one key must mean the same: ratings and labels move between them."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", "".join(map(_fold, text)))
+    return " ".join(text.casefold().split())
 
 
 @dataclass(frozen=True)

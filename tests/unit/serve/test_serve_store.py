@@ -217,6 +217,44 @@ def test_the_frozen_set_rotates_and_a_retired_prompt_may_be_trained_on_again(tmp
     assert {q["id"] for q in s.unused_queries(10)} == {"cmpl-0", "cmpl-2", "cmpl-3"}
 
 
+def test_a_retired_item_frozen_again_is_back_in_the_set_and_holds_its_prompt_out(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    s.add_queries([_q(i, created=1000.0 + i) for i in range(3)])
+    s.add_regression([("cmpl-0", 0, "0+0=", "0", 0.9), ("cmpl-1", 0, "1+1=", "2", 0.9)])
+    s.retire_regression(1)
+    s.add_regression([("cmpl-0", 0, "0+0=", "0", 0.8)])  # a later round picks the same row again
+    # Ignored before: the item stayed retired while its prompt's queries were held out, by nothing, for good.
+    assert sorted(r["id"] for r in s.regression_items()) == ["cmpl-0", "cmpl-1"]
+    assert {q["id"] for q in s.unused_queries(10)} == {"cmpl-2"}
+    s.retire_regression(2)
+    assert {q["id"] for q in s.unused_queries(10)} == {"cmpl-0", "cmpl-1", "cmpl-2"}
+
+
+def test_a_store_keyed_by_an_older_prompt_key_is_rekeyed_once_when_opened(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "s.sqlite"
+    s = Store(db)
+    s.add_queries([QueryRecord(id="cmpl-a", idx=0, endpoint="completions", prompt="2³=", version=0, votes=1,
+                               response=["x"]),
+                   QueryRecord(id="cmpl-b", idx=0, endpoint="completions", prompt="23=", version=0, votes=1,
+                               response=["x"])])
+    s.add_regression([("cmpl-a", 0, "2³=", "8", 0.9)])
+    s.close()
+    # What the NFKC key of before wrote: both rows keyed "23=", both held out by the one item.
+    con = sqlite3.connect(db)
+    con.execute("UPDATE queries SET prompt_key='23=', heldout=1")
+    con.execute("UPDATE regression SET prompt_key='23='")
+    con.execute("UPDATE state SET value='1' WHERE key='prompt_key_version'")
+    con.commit()
+    con.close()
+    s = Store(db)
+    assert {q["id"]: q["prompt_key"] for q in s.unused_queries(10)} == {"cmpl-b": "23="}, \
+        "rekeyed: 23= is its own prompt again, and no longer held out by 2³='s item"
+    assert [it["prompt_key"] for it in s.regression_items()] == ["2³="]
+    assert s.get_state("prompt_key_version") == 2
+
+
 def test_a_promotion_is_one_transaction_and_an_unfinished_round_is_interrupted_at_restart(tmp_path):
     s = Store(tmp_path / "s.sqlite")
     s.add_queries([_q(i) for i in range(3)])

@@ -72,6 +72,15 @@ def test_case_and_whitespace_variants_are_one_prompt():
     assert prompt_key("  What is 12 +\t30? ") == prompt_key("what IS 12 + 30?") == "what is 12 + 30?"
     assert prompt_key("ｘ＋１") == prompt_key("x+1"), "full-width forms fold (NFKC)"
     assert prompt_key("1+2=") != prompt_key("1+3=")
+    # Invisible characters are no new prompt (they were a way to train on a held-out one).
+    assert prompt_key("a=\u200b") == prompt_key("\ufeffa\u2060=") == prompt_key("a\u00ad=") == "a="
+
+
+@pytest.mark.parametrize("one, other", [("2³=", "23="), ("x₁+1=", "x1+1="), ("½+1=", "12+1="), ("10⁻³=", "10-3=")])
+def test_variants_that_say_something_else_are_other_prompts(one, other):
+    # NFKC made each pair one prompt: a label earned on one moved to the other.
+    assert prompt_key(one) != prompt_key(other)
+    assert prompt_key(one.upper()) == prompt_key(one)
 
 
 @pytest.mark.parametrize("counts, shared, share, cap", [
@@ -96,3 +105,53 @@ def test_a_flood_of_own_prompts_is_capped_and_corroborated_prompts_always_count(
     assert capped(rows[:20], 0.5) == ([], {"mallory": 0, "shared": 0}), "one identity alone: no round"
     many = [{"prompt_key": f"p{i}", "client": c} for i in range(64) for c in ("u0", "u1")]
     assert len(capped(many, 0.5)[0]) == 128, "prompts every user asks are never capped"
+
+
+class _FakeStaging:
+    """The staging engine's generate(): every sample of every probe says \\boxed{7} (so every vote agrees)."""
+
+    def generate(self, ids, n, *args):
+        return [[{"text": "\\boxed{7}"}] * n for _ in ids]
+
+
+class _FakeTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_the_regression_set_taking_the_shared_prompts_does_not_hand_the_round_to_one_identity(tmp_path):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from ttrl.serve.learner import Learner
+    from ttrl.serve.store import QueryRecord, Store
+
+    store = Store(tmp_path / "s.sqlite")
+    t = 1000.0
+
+    def ask(client, prompt):
+        nonlocal t
+        t += 1
+        store.add_queries([QueryRecord(id=f"cmpl-{t}", idx=0, endpoint="completions", prompt=prompt, version=0,
+                                       votes=1, response=["\\boxed{7}"], answer="7", client=client, created=t)])
+
+    for i in range(10):  # ten prompts two honest identities both asked
+        ask("bob", f"{i}+{i}=")
+        ask("carol", f"{i}+{i}=")
+    for i in range(10):  # ten of mallory's own
+        ask("mallory", f"poison {i}")
+    ln = Learner.__new__(Learner)
+    ln.cfg = OmegaConf.create({
+        "serve": {"single_user": False, "trusted_raters": [], "learn": {"feedback": True, "feedback_quorum": 2},
+                  "gate": {"regression_size": 32, "rotate_share": 0.25, "min_agreement": 0.75, "min_askers": 2,
+                           "seed": 0}},
+        "rollout": {"n_votes": 4, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 16}})
+    ln.store, ln.staging, ln.tokenizer, ln.labelled, ln.tenants = store, _FakeStaging(), _FakeTokenizer(), None, None
+    ln.opts = SimpleNamespace(extractor="boxed")
+    rows, per = capped(store.unused_queries(4096), 0.5)
+    assert per == {"mallory": 10, "shared": 10}, "half the round is hers, as the share allows"
+    train, per_client, frozen, (_, _, changes) = ln.split_round(rows, 0.5)
+    assert changes["added"] == 10 and len(frozen) == 20, "the set froze the ten shared prompts (both askers' rows)"
+    # Without the second cap all ten of hers were the round; alone now, she gets none of it.
+    assert train == [] and per_client.get("mallory", 0) == 0
