@@ -227,7 +227,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 parts.close()
             points.append(scaling_point(rows))
-            out |= {f"scaling.votes_{v}.{key}": val for key, val in points[-1].items()} | {f"scaling.votes_{v}.n_train": k}
+            out |= {f"scaling.votes_{v}.{key}": val for key, val in points[-1].items()}
+            out[f"scaling.votes_{v}.n_train"] = k
 
         def col(key: str) -> list[float]:
             return [p[key] for p in points]

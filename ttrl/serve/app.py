@@ -376,8 +376,8 @@ def build_app(service: Service, policy: GuardPolicy | None = None) -> Guard:
             body = await body_of(request)
             messages, sampling, _ = P.parse_chat(body, service.scfg.defaults, service.scfg.limits)
             text = P.render_chat(messages, service.model_cfg, service.tokenizer)
-            return JSONResponse(await service.complete("chat", [text], await service.tokens([text], "messages"), sampling, body,
-                                                       t0, identity(request)))
+            ids = await service.tokens([text], "messages")
+            return JSONResponse(await service.complete("chat", [text], ids, sampling, body, t0, identity(request)))
         except P.RequestError as err:
             return error(err)
 

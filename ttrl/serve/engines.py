@@ -160,9 +160,7 @@ class EnginePool:
         if all(e.lost for e in self.engines):
             raise EngineUnavailable("no rollout engine is alive")
         if len(self.queue) >= self.max_queue:
-            # Requests their callers gave up on (cancelled, timed out) leave at the next batch; not holding the
-            # queue against others until then.
-            self.queue = deque(r for r in self.queue if not r.fut.done())
+            self._drop_abandoned()  # not held against others until the next batch would drop them
         if len(self.queue) >= self.max_queue:
             raise Overloaded(f"{len(self.queue)} requests are queued (serve.max_queue); retry later")
         share = self.max_client_queue
@@ -181,11 +179,15 @@ class EnginePool:
         free = [e for e in self.engines if e.alive and not e.busy and not e.loading]
         return free[0] if free else None
 
+    def _drop_abandoned(self) -> None:
+        """Requests whose callers gave up (cancelled, timed out, left) leave the queue."""
+        self.queue = deque(r for r in self.queue if not r.fut.done())
+
     def _take_batch(self) -> list[_Req]:
         """The next batch: up to max_batch waiting requests, round-robin over clients, each one's oldest first."""
-        live = [r for r in self.queue if not r.fut.done()]  # callers that gave up (timed out, left) are dropped
+        self._drop_abandoned()
+        live = self.queue
         if not live:
-            self.queue.clear()
             return []
         solo = next((r for r in live if r.solo), None)
         if solo is not None:

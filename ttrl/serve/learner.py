@@ -481,7 +481,8 @@ class Learner:
                     self.store.finish_round(round_no, "skipped", reasons=[reason],
                                             metrics={"quarantined_now": len(too_long)})
                     return {"round": round_no, "outcome": "skipped", "reasons": [reason], "tenant": tenant}
-                train, per_client, frozen, (reg_prompts, reg_labels, reg_changes) = self.split_round(rows, share, tenant)
+                train, per_client, frozen, (reg_prompts, reg_labels, reg_changes) = \
+                    self.split_round(rows, share, tenant)
                 used = [(q["id"], q["idx"]) for q in train]
                 if not train:
                     reason = ("every query went into the regression set" if len(frozen) >= len(rows) else

@@ -218,8 +218,9 @@ class Store:
             self.set_state("schema_version", SCHEMA_VERSION)
 
     def _migrate(self) -> None:
-        """Bring an older store up to schema 3 in one transaction: new columns (schema 2: keys, one verdict
-        per rater; schema 3: the tenant of each row, NULL for every existing one)."""
+        """Bring an older store up to schema 3 in one transaction: new columns (schema 2: prompt keys, which
+        `_rekey` fills next, and one verdict per rater; schema 3: the tenant of each row, NULL for every
+        existing one)."""
         missing = [(t, c, decl) for t, c, decl in _ADDED
                    if c not in {r[1] for r in self._db.execute(f"PRAGMA table_info({t})")}]
         if not missing:
@@ -228,9 +229,6 @@ class Store:
         def write():
             for table, column, decl in missing:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
-            self._db.create_function("ttrl_prompt_key", 1, prompt_key, deterministic=True)
-            self._db.execute("UPDATE queries SET prompt_key=ttrl_prompt_key(prompt) WHERE prompt_key IS NULL")
-            self._db.execute("UPDATE regression SET prompt_key=ttrl_prompt_key(prompt) WHERE prompt_key IS NULL")
             # Schema 1 kept every rating; schema 2 keeps each identity's newest verdict per text.
             self._db.execute("DELETE FROM feedback WHERE fid NOT IN (SELECT MAX(fid) FROM feedback"
                              " GROUP BY id, idx, choice, client)")
